@@ -1,0 +1,949 @@
+//! TOML configuration -> validated [`Config`], with every error at once, each with its key path.
+//!
+//! The file is read into a TOML table and walked by hand rather than through serde derive, so that
+//! one run reports all mistakes (serde stops at the first) and each names where it stands, e.g.
+//! `policy.rule[2].pattern: invalid regex …`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::{Regex, RegexBuilder};
+use toml::{Table, Value};
+
+use crate::fold::fold;
+use crate::glob::{HostGlob, KeyGlob};
+use crate::policy::{
+    KeyMatcher, Mode, Policy, Rule, RuleKind, UnknownOperations, ValueMatcher, MAX_TAGS_RULE,
+    REQUEST_RULE,
+};
+
+/// The configuration compiled into the binary: `config/kms-tag-guard.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/kms-tag-guard.toml");
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    BuiltIn,
+    File(PathBuf),
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::BuiltIn => f.write_str("the built-in config/kms-tag-guard.toml"),
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub intercept: InterceptConfig,
+    pub limits: LimitsConfig,
+    pub audit: AuditConfig,
+    pub shutdown: ShutdownConfig,
+    pub policy: Arc<Policy>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `None` when disabled with `address = ""`.
+    pub address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolver {
+    System,
+    Dns,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub allowed_hosts: Vec<HostGlob>,
+    /// A fixed upstream (`scheme://authority`) for every request.
+    pub endpoint: Option<http::uri::Uri>,
+    pub ca_file: Option<PathBuf>,
+    pub resolver: Resolver,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct InterceptConfig {
+    pub ca: Option<TlsFiles>,
+    pub tunnel_hosts: Vec<HostGlob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditPath {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: AuditPath,
+    pub fsync: bool,
+    pub fail_closed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub drain_delay: Duration,
+    pub grace: Duration,
+}
+
+/// One mistake in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where it stands, e.g. `policy.rule[2].pattern`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every mistake found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file (or the built-in configuration) the errors are in.
+    pub origin: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} error(s) in the configuration",
+            self.origin,
+            self.errors.len()
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The configuration compiled into the binary.
+    pub fn built_in() -> Result<Config, ConfigErrors> {
+        Config::parse(DEFAULT_CONFIG, ConfigSource::BuiltIn)
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let source = ConfigSource::File(path.to_owned());
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, source),
+            Err(e) => Err(ConfigErrors {
+                origin: source.to_string(),
+                errors: vec![ConfigError {
+                    path: String::new(),
+                    message: format!("cannot read the file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Validates a configuration given as TOML text.
+    pub fn parse(text: &str, source: ConfigSource) -> Result<Config, ConfigErrors> {
+        let mut errors = Errors::default();
+        let table = match text.parse::<Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push("", format!("not valid TOML: {}", e.message().trim_end()));
+                if let Some(span) = e.span() {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    errors.0[0].message.push_str(&format!(" (line {line})"));
+                }
+                return Err(errors.into_result(&source));
+            }
+        };
+        let mut root = Reader::new(&table, "");
+        let config = read_config(&mut root, &mut errors, source.clone());
+        root.finish(&mut errors);
+        if errors.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors.into_result(&source))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result(self, source: &ConfigSource) -> ConfigErrors {
+        ConfigErrors {
+            origin: source.to_string(),
+            errors: self.0,
+        }
+    }
+}
+
+/// Reads the keys of one table, remembering which were read so the rest can be reported.
+struct Reader<'t> {
+    table: &'t Table,
+    path: String,
+    read: Vec<&'t str>,
+}
+
+impl<'t> Reader<'t> {
+    fn new(table: &'t Table, path: &str) -> Reader<'t> {
+        Reader {
+            table,
+            path: path.to_owned(),
+            read: Vec::new(),
+        }
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'t Value> {
+        let (k, v) = self.table.get_key_value(key)?;
+        self.read.push(k.as_str());
+        Some(v)
+    }
+
+    fn typed<T>(
+        &mut self,
+        key: &str,
+        errors: &mut Errors,
+        expected: &str,
+        convert: impl FnOnce(&'t Value) -> Option<T>,
+    ) -> Option<T> {
+        let value = self.get(key)?;
+        let converted = convert(value);
+        if converted.is_none() {
+            errors.push(
+                &self.key_path(key),
+                format!("expected {expected}, found {}", value.type_str()),
+            );
+        }
+        converted
+    }
+
+    fn string(&mut self, key: &str, errors: &mut Errors) -> Option<&'t str> {
+        self.typed(key, errors, "a string", Value::as_str)
+    }
+
+    fn boolean(&mut self, key: &str, errors: &mut Errors) -> Option<bool> {
+        self.typed(key, errors, "true or false", Value::as_bool)
+    }
+
+    fn integer(&mut self, key: &str, errors: &mut Errors, min: i64) -> Option<u64> {
+        let path = self.key_path(key);
+        let n = self.typed(key, errors, "an integer", Value::as_integer)?;
+        if n < min {
+            errors.push(&path, format!("must be at least {min}, found {n}"));
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    fn millis(&mut self, key: &str, errors: &mut Errors, default: u64) -> Duration {
+        Duration::from_millis(self.integer(key, errors, 1).unwrap_or(default))
+    }
+
+    fn strings(&mut self, key: &str, errors: &mut Errors) -> Option<Vec<&'t str>> {
+        let path = self.key_path(key);
+        let array = self.typed(key, errors, "a list of strings", Value::as_array)?;
+        let mut out = Vec::with_capacity(array.len());
+        for (i, item) in array.iter().enumerate() {
+            match item.as_str() {
+                Some(s) => out.push(s),
+                None => errors.push(
+                    &format!("{path}[{i}]"),
+                    format!("expected a string, found {}", item.type_str()),
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    fn table(&mut self, key: &str, errors: &mut Errors) -> Option<Reader<'t>> {
+        let path = self.key_path(key);
+        let table = self.typed(key, errors, "a table", Value::as_table)?;
+        Some(Reader::new(table, &path))
+    }
+
+    /// Reports every key that no reader asked for.
+    fn finish(self, errors: &mut Errors) {
+        for key in self.table.keys() {
+            if !self.read.contains(&key.as_str()) {
+                errors.push(
+                    &self.key_path(key),
+                    "unknown key; see docs/configuration.md for the keys this section takes",
+                );
+            }
+        }
+    }
+}
+
+/// Reads an optional section: an absent one reads as an empty table.
+fn section<'t>(
+    root: &mut Reader<'t>,
+    key: &str,
+    errors: &mut Errors,
+    empty: &'t Table,
+) -> Reader<'t> {
+    root.table(key, errors)
+        .unwrap_or_else(|| Reader::new(empty, key))
+}
+
+fn read_config(root: &mut Reader, errors: &mut Errors, source: ConfigSource) -> Config {
+    static EMPTY: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    let empty = EMPTY.get_or_init(Table::new);
+
+    let mut r = section(root, "listener", errors, empty);
+    let listener = ListenerConfig {
+        address: socket_addr(&mut r, "address", errors, "127.0.0.1:8080"),
+        tls: tls_pair(&mut r, "tls_cert", "tls_key", errors),
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "admin", errors, empty);
+    let admin = AdminConfig {
+        address: match r.string("address", errors) {
+            Some("") => None,
+            Some(_) | None => Some(socket_addr(&mut r, "address", errors, "127.0.0.1:9901")),
+        },
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "upstream", errors, empty);
+    let upstream = read_upstream(&mut r, errors);
+    r.finish(errors);
+
+    let mut r = section(root, "intercept", errors, empty);
+    let intercept = InterceptConfig {
+        ca: tls_pair(&mut r, "ca_cert", "ca_key", errors),
+        tunnel_hosts: host_globs(&mut r, "tunnel_hosts", errors).unwrap_or_default(),
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "limits", errors, empty);
+    let limits = LimitsConfig {
+        max_body_bytes: r.integer("max_body_bytes", errors, 1).unwrap_or(262_144),
+        header_read_timeout: r.millis("header_read_timeout_ms", errors, 10_000),
+        body_read_timeout: r.millis("body_read_timeout_ms", errors, 10_000),
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "audit", errors, empty);
+    let audit = AuditConfig {
+        path: match r.string("path", errors) {
+            None | Some("-") => AuditPath::Stdout,
+            Some("") => {
+                errors.push(
+                    "audit.path",
+                    "may not be empty; use \"-\" for standard output or a file path",
+                );
+                AuditPath::Stdout
+            }
+            Some(p) => AuditPath::File(PathBuf::from(p)),
+        },
+        fsync: r.boolean("fsync", errors).unwrap_or(false),
+        fail_closed: r.boolean("fail_closed", errors).unwrap_or(true),
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "shutdown", errors, empty);
+    let shutdown = ShutdownConfig {
+        drain_delay: Duration::from_millis(r.integer("drain_delay_ms", errors, 0).unwrap_or(0)),
+        grace: r.millis("grace_ms", errors, 30_000),
+    };
+    r.finish(errors);
+
+    let mut r = section(root, "policy", errors, empty);
+    let policy = read_policy(&mut r, errors);
+    r.finish(errors);
+
+    Config {
+        source,
+        listener,
+        admin,
+        upstream,
+        intercept,
+        limits,
+        audit,
+        shutdown,
+        policy: Arc::new(policy),
+    }
+}
+
+fn socket_addr(r: &mut Reader, key: &str, errors: &mut Errors, default: &str) -> SocketAddr {
+    let fallback = default.parse().expect("valid default address");
+    let Some(text) = r.string(key, errors) else {
+        return fallback;
+    };
+    text.parse().unwrap_or_else(|_| {
+        errors.push(
+            &r.key_path(key),
+            format!("{text:?} is not an IP address and port such as {default:?}"),
+        );
+        fallback
+    })
+}
+
+fn tls_pair(
+    r: &mut Reader,
+    cert_key: &str,
+    key_key: &str,
+    errors: &mut Errors,
+) -> Option<TlsFiles> {
+    let cert = r.string(cert_key, errors);
+    let key = r.string(key_key, errors);
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            errors.push(
+                &r.key_path(key_key),
+                format!("must be set together with {cert_key}"),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            errors.push(
+                &r.key_path(cert_key),
+                format!("must be set together with {key_key}"),
+            );
+            None
+        }
+    }
+}
+
+fn host_globs(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<HostGlob>> {
+    let path = r.key_path(key);
+    let patterns = r.strings(key, errors)?;
+    let mut globs = Vec::with_capacity(patterns.len());
+    for (i, p) in patterns.iter().enumerate() {
+        match HostGlob::new(p) {
+            Ok(g) => globs.push(g),
+            Err(e) => errors.push(&format!("{path}[{i}]"), e),
+        }
+    }
+    Some(globs)
+}
+
+const DEFAULT_ALLOWED_HOSTS: [&str; 5] = [
+    "kms.*.amazonaws.com",
+    "kms-fips.*.amazonaws.com",
+    "kms.*.amazonaws.com.cn",
+    "kms.*.api.aws",
+    "kms-fips.*.api.aws",
+];
+
+fn read_upstream(r: &mut Reader, errors: &mut Errors) -> UpstreamConfig {
+    let allowed_hosts = host_globs(r, "allowed_hosts", errors).unwrap_or_else(|| {
+        DEFAULT_ALLOWED_HOSTS
+            .iter()
+            .map(|h| HostGlob::new(h).expect("valid default glob"))
+            .collect()
+    });
+    let endpoint = r.string("endpoint", errors).and_then(|text| {
+        let path = r.key_path("endpoint");
+        match parse_endpoint(text) {
+            Ok(uri) => Some(uri),
+            Err(e) => {
+                errors.push(&path, e);
+                None
+            }
+        }
+    });
+    let ca_file = r.string("ca_file", errors).map(PathBuf::from);
+    if let Some(file) = &ca_file {
+        if let Err(e) = std::fs::metadata(file) {
+            errors.push(
+                "upstream.ca_file",
+                format!("cannot read {}: {e}", file.display()),
+            );
+        }
+    }
+    let resolver = match r.string("resolver", errors) {
+        None | Some("system") => Resolver::System,
+        Some("dns") => Resolver::Dns,
+        Some(other) => {
+            errors.push(
+                "upstream.resolver",
+                format!("{other:?} is not a resolver; use \"system\" or \"dns\""),
+            );
+            Resolver::System
+        }
+    };
+    UpstreamConfig {
+        allowed_hosts,
+        endpoint,
+        ca_file,
+        resolver,
+        connect_timeout: r.millis("connect_timeout_ms", errors, 3_000),
+        timeout: r.millis("timeout_ms", errors, 30_000),
+    }
+}
+
+fn parse_endpoint(text: &str) -> Result<http::uri::Uri, String> {
+    let uri: http::uri::Uri = text.parse().map_err(|e| {
+        format!(
+            "{text:?} is not a URL ({e}); write it like \"https://kms.us-east-1.amazonaws.com\""
+        )
+    })?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("{text:?} must start with http:// or https://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{text:?} may not have a path or query: KMS requests always go to `/`"
+        ));
+    }
+    Ok(uri)
+}
+
+fn read_policy(r: &mut Reader, errors: &mut Errors) -> Policy {
+    let mode = match r.string("mode", errors) {
+        None => Mode::Enforce,
+        Some(s) => Mode::parse(s).unwrap_or_else(|| {
+            errors.push(
+                "policy.mode",
+                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
+            );
+            Mode::Enforce
+        }),
+    };
+    let max_tags = r.integer("max_tags", errors, 1).unwrap_or(50) as usize;
+    let unknown_operations = match r.string("unknown_operations", errors) {
+        None | Some("forward") => UnknownOperations::Forward,
+        Some("reject") => UnknownOperations::Reject,
+        Some(s) => {
+            errors.push(
+                "policy.unknown_operations",
+                format!("{s:?} is not allowed; use \"forward\" or \"reject\""),
+            );
+            UnknownOperations::Forward
+        }
+    };
+    let mut rules = Vec::new();
+    if let Some(value) = r.get("rule") {
+        match value.as_array() {
+            None => errors.push(
+                "policy.rule",
+                "expected [[policy.rule]] tables, one per rule",
+            ),
+            Some(items) => {
+                let mut ids = HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("policy.rule[{i}]");
+                    let Some(table) = item.as_table() else {
+                        errors.push(&path, "expected a table ([[policy.rule]])");
+                        continue;
+                    };
+                    let mut rr = Reader::new(table, &path);
+                    let rule = read_rule(&mut rr, errors, &mut ids);
+                    rr.finish(errors);
+                    rules.extend(rule);
+                }
+            }
+        }
+    }
+    Policy {
+        mode,
+        max_tags,
+        unknown_operations,
+        rules,
+    }
+}
+
+fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> Option<Rule> {
+    let id = r.string("id", errors);
+    match id {
+        None if !r.table.contains_key("id") => {
+            errors.push(&r.key_path("id"), "every rule needs an id");
+        }
+        Some(id) if !valid_rule_id(id) => errors.push(
+            &r.key_path("id"),
+            format!("{id:?}: use letters, digits, '-', '_', '.' or ':' (it shows in metrics)"),
+        ),
+        Some(id) if id == MAX_TAGS_RULE || id == REQUEST_RULE => errors.push(
+            &r.key_path("id"),
+            format!("{id:?} is reserved for the proxy's own denials; choose another id"),
+        ),
+        Some(id) if !ids.insert(id.to_owned()) => errors.push(
+            &r.key_path("id"),
+            format!("{id:?} is used by an earlier rule; rule ids must be unique"),
+        ),
+        _ => {}
+    }
+    let mode = r.string("mode", errors).and_then(|s| {
+        let m = Mode::parse(s);
+        if m.is_none() {
+            errors.push(
+                &r.key_path("mode"),
+                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
+            );
+        }
+        m
+    });
+    let key_ids = r
+        .strings("key_ids", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            KeyGlob::new(g)
+                .map_err(|e| errors.push(&format!("{}[{i}]", r.key_path("key_ids")), e))
+                .ok()
+        })
+        .collect();
+    let exempt_principals: Vec<String> = r
+        .strings("exempt_principals", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                Some(p.to_owned())
+            } else {
+                errors.push(
+                    &format!("{}[{i}]", r.key_path("exempt_principals")),
+                    format!("{p:?} is not an access key id such as \"AKIAIOSFODNN7EXAMPLE\""),
+                );
+                None
+            }
+        })
+        .collect();
+    let kind = match r.string("type", errors) {
+        None => {
+            if !r.table.contains_key("type") {
+                errors.push(
+                    &r.key_path("type"),
+                    "every rule needs a type: required-prefix, forbidden-key, value-pattern or required-key",
+                );
+            }
+            None
+        }
+        Some("required-prefix") => read_required_prefix(r, errors),
+        Some("forbidden-key") => read_forbidden_key(r, errors),
+        Some("value-pattern") => read_value_pattern(r, errors),
+        Some("required-key") => read_required_key(r, errors),
+        Some(other) => {
+            errors.push(
+                &r.key_path("type"),
+                format!("{other:?} is not a rule type; use required-prefix, forbidden-key, value-pattern or required-key"),
+            );
+            None
+        }
+    };
+    Some(Rule {
+        id: id?.into(),
+        mode,
+        key_ids,
+        exempt_principals,
+        kind: kind?,
+    })
+}
+
+fn valid_rule_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A required, non-empty list of non-empty strings.
+fn non_empty_strings(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
+    let path = r.key_path(key);
+    let Some(items) = r.strings(key, errors) else {
+        if !r.table.contains_key(key) {
+            errors.push(&path, "is required for this rule type");
+        }
+        return None;
+    };
+    if items.is_empty() {
+        errors.push(&path, "may not be empty");
+        return None;
+    }
+    if let Some(i) = items.iter().position(|s| s.is_empty()) {
+        errors.push(&format!("{path}[{i}]"), "may not be an empty string");
+        return None;
+    }
+    Some(items.into_iter().map(str::to_owned).collect())
+}
+
+fn regex(path: &str, pattern: &str, ignore_case: bool, errors: &mut Errors) -> Option<Regex> {
+    RegexBuilder::new(pattern)
+        .case_insensitive(ignore_case)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| {
+            let detail = e.to_string().replace('\n', " ");
+            errors.push(path, format!("invalid regex {pattern:?}: {detail}"));
+        })
+        .ok()
+}
+
+fn read_required_prefix(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let prefixes = non_empty_strings(r, "prefixes", errors);
+    let exempt_keys = r
+        .strings("exempt_keys", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    Some(RuleKind::RequiredPrefix {
+        prefixes: prefixes?,
+        exempt_keys,
+    })
+}
+
+fn read_forbidden_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let keys: Vec<String> = r
+        .strings("keys", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let patterns_path = r.key_path("patterns");
+    let patterns: Vec<Option<Regex>> = r
+        .strings("patterns", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| regex(&format!("{patterns_path}[{i}]"), p, true, errors))
+        .collect();
+    if keys.is_empty() && patterns.is_empty() {
+        errors.push(
+            &r.key_path("keys"),
+            "a forbidden-key rule needs `keys`, `patterns` or both",
+        );
+    }
+    let (mut on_set, mut on_remove) = (true, true);
+    let on_path = r.key_path("on");
+    if let Some(on) = r.strings("on", errors) {
+        on_set = on.contains(&"set");
+        on_remove = on.contains(&"remove");
+        if on.is_empty() || on.iter().any(|o| !matches!(*o, "set" | "remove")) {
+            errors.push(
+                &on_path,
+                "use [\"set\"], [\"remove\"] or [\"set\", \"remove\"]",
+            );
+        }
+    }
+    let patterns: Option<Vec<Regex>> = patterns.into_iter().collect();
+    Some(RuleKind::ForbiddenKey {
+        folded_keys: keys.iter().map(|k| fold(k)).collect(),
+        keys,
+        patterns: patterns?,
+        on_set,
+        on_remove,
+    })
+}
+
+fn read_value_pattern(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let key = match (r.string("key", errors), r.string("key_pattern", errors)) {
+        (Some(k), None) if !k.is_empty() => Some(KeyMatcher::Exact(k.to_owned())),
+        (None, Some(p)) => {
+            regex(&r.key_path("key_pattern"), p, true, errors).map(KeyMatcher::Pattern)
+        }
+        (Some(_), Some(_)) => {
+            errors.push(&r.key_path("key"), "set `key` or `key_pattern`, not both");
+            None
+        }
+        _ => {
+            errors.push(
+                &r.key_path("key"),
+                "a value-pattern rule needs `key` (a tag key) or `key_pattern` (a regex)",
+            );
+            None
+        }
+    };
+    let pattern = r.string("pattern", errors);
+    let allowed = r.strings("allowed", errors);
+    let value = match (pattern, allowed) {
+        (Some(p), None) => {
+            regex(&r.key_path("pattern"), p, false, errors).map(ValueMatcher::Pattern)
+        }
+        (None, Some(list)) => Some(ValueMatcher::Allowed(
+            list.into_iter().map(str::to_owned).collect(),
+        )),
+        (Some(_), Some(_)) => {
+            errors.push(
+                &r.key_path("pattern"),
+                "set `pattern` or `allowed`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            errors.push(
+                &r.key_path("pattern"),
+                "a value-pattern rule needs `pattern` (a regex) or `allowed` (a list of values)",
+            );
+            None
+        }
+    };
+    Some(RuleKind::ValuePattern {
+        key: key?,
+        value: value?,
+    })
+}
+
+fn read_required_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    Some(RuleKind::RequiredKey {
+        keys: non_empty_strings(r, "keys", errors)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        Config::parse(text, ConfigSource::BuiltIn)
+            .unwrap_err()
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_built_in_config_is_valid() {
+        let config = Config::built_in().unwrap();
+        assert_eq!(config.listener.address, "127.0.0.1:8080".parse().unwrap());
+        assert!(!config.policy.rules.is_empty());
+    }
+
+    #[test]
+    fn an_empty_config_takes_every_default() {
+        let c = Config::parse("", ConfigSource::BuiltIn).unwrap();
+        assert_eq!(c.limits.max_body_bytes, 262_144);
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.allowed_hosts.len(), 5);
+        assert_eq!(c.audit.path, AuditPath::Stdout);
+        assert!(c.audit.fail_closed);
+        assert_eq!(c.policy.max_tags, 50);
+        assert_eq!(c.admin.address, Some("127.0.0.1:9901".parse().unwrap()));
+    }
+
+    #[test]
+    fn reports_every_mistake_with_its_path() {
+        let errors = errors_of(
+            r#"
+[listener]
+adress = "127.0.0.1:1"
+[limits]
+max_body_bytes = "big"
+[[policy.rule]]
+id = "a"
+type = "forbidden-key"
+patterns = ["("]
+[[policy.rule]]
+id = "a"
+type = "value-pattern"
+key = "k"
+[[policy.rule]]
+type = "nope"
+"#,
+        );
+        let expected = [
+            "listener.adress: unknown key",
+            "limits.max_body_bytes: expected an integer, found string",
+            "policy.rule[0].patterns[0]: invalid regex \"(\"",
+            "policy.rule[1].id: \"a\" is used by an earlier rule",
+            "policy.rule[1].pattern: a value-pattern rule needs",
+            "policy.rule[2].id: every rule needs an id",
+            "policy.rule[2].type: \"nope\" is not a rule type",
+        ];
+        for e in expected {
+            assert!(
+                errors.iter().any(|x| x.starts_with(e)),
+                "{e} not in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn reports_toml_syntax_errors_with_a_line() {
+        let errors = errors_of("[listener]\naddress = \n");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("line 2"), "{errors:?}");
+    }
+
+    #[test]
+    fn validates_endpoint_and_pairs() {
+        let errors = errors_of(
+            "[upstream]\nendpoint = \"ftp://x\"\n[listener]\ntls_cert = \"a\"\n[admin]\naddress = \"nope\"\n",
+        );
+        assert!(errors.iter().any(|e| e.starts_with("upstream.endpoint:")));
+        assert!(errors.iter().any(|e| e.starts_with("listener.tls_key:")));
+        assert!(errors.iter().any(|e| e.starts_with("admin.address:")));
+        let c = Config::parse(
+            "[upstream]\nendpoint = \"http://127.0.0.1:4566\"\n[admin]\naddress = \"\"\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.endpoint.unwrap().to_string(),
+            "http://127.0.0.1:4566/"
+        );
+        assert_eq!(c.admin.address, None);
+    }
+}

@@ -1,0 +1,153 @@
+//! The two glob dialects of the configuration.
+//!
+//! Host globs (`allowed_hosts`, `tunnel_hosts`): `*` stands for exactly one DNS label, so
+//! `kms.*.amazonaws.com` matches `kms.us-east-1.amazonaws.com` but not
+//! `kms.evil.com.x.amazonaws.com`. Key globs (`key_ids`): `*` stands for any run of characters,
+//! ARNs being colon- and slash-separated. Both compare ignoring ASCII case.
+
+/// A host-name glob; `*` matches one DNS label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGlob {
+    labels: Vec<String>,
+    text: String,
+}
+
+impl HostGlob {
+    pub fn new(pattern: &str) -> Result<HostGlob, String> {
+        if pattern.is_empty() {
+            return Err("a host glob may not be empty".into());
+        }
+        let lower = pattern.to_ascii_lowercase();
+        let labels: Vec<String> = lower.split('.').map(str::to_owned).collect();
+        for label in &labels {
+            if label.is_empty() {
+                return Err(format!("{pattern:?} has an empty DNS label"));
+            }
+            if label != "*" && label.contains('*') {
+                return Err(format!(
+                    "{pattern:?}: `*` must stand for a whole DNS label, as in kms.*.amazonaws.com"
+                ));
+            }
+            if !label
+                .bytes()
+                .all(|b| b == b'*' || b == b'-' || b.is_ascii_alphanumeric())
+            {
+                return Err(format!(
+                    "{pattern:?} has a character that is not allowed in a host name"
+                ));
+            }
+        }
+        Ok(HostGlob {
+            labels,
+            text: pattern.to_owned(),
+        })
+    }
+
+    /// Whether `host` (a bare host name, no port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let mut parts = host.split('.');
+        for label in &self.labels {
+            match parts.next() {
+                Some(part) if label == "*" => {
+                    if part.is_empty() {
+                        return false;
+                    }
+                }
+                Some(part) if part.eq_ignore_ascii_case(label) => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A glob over key ids and ARNs; `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGlob {
+    pattern: String,
+}
+
+impl KeyGlob {
+    pub fn new(pattern: &str) -> Result<KeyGlob, String> {
+        if pattern.is_empty() {
+            return Err("a key_ids glob may not be empty".into());
+        }
+        Ok(KeyGlob {
+            pattern: pattern.to_owned(),
+        })
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        wildcard_match(self.pattern.as_bytes(), text.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+}
+
+/// Iterative `*` matching with one back-tracking point: linear in practice, never exponential.
+fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p].eq_ignore_ascii_case(&text[t]) {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_star_is_one_label() {
+        let g = HostGlob::new("kms.*.amazonaws.com").unwrap();
+        assert!(g.matches("kms.us-east-1.amazonaws.com"));
+        assert!(g.matches("KMS.US-EAST-1.AMAZONAWS.COM"));
+        assert!(g.matches("kms.us-east-1.amazonaws.com."));
+        assert!(!g.matches("kms.amazonaws.com"));
+        assert!(!g.matches("kms..amazonaws.com"));
+        assert!(!g.matches("kms.a.b.amazonaws.com"));
+        assert!(!g.matches("kms.us-east-1.amazonaws.com.evil.com"));
+        assert!(!g.matches("xkms.us-east-1.amazonaws.com"));
+    }
+
+    #[test]
+    fn host_globs_are_validated() {
+        assert!(HostGlob::new("kms.*").is_ok());
+        assert!(HostGlob::new("kms*.amazonaws.com").is_err());
+        assert!(HostGlob::new("kms..com").is_err());
+        assert!(HostGlob::new("").is_err());
+        assert!(HostGlob::new("kms/x.com").is_err());
+    }
+
+    #[test]
+    fn key_star_is_any_run() {
+        let g = KeyGlob::new("arn:aws:kms:*:111122223333:key/*").unwrap();
+        assert!(g.matches("arn:aws:kms:us-east-1:111122223333:key/1234abcd"));
+        assert!(g.matches("arn:aws:kms:eu-west-1:111122223333:key/"));
+        assert!(!g.matches("arn:aws:kms:us-east-1:444455556666:key/1234abcd"));
+        assert!(KeyGlob::new("*").unwrap().matches("anything"));
+        assert!(KeyGlob::new("a*b*c").unwrap().matches("aXXbYYbZc"));
+        assert!(!KeyGlob::new("a*b*c").unwrap().matches("aXXbYY"));
+        assert!(KeyGlob::new("mrk-*").unwrap().matches("MRK-1234"));
+    }
+}

@@ -1,0 +1,8 @@
+//! What the proxy knows of the KMS wire protocol, and nothing about policy.
+
+pub mod credential;
+pub mod operation;
+pub mod request;
+
+pub use operation::{Operation, TagOperation};
+pub use request::{RequestError, Tag, TagChange};

@@ -1,0 +1,528 @@
+//! Strict parsing of a tag-bearing request body into a [`TagChange`].
+//!
+//! The proxy forwards the client's bytes, never a re-serialisation, so what KMS reads must be what
+//! the proxy judged. Wherever two reasonable JSON parsers could read the body differently, the body
+//! is refused: repeated members at any depth, members that spell a tag member in another case,
+//! unexpected members, wrong types, repeated tag keys, trailing bytes, invalid UTF-8. Escapes are
+//! decoded before anything is compared, so `"Pro\u006aect"` is judged as `Project`.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use super::operation::TagOperation;
+use crate::fold::eq_ignore_case;
+
+/// One tag a request sets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+/// What a tag-bearing request would change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagChange {
+    pub operation: TagOperation,
+    /// The `KeyId` member as sent (key id, key ARN, ...); `None` for CreateKey.
+    pub key_id: Option<String>,
+    /// Tags set (TagResource, CreateKey, ReplicateKey), in request order.
+    pub set: Vec<Tag>,
+    /// Tag keys removed (UntagResource), in request order.
+    pub remove: Vec<String>,
+}
+
+/// Why a tag-bearing body cannot be read unambiguously.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the body is not valid UTF-8; send the JSON request as UTF-8")]
+    NotUtf8,
+    #[error("the body starts with a byte order mark; send plain UTF-8 JSON")]
+    ByteOrderMark,
+    #[error("the body is not one unambiguous JSON object: {0}")]
+    Json(String),
+    #[error("the tag key {0:?} appears twice in one request; send each tag key once")]
+    DuplicateTagKey(String),
+}
+
+/// The members whose spelling decides what a request changes. A member that equals one of these
+/// ignoring case, but not exactly, is refused wherever it stands: some parsers match member names
+/// ignoring case.
+const GUARDED_MEMBERS: [&str; 5] = ["Tags", "TagKeys", "TagKey", "TagValue", "KeyId"];
+
+/// Parses the body of a tag-bearing operation strictly.
+pub fn parse_tag_request(operation: TagOperation, body: &[u8]) -> Result<TagChange, RequestError> {
+    if body.starts_with(b"\xEF\xBB\xBF") {
+        return Err(RequestError::ByteOrderMark);
+    }
+    if std::str::from_utf8(body).is_err() {
+        return Err(RequestError::NotUtf8);
+    }
+    // The awsJson 1.1 protocol lets a client send an empty body for an empty input.
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let change = deserializer
+        .deserialize_map(RequestVisitor { operation })
+        .and_then(|change| deserializer.end().map(|()| change))
+        .map_err(|e| RequestError::Json(e.to_string()))?;
+
+    let mut seen = HashSet::with_capacity(change.set.len() + change.remove.len());
+    let keys = change.set.iter().map(|t| &t.key).chain(&change.remove);
+    for key in keys {
+        if !seen.insert(key.as_str()) {
+            return Err(RequestError::DuplicateTagKey(key.clone()));
+        }
+    }
+    Ok(change)
+}
+
+/// Member names seen in one object, to refuse repeats.
+struct MemberNames {
+    names: Vec<String>,
+    large: HashSet<String>,
+}
+
+impl MemberNames {
+    /// Objects in KMS requests have a handful of members; a linear scan is fastest for those, and
+    /// a set keeps a hostile object with thousands of members linear.
+    const SCAN_LIMIT: usize = 16;
+
+    fn new() -> Self {
+        MemberNames {
+            names: Vec::new(),
+            large: HashSet::new(),
+        }
+    }
+
+    fn admit<E: de::Error>(&mut self, name: &str) -> Result<(), E> {
+        for guarded in GUARDED_MEMBERS {
+            if name != guarded && eq_ignore_case(name, guarded) {
+                return Err(E::custom(format_args!(
+                    "member {name:?} differs from {guarded:?} only in letter case"
+                )));
+            }
+        }
+        let repeated = if self.large.is_empty() && self.names.len() < Self::SCAN_LIMIT {
+            let repeated = self.names.iter().any(|n| n == name);
+            self.names.push(name.to_owned());
+            repeated
+        } else {
+            if self.large.is_empty() {
+                self.large.extend(self.names.drain(..));
+            }
+            !self.large.insert(name.to_owned())
+        };
+        if repeated {
+            return Err(E::custom(format_args!("member {name:?} appears twice")));
+        }
+        Ok(())
+    }
+}
+
+struct RequestVisitor {
+    operation: TagOperation,
+}
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = TagChange;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a {} request object", self.operation)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TagChange, A::Error> {
+        let op = self.operation;
+        let mut names = MemberNames::new();
+        let mut key_id = None;
+        let mut set = None;
+        let mut remove = None;
+        while let Some(name) = map.next_key::<String>()? {
+            names.admit(&name)?;
+            match (op, name.as_str()) {
+                (
+                    TagOperation::TagResource
+                    | TagOperation::UntagResource
+                    | TagOperation::ReplicateKey,
+                    "KeyId",
+                ) => {
+                    key_id = Some(map.next_value::<String>()?);
+                }
+                (TagOperation::UntagResource, "TagKeys") => {
+                    remove = Some(map.next_value_seed(StringList)?);
+                }
+                (TagOperation::UntagResource, _) => {
+                    return Err(de::Error::custom(format_args!(
+                        "unexpected member {name:?}; UntagResource takes exactly KeyId and TagKeys"
+                    )));
+                }
+                (_, "Tags") => set = Some(map.next_value_seed(TagList)?),
+                (TagOperation::TagResource, _) => {
+                    return Err(de::Error::custom(format_args!(
+                        "unexpected member {name:?}; TagResource takes exactly KeyId and Tags"
+                    )));
+                }
+                // CreateKey and ReplicateKey carry members the proxy does not judge; they are
+                // still checked for repeats and case-variant tag members at every depth.
+                (TagOperation::CreateKey | TagOperation::ReplicateKey, _) => {
+                    map.next_value_seed(AnyStrict)?;
+                }
+            }
+        }
+        let missing =
+            |member: &str| de::Error::custom(format_args!("{op} requires the member {member:?}"));
+        if op.has_key_id() && key_id.is_none() {
+            return Err(missing("KeyId"));
+        }
+        match op {
+            TagOperation::TagResource if set.is_none() => return Err(missing("Tags")),
+            TagOperation::UntagResource if remove.is_none() => return Err(missing("TagKeys")),
+            _ => {}
+        }
+        Ok(TagChange {
+            operation: op,
+            key_id,
+            set: set.unwrap_or_default(),
+            remove: remove.unwrap_or_default(),
+        })
+    }
+}
+
+/// `Tags`: a list of tag objects.
+struct TagList;
+
+impl<'de> DeserializeSeed<'de> for TagList {
+    type Value = Vec<Tag>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Tag>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TagList {
+    type Value = Vec<Tag>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("Tags as a list of {\"TagKey\":…,\"TagValue\":…} objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Tag>, A::Error> {
+        let mut tags = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        while let Some(tag) = seq.next_element_seed(TagObject)? {
+            tags.push(tag);
+        }
+        Ok(tags)
+    }
+}
+
+/// One tag: exactly `TagKey` and `TagValue`, both strings.
+struct TagObject;
+
+impl<'de> DeserializeSeed<'de> for TagObject {
+    type Value = Tag;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Tag, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TagObject {
+    type Value = Tag;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a tag object with exactly the string members TagKey and TagValue")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tag, A::Error> {
+        let mut names = MemberNames::new();
+        let mut key = None;
+        let mut value = None;
+        while let Some(name) = map.next_key::<String>()? {
+            names.admit(&name)?;
+            match name.as_str() {
+                "TagKey" => key = Some(map.next_value::<String>()?),
+                "TagValue" => value = Some(map.next_value::<String>()?),
+                _ => {
+                    return Err(de::Error::custom(format_args!(
+                        "unexpected member {name:?} in a tag; a tag has exactly TagKey and TagValue"
+                    )))
+                }
+            }
+        }
+        match (key, value) {
+            (Some(key), Some(value)) => Ok(Tag { key, value }),
+            (None, _) => Err(de::Error::custom("a tag has no TagKey")),
+            (_, None) => Err(de::Error::custom("a tag has no TagValue")),
+        }
+    }
+}
+
+/// `TagKeys`: a list of strings.
+struct StringList;
+
+impl<'de> DeserializeSeed<'de> for StringList {
+    type Value = Vec<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StringList {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("TagKeys as a list of strings")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut keys = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        while let Some(key) = seq.next_element::<String>()? {
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+}
+
+/// Any JSON value the proxy does not read, checked for repeated and case-variant members.
+struct AnyStrict;
+
+impl<'de> DeserializeSeed<'de> for AnyStrict {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AnyStrict {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(AnyStrict)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut names = MemberNames::new();
+        while let Some(name) = map.next_key::<String>()? {
+            names.admit(&name)?;
+            map.next_value_seed(AnyStrict)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TagOperation::*;
+
+    fn tag(key: &str, value: &str) -> Tag {
+        Tag {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    fn parse(op: TagOperation, body: &str) -> Result<TagChange, RequestError> {
+        parse_tag_request(op, body.as_bytes())
+    }
+
+    fn rejected(op: TagOperation, body: &str) -> String {
+        match parse(op, body) {
+            Ok(change) => panic!("accepted {body}: {change:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn reads_a_tag_resource_request() {
+        let change = parse(
+            TagResource,
+            r#"{"KeyId":"k1","Tags":[{"TagKey":"team:a","TagValue":"x"},{"TagValue":"","TagKey":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.key_id.as_deref(), Some("k1"));
+        assert_eq!(change.set, vec![tag("team:a", "x"), tag("b", "")]);
+        assert!(change.remove.is_empty());
+    }
+
+    #[test]
+    fn reads_an_untag_resource_request() {
+        let change = parse(UntagResource, r#"{"TagKeys":["a","b"],"KeyId":"k"}"#).unwrap();
+        assert_eq!(change.remove, vec!["a", "b"]);
+        assert!(change.set.is_empty());
+    }
+
+    #[test]
+    fn create_key_tags_are_optional_and_other_members_are_not_read() {
+        let change = parse(CreateKey, r#"{"Description":"d","KeyUsage":"ENCRYPT_DECRYPT","MultiRegion":true,"BypassPolicyLockoutSafetyCheck":false}"#).unwrap();
+        assert_eq!(change.key_id, None);
+        assert!(change.set.is_empty());
+        let change = parse(CreateKey, "").unwrap();
+        assert!(change.set.is_empty());
+        let change = parse(
+            CreateKey,
+            r#"{"Policy":"{\"Statement\":[]}","Tags":[{"TagKey":"a","TagValue":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.set, vec![tag("a", "b")]);
+    }
+
+    #[test]
+    fn replicate_key_reads_key_id_and_tags() {
+        let change = parse(
+            ReplicateKey,
+            r#"{"KeyId":"mrk-1","ReplicaRegion":"eu-west-1","Tags":[{"TagKey":"a","TagValue":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.key_id.as_deref(), Some("mrk-1"));
+        assert_eq!(change.set, vec![tag("a", "b")]);
+        assert!(rejected(ReplicateKey, r#"{"ReplicaRegion":"eu-west-1"}"#).contains("KeyId"));
+    }
+
+    #[test]
+    fn escapes_are_decoded_before_judging() {
+        let change = parse(
+            TagResource,
+            r#"{"KeyId":"k","T\u0061gs":[{"TagKey":"Pro\u006aect","TagValue":"x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.set, vec![tag("Project", "x")]);
+    }
+
+    #[test]
+    fn refuses_repeated_members_at_every_depth() {
+        let tags = r#"[{"TagKey":"a","TagValue":"b"}]"#;
+        for body in [
+            format!(r#"{{"KeyId":"k","Tags":{tags},"Tags":[]}}"#),
+            format!(r#"{{"KeyId":"k","Tags":{tags},"T\u0061gs":[]}}"#),
+            format!(r#"{{"KeyId":"k","KeyId":"j","Tags":{tags}}}"#),
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagKey":"b","TagValue":"c"}]}"#.into(),
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagValue":"b","TagValue":"c"}]}"#.into(),
+        ] {
+            assert!(rejected(TagResource, &body).contains("twice"), "{body}");
+        }
+        let deep = r#"{"Description":"d","X":{"a":[{"b":1,"b":2}]}}"#;
+        assert!(rejected(CreateKey, deep).contains("twice"));
+    }
+
+    #[test]
+    fn refuses_case_variants_of_tag_members() {
+        for body in [
+            r#"{"KeyId":"k","tags":[]}"#,
+            r#"{"KeyId":"k","TAGS":[]}"#,
+            r#"{"keyid":"k","Tags":[]}"#,
+            r#"{"KeyId":"k","Tags":[{"tagKey":"a","TagValue":"b"}]}"#,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TAGVALUE":"b"}]}"#,
+            "{\"KeyId\":\"k\",\"Tag\u{17f}\":[]}",
+        ] {
+            assert!(
+                rejected(TagResource, body).contains("letter case"),
+                "{body}"
+            );
+        }
+        assert!(
+            rejected(CreateKey, r#"{"tags":[{"TagKey":"a","TagValue":"b"}]}"#)
+                .contains("letter case")
+        );
+        // An exact tag member name inside a member the proxy does not read is unambiguous.
+        parse(CreateKey, r#"{"Other":{"TagKeys":[]}}"#).unwrap();
+        assert!(rejected(CreateKey, r#"{"Other":{"tagkeys":[]}}"#).contains("letter case"));
+        assert!(rejected(UntagResource, r#"{"KeyId":"k","tagKeys":["a"]}"#).contains("letter case"));
+    }
+
+    #[test]
+    fn refuses_unexpected_members_and_wrong_types() {
+        for body in [
+            r#"{"KeyId":"k","Tags":[],"Extra":1}"#,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagValue":1}]}"#,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagValue":null}]}"#,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a"}]}"#,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagValue":"b","Other":"c"}]}"#,
+            r#"{"KeyId":"k","Tags":{"TagKey":"a","TagValue":"b"}}"#,
+            r#"{"KeyId":"k","Tags":null}"#,
+            r#"{"KeyId":1,"Tags":[]}"#,
+            r#"{"Tags":[]}"#,
+            r#"{"KeyId":"k"}"#,
+            r#"[]"#,
+            r#""x""#,
+        ] {
+            rejected(TagResource, body);
+        }
+        rejected(UntagResource, r#"{"KeyId":"k","TagKeys":[1]}"#);
+        rejected(UntagResource, r#"{"KeyId":"k","TagKeys":["a"],"Tags":[]}"#);
+        rejected(
+            CreateKey,
+            r#"{"Tags":[{"TagKey":"a","TagValue":"b"}],"Tags":[]}"#,
+        );
+    }
+
+    #[test]
+    fn refuses_repeated_tag_keys() {
+        let e = parse(
+            TagResource,
+            r#"{"KeyId":"k","Tags":[{"TagKey":"a","TagValue":"1"},{"TagKey":"a","TagValue":"2"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e, RequestError::DuplicateTagKey("a".into()));
+        let e = parse(UntagResource, r#"{"KeyId":"k","TagKeys":["a","a"]}"#).unwrap_err();
+        assert_eq!(e, RequestError::DuplicateTagKey("a".into()));
+    }
+
+    #[test]
+    fn refuses_malformed_bytes() {
+        assert_eq!(
+            parse_tag_request(TagResource, b"{\"KeyId\":\"k\xff\",\"Tags\":[]}"),
+            Err(RequestError::NotUtf8)
+        );
+        assert_eq!(
+            parse_tag_request(TagResource, b"\xEF\xBB\xBF{\"KeyId\":\"k\",\"Tags\":[]}"),
+            Err(RequestError::ByteOrderMark)
+        );
+        rejected(TagResource, r#"{"KeyId":"k","Tags":[]}x"#);
+        rejected(TagResource, r#"{"KeyId":"k","Tags":[]}{}"#);
+        rejected(TagResource, r#"{"KeyId":"k\ud800","Tags":[]}"#);
+        rejected(TagResource, "{\"KeyId\":\"k\u{1}\",\"Tags\":[]}");
+        rejected(TagResource, " ");
+        let deep = format!(
+            r#"{{"Description":{}1{}}}"#,
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        assert!(rejected(CreateKey, &deep).contains("recursion"));
+        // Whitespace around the object is JSON and reads the same everywhere.
+        parse(TagResource, " {\"KeyId\":\"k\",\"Tags\":[]}\n").unwrap();
+    }
+
+    #[test]
+    fn a_wide_object_is_still_checked_for_repeats() {
+        let mut body = String::from("{\"Description\":\"d\",\"X\":{");
+        for i in 0..100 {
+            body.push_str(&format!("\"m{i}\":1,"));
+        }
+        body.push_str("\"m7\":2}}");
+        assert!(rejected(CreateKey, &body).contains("twice"));
+    }
+}

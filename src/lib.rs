@@ -1,0 +1,13 @@
+//! kms-tag-guard: a policy-enforcing reverse proxy for the AWS KMS API.
+//!
+//! Data flows one way: bytes -> [`kms`] turns them into a [`kms::TagChange`] -> [`policy`] turns
+//! that into a [`policy::Decision`] -> [`audit`] records it -> [`proxy`] answers or forwards the
+//! untouched bytes.
+
+pub mod config;
+pub mod fold;
+pub mod glob;
+pub mod kms;
+pub mod policy;
+
+pub use config::Config;

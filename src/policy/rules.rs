@@ -1,0 +1,262 @@
+//! The four rule types and what each one checks.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::{Context, Mode, Violation};
+use crate::fold::{eq_ignore_case, fold};
+use crate::glob::KeyGlob;
+use crate::kms::{TagChange, TagOperation};
+
+/// A rule with its scope.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: Arc<str>,
+    /// Overrides `[policy].mode` for this rule.
+    pub mode: Option<Mode>,
+    /// When not empty, the rule applies only to requests whose KeyId may match.
+    pub key_ids: Vec<KeyGlob>,
+    /// Access key ids the rule does not apply to.
+    pub exempt_principals: Vec<String>,
+    pub kind: RuleKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum RuleKind {
+    /// Every key set must start with one of `prefixes` (exact case), unless listed in `exempt_keys`.
+    RequiredPrefix {
+        prefixes: Vec<String>,
+        exempt_keys: Vec<String>,
+    },
+    /// Keys that may not be set or removed: `keys` compared ignoring case, `patterns` matched
+    /// ignoring case.
+    ForbiddenKey {
+        keys: Vec<String>,
+        /// `keys`, folded once.
+        folded_keys: Vec<String>,
+        patterns: Vec<Regex>,
+        on_set: bool,
+        on_remove: bool,
+    },
+    /// Values of matching keys must match.
+    ValuePattern {
+        key: KeyMatcher,
+        value: ValueMatcher,
+    },
+    /// CreateKey and ReplicateKey must carry these keys (exact case); UntagResource may not
+    /// remove them.
+    RequiredKey { keys: Vec<String> },
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyMatcher {
+    /// Compared ignoring case.
+    Exact(String),
+    /// Matched ignoring case.
+    Pattern(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatcher {
+    Pattern(Regex),
+    Allowed(Vec<String>),
+}
+
+impl Rule {
+    /// Whether the rule applies to this request at all.
+    pub fn applies_to(&self, change: &TagChange, context: &Context) -> bool {
+        if let Some(akid) = context.access_key_id {
+            if self.exempt_principals.iter().any(|p| p == akid) {
+                return false;
+            }
+        }
+        if self.key_ids.is_empty() {
+            return true;
+        }
+        match &change.key_id {
+            Some(key_id) => self.key_ids.iter().any(|g| key_glob_may_match(g, key_id)),
+            // CreateKey has no KeyId: only rules without key_ids apply to it.
+            None => false,
+        }
+    }
+
+    /// Appends every violation of this rule to `out`.
+    pub fn check(&self, change: &TagChange, out: &mut Vec<Violation>) {
+        let violation = |key: &str, message: String| Violation {
+            rule: self.id.clone(),
+            key: Some(key.to_owned()),
+            message,
+        };
+        match &self.kind {
+            RuleKind::RequiredPrefix {
+                prefixes,
+                exempt_keys,
+            } => {
+                for tag in &change.set {
+                    let ok = prefixes.iter().any(|p| tag.key.starts_with(p.as_str()))
+                        || exempt_keys.contains(&tag.key);
+                    if !ok {
+                        out.push(violation(
+                            &tag.key,
+                            format!(
+                                "tag key {:?} must start with one of {}",
+                                tag.key,
+                                quoted_list(prefixes)
+                            ),
+                        ));
+                    }
+                }
+            }
+            RuleKind::ForbiddenKey {
+                keys,
+                folded_keys,
+                patterns,
+                on_set,
+                on_remove,
+            } => {
+                let set = change.set.iter().map(|t| &t.key).filter(|_| *on_set);
+                let removed = change.remove.iter().filter(|_| *on_remove);
+                for key in set.chain(removed) {
+                    let verb = if change.operation == TagOperation::UntagResource {
+                        "removed"
+                    } else {
+                        "set"
+                    };
+                    let folded = fold(key);
+                    if let Some(i) = folded_keys.iter().position(|k| *k == folded) {
+                        out.push(violation(
+                            key,
+                            format!(
+                                "tag key {key:?} may not be {verb}: it is reserved for access control ({:?}, compared ignoring case as IAM does)",
+                                keys[i]
+                            ),
+                        ));
+                    } else if let Some(p) = patterns.iter().find(|p| p.is_match(key)) {
+                        out.push(violation(
+                            key,
+                            format!(
+                                "tag key {key:?} may not be {verb}: it matches the reserved pattern {:?} (ignoring case)",
+                                p.as_str().trim_start_matches("(?i)")
+                            ),
+                        ));
+                    }
+                }
+            }
+            RuleKind::ValuePattern { key, value } => {
+                for tag in &change.set {
+                    let applies = match key {
+                        KeyMatcher::Exact(k) => eq_ignore_case(k, &tag.key),
+                        KeyMatcher::Pattern(p) => p.is_match(&tag.key),
+                    };
+                    if !applies {
+                        continue;
+                    }
+                    let (ok, wanted) = match value {
+                        ValueMatcher::Pattern(p) => {
+                            (p.is_match(&tag.value), format!("match {:?}", p.as_str()))
+                        }
+                        ValueMatcher::Allowed(allowed) => (
+                            allowed.contains(&tag.value),
+                            format!("be one of {}", quoted_list(allowed)),
+                        ),
+                    };
+                    if !ok {
+                        out.push(violation(
+                            &tag.key,
+                            format!(
+                                "the value {:?} of tag key {:?} must {wanted}",
+                                tag.value, tag.key
+                            ),
+                        ));
+                    }
+                }
+            }
+            RuleKind::RequiredKey { keys } => match change.operation {
+                TagOperation::CreateKey | TagOperation::ReplicateKey => {
+                    for required in keys {
+                        if !change.set.iter().any(|t| &t.key == required) {
+                            out.push(violation(
+                                required,
+                                format!(
+                                    "{} must set the tag key {required:?} (exact case)",
+                                    change.operation
+                                ),
+                            ));
+                        }
+                    }
+                }
+                TagOperation::UntagResource => {
+                    for key in change.remove.iter().filter(|k| keys.contains(k)) {
+                        out.push(violation(
+                            key,
+                            format!("tag key {key:?} is required and may not be removed"),
+                        ));
+                    }
+                }
+                TagOperation::TagResource => {}
+            },
+        }
+    }
+}
+
+/// Whether a `key_ids` glob may name the key a request refers to.
+///
+/// A bare key id (`1234abcd-…`, `mrk-…`) or an alias cannot be tied to an account or region, so
+/// an ARN glob applies to it whenever the glob's resource part (`key/…`, `alias/…`) matches: the
+/// rule errs on the side of applying.
+fn key_glob_may_match(glob: &KeyGlob, key_id: &str) -> bool {
+    if glob.matches(key_id) {
+        return true;
+    }
+    if key_id.starts_with("arn:") {
+        return false;
+    }
+    let Some(resource_glob) = glob.as_str().strip_prefix("arn:") else {
+        return false;
+    };
+    let resource_glob = resource_glob.rsplit(':').next().unwrap_or(resource_glob);
+    let resource = if key_id.starts_with("alias/") {
+        key_id.to_owned()
+    } else {
+        format!("key/{key_id}")
+    };
+    KeyGlob::new(resource_glob).is_ok_and(|g| g.matches(&resource))
+}
+
+fn quoted_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    quoted.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arn_globs_apply_to_bare_key_ids_whose_resource_matches() {
+        let account = KeyGlob::new("arn:aws:kms:*:111122223333:key/*").unwrap();
+        assert!(key_glob_may_match(
+            &account,
+            "1234abcd-12ab-34cd-56ef-1234567890ab"
+        ));
+        assert!(key_glob_may_match(
+            &account,
+            "arn:aws:kms:us-east-1:111122223333:key/1"
+        ));
+        assert!(!key_glob_may_match(
+            &account,
+            "arn:aws:kms:us-east-1:999999999999:key/1"
+        ));
+        assert!(!key_glob_may_match(&account, "alias/app"));
+        let one = KeyGlob::new("arn:aws:kms:us-east-1:111122223333:key/mrk-1").unwrap();
+        assert!(key_glob_may_match(&one, "mrk-1"));
+        assert!(!key_glob_may_match(&one, "mrk-2"));
+        let bare = KeyGlob::new("mrk-*").unwrap();
+        assert!(key_glob_may_match(&bare, "mrk-9"));
+        assert!(!key_glob_may_match(
+            &bare,
+            "arn:aws:kms:us-east-1:1:key/mrk-9"
+        ));
+    }
+}
