@@ -4,10 +4,15 @@
 //! that into a [`policy::Decision`] -> [`audit`] records it -> [`proxy`] answers or forwards the
 //! untouched bytes.
 
+pub mod audit;
+pub mod cases;
 pub mod config;
 pub mod fold;
 pub mod glob;
+pub mod inspect;
 pub mod kms;
 pub mod policy;
+pub mod proxy;
 
 pub use config::Config;
+pub use proxy::{start, RunningProxy, StartError};

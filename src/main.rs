@@ -1,1 +1,154 @@
-fn main() {}
+//! The `kms-tag-guard` command line: parses arguments, maps outcomes to exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kms_tag_guard::config::ConfigErrors;
+use kms_tag_guard::{cases, Config};
+
+/// Exit code for an invalid configuration or case file (EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "kms-tag-guard",
+    version,
+    about = "A policy-enforcing reverse proxy for the AWS KMS API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (without --config: the configuration compiled into the binary).
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration and its policy; print every error with its key path.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run policy test cases against a configuration.
+    Test {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Case files (TOML with [[case]] tables).
+        #[arg(required = true, value_name = "CASES")]
+        cases: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::Check { config } => match load(config.as_deref()) {
+            Ok(config) => {
+                println!("ok: {} rules", config.policy.rules.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => config_failure(&errors),
+        },
+        Command::Test { config, cases } => test(config.as_deref(), &cases),
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Config::built_in(),
+    }
+}
+
+fn config_failure(errors: &ConfigErrors) -> ExitCode {
+    eprint!("{errors}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn test(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    let mut all = Vec::new();
+    for file in files {
+        match cases::load_cases(file) {
+            Ok(cases) => all.extend(cases),
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let report = cases::run(&config, all);
+    print!("{report}");
+    if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn serve(path: Option<&Path>) -> ExitCode {
+    // Validate before anything else: a bad config never binds a port.
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let proxy = match kms_tag_guard::start(config).await {
+            Ok(proxy) => proxy,
+            Err(error) => {
+                eprintln!("kms-tag-guard: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let signal = shutdown_signal().await;
+        tracing::info!(signal, "shutting down; a second signal exits at once");
+        tokio::spawn(async {
+            let signal = shutdown_signal().await;
+            tracing::warn!(signal, "second signal: exiting without draining");
+            std::process::exit(1);
+        });
+        proxy.shutdown();
+        proxy.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for SIGTERM or SIGINT and says which arrived.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}

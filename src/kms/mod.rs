@@ -1,8 +1,11 @@
 //! What the proxy knows of the KMS wire protocol, and nothing about policy.
 
+pub mod classify;
 pub mod credential;
 pub mod operation;
 pub mod request;
 
+pub use classify::{Route, Unreadable};
+pub use credential::{Credential, CredentialError};
 pub use operation::{Operation, TagOperation};
 pub use request::{RequestError, Tag, TagChange};

@@ -1,0 +1,138 @@
+//! Every answer the proxy makes itself, mapped to its KMS-shaped response in one place.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::ProxyBody;
+use crate::kms::classify::CONTENT_TYPE as AMZ_JSON;
+
+/// Why the proxy answered a request itself instead of forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// A tag change broke the policy; the message names every rule and key.
+    #[error("{0}")]
+    Denied(String),
+    /// The request could not be read unambiguously.
+    #[error("kms-tag-guard refused an ambiguous or unreadable request: {0}")]
+    Unreadable(String),
+    #[error("kms-tag-guard refused the request: the body is larger than the {limit} bytes allowed for tag-changing requests ([limits].max_body_bytes)")]
+    BodyTooLarge { limit: u64 },
+    #[error("kms-tag-guard stopped waiting for the request body after {0} ms ([limits].body_read_timeout_ms); send the whole body promptly")]
+    BodyTimeout(u128),
+    #[error("X-Amz-Target {0:?} is not an operation of the KMS API, and this proxy rejects unknown operations ([policy].unknown_operations)")]
+    UnknownOperation(String),
+    #[error("the Host {0:?} is not a KMS endpoint this proxy forwards to ([upstream].allowed_hosts); address a KMS host name")]
+    HostNotAllowed(String),
+    #[error("kms-tag-guard could not write the audit record, so the tag change was not forwarded; retry later (operators: check [audit].path)")]
+    AuditUnavailable,
+    #[error("kms-tag-guard could not reach KMS: {0}; the request was not sent, retry")]
+    UpstreamConnect(String),
+    #[error("KMS did not answer within {0} ms ([upstream].timeout_ms); retry")]
+    UpstreamTimeout(u128),
+}
+
+impl ProxyError {
+    /// Status, `__type`, and the `x-kms-tag-guard` kind of the response.
+    pub fn shape(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ProxyError::Denied(_) => (StatusCode::BAD_REQUEST, "TagException", "deny"),
+            ProxyError::Unreadable(_) => (StatusCode::BAD_REQUEST, "TagException", "reject"),
+            ProxyError::BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "TagException", "too-large")
+            }
+            ProxyError::BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeoutException",
+                "body-timeout",
+            ),
+            ProxyError::UnknownOperation(_) => (
+                StatusCode::BAD_REQUEST,
+                "UnknownOperationException",
+                "unknown-operation",
+            ),
+            ProxyError::HostNotAllowed(_) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "MisdirectedRequest",
+                "host-not-allowed",
+            ),
+            ProxyError::AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "audit-unavailable",
+            ),
+            ProxyError::UpstreamConnect(_) => {
+                (StatusCode::BAD_GATEWAY, "BadGateway", "upstream-error")
+            }
+            ProxyError::UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "GatewayTimeout",
+                "upstream-timeout",
+            ),
+        }
+    }
+
+    /// The KMS-shaped response: awsJson 1.1 body with `__type` and `message`, the request id, and
+    /// `x-kms-tag-guard` so nobody mistakes it for an answer from KMS.
+    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+        let (status, error_type, kind) = self.shape();
+        let body = serde_json::json!({ "__type": error_type, "message": self.to_string() });
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(
+            serde_json::to_vec(&body).expect("serialisable"),
+        ))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(AMZ_JSON));
+        headers.insert(
+            "x-amzn-requestid",
+            HeaderValue::from_str(request_id).expect("uuid is a header value"),
+        );
+        headers.insert("x-amzn-errortype", HeaderValue::from_static(error_type));
+        headers.insert("x-kms-tag-guard", HeaderValue::from_static(kind));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn every_error_has_its_contract_shape() {
+        let table = [
+            (ProxyError::Denied("d".into()), 400, "TagException"),
+            (ProxyError::Unreadable("u".into()), 400, "TagException"),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413, "TagException"),
+            (ProxyError::BodyTimeout(1), 408, "RequestTimeoutException"),
+            (
+                ProxyError::UnknownOperation("x".into()),
+                400,
+                "UnknownOperationException",
+            ),
+            (
+                ProxyError::HostNotAllowed("h".into()),
+                421,
+                "MisdirectedRequest",
+            ),
+            (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
+            (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
+            (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),
+        ];
+        for (error, status, error_type) in table {
+            let message = error.to_string();
+            let response = error.into_response("rid-1");
+            assert_eq!(response.status().as_u16(), status);
+            let h = response.headers();
+            assert_eq!(h["content-type"], AMZ_JSON);
+            assert_eq!(h["x-amzn-requestid"], "rid-1");
+            assert_eq!(h["x-amzn-errortype"], error_type);
+            assert!(h.contains_key("x-kms-tag-guard"));
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["__type"], error_type);
+            assert_eq!(body["message"], message.as_str());
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The request pipeline: classify -> pass through | inspect -> decide -> audit -> forward.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, Version};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use super::error::ProxyError;
+use super::headers::strip_hop_by_hop;
+use super::upstream::{error_chain, Upstream};
+use super::ProxyBody;
+use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
+use crate::config::LimitsConfig;
+use crate::inspect::{judge, Judgement};
+use crate::kms::classify::{check_tag_request_head, classify, request_host};
+use crate::kms::{Route, TagOperation, Unreadable};
+use crate::policy::{Policy, UnknownOperations};
+
+/// The largest KMS answer to a tag-bearing request the proxy reads to record its outcome. KMS
+/// answers to these operations are a few KiB.
+const MAX_INSPECTED_RESPONSE_BYTES: usize = 4 << 20;
+
+/// What every connection's requests share.
+pub(crate) struct Shared {
+    pub policy: ArcSwap<Policy>,
+    pub audit: Arc<AuditLog>,
+    pub upstream: Upstream,
+    pub limits: LimitsConfig,
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let route = match classify(request.headers()) {
+        Ok(route) => route,
+        Err(reason) => {
+            let operation = target_text(request.headers());
+            return refuse(&shared, &new_request_id(), &operation, peer, reason.into()).await;
+        }
+    };
+    match route {
+        Route::Pass(_) => pass_through(&shared, request).await,
+        Route::Unknown(target) => match shared.policy.load().unknown_operations {
+            UnknownOperations::Forward => pass_through(&shared, request).await,
+            UnknownOperations::Reject => {
+                ProxyError::UnknownOperation(target).into_response(&new_request_id())
+            }
+        },
+        Route::Inspect(operation) => inspect(shared, request, operation, peer).await,
+    }
+}
+
+/// A non-tag-bearing request: streamed both ways, never buffered, never parsed.
+async fn pass_through(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = request.into_parts();
+    if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
+        return error.into_response(&new_request_id());
+    }
+    match shared
+        .upstream
+        .send(Request::from_parts(parts, Either::Left(body)))
+        .await
+    {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(error) => {
+            let request_id = new_request_id();
+            warn!(%request_id, %error, "forwarding failed");
+            error.into_response(&request_id)
+        }
+    }
+}
+
+/// Points a request at the upstream without touching what the client signed: the Host header,
+/// the other headers and the body stay as they are; only hop-by-hop headers go.
+fn prepare_forward(upstream: &Upstream, parts: &mut Parts) -> Result<(), ProxyError> {
+    let host = request_host(&parts.uri, &parts.headers)
+        .map_err(|e| ProxyError::Unreadable(e.to_string()))?
+        .to_owned();
+    let target = upstream.target(&host, parts.uri.path_and_query())?;
+    if !parts.headers.contains_key(HOST) {
+        // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
+        let value = HeaderValue::from_str(&host).map_err(|_| {
+            ProxyError::Unreadable("the request authority is not a header value".into())
+        })?;
+        parts.headers.insert(HOST, value);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.uri = target;
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+/// A tag-bearing request: read it whole, parse it strictly, judge it, record the decision, then
+/// deny it or forward the original bytes.
+async fn inspect(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    operation: TagOperation,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let op = operation.name();
+    // One policy for the whole request, even if a reload lands meanwhile.
+    let policy = shared.policy.load_full();
+    let (mut parts, body) = request.into_parts();
+
+    if let Err(reason) =
+        check_tag_request_head(operation, &parts.method, &parts.uri, &parts.headers)
+    {
+        return refuse(&shared, &request_id, op, peer, reason.into()).await;
+    }
+    if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
+        let judgement = Judgement::unreadable(&error);
+        return refuse(&shared, &request_id, op, peer, (judgement, error)).await;
+    }
+    let bytes = match read_body(&parts.headers, body, &shared.limits).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let judgement = Judgement::unreadable(&error);
+            return refuse(&shared, &request_id, op, peer, (judgement, error)).await;
+        }
+    };
+
+    let judgement = judge(
+        operation,
+        &parts.headers,
+        parts.uri.query(),
+        &bytes,
+        &policy,
+        Some(peer),
+    );
+    let record = DecisionRecord::new(&request_id, op, Some(peer), &judgement);
+    if let Err(error) = shared.audit.write(&record).await {
+        warn!(%request_id, %error, "audit record not written");
+        if shared.audit.fail_closed {
+            return ProxyError::AuditUnavailable.into_response(&request_id);
+        }
+    }
+    if !judgement.decision.allowed() {
+        info!(%request_id, operation = op, "tag change denied");
+        let error = if judgement.change.is_some() {
+            ProxyError::Denied(judgement.decision.denial_message())
+        } else {
+            ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
+        };
+        return error.into_response(&request_id);
+    }
+
+    // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
+    // may already be applying before its outcome is recorded.
+    let forward = tokio::spawn(forward_inspected(
+        Arc::clone(&shared),
+        parts,
+        bytes,
+        request_id.clone(),
+        started,
+    ));
+    match forward.await {
+        Ok(response) => response,
+        Err(error) => {
+            warn!(%request_id, %error, "forwarding task failed");
+            ProxyError::UpstreamConnect("internal error while forwarding".into())
+                .into_response(&request_id)
+        }
+    }
+}
+
+/// Reads a tag-bearing body under `max_body_bytes` and `body_read_timeout_ms`.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limits: &LimitsConfig,
+) -> Result<Bytes, ProxyError> {
+    let limit = limits.max_body_bytes;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout(
+            limits.body_read_timeout.as_millis(),
+        )),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(error)) => Err(ProxyError::Unreadable(format!(
+            "the request body could not be read: {}",
+            error_chain(error.as_ref())
+        ))),
+        Ok(Ok(collected)) if collected.trailers().is_some() => {
+            Err(ProxyError::Unreadable(Unreadable::Trailers.to_string()))
+        }
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Forwards an allowed tag change, records its outcome, and relays KMS's answer.
+async fn forward_inspected(
+    shared: Arc<Shared>,
+    parts: Parts,
+    body: Bytes,
+    request_id: String,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let request = Request::from_parts(parts, Either::Right(Full::new(body)));
+    let upstream = &shared.upstream;
+    let result = match upstream.send(request).await {
+        Ok(response) => read_response(response, upstream.timeout()).await,
+        Err(error) => Err(error),
+    };
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (response, outcome) = match result {
+        Ok((parts, body)) => {
+            let aws_error =
+                (parts.status.as_u16() >= 400).then(|| aws_error_type(&parts.headers, &body));
+            let aws_request_id = parts
+                .headers
+                .get("x-amzn-requestid")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let status = parts.status.as_u16();
+            (
+                Response::from_parts(parts, Either::Right(Full::new(body))),
+                (Some(status), aws_request_id, aws_error.flatten(), None),
+            )
+        }
+        Err(error) => {
+            warn!(%request_id, %error, "forwarding a tag change failed");
+            let (_, error_type, _) = error.shape();
+            let message = error.to_string();
+            (
+                error.into_response(&request_id),
+                (None, None, Some(error_type.to_owned()), Some(message)),
+            )
+        }
+    };
+    let (upstream_status, aws_request_id, aws_error, error) = outcome;
+    let record = OutcomeRecord {
+        ts: timestamp(),
+        event: "outcome",
+        request_id: &request_id,
+        upstream_status,
+        aws_request_id: aws_request_id.as_deref(),
+        aws_error: aws_error.as_deref(),
+        duration_ms: (duration_ms * 1000.0).round() / 1000.0,
+        error: error.as_deref(),
+    };
+    if let Err(error) = shared.audit.write(&record).await {
+        warn!(%request_id, %error, "outcome record not written");
+    }
+    response
+}
+
+/// Reads KMS's answer to a tag-bearing request whole, so its outcome can be recorded.
+async fn read_response(
+    response: Response<Incoming>,
+    timeout: Duration,
+) -> Result<(http::response::Parts, Bytes), ProxyError> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let limited = Limited::new(body, MAX_INSPECTED_RESPONSE_BYTES);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
+        Ok(Err(error)) => Err(ProxyError::UpstreamConnect(format!(
+            "the answer from KMS broke off: {}",
+            error_chain(error.as_ref())
+        ))),
+        Ok(Ok(collected)) => Ok((parts, collected.to_bytes())),
+    }
+}
+
+/// The error type of a KMS error answer: the body's `__type` (or `code`), else the
+/// `x-amzn-ErrorType` header, without namespace or URI.
+fn aws_error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let from_body = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("__type")
+                .or_else(|| v.get("code"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned)
+        });
+    let raw = from_body.or_else(|| {
+        headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })?;
+    let before_colon = raw.split(':').next().unwrap_or(&raw);
+    Some(
+        before_colon
+            .rsplit('#')
+            .next()
+            .unwrap_or(before_colon)
+            .to_owned(),
+    )
+}
+
+/// Records a refusal as a `deny` decision, then answers it. With `fail_closed`, a refusal whose
+/// record cannot be written is answered 503 like any other tag-bearing request.
+async fn refuse(
+    shared: &Shared,
+    request_id: &str,
+    operation: &str,
+    peer: SocketAddr,
+    (judgement, error): (Judgement, ProxyError),
+) -> Response<ProxyBody> {
+    let record = DecisionRecord::new(request_id, operation, Some(peer), &judgement);
+    if let Err(audit_error) = shared.audit.write(&record).await {
+        warn!(%request_id, error = %audit_error, "audit record not written");
+        if shared.audit.fail_closed {
+            return ProxyError::AuditUnavailable.into_response(request_id);
+        }
+    }
+    info!(%request_id, operation, %error, "request refused");
+    error.into_response(request_id)
+}
+
+impl From<Unreadable> for (Judgement, ProxyError) {
+    fn from(reason: Unreadable) -> Self {
+        (
+            Judgement::unreadable(&reason),
+            ProxyError::Unreadable(reason.to_string()),
+        )
+    }
+}
+
+/// The X-Amz-Target of a refused request, for its audit record.
+fn target_text(headers: &HeaderMap) -> String {
+    let mut values = headers.get_all("x-amz-target").iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let text = String::from_utf8_lossy(v.as_bytes());
+            text.chars().take(128).collect()
+        }
+        (Some(_), Some(_)) => "(repeated X-Amz-Target)".into(),
+        (None, _) => "(no X-Amz-Target)".into(),
+    }
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_error_types_are_sanitised() {
+        let h = HeaderMap::new();
+        assert_eq!(
+            aws_error_type(
+                &h,
+                br#"{"__type":"com.amazon#NotFoundException:http://x","message":"m"}"#
+            ),
+            Some("NotFoundException".into())
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-amzn-errortype", "TagException".parse().unwrap());
+        assert_eq!(aws_error_type(&h, b"<html>"), Some("TagException".into()));
+        assert_eq!(aws_error_type(&HeaderMap::new(), b""), None);
+    }
+}

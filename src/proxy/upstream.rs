@@ -1,0 +1,222 @@
+//! The connection to KMS: where a request goes, a pooled client over rustls, and timeouts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use super::error::ProxyError;
+use super::ProxyBody;
+use crate::config::UpstreamConfig;
+use crate::glob::HostGlob;
+
+/// How long an idle pooled connection to KMS is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("cannot read the extra CA file {path}: {detail}; give a PEM file of CA certificates")]
+    CaFile { path: String, detail: String },
+    #[error("no trusted root certificates: the system store is empty and no [upstream].ca_file is set; install ca-certificates or set ca_file")]
+    NoRoots,
+    #[error("cannot set up TLS to KMS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    endpoint: Option<(Scheme, Authority)>,
+    allowed_hosts: Vec<HostGlob>,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(config)?)
+        .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        let endpoint = config.endpoint.as_ref().map(|uri| {
+            (
+                uri.scheme()
+                    .cloned()
+                    .expect("validated endpoint has a scheme"),
+                uri.authority()
+                    .cloned()
+                    .expect("validated endpoint has a host"),
+            )
+        });
+        Ok(Upstream {
+            client,
+            endpoint,
+            allowed_hosts: config.allowed_hosts.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The upstream URI for a request addressed to `host`: the fixed endpoint, or
+    /// `https://<host>:443` when the host is an allowed KMS name.
+    pub fn target(&self, host: &str, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let (scheme, authority) = match &self.endpoint {
+            Some((scheme, authority)) => (scheme.clone(), authority.clone()),
+            None => {
+                let name = host_name(host);
+                if !self.allowed_hosts.iter().any(|g| g.matches(name)) {
+                    return Err(ProxyError::HostNotAllowed(host.to_owned()));
+                }
+                let authority = Authority::try_from(format!("{name}:443"))
+                    .map_err(|_| ProxyError::HostNotAllowed(host.to_owned()))?;
+                (Scheme::HTTPS, authority)
+            }
+        };
+        let path = path.map_or("/", PathAndQuery::as_str);
+        Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::Unreadable(format!("request target: {e}")))
+    }
+
+    /// Sends a request and waits at most `timeout_ms` for the response head.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_millis())),
+            Ok(Err(e)) => Err(ProxyError::UpstreamConnect(error_chain(&e))),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// The host name of a `host[:port]` authority, IPv6 brackets kept.
+fn host_name(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+fn root_store(config: &UpstreamConfig) -> Result<RootCertStore, UpstreamSetupError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "skipping an unreadable system root certificate");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, ignored, "system root certificates");
+    if let Some(path) = &config.ca_file {
+        let ca_error = |detail: String| UpstreamSetupError::CaFile {
+            path: path.display().to_string(),
+            detail,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_error(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_error("it holds no certificate".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(UpstreamSetupError::NoRoots);
+    }
+    Ok(roots)
+}
+
+/// An error and its causes on one line: hyper's top-level messages alone ("client error
+/// (Connect)") do not tell an operator what to fix.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_drop_the_port() {
+        assert_eq!(
+            host_name("kms.us-east-1.amazonaws.com"),
+            "kms.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            host_name("kms.us-east-1.amazonaws.com:443"),
+            "kms.us-east-1.amazonaws.com"
+        );
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+    }
+
+    #[tokio::test]
+    async fn targets_follow_the_endpoint_or_the_allowed_host() {
+        let config = crate::Config::parse("", crate::config::ConfigSource::BuiltIn).unwrap();
+        let upstream = Upstream::new(&config.upstream).unwrap();
+        let path: PathAndQuery = "/".parse().unwrap();
+        assert_eq!(
+            upstream
+                .target("kms.eu-west-1.amazonaws.com", Some(&path))
+                .unwrap(),
+            "https://kms.eu-west-1.amazonaws.com:443/"
+        );
+        assert_eq!(
+            upstream.target("evil.example.com", Some(&path)),
+            Err(ProxyError::HostNotAllowed("evil.example.com".into()))
+        );
+        let config = crate::Config::parse(
+            "[upstream]\nendpoint = \"http://127.0.0.1:4566\"",
+            crate::config::ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        let upstream = Upstream::new(&config.upstream).unwrap();
+        assert_eq!(
+            upstream.target("anything:1", Some(&path)).unwrap(),
+            "http://127.0.0.1:4566/"
+        );
+    }
+}
