@@ -1,0 +1,483 @@
+//! The real aws-sdk-kms client through the proxy to a fake KMS that verifies every signature.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::operation::RequestId;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, Tag};
+use common::*;
+use serde_json::Value;
+
+/// Tags a request sets, and the rules its denial must name.
+type DenialCase<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+
+const KEY: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
+const KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder()
+        .tag_key(key)
+        .tag_value(value)
+        .build()
+        .unwrap()
+}
+
+fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
+    pairs.iter().map(|(k, v)| tag(k, v)).collect()
+}
+
+/// Every request the fake received verified against the test credentials.
+fn assert_all_verified(fake: &FakeKms) -> Vec<Recorded> {
+    let requests = fake.requests();
+    for r in &requests {
+        r.verified();
+    }
+    requests
+}
+
+/// A denial as the SDK sees it: a modeled TagException naming the rules.
+fn assert_tag_exception<E, R>(
+    result: Result<R, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+    rules: &[&str],
+) where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let error = result.expect_err("the proxy must deny");
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(400), "{}", error_chain(&error));
+    assert_eq!(
+        error.code(),
+        Some("TagException"),
+        "{}",
+        error_chain(&error)
+    );
+    let message = error.message().unwrap_or_default().to_owned();
+    for rule in rules {
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{rule} not in {message}"
+        );
+    }
+}
+
+fn decision_records(audit: &[Value]) -> Vec<&Value> {
+    audit.iter().filter(|r| r["event"] == "decision").collect()
+}
+
+fn violated_rules(record: &Value, field: &str) -> Vec<String> {
+    let mut rules: Vec<String> = record[field]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["rule"].as_str().unwrap().to_owned())
+        .collect();
+    rules.sort();
+    rules.dedup();
+    rules
+}
+
+#[tokio::test]
+async fn pass_through_operations_arrive_signed_and_unaudited() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let kms = kms_client(&proxy.url());
+
+    let encrypted = kms
+        .encrypt()
+        .key_id(KEY)
+        .plaintext(Blob::new(b"secret".to_vec()))
+        .send()
+        .await
+        .expect("Encrypt");
+    let decrypted = kms
+        .decrypt()
+        .ciphertext_blob(encrypted.ciphertext_blob().unwrap().clone())
+        .send()
+        .await
+        .expect("Decrypt");
+    assert_eq!(decrypted.plaintext().unwrap().as_ref(), b"secret");
+    kms.generate_data_key()
+        .key_id(KEY)
+        .key_spec(DataKeySpec::Aes256)
+        .send()
+        .await
+        .expect("GenerateDataKey");
+    let keys = kms.list_keys().send().await.expect("ListKeys");
+    assert_eq!(keys.keys().len(), 1);
+
+    let requests = assert_all_verified(&fake);
+    let ops: Vec<_> = requests
+        .iter()
+        .map(|r| r.operation().unwrap().to_owned())
+        .collect();
+    assert_eq!(ops, ["Encrypt", "Decrypt", "GenerateDataKey", "ListKeys"]);
+    // The signed Host is the proxy's address, forwarded unchanged.
+    assert_eq!(
+        requests[0].header("host"),
+        Some(proxy.addr.to_string().as_str())
+    );
+    assert!(
+        proxy.audit().is_empty(),
+        "pass-through traffic is not audited"
+    );
+}
+
+#[tokio::test]
+async fn allowed_tag_changes_are_forwarded_and_audited() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let kms = kms_client(&proxy.url());
+
+    let tagged = kms
+        .tag_resource()
+        .key_id(KEY_ARN)
+        .set_tags(Some(tags(&[
+            ("team:app", "ledger"),
+            ("cost:center", "4711"),
+            ("app:tier", "gold"),
+        ])))
+        .send()
+        .await
+        .expect("TagResource allowed");
+    let untagged = kms
+        .untag_resource()
+        .key_id(KEY)
+        .tag_keys("team:app")
+        .send()
+        .await
+        .expect("UntagResource allowed");
+    let created = kms
+        .create_key()
+        .description("ledger key")
+        .set_tags(Some(tags(&[("team:owner", "payments")])))
+        .send()
+        .await
+        .expect("CreateKey allowed");
+    let replicated = kms
+        .replicate_key()
+        .key_id("mrk-1234abcd12ab34cd56ef1234567890ab")
+        .replica_region("eu-west-1")
+        .set_tags(Some(tags(&[("team:owner", "payments")])))
+        .send()
+        .await
+        .expect("ReplicateKey allowed");
+
+    let requests = assert_all_verified(&fake);
+    let ops: Vec<_> = requests
+        .iter()
+        .map(|r| r.operation().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ops,
+        ["TagResource", "UntagResource", "CreateKey", "ReplicateKey"]
+    );
+    assert_eq!(requests[0].json()["Tags"][1]["TagValue"], "4711");
+
+    let audit = proxy.wait_for_audit(8).await;
+    assert_eq!(audit.len(), 8, "{audit:#?}");
+    let sdk_request_ids = [
+        tagged.request_id(),
+        untagged.request_id(),
+        created.request_id(),
+        replicated.request_id(),
+    ];
+    for (pair, aws_request_id) in audit.chunks(2).zip(sdk_request_ids) {
+        let (decision, outcome) = (&pair[0], &pair[1]);
+        assert_eq!(decision["event"], "decision");
+        assert_eq!(decision["decision"], "allow");
+        assert_eq!(decision["access_key_id"], ACCESS_KEY_ID);
+        assert_eq!(decision["region"], REGION);
+        assert!(decision["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"));
+        assert_eq!(outcome["event"], "outcome");
+        assert_eq!(outcome["request_id"], decision["request_id"]);
+        assert_eq!(outcome["upstream_status"], 200);
+        assert_eq!(outcome["aws_error"], Value::Null);
+        assert_eq!(outcome["aws_request_id"].as_str(), aws_request_id);
+        assert!(outcome["duration_ms"].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!(audit[0]["key_id"], KEY_ARN);
+    assert_eq!(
+        audit[0]["set"],
+        serde_json::json!([
+            {"key": "team:app", "value": "ledger"},
+            {"key": "cost:center", "value": "4711"},
+            {"key": "app:tier", "value": "gold"}
+        ])
+    );
+    assert_eq!(audit[2]["remove"], serde_json::json!(["team:app"]));
+    assert_eq!(audit[4]["operation"], "CreateKey");
+    assert_eq!(audit[4]["key_id"], Value::Null);
+}
+
+#[tokio::test]
+async fn policy_violations_are_modeled_tag_exceptions_and_never_reach_kms() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let kms = kms_client(&proxy.url());
+
+    let tag_cases: &[DenialCase] = &[
+        (&[("Project", "apollo")], &["abac-keys", "org-prefix"]),
+        (&[("project", "apollo")], &["abac-keys", "org-prefix"]),
+        (&[("PROJECT", "apollo")], &["abac-keys", "org-prefix"]),
+        (&[("abac:team", "x")], &["abac-keys", "org-prefix"]),
+        (&[("owner", "x")], &["org-prefix"]),
+        (&[("cost:center", "12a")], &["cost-center"]),
+        (&[("app:tier", "bronze")], &["tier"]),
+        (
+            &[
+                ("team:1", "a"),
+                ("team:2", "a"),
+                ("team:3", "a"),
+                ("team:4", "a"),
+                ("team:5", "a"),
+                ("team:6", "a"),
+            ],
+            &["max-tags"],
+        ),
+        // One allowed and one forbidden tag: the whole request is denied.
+        (
+            &[("team:app", "ledger"), ("Environment", "prod")],
+            &["abac-keys", "org-prefix"],
+        ),
+    ];
+    for (pairs, rules) in tag_cases {
+        let result = kms
+            .tag_resource()
+            .key_id(KEY)
+            .set_tags(Some(tags(pairs)))
+            .send()
+            .await;
+        if let Err(SdkError::ServiceError(e)) = &result {
+            assert!(e.err().is_tag_exception(), "{pairs:?}: {:?}", e.err());
+        }
+        assert_tag_exception(result, rules);
+    }
+
+    let untag_cases: &[(&str, &[&str])] = &[
+        ("Environment", &["abac-keys"]),
+        ("abac-role", &["abac-keys"]),
+        ("team:owner", &["owner-on-create"]),
+    ];
+    for (key, rules) in untag_cases {
+        let result = kms.untag_resource().key_id(KEY).tag_keys(*key).send().await;
+        if let Err(SdkError::ServiceError(e)) = &result {
+            assert!(e.err().is_tag_exception(), "{key}");
+        }
+        assert_tag_exception(result, rules);
+    }
+
+    let result = kms
+        .create_key()
+        .set_tags(Some(tags(&[("team:app", "x")])))
+        .send()
+        .await;
+    if let Err(SdkError::ServiceError(e)) = &result {
+        assert!(e.err().is_tag_exception());
+    }
+    assert_tag_exception(result, &["owner-on-create"]);
+    let result = kms.create_key().description("no tags").send().await;
+    assert_tag_exception(result, &["owner-on-create"]);
+    let result = kms
+        .create_key()
+        .set_tags(Some(tags(&[("team:owner", "x"), ("Project", "y")])))
+        .send()
+        .await;
+    assert_tag_exception(result, &["abac-keys", "org-prefix"]);
+    let result = kms
+        .replicate_key()
+        .key_id("mrk-1")
+        .replica_region("eu-west-1")
+        .set_tags(Some(tags(&[("team:owner", "x"), ("environment", "prod")])))
+        .send()
+        .await;
+    if let Err(SdkError::ServiceError(e)) = &result {
+        assert!(e.err().is_tag_exception());
+    }
+    assert_tag_exception(result, &["abac-keys", "org-prefix"]);
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.count(), 0, "a denied request reached KMS");
+
+    let audit = proxy.audit();
+    let decisions = decision_records(&audit);
+    assert_eq!(
+        decisions.len(),
+        audit.len(),
+        "denials have no outcome records"
+    );
+    assert_eq!(decisions.len(), tag_cases.len() + untag_cases.len() + 4);
+    for record in &decisions {
+        assert_eq!(record["decision"], "deny");
+    }
+    assert_eq!(
+        violated_rules(decisions[1], "violations"),
+        ["abac-keys", "org-prefix"]
+    );
+    let project = decisions[1]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["rule"] == "abac-keys")
+        .unwrap();
+    assert_eq!(project["key"], "project");
+
+    // The proxy still forwards what the policy allows.
+    kms.tag_resource()
+        .key_id(KEY)
+        .tags(tag("team:app", "ledger"))
+        .send()
+        .await
+        .expect("allowed after denials");
+    assert_eq!(assert_all_verified(&fake).len(), 1);
+}
+
+#[tokio::test]
+async fn dry_run_forwards_and_records_violations() {
+    let fake = FakeKms::start().await;
+    let policy = TEST_POLICY.replace("[policy]\n", "[policy]\nmode = \"dry-run\"\n");
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            policy,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let kms = kms_client(&proxy.url());
+    kms.tag_resource()
+        .key_id(KEY)
+        .tags(tag("Project", "apollo"))
+        .send()
+        .await
+        .expect("dry-run forwards");
+    assert_eq!(assert_all_verified(&fake).len(), 1);
+    let audit = proxy.wait_for_audit(2).await;
+    assert_eq!(audit[0]["decision"], "allow");
+    assert_eq!(
+        violated_rules(&audit[0], "violations"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        violated_rules(&audit[0], "dry_run_violations"),
+        ["abac-keys", "org-prefix"]
+    );
+    assert_eq!(audit[1]["upstream_status"], 200);
+}
+
+#[tokio::test]
+async fn a_rule_in_dry_run_records_while_the_others_enforce() {
+    let fake = FakeKms::start().await;
+    let policy = r#"
+[[policy.rule]]
+id = "abac-keys"
+type = "forbidden-key"
+keys = ["Project"]
+mode = "dry-run"
+
+[[policy.rule]]
+id = "org-prefix"
+type = "required-prefix"
+prefixes = ["team:"]
+"#;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            policy: policy.into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let kms = kms_client(&proxy.url());
+    // Only the dry-run rule is broken: forwarded, recorded.
+    kms.tag_resource()
+        .key_id(KEY)
+        .tags(tag("team:Project", "x"))
+        .send()
+        .await
+        .expect("no enforced rule broken");
+    let result = kms
+        .tag_resource()
+        .key_id(KEY)
+        .tags(tag("Project", "x"))
+        .send()
+        .await;
+    assert_tag_exception(result, &["org-prefix"]);
+    assert_eq!(assert_all_verified(&fake).len(), 1);
+    let audit = proxy.wait_for_audit(3).await;
+    let decisions = decision_records(&audit);
+    assert_eq!(decisions[1]["decision"], "deny");
+    assert_eq!(violated_rules(decisions[1], "violations"), ["org-prefix"]);
+    assert_eq!(
+        violated_rules(decisions[1], "dry_run_violations"),
+        ["abac-keys"]
+    );
+}
+
+#[tokio::test]
+async fn key_ids_and_exempt_principals_scope_rules() {
+    let fake = FakeKms::start().await;
+    let policy = r#"
+[[policy.rule]]
+id = "prod-abac"
+type = "forbidden-key"
+keys = ["Project"]
+key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+exempt_principals = ["AKIDGUARDEXEMPT001"]
+"#;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            policy: policy.into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let kms = kms_client(&proxy.url());
+    let in_scope = kms
+        .tag_resource()
+        .key_id("arn:aws:kms:us-east-1:111122223333:key/k1")
+        .tags(tag("Project", "x"))
+        .send()
+        .await;
+    assert_tag_exception(in_scope, &["prod-abac"]);
+    // A bare key id may belong to the account: the rule applies.
+    let bare = kms
+        .tag_resource()
+        .key_id(KEY)
+        .tags(tag("Project", "x"))
+        .send()
+        .await;
+    assert_tag_exception(bare, &["prod-abac"]);
+    assert_eq!(fake.count(), 0);
+
+    kms.tag_resource()
+        .key_id("arn:aws:kms:us-east-1:444455556666:key/k2")
+        .tags(tag("Project", "x"))
+        .send()
+        .await
+        .expect("another account's key is out of the rule's scope");
+    // CreateKey has no KeyId, so rules with key_ids do not apply to it.
+    kms.create_key()
+        .tags(tag("Project", "x"))
+        .send()
+        .await
+        .expect("CreateKey is out of a key_ids rule's scope");
+    let exempt = kms_client_with(&proxy.url(), EXEMPT_ACCESS_KEY_ID, EXEMPT_SECRET_KEY, 1);
+    exempt
+        .tag_resource()
+        .key_id("arn:aws:kms:us-east-1:111122223333:key/k1")
+        .tags(tag("Project", "x"))
+        .send()
+        .await
+        .expect("an exempt principal is allowed");
+    let requests = assert_all_verified(&fake);
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].verified().access_key_id, EXEMPT_ACCESS_KEY_ID);
+}
