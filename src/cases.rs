@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::config::Config;
 use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_tag_request_head, classify};
+use crate::kms::classify::{check_tag_request_head, classify, request_host};
 use crate::kms::operation::TARGET_PREFIX;
 use crate::kms::Route;
 use crate::policy::{Decision, UnknownOperations};
@@ -229,18 +229,26 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 pub fn decide(config: &Config, case: &Case) -> Decision {
     let root = Uri::from_static("/");
     let policy = &config.policy;
-    let operation = match classify(&case.headers) {
+    let route = match classify(&case.headers) {
         Err(reason) => return Judgement::unreadable(reason).decision,
-        Ok(Route::Pass(_)) => return Decision::default(),
-        Ok(Route::Unknown(target)) => {
-            return match policy.unknown_operations {
-                UnknownOperations::Forward => Decision::default(),
-                UnknownOperations::Reject => {
-                    Decision::unreadable(format!("X-Amz-Target {target:?} is not a KMS operation"))
-                }
-            }
+        Ok(route) => route,
+    };
+    if let Route::Unknown(target) = &route {
+        if policy.unknown_operations == UnknownOperations::Reject {
+            return Decision::unreadable(format!("X-Amz-Target {target:?} is not a KMS operation"));
         }
-        Ok(Route::Inspect(op)) => op,
+    }
+    match request_host(&root, &case.headers) {
+        Err(reason) => return Judgement::unreadable(reason).decision,
+        Ok(host) if !config.upstream.allows_host(host) => {
+            return Decision::unreadable(format!(
+                "the Host {host:?} is not a KMS endpoint this proxy forwards to"
+            ))
+        }
+        Ok(_) => {}
+    }
+    let Route::Inspect(operation) = route else {
+        return Decision::default();
     };
     if let Err(reason) = check_tag_request_head(operation, &Method::POST, &root, &case.headers) {
         return Judgement::unreadable(reason).decision;

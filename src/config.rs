@@ -88,6 +88,17 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
 }
 
+impl UpstreamConfig {
+    /// Whether a request addressed to `host` (`name[:port]`) may be forwarded: always with a fixed
+    /// `endpoint`, else only when the name matches `allowed_hosts`.
+    pub fn allows_host(&self, host: &str) -> bool {
+        self.endpoint.is_some() || {
+            let name = crate::glob::host_name(host);
+            self.allowed_hosts.iter().any(|g| g.matches(name))
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct InterceptConfig {
     pub ca: Option<TlsFiles>,

@@ -5,6 +5,14 @@
 //! `kms.evil.com.x.amazonaws.com`. Key globs (`key_ids`): `*` stands for any run of characters,
 //! ARNs being colon- and slash-separated. Both compare ignoring ASCII case.
 
+/// The host name of a `host[:port]` authority, IPv6 brackets kept.
+pub fn host_name(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
 /// A host-name glob; `*` matches one DNS label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostGlob {
@@ -116,6 +124,19 @@ fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_drop_the_port() {
+        assert_eq!(
+            host_name("kms.us-east-1.amazonaws.com"),
+            "kms.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            host_name("kms.us-east-1.amazonaws.com:443"),
+            "kms.us-east-1.amazonaws.com"
+        );
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+    }
 
     #[test]
     fn host_star_is_one_label() {

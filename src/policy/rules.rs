@@ -132,7 +132,8 @@ impl Rule {
                                 keys[i]
                             ),
                         ));
-                    } else if let Some(p) = patterns.iter().find(|p| p.is_match(key)) {
+                    } else if let Some(p) = patterns.iter().find(|p| matches_ignoring_case(p, key))
+                    {
                         out.push(violation(
                             key,
                             format!(
@@ -147,7 +148,7 @@ impl Rule {
                 for tag in &change.set {
                     let applies = match key {
                         KeyMatcher::Exact(k) => eq_ignore_case(k, &tag.key),
-                        KeyMatcher::Pattern(p) => p.is_match(&tag.key),
+                        KeyMatcher::Pattern(p) => matches_ignoring_case(p, &tag.key),
                     };
                     if !applies {
                         continue;
@@ -200,28 +201,36 @@ impl Rule {
     }
 }
 
+/// Whether a case-insensitive key regex matches `key`, also after folding it the way IAM compares
+/// tag keys: the regex engine's Unicode folding does not equate `ı` or `İ` with `i`, Java does.
+fn matches_ignoring_case(pattern: &Regex, key: &str) -> bool {
+    pattern.is_match(key) || (!key.is_ascii() && pattern.is_match(&fold(key)))
+}
+
 /// Whether a `key_ids` glob may name the key a request refers to.
 ///
-/// A bare key id (`1234abcd-…`, `mrk-…`) or an alias cannot be tied to an account or region, so
-/// an ARN glob applies to it whenever the glob's resource part (`key/…`, `alias/…`) matches: the
-/// rule errs on the side of applying.
+/// A bare key id (`1234abcd-…`, `mrk-…`) cannot be tied to an account or region, so an ARN glob
+/// applies to it whenever the glob's resource part (`key/…`) matches. An alias cannot be tied to a
+/// key at all, so every rule applies to it. Either way the rule errs on the side of applying.
 fn key_glob_may_match(glob: &KeyGlob, key_id: &str) -> bool {
     if glob.matches(key_id) {
         return true;
     }
-    if key_id.starts_with("arn:") {
+    let is_alias = key_id.starts_with("alias/") || key_id.contains(":alias/");
+    if is_alias {
+        return true;
+    }
+    if key_id
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("arn:"))
+    {
         return false;
     }
     let Some(resource_glob) = glob.as_str().strip_prefix("arn:") else {
         return false;
     };
     let resource_glob = resource_glob.rsplit(':').next().unwrap_or(resource_glob);
-    let resource = if key_id.starts_with("alias/") {
-        key_id.to_owned()
-    } else {
-        format!("key/{key_id}")
-    };
-    KeyGlob::new(resource_glob).is_ok_and(|g| g.matches(&resource))
+    KeyGlob::new(resource_glob).is_ok_and(|g| g.matches(&format!("key/{key_id}")))
 }
 
 fn quoted_list(items: &[String]) -> String {
@@ -248,7 +257,15 @@ mod tests {
             &account,
             "arn:aws:kms:us-east-1:999999999999:key/1"
         ));
-        assert!(!key_glob_may_match(&account, "alias/app"));
+        assert!(key_glob_may_match(&account, "alias/app"));
+        assert!(key_glob_may_match(
+            &account,
+            "arn:aws:kms:us-east-1:999999999999:alias/app"
+        ));
+        assert!(!key_glob_may_match(
+            &account,
+            "ARN:AWS:KMS:us-east-1:999999999999:key/1"
+        ));
         let one = KeyGlob::new("arn:aws:kms:us-east-1:111122223333:key/mrk-1").unwrap();
         assert!(key_glob_may_match(&one, "mrk-1"));
         assert!(!key_glob_may_match(&one, "mrk-2"));

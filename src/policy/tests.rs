@@ -240,7 +240,7 @@ fn unicode_case_variants_of_forbidden_keys_are_denied() {
 id = "abac"
 type = "forbidden-key"
 keys = ["Kind", "Status"]
-patterns = ["^secret"]
+patterns = ["^secret", "^iam[-:]"]
 "#,
     );
     for key in [
@@ -250,6 +250,14 @@ patterns = ["^secret"]
         "\u{17f}ecret-x",
         "SECRET",
     ] {
+        let d = p.evaluate(
+            &set(TagOperation::TagResource, &[(key, "x")]),
+            &Context::default(),
+        );
+        assert!(!d.allowed(), "{key}");
+    }
+    // The regex engine does not fold dotless or dotted i onto i; IAM (Java) does.
+    for key in ["\u{131}am:role", "\u{130}AM:role", "IAM-x"] {
         let d = p.evaluate(
             &set(TagOperation::TagResource, &[(key, "x")]),
             &Context::default(),

@@ -17,7 +17,6 @@ use rustls_pki_types::CertificateDer;
 use super::error::ProxyError;
 use super::ProxyBody;
 use crate::config::UpstreamConfig;
-use crate::glob::HostGlob;
 
 /// How long an idle pooled connection to KMS is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,8 +34,7 @@ pub enum UpstreamSetupError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     endpoint: Option<(Scheme, Authority)>,
-    allowed_hosts: Vec<HostGlob>,
-    timeout: Duration,
+    config: UpstreamConfig,
 }
 
 impl Upstream {
@@ -76,21 +74,20 @@ impl Upstream {
         Ok(Upstream {
             client,
             endpoint,
-            allowed_hosts: config.allowed_hosts.clone(),
-            timeout: config.timeout,
+            config: config.clone(),
         })
     }
 
     /// The upstream URI for a request addressed to `host`: the fixed endpoint, or
     /// `https://<host>:443` when the host is an allowed KMS name.
     pub fn target(&self, host: &str, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        if !self.config.allows_host(host) {
+            return Err(ProxyError::HostNotAllowed(host.to_owned()));
+        }
         let (scheme, authority) = match &self.endpoint {
             Some((scheme, authority)) => (scheme.clone(), authority.clone()),
             None => {
-                let name = host_name(host);
-                if !self.allowed_hosts.iter().any(|g| g.matches(name)) {
-                    return Err(ProxyError::HostNotAllowed(host.to_owned()));
-                }
+                let name = crate::glob::host_name(host);
                 let authority = Authority::try_from(format!("{name}:443"))
                     .map_err(|_| ProxyError::HostNotAllowed(host.to_owned()))?;
                 (Scheme::HTTPS, authority)
@@ -110,24 +107,17 @@ impl Upstream {
         &self,
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_millis())),
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
             Ok(Err(e)) => Err(ProxyError::UpstreamConnect(error_chain(&e))),
             Ok(Ok(response)) => Ok(response),
         }
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.config.timeout
     }
-}
-
-/// The host name of a `host[:port]` authority, IPv6 brackets kept.
-fn host_name(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.split_inclusive(']').next().unwrap_or(authority);
-    }
-    authority.split(':').next().unwrap_or(authority)
 }
 
 fn root_store(config: &UpstreamConfig) -> Result<RootCertStore, UpstreamSetupError> {
@@ -179,19 +169,6 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_names_drop_the_port() {
-        assert_eq!(
-            host_name("kms.us-east-1.amazonaws.com"),
-            "kms.us-east-1.amazonaws.com"
-        );
-        assert_eq!(
-            host_name("kms.us-east-1.amazonaws.com:443"),
-            "kms.us-east-1.amazonaws.com"
-        );
-        assert_eq!(host_name("[::1]:8080"), "[::1]");
-    }
 
     #[tokio::test]
     async fn targets_follow_the_endpoint_or_the_allowed_host() {

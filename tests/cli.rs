@@ -1,0 +1,575 @@
+//! The `kms-tag-guard` command line, run as a real process: exit codes and what it prints.
+//!
+//! Shipped files checked here: `config/kms-tag-guard.toml`, every `config/examples/*.toml`, and
+//! every `policy-tests/*.toml`. A case file runs against the config of the same stem in
+//! `config/examples/`, except `policy-tests/default.toml`, which runs against the default config.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Exit code for an invalid configuration or case file (EX_CONFIG).
+const EXIT_CONFIG: i32 = 78;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the binary to completion.
+fn run<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    bin()
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kms-tag-guard")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Both streams, for messages whose stream is not part of the contract.
+fn all_output(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    )
+}
+
+/// How many lines of a TOML file open a table of this array (`[[policy.rule]]`, `[[case]]`).
+fn count_tables(path: &Path, header: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .lines()
+        .filter(|l| l.trim() == header)
+        .count()
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every shipped configuration file.
+fn shipped_configs() -> Vec<PathBuf> {
+    let mut configs = vec![root().join("config/kms-tag-guard.toml")];
+    configs.extend(toml_files(&root().join("config/examples")));
+    configs
+}
+
+/// The config a shipped case file runs against.
+fn config_for(cases: &Path) -> PathBuf {
+    let stem = cases.file_stem().unwrap().to_str().unwrap();
+    let config = if stem == "default" {
+        root().join("config/kms-tag-guard.toml")
+    } else {
+        root().join("config/examples").join(format!("{stem}.toml"))
+    };
+    assert!(
+        config.is_file(),
+        "{} has no config: expected {}",
+        cases.display(),
+        config.display()
+    );
+    config
+}
+
+fn scratch(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const GOOD_CONFIG: &str = r#"
+[admin]
+address = ""
+
+[[policy.rule]]
+id = "abac-keys"
+type = "forbidden-key"
+keys = ["Project"]
+"#;
+
+// ------------------------------------------------------------------------------------ check
+
+#[test]
+fn check_accepts_every_shipped_config() {
+    let configs = shipped_configs();
+    assert!(configs.len() >= 2, "{configs:?}");
+    for config in configs {
+        let out = run([Path::new("check"), Path::new("--config"), &config]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            config.display(),
+            describe(&out)
+        );
+        let rules = count_tables(&config, "[[policy.rule]]");
+        assert_eq!(
+            stdout(&out).trim_end(),
+            format!("ok: {rules} rules"),
+            "{}",
+            config.display()
+        );
+    }
+}
+
+#[test]
+fn check_without_config_validates_the_built_in_one() {
+    let out = run(["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let rules = count_tables(&root().join("config/kms-tag-guard.toml"), "[[policy.rule]]");
+    assert_eq!(stdout(&out).trim_end(), format!("ok: {rules} rules"));
+}
+
+#[test]
+fn check_reports_every_mistake_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(
+        &dir,
+        "bad.toml",
+        r#"
+[listener]
+adress = "127.0.0.1:8080"
+
+[[policy.rule]]
+id = "abac-keys"
+type = "forbidden-key"
+keys = ["Project"]
+
+[[policy.rule]]
+id = "cost-center"
+type = "value-pattern"
+key = "cost:center"
+pattern = "^[0-9]{4"
+
+[[policy.rule]]
+id = "abac-keys"
+type = "required-key"
+keys = ["team:owner"]
+"#,
+    );
+    let out = run([Path::new("check"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    let text = all_output(&out);
+    assert!(!stdout(&out).contains("ok:"), "{}", describe(&out));
+    for expected in [
+        "listener.adress: unknown key",
+        "policy.rule[1].pattern: invalid regex",
+        "policy.rule[2].id: \"abac-keys\" is used by an earlier rule",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing\n{text}");
+    }
+    let error_lines = text
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("listener.") || l.starts_with("policy."))
+        .count();
+    assert_eq!(error_lines, 3, "exactly the three mistakes\n{text}");
+    assert!(
+        text.contains(&config.display().to_string()),
+        "names the file\n{text}"
+    );
+}
+
+#[test]
+fn check_of_a_missing_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let out = run([Path::new("check"), Path::new("--config"), &missing]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(all_output(&out).contains("nope.toml"), "{}", describe(&out));
+}
+
+#[test]
+fn check_reports_toml_syntax_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "syntax.toml", "[policy]\nmode = \n");
+    let out = run([Path::new("check"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(all_output(&out).contains("line 2"), "{}", describe(&out));
+}
+
+// ------------------------------------------------------------------------------------ serve
+
+#[test]
+fn serve_refuses_an_invalid_config_before_binding() {
+    // Hold the listener's port: if serve tried to bind before validating, it would fail with a
+    // bind error (not 78), or worse, run.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(
+        &dir,
+        "serve.toml",
+        &format!(
+            r#"
+[listener]
+address = "127.0.0.1:{port}"
+
+[admin]
+address = ""
+
+[policy]
+mode = "enforced"
+
+[[policy.rule]]
+id = "abac-keys"
+type = "forbidden-key"
+keys = ["Project"]
+"#
+        ),
+    );
+    let mut child = bin()
+        .args([Path::new("serve"), Path::new("--config"), &config])
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve kept running on an invalid config\n{}",
+                describe(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    let text = all_output(&out);
+    assert!(text.contains("policy.mode"), "{text}");
+    let lower = text.to_lowercase();
+    assert!(
+        !lower.contains("in use") && !lower.contains("bind"),
+        "serve tried to bind\n{text}"
+    );
+    drop(held);
+}
+
+#[test]
+fn serve_refuses_a_missing_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.toml");
+    let out = run([Path::new("serve"), Path::new("--config"), &missing]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+}
+
+// ------------------------------------------------------------------------------------- test
+
+fn assert_all_pass(out: &Output, cases: &Path) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}: {}",
+        cases.display(),
+        describe(out)
+    );
+    let text = stdout(out);
+    let n = count_tables(cases, "[[case]]");
+    assert!(n > 0, "{} has no cases", cases.display());
+    assert_eq!(
+        text.lines().last(),
+        Some(format!("{n} passed, 0 failed").as_str()),
+        "{}: {text}",
+        cases.display()
+    );
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn test_passes_on_every_shipped_case_file() {
+    let files = toml_files(&root().join("policy-tests"));
+    assert!(
+        files.iter().any(|f| f.ends_with("default.toml")),
+        "{files:?}"
+    );
+    let total: usize = files.iter().map(|f| count_tables(f, "[[case]]")).sum();
+    assert!(total >= 30, "only {total} shipped cases");
+    for cases in files {
+        let config = config_for(&cases);
+        let out = run([
+            Path::new("test"),
+            Path::new("--config"),
+            &config,
+            cases.as_path(),
+        ]);
+        assert_all_pass(&out, &cases);
+    }
+}
+
+#[test]
+fn default_cases_pass_against_the_built_in_config() {
+    let cases = root().join("policy-tests/default.toml");
+    let out = run([Path::new("test"), &cases]);
+    assert_all_pass(&out, &cases);
+}
+
+#[test]
+fn several_case_files_run_as_one_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = "[[case]]\nname = \"a\"\noperation = \"Encrypt\"\nbody = \"x\"\nexpect = \"allow\"\n";
+    let a = scratch(&dir, "a.toml", one);
+    let b = scratch(&dir, "b.toml", &one.replace("\"a\"", "\"b\""));
+    let config = scratch(&dir, "config.toml", GOOD_CONFIG);
+    let out = run([
+        Path::new("test"),
+        Path::new("--config"),
+        &config,
+        a.as_path(),
+        b.as_path(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out).lines().last(), Some("2 passed, 0 failed"));
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_line_naming_the_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "config.toml", GOOD_CONFIG);
+    let cases = scratch(
+        &dir,
+        "cases.toml",
+        r#"
+[[case]]
+name = "ABAC key in another case is denied"
+operation = "TagResource"
+body = '{"KeyId":"1234abcd-12ab-34cd-56ef-1234567890ab","Tags":[{"TagKey":"project","TagValue":"x"}]}'
+expect = "deny"
+rules = ["abac-keys"]
+
+[[case]]
+name = "an ordinary key wrongly expected to be denied"
+operation = "TagResource"
+body = '{"KeyId":"1234abcd-12ab-34cd-56ef-1234567890ab","Tags":[{"TagKey":"team","TagValue":"x"}]}'
+expect = "deny"
+
+[[case]]
+name = "pass-through"
+operation = "Encrypt"
+body = 'not json'
+expect = "allow"
+"#,
+    );
+    let out = run([
+        Path::new("test"),
+        Path::new("--config"),
+        &config,
+        cases.as_path(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    let fails: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{text}");
+    assert!(
+        fails[0].contains("an ordinary key wrongly expected to be denied"),
+        "{text}"
+    );
+    assert!(fails[0].contains("expected deny, got allow"), "{text}");
+    assert!(fails[0].contains("cases.toml"), "names the file: {text}");
+    assert_eq!(text.lines().last(), Some("2 passed, 1 failed"), "{text}");
+}
+
+#[test]
+fn wrong_rule_ids_fail_and_say_which_rules_were_violated() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "config.toml", GOOD_CONFIG);
+    let cases = scratch(
+        &dir,
+        "cases.toml",
+        r#"
+[[case]]
+name = "denied by a rule other than the one expected"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"PROJECT","TagValue":"x"}]}'
+expect = "deny"
+rules = ["org-prefix"]
+"#,
+    );
+    let out = run([
+        Path::new("test"),
+        Path::new("--config"),
+        &config,
+        cases.as_path(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    let fail = text.lines().find(|l| l.starts_with("FAIL")).unwrap_or("");
+    assert!(
+        fail.contains("denied by a rule other than the one expected"),
+        "{text}"
+    );
+    assert!(fail.contains("abac-keys"), "{text}");
+    assert_eq!(text.lines().last(), Some("0 passed, 1 failed"), "{text}");
+}
+
+#[test]
+fn a_malformed_case_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "config.toml", GOOD_CONFIG);
+    let good =
+        "[[case]]\nname = \"ok\"\noperation = \"Encrypt\"\nbody = \"x\"\nexpect = \"allow\"\n";
+    let malformed = [
+        (
+            "syntax.toml",
+            "[[case]]\nname = \"unterminated\n".to_owned(),
+        ),
+        (
+            "expect.toml",
+            good.replace("expect = \"allow\"", "expect = \"maybe\""),
+        ),
+        (
+            "unknown-key.toml",
+            good.replace(
+                "expect = \"allow\"",
+                "expect = \"allow\"\nexpected = \"allow\"",
+            ),
+        ),
+        ("no-body.toml", good.replace("body = \"x\"\n", "")),
+        (
+            "both-targets.toml",
+            good.replace("body =", "target = \"TrentService.Encrypt\"\nbody ="),
+        ),
+        (
+            "bad-hex.toml",
+            good.replace("body = \"x\"", "body_hex = \"zz\""),
+        ),
+        ("no-cases.toml", "# nothing here\n".to_owned()),
+        ("top-level.toml", format!("cases = 1\n{good}")),
+    ];
+    for (name, text) in malformed {
+        let ok = scratch(&dir, "ok.toml", good);
+        let bad = scratch(&dir, name, &text);
+        // A bad file fails the whole run, even next to a good one.
+        let out = run([
+            Path::new("test"),
+            Path::new("--config"),
+            &config,
+            ok.as_path(),
+            bad.as_path(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_CONFIG),
+            "{name}: {}",
+            describe(&out)
+        );
+        assert!(
+            all_output(&out).contains(name),
+            "{name}: {}",
+            describe(&out)
+        );
+        assert!(
+            !stdout(&out).contains("passed"),
+            "{name}: {}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn test_with_an_invalid_config_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(
+        &dir,
+        "config.toml",
+        "[[policy.rule]]\nid = \"x\"\ntype = \"forbidden-key\"\npatterns = [\"(\"]\n",
+    );
+    let cases = root().join("policy-tests/default.toml");
+    let out = run([
+        Path::new("test"),
+        Path::new("--config"),
+        &config,
+        cases.as_path(),
+    ]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(
+        all_output(&out).contains("policy.rule[0].patterns[0]: invalid regex"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn test_of_a_missing_case_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run([Path::new("test"), &dir.path().join("absent.toml")]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+}
+
+// ----------------------------------------------------------------------------- version, help
+
+#[test]
+fn version_and_help_exit_zero() {
+    let out = run(["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        describe(&out)
+    );
+
+    let out = run(["--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let help = stdout(&out);
+    for command in ["serve", "check", "test"] {
+        assert!(
+            help.contains(command),
+            "{command} missing from --help\n{help}"
+        );
+    }
+
+    for command in ["serve", "check", "test"] {
+        let out = run([command, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{command}: {}", describe(&out));
+        assert!(
+            stdout(&out).contains("--config"),
+            "{command}: {}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn usage_errors_do_not_exit_zero() {
+    for args in [&["frobnicate"][..], &["test"][..], &["check", "--nope"][..]] {
+        let out = run(args);
+        let code = out.status.code();
+        assert!(
+            code != Some(0) && code != Some(EXIT_CONFIG),
+            "{args:?}: {}",
+            describe(&out)
+        );
+    }
+}
