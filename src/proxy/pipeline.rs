@@ -43,6 +43,11 @@ pub(crate) async fn handle(
 ) -> Response<ProxyBody> {
     let route = match classify(request.headers()) {
         Ok(route) => route,
+        Err(reason) if names_a_pass_through_operation(request.headers()) => {
+            // Not a tag change: refused, but no audit record (the log is for tag changes).
+            info!(%reason, "ambiguous request refused");
+            return ProxyError::Unreadable(reason.to_string()).into_response(&new_request_id());
+        }
         Err(reason) => {
             let operation = target_text(request.headers());
             return refuse(&shared, &new_request_id(), &operation, peer, reason.into()).await;
@@ -341,6 +346,21 @@ impl From<Unreadable> for (Judgement, ProxyError) {
             Judgement::unreadable(&reason),
             ProxyError::Unreadable(reason.to_string()),
         )
+    }
+}
+
+/// Whether the request has exactly one X-Amz-Target and it names, exactly, an operation that
+/// changes no tags. Any other refused request may have been a tag change, and is audited.
+fn names_a_pass_through_operation(headers: &HeaderMap) -> bool {
+    let mut targets = headers.get_all("x-amz-target").iter();
+    match (targets.next(), targets.next()) {
+        (Some(target), None) => target
+            .to_str()
+            .ok()
+            .and_then(|t| t.strip_prefix(crate::kms::operation::TARGET_PREFIX))
+            .and_then(crate::kms::Operation::from_name)
+            .is_some_and(|op| op.tag_operation().is_none()),
+        _ => false,
     }
 }
 
