@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::config::{AuditConfig, AuditPath};
 use crate::inspect::Judgement;
 use crate::kms::Tag;
+use crate::metrics::Metrics;
 use crate::policy::Violation;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +29,10 @@ pub enum AuditError {
 
 pub struct AuditLog {
     sink: Mutex<Sink>,
+    path: AuditPath,
     fsync: bool,
     pub fail_closed: bool,
+    metrics: Arc<Metrics>,
 }
 
 enum Sink {
@@ -47,25 +50,28 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    pub fn open(config: &AuditConfig) -> Result<AuditLog, AuditError> {
-        let sink = match &config.path {
-            AuditPath::Stdout => Sink::Stdout,
-            AuditPath::File(path) => Sink::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| AuditError::Open {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-            ),
-        };
+    pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> Result<AuditLog, AuditError> {
         Ok(AuditLog {
-            sink: Mutex::new(sink),
+            sink: Mutex::new(open_sink(&config.path)?),
+            path: config.path.clone(),
             fsync: config.fsync,
             fail_closed: config.fail_closed,
+            metrics,
         })
+    }
+
+    /// Opens the audit file again, for log rotation (`mv` then SIGHUP): records written after
+    /// this go to a file at the configured path. If it cannot be opened, the old file stays in use.
+    pub fn reopen(&self) -> Result<(), AuditError> {
+        let sink = open_sink(&self.path)?;
+        *self.lock() = sink;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sink> {
+        self.sink
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes one record as one line. With `fsync`, the write happens on the blocking pool so a
@@ -73,21 +79,23 @@ impl AuditLog {
     pub async fn write(self: &Arc<Self>, record: &impl Serialize) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(record).expect("audit records serialise");
         line.push(b'\n');
-        if self.fsync {
+        let result = if self.fsync {
             let log = Arc::clone(self);
             tokio::task::spawn_blocking(move || log.write_line(&line))
                 .await
-                .map_err(|e| AuditError::Write(io::Error::other(e)))?
+                .map_err(|e| AuditError::Write(io::Error::other(e)))
+                .and_then(|written| written)
         } else {
             self.write_line(&line)
+        };
+        if result.is_err() {
+            self.metrics.audit_write_failure();
         }
+        result
     }
 
     fn write_line(&self, line: &[u8]) -> Result<(), AuditError> {
-        let mut sink = self
-            .sink
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sink = self.lock();
         let result =
             match &mut *sink {
                 Sink::Stdout => {
@@ -103,6 +111,21 @@ impl AuditLog {
                 }),
             };
         result.map_err(AuditError::Write)
+    }
+}
+
+fn open_sink(path: &AuditPath) -> Result<Sink, AuditError> {
+    match path {
+        AuditPath::Stdout => Ok(Sink::Stdout),
+        AuditPath::File(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Sink::File)
+            .map_err(|source| AuditError::Open {
+                path: path.display().to_string(),
+                source,
+            }),
     }
 }
 
@@ -186,11 +209,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let log = Arc::new(
-            AuditLog::open(&AuditConfig {
-                path: AuditPath::File(path.clone()),
-                fsync: true,
-                fail_closed: true,
-            })
+            AuditLog::open(
+                &AuditConfig {
+                    path: AuditPath::File(path.clone()),
+                    fsync: true,
+                    fail_closed: true,
+                },
+                Arc::default(),
+            )
             .unwrap(),
         );
         log.write(&serde_json::json!({"a": 1})).await.unwrap();
@@ -199,19 +225,25 @@ mod tests {
         assert_eq!(text, "{\"a\":1}\n{\"b\":\"x\\ny\"}\n");
 
         let full = Arc::new(
-            AuditLog::open(&AuditConfig {
-                path: AuditPath::File("/dev/full".into()),
-                fsync: false,
-                fail_closed: true,
-            })
+            AuditLog::open(
+                &AuditConfig {
+                    path: AuditPath::File("/dev/full".into()),
+                    fsync: false,
+                    fail_closed: true,
+                },
+                Arc::default(),
+            )
             .unwrap(),
         );
         assert!(full.write(&serde_json::json!({})).await.is_err());
-        assert!(AuditLog::open(&AuditConfig {
-            path: AuditPath::File(dir.path().join("missing/dir/audit.log")),
-            fsync: false,
-            fail_closed: true,
-        })
+        assert!(AuditLog::open(
+            &AuditConfig {
+                path: AuditPath::File(dir.path().join("missing/dir/audit.log")),
+                fsync: false,
+                fail_closed: true,
+            },
+            Arc::default()
+        )
         .is_err());
     }
 

@@ -43,6 +43,11 @@ impl fmt::Display for ConfigSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: ConfigSource,
+    /// SHA-256 (hex) of the configuration text: `kms_tag_guard_policy_info{sha256}`.
+    pub sha256: String,
+    /// Every section but `[policy]`, as written: a reload compares them to say what needs a
+    /// restart.
+    pub restart_sections: Table,
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
     pub upstream: UpstreamConfig,
@@ -208,9 +213,11 @@ impl Config {
             }
         };
         let mut root = Reader::new(&table, "");
-        let config = read_config(&mut root, &mut errors, source.clone());
+        let mut config = read_config(&mut root, &mut errors, source.clone(), sha256_hex(text));
         root.finish(&mut errors);
         if errors.0.is_empty() {
+            config.restart_sections = table;
+            config.restart_sections.remove("policy");
             Ok(config)
         } else {
             Err(errors.into_result(&source))
@@ -353,7 +360,19 @@ fn section<'t>(
         .unwrap_or_else(|| Reader::new(empty, key))
 }
 
-fn read_config(root: &mut Reader, errors: &mut Errors, source: ConfigSource) -> Config {
+/// The hex SHA-256 of a configuration text.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_config(
+    root: &mut Reader,
+    errors: &mut Errors,
+    source: ConfigSource,
+    sha256: String,
+) -> Config {
     static EMPTY: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
     let empty = EMPTY.get_or_init(Table::new);
 
@@ -423,6 +442,8 @@ fn read_config(root: &mut Reader, errors: &mut Errors, source: ConfigSource) -> 
 
     Config {
         source,
+        sha256,
+        restart_sections: Table::new(),
         listener,
         admin,
         upstream,

@@ -4,6 +4,7 @@
 //! that into a [`policy::Decision`] -> [`audit`] records it -> [`proxy`] answers or forwards the
 //! untouched bytes.
 
+pub mod admin;
 pub mod audit;
 pub mod cases;
 pub mod config;
@@ -11,8 +12,10 @@ pub mod fold;
 pub mod glob;
 pub mod inspect;
 pub mod kms;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 
 pub use config::Config;
 pub use proxy::{start, RunningProxy, StartError};

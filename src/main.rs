@@ -17,8 +17,18 @@ const EXIT_CONFIG: u8 = 78;
     about = "A policy-enforcing reverse proxy for the AWS KMS API"
 )]
 struct Cli {
+    /// Log format on standard error: "text" for terminals, "json" (one object per line) for log
+    /// pipelines. RUST_LOG filters (default "info").
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -46,7 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
         Command::Check { config } => match load(config.as_deref()) {
             Ok(config) => {
                 println!("ok: {} rules", config.policy.rules.len());
@@ -94,13 +104,13 @@ fn test(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn serve(path: Option<&Path>) -> ExitCode {
+fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
     // Validate before anything else: a bad config never binds a port.
     let config = match load(path) {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    init_logging();
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,6 +122,8 @@ fn serve(path: Option<&Path>) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
         let proxy = match kms_tag_guard::start(config).await {
             Ok(proxy) => proxy,
             Err(error) => {
@@ -119,7 +131,15 @@ fn serve(path: Option<&Path>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let signal = shutdown_signal().await;
+        let signal = loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reopening the audit log and reloading the policy");
+                    proxy.reload();
+                }
+                signal = shutdown_signal() => break signal,
+            }
+        };
         tracing::info!(signal, "shutting down; a second signal exits at once");
         tokio::spawn(async {
             let signal = shutdown_signal().await;
@@ -143,12 +163,16 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
 }

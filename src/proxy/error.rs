@@ -7,6 +7,7 @@ use http_body_util::{Either, Full};
 
 use super::ProxyBody;
 use crate::kms::classify::CONTENT_TYPE as AMZ_JSON;
+use crate::metrics::Outcome;
 
 /// Why the proxy answered a request itself instead of forwarding it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +71,16 @@ impl ProxyError {
                 "GatewayTimeout",
                 "upstream-timeout",
             ),
+        }
+    }
+
+    /// What the metrics call a request answered this way.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::AuditUnavailable
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTimeout(_) => Outcome::error,
+            _ => Outcome::deny,
         }
     }
 

@@ -21,7 +21,9 @@ use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
 use crate::config::LimitsConfig;
 use crate::inspect::{judge, Judgement};
 use crate::kms::classify::{check_tag_request_head, classify, request_host};
-use crate::kms::{Route, TagOperation, Unreadable};
+use crate::kms::operation::TARGET_PREFIX;
+use crate::kms::{Operation, Route, TagOperation, Unreadable};
+use crate::metrics::{Class, Metrics, Outcome, UpstreamErrorKind};
 use crate::policy::{Policy, UnknownOperations};
 
 /// The largest KMS answer to a tag-bearing request the proxy reads to record its outcome. KMS
@@ -34,42 +36,89 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub upstream: Upstream,
     pub limits: LimitsConfig,
+    pub metrics: Arc<Metrics>,
 }
+
+/// An answer, and what became of the request for the metrics.
+struct Handled {
+    response: Response<ProxyBody>,
+    operation: &'static str,
+    outcome: Outcome,
+}
+
+impl Handled {
+    fn error(error: ProxyError, operation: &'static str, request_id: &str) -> Handled {
+        Handled {
+            outcome: error.outcome(),
+            response: error.into_response(request_id),
+            operation,
+        }
+    }
+}
+
+/// The metrics label of a request whose operation is not (exactly) one of the model's.
+const UNKNOWN_OPERATION: &str = "unknown";
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    let route = match classify(request.headers()) {
-        Ok(route) => route,
-        Err(reason) if names_a_pass_through_operation(request.headers()) => {
-            // Not a tag change: refused, but no audit record (the log is for tag changes).
-            info!(%reason, "ambiguous request refused");
-            return ProxyError::Unreadable(reason.to_string()).into_response(&new_request_id());
-        }
-        Err(reason) => {
-            let operation = target_text(request.headers());
-            return refuse(&shared, &new_request_id(), &operation, peer, reason.into()).await;
-        }
+    let started = Instant::now();
+    let route = classify(request.headers());
+    let class = match route {
+        Ok(Route::Inspect(_)) => Class::inspect,
+        _ => Class::pass,
     };
-    match route {
-        Route::Pass(_) => pass_through(&shared, request).await,
-        Route::Unknown(target) => match shared.policy.load().unknown_operations {
-            UnknownOperations::Forward => pass_through(&shared, request).await,
-            UnknownOperations::Reject => {
-                ProxyError::UnknownOperation(target).into_response(&new_request_id())
+    let handled = match route {
+        Ok(Route::Pass(op)) => pass_through(&shared, request, op.name()).await,
+        Ok(Route::Unknown(target)) => match shared.policy.load().unknown_operations {
+            UnknownOperations::Forward => pass_through(&shared, request, UNKNOWN_OPERATION).await,
+            UnknownOperations::Reject => Handled::error(
+                ProxyError::UnknownOperation(target),
+                UNKNOWN_OPERATION,
+                &new_request_id(),
+            ),
+        },
+        Ok(Route::Inspect(operation)) => inspect(shared.clone(), request, operation, peer).await,
+        Err(reason) => match pass_through_operation(request.headers()) {
+            // Not a tag change: refused, but no audit record (the log is for tag changes).
+            Some(op) => {
+                info!(%reason, "ambiguous request refused");
+                let error = ProxyError::Unreadable(reason.to_string());
+                Handled::error(error, op.name(), &new_request_id())
+            }
+            None => {
+                let target = target_text(request.headers());
+                let request_id = new_request_id();
+                refuse(
+                    &shared,
+                    &request_id,
+                    &target,
+                    UNKNOWN_OPERATION,
+                    peer,
+                    reason.into(),
+                )
+                .await
             }
         },
-        Route::Inspect(operation) => inspect(shared, request, operation, peer).await,
-    }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    shared
+        .metrics
+        .request(handled.operation, handled.outcome, class, seconds);
+    handled.response
 }
 
 /// A non-tag-bearing request: streamed both ways, never buffered, never parsed.
-async fn pass_through(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
+async fn pass_through(
+    shared: &Shared,
+    request: Request<Incoming>,
+    operation: &'static str,
+) -> Handled {
     let (mut parts, body) = request.into_parts();
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
-        return error.into_response(&new_request_id());
+        return Handled::error(error, operation, &new_request_id());
     }
     match shared
         .upstream
@@ -79,12 +128,16 @@ async fn pass_through(shared: &Shared, request: Request<Incoming>) -> Response<P
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Either::Left(body))
+            Handled {
+                response: Response::from_parts(parts, Either::Left(body)),
+                operation,
+                outcome: Outcome::pass,
+            }
         }
         Err(error) => {
             let request_id = new_request_id();
             warn!(%request_id, %error, "forwarding failed");
-            error.into_response(&request_id)
+            Handled::error(error, operation, &request_id)
         }
     }
 }
@@ -116,7 +169,7 @@ async fn inspect(
     request: Request<Incoming>,
     operation: TagOperation,
     peer: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Handled {
     let started = Instant::now();
     let request_id = new_request_id();
     let op = operation.name();
@@ -127,17 +180,17 @@ async fn inspect(
     if let Err(reason) =
         check_tag_request_head(operation, &parts.method, &parts.uri, &parts.headers)
     {
-        return refuse(&shared, &request_id, op, peer, reason.into()).await;
+        return refuse(&shared, &request_id, op, op, peer, reason.into()).await;
     }
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
         let judgement = Judgement::unreadable(&error);
-        return refuse(&shared, &request_id, op, peer, (judgement, error)).await;
+        return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
     }
     let bytes = match read_body(&parts.headers, body, &shared.limits).await {
         Ok(bytes) => bytes,
         Err(error) => {
             let judgement = Judgement::unreadable(&error);
-            return refuse(&shared, &request_id, op, peer, (judgement, error)).await;
+            return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
         }
     };
 
@@ -153,7 +206,7 @@ async fn inspect(
     if let Err(error) = shared.audit.write(&record).await {
         warn!(%request_id, %error, "audit record not written");
         if shared.audit.fail_closed {
-            return ProxyError::AuditUnavailable.into_response(&request_id);
+            return Handled::error(ProxyError::AuditUnavailable, op, &request_id);
         }
     }
     if !judgement.decision.allowed() {
@@ -163,7 +216,7 @@ async fn inspect(
         } else {
             ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
         };
-        return error.into_response(&request_id);
+        return Handled::error(error, op, &request_id);
     }
 
     // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
@@ -176,11 +229,16 @@ async fn inspect(
         started,
     ));
     match forward.await {
-        Ok(response) => response,
+        Ok(Ok(response)) => Handled {
+            response,
+            operation: op,
+            outcome: Outcome::allow,
+        },
+        Ok(Err(error)) => Handled::error(error, op, &request_id),
         Err(error) => {
             warn!(%request_id, %error, "forwarding task failed");
-            ProxyError::UpstreamConnect("internal error while forwarding".into())
-                .into_response(&request_id)
+            let error = ProxyError::UpstreamConnect("internal error while forwarding".into());
+            Handled::error(error, op, &request_id)
         }
     }
 }
@@ -225,11 +283,17 @@ async fn forward_inspected(
     body: Bytes,
     request_id: String,
     started: Instant,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, ProxyError> {
     let request = Request::from_parts(parts, Either::Right(Full::new(body)));
     let upstream = &shared.upstream;
     let result = match upstream.send(request).await {
-        Ok(response) => read_response(response, upstream.timeout()).await,
+        Ok(response) => {
+            let answer = read_response(response, upstream.timeout()).await;
+            if answer.is_err() {
+                shared.metrics.upstream_error(UpstreamErrorKind::response);
+            }
+            answer
+        }
         Err(error) => Err(error),
     };
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -244,7 +308,7 @@ async fn forward_inspected(
                 .map(str::to_owned);
             let status = parts.status.as_u16();
             (
-                Response::from_parts(parts, Either::Right(Full::new(body))),
+                Ok(Response::from_parts(parts, Either::Right(Full::new(body)))),
                 (Some(status), aws_request_id, aws_error.flatten(), None),
             )
         }
@@ -253,7 +317,7 @@ async fn forward_inspected(
             let (_, error_type, _) = error.shape();
             let message = error.to_string();
             (
-                error.into_response(&request_id),
+                Err(error),
                 (None, None, Some(error_type.to_owned()), Some(message)),
             )
         }
@@ -325,19 +389,20 @@ fn aws_error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
 async fn refuse(
     shared: &Shared,
     request_id: &str,
-    operation: &str,
+    target: &str,
+    operation: &'static str,
     peer: SocketAddr,
     (judgement, error): (Judgement, ProxyError),
-) -> Response<ProxyBody> {
-    let record = DecisionRecord::new(request_id, operation, Some(peer), &judgement);
+) -> Handled {
+    let record = DecisionRecord::new(request_id, target, Some(peer), &judgement);
     if let Err(audit_error) = shared.audit.write(&record).await {
         warn!(%request_id, error = %audit_error, "audit record not written");
         if shared.audit.fail_closed {
-            return ProxyError::AuditUnavailable.into_response(request_id);
+            return Handled::error(ProxyError::AuditUnavailable, operation, request_id);
         }
     }
-    info!(%request_id, operation, %error, "request refused");
-    error.into_response(request_id)
+    info!(%request_id, operation = target, %error, "request refused");
+    Handled::error(error, operation, request_id)
 }
 
 impl From<Unreadable> for (Judgement, ProxyError) {
@@ -349,19 +414,20 @@ impl From<Unreadable> for (Judgement, ProxyError) {
     }
 }
 
-/// Whether the request has exactly one X-Amz-Target and it names, exactly, an operation that
-/// changes no tags. Any other refused request may have been a tag change, and is audited.
-fn names_a_pass_through_operation(headers: &HeaderMap) -> bool {
+/// The operation a refused request names, when it has exactly one X-Amz-Target and that names,
+/// exactly, an operation that changes no tags. Any other refused request may have been a tag
+/// change, and is audited.
+fn pass_through_operation(headers: &HeaderMap) -> Option<Operation> {
     let mut targets = headers.get_all("x-amz-target").iter();
-    match (targets.next(), targets.next()) {
-        (Some(target), None) => target
-            .to_str()
-            .ok()
-            .and_then(|t| t.strip_prefix(crate::kms::operation::TARGET_PREFIX))
-            .and_then(crate::kms::Operation::from_name)
-            .is_some_and(|op| op.tag_operation().is_none()),
-        _ => false,
-    }
+    let (Some(target), None) = (targets.next(), targets.next()) else {
+        return None;
+    };
+    target
+        .to_str()
+        .ok()
+        .and_then(|t| t.strip_prefix(TARGET_PREFIX))
+        .and_then(Operation::from_name)
+        .filter(|op| op.tag_operation().is_none())
 }
 
 /// The X-Amz-Target of a refused request, for its audit record.

@@ -17,6 +17,7 @@ use rustls_pki_types::CertificateDer;
 use super::error::ProxyError;
 use super::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 
 /// How long an idle pooled connection to KMS is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,12 +34,16 @@ pub enum UpstreamSetupError {
 
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    metrics: Arc<Metrics>,
     endpoint: Option<(Scheme, Authority)>,
     config: UpstreamConfig,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamSetupError> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -73,6 +78,7 @@ impl Upstream {
         });
         Ok(Upstream {
             client,
+            metrics,
             endpoint,
             config: config.clone(),
         })
@@ -109,8 +115,14 @@ impl Upstream {
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
-            Ok(Err(e)) => Err(ProxyError::UpstreamConnect(error_chain(&e))),
+            Err(_) => {
+                self.metrics.upstream_error(UpstreamErrorKind::timeout);
+                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
+            }
+            Ok(Err(e)) => {
+                self.metrics.upstream_error(UpstreamErrorKind::connect);
+                Err(ProxyError::UpstreamConnect(error_chain(&e)))
+            }
             Ok(Ok(response)) => Ok(response),
         }
     }
@@ -173,7 +185,7 @@ mod tests {
     #[tokio::test]
     async fn targets_follow_the_endpoint_or_the_allowed_host() {
         let config = crate::Config::parse("", crate::config::ConfigSource::BuiltIn).unwrap();
-        let upstream = Upstream::new(&config.upstream).unwrap();
+        let upstream = Upstream::new(&config.upstream, Arc::default()).unwrap();
         let path: PathAndQuery = "/".parse().unwrap();
         assert_eq!(
             upstream
@@ -190,7 +202,7 @@ mod tests {
             crate::config::ConfigSource::BuiltIn,
         )
         .unwrap();
-        let upstream = Upstream::new(&config.upstream).unwrap();
+        let upstream = Upstream::new(&config.upstream, Arc::default()).unwrap();
         assert_eq!(
             upstream.target("anything:1", Some(&path)).unwrap(),
             "http://127.0.0.1:4566/"

@@ -59,6 +59,10 @@ pub struct ProxyConfig {
     pub audit_path: Option<PathBuf>,
     /// `[policy]` and its rules.
     pub policy: String,
+    /// Serve the admin port (on an ephemeral port).
+    pub admin: bool,
+    /// Body of `[shutdown]`.
+    pub shutdown: String,
 }
 
 impl Default for ProxyConfig {
@@ -71,6 +75,8 @@ impl Default for ProxyConfig {
             audit: String::new(),
             audit_path: None,
             policy: TEST_POLICY.to_owned(),
+            admin: false,
+            shutdown: String::new(),
         }
     }
 }
@@ -78,6 +84,8 @@ impl Default for ProxyConfig {
 pub struct TestProxy {
     pub proxy: RunningProxy,
     pub addr: SocketAddr,
+    /// The admin port, when `ProxyConfig::admin` asked for one.
+    pub admin_addr: Option<SocketAddr>,
     pub audit_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -131,10 +139,12 @@ pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy 
         let url = config.endpoint.clone().unwrap_or_else(|| fake.url());
         format!("endpoint = \"{url}\"")
     };
+    let admin = if config.admin { "127.0.0.1:0" } else { "" };
     let text = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"\"\n\n\
-         [upstream]\n{endpoint}\n{}\n\n[limits]\n{}\n\n\
+        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"{admin}\"\n\n\
+         [shutdown]\n{}\n\n[upstream]\n{endpoint}\n{}\n\n[limits]\n{}\n\n\
          [audit]\npath = \"{}\"\n{}\n\n{}\n",
+        config.shutdown,
         config.upstream,
         config.limits,
         audit_path.display(),
@@ -145,9 +155,11 @@ pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy 
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
     let proxy = kms_tag_guard::start(parsed).await.expect("proxy starts");
     let addr = proxy.local_addr();
+    let admin_addr = proxy.admin_addr();
     TestProxy {
         proxy,
         addr,
+        admin_addr,
         audit_path,
         _dir: dir,
     }

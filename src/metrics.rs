@@ -1,0 +1,232 @@
+//! The proxy's Prometheus metrics (contract section 8), served on the admin port.
+//!
+//! Label values are bounded: operation names come from the KMS model (or `unknown`), never from
+//! the raw header, so a client cannot blow up the series count.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// What became of a request, as `kms_tag_guard_requests_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Passed through to KMS, which answered.
+    pass,
+    /// A tag change, allowed and forwarded; KMS answered.
+    allow,
+    /// Refused by the proxy: policy, unreadable request, foreign host, oversized body.
+    deny,
+    /// Not completed: upstream failure, or the audit log could not be written.
+    error,
+}
+
+/// Which path a request took, as `kms_tag_guard_request_duration_seconds` splits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Class {
+    pass,
+    inspect,
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpstreamErrorKind {
+    /// Connecting, TLS or DNS failed, or the connection broke before an answer.
+    connect,
+    /// No answer head within `timeout_ms`.
+    timeout,
+    /// The answer broke off mid-body.
+    response,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    success,
+    error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    operation: &'static str,
+    decision: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClassLabels {
+    class: Class,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: UpstreamErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: ReloadResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyLabels {
+    sha256: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<ClassLabels, Histogram>,
+    upstream_errors: Family<KindLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    audit_write_failures: Counter,
+    policy_info: Family<PolicyLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_requests",
+            "Requests by KMS operation and what became of them",
+            requests.clone(),
+        );
+        // 100 µs .. ~13 s: the pass path costs well under a millisecond, KMS answers in tens.
+        let durations = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.5, 14))
+        });
+        registry.register_with_unit(
+            "kms_tag_guard_request_duration",
+            "Time from a request's arrival to the head of its answer",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_upstream_errors",
+            "Failed exchanges with KMS by kind",
+            upstream_errors.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_policy_reloads",
+            "Policy reloads by result",
+            reloads.clone(),
+        );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "kms_tag_guard_audit_write_failures",
+            "Audit records that could not be written",
+            audit_write_failures.clone(),
+        );
+        let policy_info = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "kms_tag_guard_policy_info",
+            "The policy in force: sha256 of the configuration file it was loaded from",
+            policy_info.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            durations,
+            upstream_errors,
+            reloads,
+            audit_write_failures,
+            policy_info,
+        }
+    }
+
+    pub fn request(&self, operation: &'static str, decision: Outcome, class: Class, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                operation,
+                decision,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&ClassLabels { class })
+            .observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn audit_write_failure(&self) {
+        self.audit_write_failures.inc();
+    }
+
+    /// Marks `sha256` as the policy in force, and only it.
+    pub fn policy_in_force(&self, sha256: &str) {
+        self.policy_info.clear();
+        self.policy_info
+            .get_or_create(&PolicyLabels {
+                sha256: sha256.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// The content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_contract_names() {
+        let m = Metrics::new();
+        m.request("Encrypt", Outcome::pass, Class::pass, 0.001);
+        m.request("TagResource", Outcome::deny, Class::inspect, 0.002);
+        m.upstream_error(UpstreamErrorKind::timeout);
+        m.reload(ReloadResult::error);
+        m.audit_write_failure();
+        m.policy_in_force("abc");
+        m.policy_in_force("def");
+        let text = m.encode();
+        for line in [
+            "kms_tag_guard_requests_total{operation=\"Encrypt\",decision=\"pass\"} 1",
+            "kms_tag_guard_requests_total{operation=\"TagResource\",decision=\"deny\"} 1",
+            "kms_tag_guard_request_duration_seconds_count{class=\"inspect\"} 1",
+            "kms_tag_guard_upstream_errors_total{kind=\"timeout\"} 1",
+            "kms_tag_guard_policy_reloads_total{result=\"error\"} 1",
+            "kms_tag_guard_audit_write_failures_total 1",
+            "kms_tag_guard_policy_info{sha256=\"def\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(!text.contains("sha256=\"abc\""));
+    }
+}

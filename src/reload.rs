@@ -1,0 +1,140 @@
+//! Live policy reload: a poll of the config file every 5 s (following symlinks, so a Kubernetes
+//! ConfigMap update that swaps the `..data` link is seen), and SIGHUP.
+//!
+//! Only `[policy]` reloads. A new file is validated whole before its policy replaces the one in
+//! force; an invalid one is logged and counted, and the last good policy stays. SIGHUP also
+//! reopens the audit file for log rotation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::config::{sha256_hex, Config, ConfigSource};
+use crate::metrics::ReloadResult;
+use crate::proxy::Shared;
+
+/// How often the config file is read for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+pub(crate) struct Reloader {
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    /// What the last read found: the file's hash, or why it could not be read. A poll acts only
+    /// when this changes, so a bad file is reported once, not every 5 s.
+    last_seen: String,
+    restart_sections: toml::Table,
+}
+
+impl Reloader {
+    pub(crate) fn new(shared: Arc<Shared>, config: &Config) -> Reloader {
+        Reloader {
+            shared,
+            path: match &config.source {
+                ConfigSource::File(path) => Some(path.clone()),
+                ConfigSource::BuiltIn => None,
+            },
+            last_seen: config.sha256.clone(),
+            restart_sections: config.restart_sections.clone(),
+        }
+    }
+
+    /// Runs until `stopped` fires: polls, and on `trigger` (SIGHUP) reopens the audit file and
+    /// reloads at once.
+    pub(crate) async fn run(mut self, trigger: Arc<Notify>, mut stopped: watch::Receiver<bool>) {
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                _ = poll.tick() => self.reload(false),
+                _ = trigger.notified() => {
+                    if let Err(error) = self.shared.audit.reopen() {
+                        error!(%error, "audit log not reopened; records still go to the old file");
+                    }
+                    self.reload(true);
+                }
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    /// Reads the config file; when it changed (or `forced`), validates it and swaps the policy.
+    pub(crate) fn reload(&mut self, forced: bool) {
+        let Some(path) = &self.path else {
+            if forced {
+                info!("running on the built-in configuration: there is no file to reload");
+            }
+            return;
+        };
+        let metrics = &self.shared.metrics;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let seen = format!("unreadable: {e}");
+                if forced || seen != self.last_seen {
+                    warn!(path = %path.display(), error = %e, "cannot read the config file; the policy in force stays");
+                    metrics.reload(ReloadResult::error);
+                    self.last_seen = seen;
+                }
+                return;
+            }
+        };
+        let sha256 = sha256_hex(&text);
+        if !forced && sha256 == self.last_seen {
+            return;
+        }
+        self.last_seen = sha256;
+        match Config::parse(&text, ConfigSource::File(path.clone())) {
+            Ok(config) => {
+                let changed: Vec<String> =
+                    changed_sections(&self.restart_sections, &config.restart_sections);
+                if !changed.is_empty() {
+                    warn!(
+                        sections = %changed.join(", "),
+                        "the config file changes sections that only take effect after a restart; the new [policy] is applied now"
+                    );
+                }
+                self.shared.policy.store(Arc::clone(&config.policy));
+                metrics.policy_in_force(&config.sha256);
+                metrics.reload(ReloadResult::success);
+                info!(rules = config.policy.rules.len(), sha256 = %config.sha256, "policy reloaded");
+            }
+            Err(errors) => {
+                metrics.reload(ReloadResult::error);
+                error!("policy not reloaded; the previous policy stays in force.\n{errors}");
+            }
+        }
+    }
+}
+
+/// The top-level sections that differ between two configurations, as `[name]`.
+fn changed_sections(old: &toml::Table, new: &toml::Table) -> Vec<String> {
+    let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|name| old.get(*name) != new.get(*name))
+        .map(|name| format!("[{name}]"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_the_sections_that_need_a_restart() {
+        let old: toml::Table = "[listener]\naddress = \"127.0.0.1:1\"\n[audit]\npath = \"-\"\n"
+            .parse()
+            .unwrap();
+        let new: toml::Table = "[listener]\naddress = \"127.0.0.1:2\"\n[audit]\npath = \"-\"\n[limits]\nmax_body_bytes = 5\n"
+            .parse()
+            .unwrap();
+        assert_eq!(changed_sections(&old, &new), ["[limits]", "[listener]"]);
+        assert!(changed_sections(&old, &old).is_empty());
+    }
+}
