@@ -1,5 +1,6 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
+mod connector;
 mod error;
 mod headers;
 mod pipeline;
@@ -28,9 +29,10 @@ pub use error::ProxyError;
 
 use crate::admin::{self, AdminState};
 use crate::audit::{AuditError, AuditLog};
-use crate::config::{Config, Resolver};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use connector::OwnAddresses;
 pub(crate) use pipeline::Shared;
 use upstream::{Upstream, UpstreamSetupError};
 
@@ -107,15 +109,17 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     if config.intercept.ca.is_some() {
         return Err(StartError::Unsupported("[intercept] ca_cert/ca_key"));
     }
-    if config.upstream.resolver == Resolver::Dns {
-        return Err(StartError::Unsupported("[upstream] resolver = \"dns\""));
-    }
+    let own_addresses = OwnAddresses::default();
     let metrics = Arc::new(Metrics::new());
     metrics.policy_in_force(&config.sha256);
     let shared = Arc::new(Shared {
         policy: ArcSwap::new(Arc::clone(&config.policy)),
         audit: Arc::new(AuditLog::open(&config.audit, Arc::clone(&metrics))?),
-        upstream: Upstream::new(&config.upstream, Arc::clone(&metrics))?,
+        upstream: Upstream::new(
+            &config.upstream,
+            Arc::clone(&metrics),
+            own_addresses.clone(),
+        )?,
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
     });
@@ -124,6 +128,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         address: config.listener.address,
         source,
     })?;
+    own_addresses.add(local_addr);
     let admin_state = Arc::new(AdminState {
         metrics,
         draining: AtomicBool::new(false),
@@ -134,6 +139,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             let address = listener
                 .local_addr()
                 .map_err(|source| StartError::Bind { address, source })?;
+            own_addresses.add(address);
             Some((listener, address))
         }
         None => None,

@@ -14,9 +14,10 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::connector::{GuardedConnector, OwnAddresses, UpstreamResolver};
 use super::error::ProxyError;
 use super::ProxyBody;
-use crate::config::UpstreamConfig;
+use crate::config::{Resolver, UpstreamConfig};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 
 /// How long an idle pooled connection to KMS is kept.
@@ -30,10 +31,12 @@ pub enum UpstreamSetupError {
     NoRoots,
     #[error("cannot set up TLS to KMS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}; use [upstream] resolver = \"system\" or fix /etc/resolv.conf")]
+    Resolver(String),
 }
 
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    client: Client<HttpsConnector<GuardedConnector>, ProxyBody>,
     metrics: Arc<Metrics>,
     endpoint: Option<(Scheme, Authority)>,
     config: UpstreamConfig,
@@ -43,6 +46,7 @@ impl Upstream {
     pub fn new(
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,
+        own: OwnAddresses,
     ) -> Result<Upstream, UpstreamSetupError> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -51,7 +55,9 @@ impl Upstream {
         .with_root_certificates(root_store(config)?)
         .with_no_client_auth();
 
-        let mut http = HttpConnector::new();
+        let resolver = UpstreamResolver::new(config.resolver == Resolver::Dns)
+            .map_err(UpstreamSetupError::Resolver)?;
+        let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -60,7 +66,7 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(GuardedConnector::new(http, own));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -185,7 +191,8 @@ mod tests {
     #[tokio::test]
     async fn targets_follow_the_endpoint_or_the_allowed_host() {
         let config = crate::Config::parse("", crate::config::ConfigSource::BuiltIn).unwrap();
-        let upstream = Upstream::new(&config.upstream, Arc::default()).unwrap();
+        let upstream =
+            Upstream::new(&config.upstream, Arc::default(), OwnAddresses::default()).unwrap();
         let path: PathAndQuery = "/".parse().unwrap();
         assert_eq!(
             upstream
@@ -202,7 +209,8 @@ mod tests {
             crate::config::ConfigSource::BuiltIn,
         )
         .unwrap();
-        let upstream = Upstream::new(&config.upstream, Arc::default()).unwrap();
+        let upstream =
+            Upstream::new(&config.upstream, Arc::default(), OwnAddresses::default()).unwrap();
         assert_eq!(
             upstream.target("anything:1", Some(&path)).unwrap(),
             "http://127.0.0.1:4566/"
