@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod tls;
 
 pub use config::Config;
 pub use proxy::{start, RunningProxy, StartError};

@@ -43,6 +43,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Interception CA for HTTPS_PROXY clients.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Run policy test cases against a configuration.
     Test {
         #[arg(long, value_name = "FILE")]
@@ -50,6 +55,16 @@ enum Command {
         /// Case files (TOML with [[case]] tables).
         #[arg(required = true, value_name = "CASES")]
         cases: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new CA (ca.pem, ca.key with mode 0600) whose name constraints permit only the KMS
+    /// host names.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -65,6 +80,22 @@ fn main() -> ExitCode {
             Err(errors) => config_failure(&errors),
         },
         Command::Test { config, cases } => test(config.as_deref(), &cases),
+        Command::Ca {
+            command: CaCommand::Init { out },
+        } => match kms_tag_guard::tls::ca_init(&out) {
+            Ok((cert, key)) => {
+                println!(
+                    "wrote {} and {} (keep the key secret; give clients the certificate)",
+                    cert.display(),
+                    key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("kms-tag-guard: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::{sha256_hex, Config, ConfigSource};
 use crate::metrics::ReloadResult;
 use crate::proxy::Shared;
+use crate::tls::ListenerCert;
 
 /// How often the config file is read for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -26,10 +27,15 @@ pub(crate) struct Reloader {
     /// when this changes, so a bad file is reported once, not every 5 s.
     last_seen: String,
     restart_sections: toml::Table,
+    listener_cert: Option<Arc<ListenerCert>>,
 }
 
 impl Reloader {
-    pub(crate) fn new(shared: Arc<Shared>, config: &Config) -> Reloader {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        config: &Config,
+        listener_cert: Option<Arc<ListenerCert>>,
+    ) -> Reloader {
         Reloader {
             shared,
             path: match &config.source {
@@ -38,6 +44,7 @@ impl Reloader {
             },
             last_seen: config.sha256.clone(),
             restart_sections: config.restart_sections.clone(),
+            listener_cert,
         }
     }
 
@@ -49,14 +56,32 @@ impl Reloader {
         poll.tick().await;
         loop {
             tokio::select! {
-                _ = poll.tick() => self.reload(false),
+                _ = poll.tick() => {
+                    self.reload_certificate();
+                    self.reload(false);
+                }
                 _ = trigger.notified() => {
+                    self.reload_certificate();
                     if let Err(error) = self.shared.audit.reopen() {
                         error!(%error, "audit log not reopened; records still go to the old file");
                     }
                     self.reload(true);
                 }
                 _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    /// Picks up a listener certificate replaced on disk.
+    fn reload_certificate(&self) {
+        let Some(cert) = &self.listener_cert else {
+            return;
+        };
+        match cert.reload_if_changed() {
+            Ok(true) => info!("listener certificate reloaded"),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(%error, "listener certificate not reloaded; the previous one stays in use")
             }
         }
     }

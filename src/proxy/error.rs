@@ -26,6 +26,8 @@ pub enum ProxyError {
     UnknownOperation(String),
     #[error("the Host {0:?} is not a KMS endpoint this proxy forwards to ([upstream].allowed_hosts); address a KMS host name")]
     HostNotAllowed(String),
+    #[error("kms-tag-guard refused the CONNECT: {0}")]
+    ConnectRefused(String),
     #[error("kms-tag-guard could not write the audit record, so the tag change was not forwarded; retry later (operators: check [audit].path)")]
     AuditUnavailable,
     #[error("kms-tag-guard could not reach KMS: {0}; the request was not sent, retry")]
@@ -58,6 +60,9 @@ impl ProxyError {
                 "MisdirectedRequest",
                 "host-not-allowed",
             ),
+            ProxyError::ConnectRefused(_) => {
+                (StatusCode::FORBIDDEN, "Forbidden", "connect-refused")
+            }
             ProxyError::AuditUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -127,6 +132,7 @@ mod tests {
                 421,
                 "MisdirectedRequest",
             ),
+            (ProxyError::ConnectRefused("x".into()), 403, "Forbidden"),
             (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
             (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),

@@ -1,12 +1,13 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
+mod connect;
 mod connector;
 mod error;
 mod headers;
 mod pipeline;
+mod serve;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,14 +17,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 pub use error::ProxyError;
 
@@ -32,6 +29,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::tls::{LeafMinter, ListenerCert};
 use connector::OwnAddresses;
 pub(crate) use pipeline::Shared;
 use upstream::{Upstream, UpstreamSetupError};
@@ -50,10 +48,8 @@ pub enum StartError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
-    #[error(
-        "{0} is not supported by this version of kms-tag-guard; remove it from the configuration"
-    )]
-    Unsupported(&'static str),
+    #[error(transparent)]
+    Tls(crate::tls::TlsError),
 }
 
 /// A proxy serving on its listener.
@@ -103,12 +99,16 @@ impl RunningProxy {
 
 /// Opens the audit log, sets up the upstream client, binds the listeners and starts serving.
 pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
-    if config.listener.tls.is_some() {
-        return Err(StartError::Unsupported("[listener] tls_cert/tls_key"));
-    }
-    if config.intercept.ca.is_some() {
-        return Err(StartError::Unsupported("[intercept] ca_cert/ca_key"));
-    }
+    let listener_cert = match &config.listener.tls {
+        Some(files) => Some(Arc::new(
+            ListenerCert::load(files).map_err(StartError::Tls)?,
+        )),
+        None => None,
+    };
+    let minter = match &config.intercept.ca {
+        Some(files) => Some(Arc::new(LeafMinter::load(files).map_err(StartError::Tls)?)),
+        None => None,
+    };
     let own_addresses = OwnAddresses::default();
     let metrics = Arc::new(Metrics::new());
     metrics.policy_in_force(&config.sha256);
@@ -122,6 +122,9 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         )?,
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
+        server: serve::http_server(&config),
+        tunnels: connect::Tunnels::new(&config, minter, own_addresses.clone())
+            .map_err(|e| StartError::Upstream(UpstreamSetupError::Resolver(e)))?,
     });
     let listener = bind(config.listener.address).await?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -155,10 +158,30 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         admin: Arc::clone(&admin_state),
     });
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
-    let reloader = Reloader::new(Arc::clone(&shared), &config);
+    let tls = match listener_cert {
+        Some(cert) => Some((
+            tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(Arc::clone(&cert) as _).map_err(StartError::Tls)?,
+            )),
+            cert,
+        )),
+        None => None,
+    };
+    let reloader = Reloader::new(
+        Arc::clone(&shared),
+        &config,
+        tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
+    );
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));
     let task = tokio::spawn(async move {
-        serve(listener, shared, config, stopped).await;
+        serve::serve(
+            listener,
+            tls.map(|(acceptor, _)| acceptor),
+            shared,
+            config,
+            stopped,
+        )
+        .await;
         if let Some(admin_task) = admin_task {
             admin_task.abort();
         }
@@ -175,88 +198,4 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(address)
         .await
         .map_err(|source| StartError::Bind { address, source })
-}
-
-async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    config: Config,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    // Set when the listener closes, after the drain delay.
-    let (closing, closing_rx) = watch::channel(false);
-    let first_byte_timeout = config.limits.header_read_timeout;
-
-    // After the stop signal, accepting goes on until the drain delay is over.
-    let drain = tokio::time::sleep(std::time::Duration::MAX);
-    tokio::pin!(drain);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(%error, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let shared = Arc::clone(&shared);
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
-                let mut closing = closing_rx.clone();
-                tokio::spawn(async move {
-                    // hyper's header timeout runs only once it reads a request; before that, the
-                    // HTTP/1-or-h2 detection waits for the first bytes with no limit. A client
-                    // that connects and says nothing is dropped after the same timeout, or at
-                    // shutdown.
-                    let mut first = [0u8; 1];
-                    tokio::select! {
-                        peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)) => {
-                            if !matches!(peeked, Ok(Ok(n)) if n > 0) {
-                                return;
-                            }
-                        }
-                        _ = closing.wait_for(|closed| *closed) => return,
-                    }
-                    let service = service_fn(move |request| {
-                        let shared = Arc::clone(&shared);
-                        async move { Ok::<_, Infallible>(pipeline::handle(shared, request, peer).await) }
-                    });
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
-                        debug!(%peer, %error, "connection ended with an error");
-                    }
-                });
-            }
-            _ = stopped.changed(), if !draining => {
-                draining = true;
-                info!(drain_delay_ms = config.shutdown.drain_delay.as_millis() as u64, "draining: /readyz now fails");
-                drain.as_mut().reset(tokio::time::Instant::now() + config.shutdown.drain_delay);
-            }
-            _ = &mut drain, if draining => break,
-        }
-    }
-    drop(listener);
-    let _ = closing.send(true);
-    info!(
-        grace_ms = config.shutdown.grace.as_millis() as u64,
-        "listener closed; waiting for in-flight requests"
-    );
-    if tokio::time::timeout(config.shutdown.grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("grace period over; closing the remaining connections");
-    }
-    info!("stopped");
 }

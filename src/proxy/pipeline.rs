@@ -8,13 +8,17 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, Version};
+use http::{HeaderMap, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 use tracing::{info, warn};
 
+use super::connect::{self, Tunnels};
 use super::error::ProxyError;
 use super::headers::strip_hop_by_hop;
+use super::serve::Origin;
 use super::upstream::{error_chain, Upstream};
 use super::ProxyBody;
 use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
@@ -37,6 +41,9 @@ pub(crate) struct Shared {
     pub upstream: Upstream,
     pub limits: LimitsConfig,
     pub metrics: Arc<Metrics>,
+    /// HTTP/1.1 + h2 settings for every connection, including those inside tunnels.
+    pub server: auto::Builder<TokioExecutor>,
+    pub tunnels: Tunnels,
 }
 
 /// An answer, and what became of the request for the metrics.
@@ -58,29 +65,47 @@ impl Handled {
 
 /// The metrics label of a request whose operation is not (exactly) one of the model's.
 const UNKNOWN_OPERATION: &str = "unknown";
+/// The metrics label of a CONNECT request.
+const CONNECT_OPERATION: &str = "CONNECT";
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    origin: Origin,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    if request.method() == Method::CONNECT {
+        let request_id = new_request_id();
+        let (response, outcome) =
+            connect::handle(Arc::clone(&shared), request, &origin, &request_id).await;
+        let seconds = started.elapsed().as_secs_f64();
+        shared
+            .metrics
+            .request(CONNECT_OPERATION, outcome, Class::pass, seconds);
+        return response;
+    }
+    let peer = origin.peer;
+    let tunnel_host = origin.tunnel_host.as_deref();
     let route = classify(request.headers());
     let class = match route {
         Ok(Route::Inspect(_)) => Class::inspect,
         _ => Class::pass,
     };
     let handled = match route {
-        Ok(Route::Pass(op)) => pass_through(&shared, request, op.name()).await,
+        Ok(Route::Pass(op)) => pass_through(&shared, request, op.name(), tunnel_host).await,
         Ok(Route::Unknown(target)) => match shared.policy.load().unknown_operations {
-            UnknownOperations::Forward => pass_through(&shared, request, UNKNOWN_OPERATION).await,
+            UnknownOperations::Forward => {
+                pass_through(&shared, request, UNKNOWN_OPERATION, tunnel_host).await
+            }
             UnknownOperations::Reject => Handled::error(
                 ProxyError::UnknownOperation(target),
                 UNKNOWN_OPERATION,
                 &new_request_id(),
             ),
         },
-        Ok(Route::Inspect(operation)) => inspect(shared.clone(), request, operation, peer).await,
+        Ok(Route::Inspect(operation)) => {
+            inspect(shared.clone(), request, operation, peer, tunnel_host).await
+        }
         Err(reason) => match pass_through_operation(request.headers()) {
             // Not a tag change: refused, but no audit record (the log is for tag changes).
             Some(op) => {
@@ -115,9 +140,10 @@ async fn pass_through(
     shared: &Shared,
     request: Request<Incoming>,
     operation: &'static str,
+    tunnel_host: Option<&str>,
 ) -> Handled {
     let (mut parts, body) = request.into_parts();
-    if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
+    if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
         return Handled::error(error, operation, &new_request_id());
     }
     match shared
@@ -144,10 +170,20 @@ async fn pass_through(
 
 /// Points a request at the upstream without touching what the client signed: the Host header,
 /// the other headers and the body stay as they are; only hop-by-hop headers go.
-fn prepare_forward(upstream: &Upstream, parts: &mut Parts) -> Result<(), ProxyError> {
+fn prepare_forward(
+    upstream: &Upstream,
+    parts: &mut Parts,
+    tunnel_host: Option<&str>,
+) -> Result<(), ProxyError> {
     let host = request_host(&parts.uri, &parts.headers)
         .map_err(|e| ProxyError::Unreadable(e.to_string()))?
         .to_owned();
+    // Inside an intercepted tunnel, requests must stay with the host the client connected to.
+    if let Some(tunnel_host) = tunnel_host {
+        if !crate::glob::host_name(&host).eq_ignore_ascii_case(tunnel_host) {
+            return Err(ProxyError::HostNotAllowed(host));
+        }
+    }
     let target = upstream.target(&host, parts.uri.path_and_query())?;
     if !parts.headers.contains_key(HOST) {
         // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
@@ -169,6 +205,7 @@ async fn inspect(
     request: Request<Incoming>,
     operation: TagOperation,
     peer: SocketAddr,
+    tunnel_host: Option<&str>,
 ) -> Handled {
     let started = Instant::now();
     let request_id = new_request_id();
@@ -182,7 +219,7 @@ async fn inspect(
     {
         return refuse(&shared, &request_id, op, op, peer, reason.into()).await;
     }
-    if let Err(error) = prepare_forward(&shared.upstream, &mut parts) {
+    if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
         let judgement = Judgement::unreadable(&error);
         return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
     }

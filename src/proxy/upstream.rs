@@ -125,6 +125,12 @@ impl Upstream {
                 self.metrics.upstream_error(UpstreamErrorKind::timeout);
                 Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
             }
+            // The client's own body broke off mid-stream: not KMS's fault, and KMS never got a
+            // complete request.
+            Ok(Err(e)) if client_body_failed(&e) => Err(ProxyError::Unreadable(format!(
+                "the request body broke off before it was complete ({}); KMS received no complete request",
+                error_chain(&e)
+            ))),
             Ok(Err(e)) => {
                 self.metrics.upstream_error(UpstreamErrorKind::connect);
                 Err(ProxyError::UpstreamConnect(error_chain(&e)))
@@ -166,6 +172,20 @@ fn root_store(config: &UpstreamConfig) -> Result<RootCertStore, UpstreamSetupErr
         return Err(UpstreamSetupError::NoRoots);
     }
     Ok(roots)
+}
+
+/// Whether a client error came from the request body the proxy was streaming from its client.
+fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_user() {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// An error and its causes on one line: hyper's top-level messages alone ("client error

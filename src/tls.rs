@@ -1,0 +1,405 @@
+//! TLS the proxy terminates: the listener's own certificate (reloaded from disk when it changes),
+//! leaves minted on the fly for intercepted CONNECT tunnels, and `ca init`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::config::{sha256_hex, TlsFiles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {detail}")]
+    Read { path: String, detail: String },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: String },
+    #[error("the key in {path} cannot be used: {detail}")]
+    Key { path: String, detail: String },
+    #[error("cannot mint a certificate: {0}")]
+    Mint(String),
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("{0} already exists; move it away or choose another --out directory")]
+    Exists(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls server configuration offering h2 and HTTP/1.1.
+pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    files: &TlsFiles,
+) -> Result<CertifiedKey, TlsError> {
+    let cert_path = files.cert.display().to_string();
+    let key_path = files.key.display().to_string();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Read {
+            path: cert_path.clone(),
+            detail: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert_path });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        detail: e.to_string(),
+    })?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Key {
+        path: key_path,
+        detail: e.to_string(),
+    })?;
+    Ok(certified)
+}
+
+/// The listener's certificate, swapped in place when the files on disk change.
+pub struct ListenerCert {
+    files: TlsFiles,
+    current: ArcSwap<CertifiedKey>,
+    /// SHA-256 of the certificate and key files last loaded (or last found unusable).
+    seen: Mutex<String>,
+}
+
+impl fmt::Debug for ListenerCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenerCert")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl ListenerCert {
+    pub fn load(files: &TlsFiles) -> Result<ListenerCert, TlsError> {
+        let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+        let certified = certified_key(&cert, &key, files)?;
+        Ok(ListenerCert {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(certified),
+            seen: Mutex::new(fingerprint(&cert, &key)),
+        })
+    }
+
+    /// Loads the files again if they changed. `Ok(true)` when a new certificate is in use; on an
+    /// error the previous certificate stays.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let (cert, key) = (read(&self.files.cert)?, read(&self.files.key)?);
+        let print = fingerprint(&cert, &key);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == print {
+            return Ok(false);
+        }
+        // Remember the attempt either way: a half-written pair is retried when it changes again.
+        *seen = print;
+        let certified = certified_key(&cert, &key, &self.files)?;
+        self.current.store(Arc::new(certified));
+        Ok(true)
+    }
+}
+
+fn fingerprint(cert: &[u8], key: &[u8]) -> String {
+    let mut both = String::from_utf8_lossy(cert).into_owned();
+    both.push_str(&String::from_utf8_lossy(key));
+    sha256_hex(&both)
+}
+
+impl ResolvesServerCert for ListenerCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// How long a minted leaf is valid, and how long before its end it is replaced.
+const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
+/// Minted leaves are valid from a little before now, for clients with a slow clock.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Mints short-lived leaf certificates for intercepted hosts, signed by the interception CA.
+pub struct LeafMinter {
+    issuer: Issuer<'static, KeyPair>,
+    ca: CertificateDer<'static>,
+    cache: Mutex<HashMap<String, (Arc<CertifiedKey>, SystemTime)>>,
+}
+
+impl fmt::Debug for LeafMinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeafMinter")
+    }
+}
+
+impl LeafMinter {
+    pub fn load(files: &TlsFiles) -> Result<LeafMinter, TlsError> {
+        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?).into_owned();
+        let key_pem = String::from_utf8_lossy(&read(&files.key)?).into_owned();
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
+            path: files.key.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let ca = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| TlsError::NoCertificate {
+                path: files.cert.display().to_string(),
+            })?
+            .map_err(|e| TlsError::Read {
+                path: files.cert.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
+            path: files.cert.display().to_string(),
+            detail: format!("not a CA certificate rcgen can sign with: {e}"),
+        })?;
+        Ok(LeafMinter {
+            issuer,
+            ca,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A certificate for `host`, from the cache while it has more than an hour to live.
+    pub fn leaf_for(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        let host = host.to_ascii_lowercase();
+        let now = SystemTime::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((leaf, renew_at)) = cache.get(&host) {
+            if now < *renew_at {
+                return Ok(Arc::clone(leaf));
+            }
+        }
+        let leaf = Arc::new(self.mint(&host, now)?);
+        let renew_at = now + LEAF_LIFETIME - LEAF_RENEW_BEFORE;
+        cache.insert(host, (Arc::clone(&leaf), renew_at));
+        Ok(leaf)
+    }
+
+    fn mint(&self, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
+        let mint_error = |e: rcgen::Error| TlsError::Mint(e.to_string());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(mint_error)?;
+        let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(mint_error)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = (now + LEAF_LIFETIME).into();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(mint_error)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        CertifiedKey::from_der(
+            vec![leaf.der().clone(), self.ca.clone()],
+            key_der,
+            &provider(),
+        )
+        .map_err(|e| TlsError::Mint(e.to_string()))
+    }
+}
+
+/// Serves the minted leaf of one tunnel's host, and only to a client whose SNI names that host.
+#[derive(Debug)]
+pub struct TunnelCert {
+    pub host: String,
+    pub minter: Arc<LeafMinter>,
+}
+
+impl ResolvesServerCert for TunnelCert {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name()?;
+        if !sni.eq_ignore_ascii_case(&self.host) {
+            tracing::info!(connect_host = %self.host, sni, "refusing a TLS handshake whose SNI differs from the CONNECT host");
+            return None;
+        }
+        match self.minter.leaf_for(&self.host) {
+            Ok(leaf) => Some(leaf),
+            Err(error) => {
+                tracing::error!(host = %self.host, %error, "cannot mint a certificate");
+                None
+            }
+        }
+    }
+}
+
+/// The AWS regions whose KMS host names `ca init` permits (name constraints cannot express
+/// `kms.*.amazonaws.com`, so the names are listed).
+pub const KMS_REGIONS: &[&str] = &[
+    "af-south-1",
+    "ap-east-1",
+    "ap-east-2",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-south-1",
+    "ap-south-2",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "ap-southeast-4",
+    "ap-southeast-5",
+    "ap-southeast-6",
+    "ap-southeast-7",
+    "ca-central-1",
+    "ca-west-1",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "il-central-1",
+    "me-central-1",
+    "me-south-1",
+    "mx-central-1",
+    "sa-east-1",
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "us-gov-east-1",
+    "us-gov-west-1",
+];
+
+/// The China regions, under `amazonaws.com.cn`.
+pub const KMS_CHINA_REGIONS: &[&str] = &["cn-north-1", "cn-northwest-1"];
+
+/// Every KMS host name the interception CA may sign for.
+pub fn kms_host_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for region in KMS_REGIONS {
+        for service in ["kms", "kms-fips"] {
+            names.push(format!("{service}.{region}.amazonaws.com"));
+            names.push(format!("{service}.{region}.api.aws"));
+        }
+    }
+    for region in KMS_CHINA_REGIONS {
+        names.push(format!("kms.{region}.amazonaws.com.cn"));
+    }
+    names
+}
+
+/// `ca init`: writes `ca.pem` and `ca.key` (mode 0600) into `dir`, a new ECDSA P-256 CA whose
+/// name constraints permit only the KMS host names. Refuses to overwrite.
+pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca.key");
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(TlsError::Exists(path.clone()));
+        }
+    }
+    let mint_error = |e: rcgen::Error| TlsError::Mint(e.to_string());
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(mint_error)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kms-tag-guard interception CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "kms-tag-guard");
+    let now = SystemTime::now();
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + Duration::from_secs(5 * 365 * 24 * 3600)).into();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: kms_host_names()
+            .into_iter()
+            .map(GeneralSubtree::DnsName)
+            .collect(),
+        excluded_subtrees: Vec::new(),
+    });
+    let cert = params.self_signed(&key).map_err(mint_error)?;
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    write_private(&key_path, key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert_path, cert.pem()).map_err(|source| TlsError::Write {
+        path: cert_path.display().to_string(),
+        source,
+    })?;
+    Ok((cert_path, key_path))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write_error = |source| TlsError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write_error)?;
+    file.write_all(contents).map_err(write_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_init_writes_a_constrained_ca_that_mints_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca_init(dir.path()).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert!(matches!(ca_init(dir.path()), Err(TlsError::Exists(_))));
+
+        let minter = LeafMinter::load(&TlsFiles { cert, key }).unwrap();
+        let a = minter.leaf_for("kms.us-east-1.amazonaws.com").unwrap();
+        let b = minter.leaf_for("KMS.us-east-1.amazonaws.com").unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "leaves are cached per name");
+        assert_eq!(a.cert.len(), 2, "leaf and CA");
+        assert!(kms_host_names().contains(&"kms.eu-west-1.amazonaws.com".to_owned()));
+    }
+}
