@@ -153,8 +153,14 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .expect("SIGHUP handler");
+        // Registered once, before serving, so no signal is missed between two waits.
+        let mut signals = match Signals::register() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("kms-tag-guard: cannot install signal handlers: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         let proxy = match kms_tag_guard::start(config).await {
             Ok(proxy) => proxy,
             Err(error) => {
@@ -164,16 +170,17 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         };
         let signal = loop {
             tokio::select! {
-                _ = hangup.recv() => {
+                _ = signals.hangup.recv() => {
                     tracing::info!("SIGHUP: reopening the audit log and reloading the policy");
                     proxy.reload();
                 }
-                signal = shutdown_signal() => break signal,
+                _ = signals.terminate.recv() => break "SIGTERM",
+                _ = signals.interrupt.recv() => break "SIGINT",
             }
         };
         tracing::info!(signal, "shutting down; a second signal exits at once");
-        tokio::spawn(async {
-            let signal = shutdown_signal().await;
+        tokio::spawn(async move {
+            let signal = signals.stop().await;
             tracing::warn!(signal, "second signal: exiting without draining");
             std::process::exit(1);
         });
@@ -183,14 +190,29 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
     })
 }
 
-/// Waits for SIGTERM or SIGINT and says which arrived.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// The signals `serve` answers to.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT and says which arrived.
+    async fn stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
     }
 }
 

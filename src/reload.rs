@@ -58,14 +58,14 @@ impl Reloader {
             tokio::select! {
                 _ = poll.tick() => {
                     self.reload_certificate();
-                    self.reload(false);
+                    self.reload(false).await;
                 }
                 _ = trigger.notified() => {
                     self.reload_certificate();
                     if let Err(error) = self.shared.audit.reopen() {
                         error!(%error, "audit log not reopened; records still go to the old file");
                     }
-                    self.reload(true);
+                    self.reload(true).await;
                 }
                 _ = stopped.changed() => return,
             }
@@ -87,22 +87,23 @@ impl Reloader {
     }
 
     /// Reads the config file; when it changed (or `forced`), validates it and swaps the policy.
-    pub(crate) fn reload(&mut self, forced: bool) {
-        let Some(path) = &self.path else {
+    pub(crate) async fn reload(&mut self, forced: bool) {
+        let Some(path) = self.path.clone() else {
             if forced {
                 info!("running on the built-in configuration: there is no file to reload");
             }
             return;
         };
-        let metrics = &self.shared.metrics;
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                let seen = format!("unreadable: {e}");
-                if forced || seen != self.last_seen {
-                    warn!(path = %path.display(), error = %e, "cannot read the config file; the policy in force stays");
+        let metrics = Arc::clone(&self.shared.metrics);
+        let text = match read_settled(&path).await {
+            Ok(Some(text)) => text,
+            // Still being written: the next poll (or signal) looks again.
+            Ok(None) => return,
+            Err(reason) => {
+                if forced || reason != self.last_seen {
+                    warn!(path = %path.display(), %reason, "config file not reloaded; the policy in force stays");
                     metrics.reload(ReloadResult::error);
-                    self.last_seen = seen;
+                    self.last_seen = reason;
                 }
                 return;
             }
@@ -133,6 +134,28 @@ impl Reloader {
             }
         }
     }
+}
+
+/// How long a changed config file must stay the same before it is read as finished.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Reads the config file once it has stopped changing. An editor or `>` rewriting it in place
+/// leaves it empty or half-written for a moment, and a policy read then would drop rules; so the
+/// file is read twice, `SETTLE` apart, and an empty file is refused outright. `Ok(None)`: still
+/// changing.
+async fn read_settled(path: &std::path::Path) -> Result<Option<String>, String> {
+    let read = || std::fs::read_to_string(path).map_err(|e| format!("cannot read the file: {e}"));
+    let first = read()?;
+    tokio::time::sleep(SETTLE).await;
+    if read()? != first {
+        return Ok(None);
+    }
+    if first.trim().is_empty() {
+        return Err(
+            "the file is empty (an empty file on reload is taken as one caught mid-write)".into(),
+        );
+    }
+    Ok(Some(first))
 }
 
 /// The top-level sections that differ between two configurations, as `[name]`.

@@ -180,7 +180,7 @@ fn intercept(
             peer,
             tunnel_host: Some(host.into()),
         };
-        serve_connection(stream, shared, origin, None).await;
+        serve_connection(stream, shared, origin).await;
     });
 }
 

@@ -1,5 +1,6 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
+mod body;
 mod connect;
 mod connector;
 mod error;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -35,7 +35,7 @@ pub(crate) use pipeline::Shared;
 use upstream::{Upstream, UpstreamSetupError};
 
 /// A body the proxy streams from a peer, or one it holds whole.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<body::Streamed, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -123,6 +123,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
         server: serve::http_server(&config),
+        lifecycle: serve::Lifecycle::new(),
         tunnels: connect::Tunnels::new(&config, minter, own_addresses.clone())
             .map_err(|e| StartError::Upstream(UpstreamSetupError::Resolver(e)))?,
     });
@@ -194,8 +195,19 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     })
 }
 
+/// How many connections may wait to be accepted: bursts of new connections from many pods
+/// overflow the usual 128 and stall in the kernel's retransmit back-off.
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind { address, source })
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = match address {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bound().map_err(|source| StartError::Bind { address, source })
 }

@@ -15,10 +15,11 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tracing::{info, warn};
 
+use super::body::Streamed;
 use super::connect::{self, Tunnels};
 use super::error::ProxyError;
 use super::headers::strip_hop_by_hop;
-use super::serve::Origin;
+use super::serve::{Lifecycle, Origin};
 use super::upstream::{error_chain, Upstream};
 use super::ProxyBody;
 use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
@@ -44,6 +45,7 @@ pub(crate) struct Shared {
     /// HTTP/1.1 + h2 settings for every connection, including those inside tunnels.
     pub server: auto::Builder<TokioExecutor>,
     pub tunnels: Tunnels,
+    pub lifecycle: Lifecycle,
 }
 
 /// An answer, and what became of the request for the metrics.
@@ -148,14 +150,20 @@ async fn pass_through(
     }
     match shared
         .upstream
-        .send(Request::from_parts(parts, Either::Left(body)))
+        .send(Request::from_parts(
+            parts,
+            Either::Left(Streamed::from_client(body)),
+        ))
         .await
     {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Handled {
-                response: Response::from_parts(parts, Either::Left(body)),
+                response: Response::from_parts(
+                    parts,
+                    Either::Left(Streamed::from_upstream(body, Arc::clone(&shared.metrics))),
+                ),
                 operation,
                 outcome: Outcome::pass,
             }

@@ -3,13 +3,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -44,31 +44,119 @@ pub(crate) fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves HTTP on one connection until it closes.
-pub(crate) async fn serve_connection<I>(
-    io: I,
-    shared: Arc<Shared>,
-    origin: Origin,
-    watcher: Option<Watcher>,
-) where
+/// When a connection last finished a request, and how many it has in flight.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `started` that the last request finished; `u64::MAX` before any.
+    last_done_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// When the connection counts as idle: `idle` after its last request finished, or after it
+    /// opened when it has had none (HTTP/2 preface, TLS and first head included). `None` while
+    /// a request is in flight.
+    fn idle_at(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let since_start = match self.last_done_ms.load(Ordering::SeqCst) {
+            u64::MAX => Duration::ZERO,
+            ms => Duration::from_millis(ms),
+        };
+        Some(self.started + since_start + idle)
+    }
+}
+
+/// Serves HTTP on one connection until it closes, it has been idle for `idle`, or `closing`
+/// fires (then it finishes its in-flight requests first).
+///
+/// hyper's own header timeout covers HTTP/1 only, and only once it is reading a head; the idle
+/// deadline here also covers an HTTP/2 preface that stalls and HTTP/2 connections with no
+/// streams.
+pub(crate) async fn serve_connection<I>(io: I, shared: Arc<Shared>, origin: Origin)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Held while the connection lives, so that shutdown waits for it.
+    let _open = shared.lifecycle.connections.subscribe();
+    let mut closing = shared.lifecycle.closing.subscribe();
+    let idle = shared.limits.header_read_timeout;
     let peer = origin.peer;
+    let activity = Arc::new(Activity::new());
     let service_shared = Arc::clone(&shared);
+    let service_activity = Arc::clone(&activity);
     let service = service_fn(move |request| {
         let shared = Arc::clone(&service_shared);
         let origin = origin.clone();
-        async move { Ok::<_, Infallible>(pipeline::handle(shared, request, origin).await) }
+        let activity = Arc::clone(&service_activity);
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let response = pipeline::handle(shared, request, origin).await;
+            let done = activity.started.elapsed().as_millis() as u64;
+            activity.last_done_ms.store(done, Ordering::SeqCst);
+            activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = shared
         .server
         .serve_connection_with_upgrades(TokioIo::new(io), service);
-    let result = match watcher {
-        Some(watcher) => watcher.watch(connection.into_owned()).await,
-        None => connection.await,
-    };
-    if let Err(error) = result {
-        debug!(%peer, %error, "connection ended with an error");
+    tokio::pin!(connection);
+    let mut shutting_down = false;
+    loop {
+        let idle_at = activity
+            .idle_at(idle)
+            .unwrap_or_else(|| Instant::now() + idle);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = closing.wait_for(|closed| *closed), if !shutting_down => {
+                connection.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            _ = tokio::time::sleep_until(idle_at.into()) => {
+                if activity.idle_at(idle).is_some_and(|at| at <= Instant::now()) {
+                    if shutting_down {
+                        // Asked to close politely a whole idle period ago: drop it.
+                        return;
+                    }
+                    debug!(%peer, "closing an idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+            }
+        }
+    }
+}
+
+/// Telling connections to wind down, and knowing when they have.
+pub(crate) struct Lifecycle {
+    /// Set when the listener closes, after the drain delay: connections finish what is in
+    /// flight and close.
+    pub closing: watch::Sender<bool>,
+    /// Every open connection holds a receiver; shutdown waits until none is left.
+    pub connections: watch::Sender<()>,
+}
+
+impl Lifecycle {
+    pub(crate) fn new() -> Lifecycle {
+        Lifecycle {
+            closing: watch::channel(false).0,
+            connections: watch::channel(()).0,
+        }
     }
 }
 
@@ -81,11 +169,6 @@ pub(crate) async fn serve(
     config: Config,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    // Set when the listener closes, after the drain delay.
-    let (closing, closing_rx) = watch::channel(false);
-    let first_byte_timeout = config.limits.header_read_timeout;
-
     let drain = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain);
     let mut draining = false;
@@ -102,16 +185,8 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = Accepted {
-                    stream,
-                    origin: Origin { peer, tunnel_host: None },
-                    shared: Arc::clone(&shared),
-                    tls: tls.clone(),
-                    watcher: graceful.watcher(),
-                    closing: closing_rx.clone(),
-                    first_byte_timeout,
-                };
-                tokio::spawn(connection.serve());
+                let origin = Origin { peer, tunnel_host: None };
+                tokio::spawn(serve_accepted(stream, origin, Arc::clone(&shared), tls.clone()));
             }
             _ = stopped.changed(), if !draining => {
                 draining = true;
@@ -122,12 +197,13 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    let _ = closing.send(true);
+    let lifecycle = &shared.lifecycle;
+    let _ = lifecycle.closing.send(true);
     info!(
         grace_ms = config.shutdown.grace.as_millis() as u64,
         "listener closed; waiting for in-flight requests"
     );
-    if tokio::time::timeout(config.shutdown.grace, graceful.shutdown())
+    if tokio::time::timeout(config.shutdown.grace, lifecycle.connections.closed())
         .await
         .is_err()
     {
@@ -136,47 +212,34 @@ pub(crate) async fn serve(
     info!("stopped");
 }
 
-/// One accepted TCP connection, before its first byte.
-struct Accepted {
+/// One accepted TCP connection: wait for its first byte, then TLS if configured, then HTTP.
+async fn serve_accepted(
     stream: TcpStream,
     origin: Origin,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
-    watcher: Watcher,
-    closing: watch::Receiver<bool>,
-    first_byte_timeout: Duration,
-}
-
-impl Accepted {
-    async fn serve(mut self) {
-        // hyper's header timeout runs only once it reads a request; before that, the TLS
-        // handshake and the HTTP/1-or-h2 detection wait for bytes with no limit. A client that
-        // connects and says nothing is dropped after the same timeout, or at shutdown.
-        let mut first = [0u8; 1];
-        tokio::select! {
-            peeked = tokio::time::timeout(self.first_byte_timeout, self.stream.peek(&mut first)) => {
-                if !matches!(peeked, Ok(Ok(n)) if n > 0) {
-                    return;
-                }
-            }
-            _ = self.closing.wait_for(|closed| *closed) => return,
-        }
-        let peer = self.origin.peer;
-        match self.tls {
-            None => {
-                serve_connection(self.stream, self.shared, self.origin, Some(self.watcher)).await
-            }
-            Some(acceptor) => {
-                match tokio::time::timeout(self.first_byte_timeout, acceptor.accept(self.stream))
-                    .await
-                {
-                    Ok(Ok(stream)) => {
-                        serve_connection(stream, self.shared, self.origin, Some(self.watcher)).await
-                    }
-                    Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                }
+) {
+    let _open = shared.lifecycle.connections.subscribe();
+    let mut closing = shared.lifecycle.closing.subscribe();
+    let idle = shared.limits.header_read_timeout;
+    // Waiting for the first byte costs little; hyper's connection state is only built once the
+    // client speaks. A client that never does is dropped after the idle timeout, or at shutdown.
+    let mut first = [0u8; 1];
+    tokio::select! {
+        peeked = tokio::time::timeout(idle, stream.peek(&mut first)) => {
+            if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                return;
             }
         }
+        _ = closing.wait_for(|closed| *closed) => return,
+    }
+    let peer = origin.peer;
+    let Some(acceptor) = tls else {
+        return serve_connection(stream, shared, origin).await;
+    };
+    match tokio::time::timeout(idle, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, shared, origin).await,
+        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "TLS handshake timed out"),
     }
 }

@@ -12,9 +12,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use super::sigv4::{self, VerifiedCredential};
 
@@ -133,6 +135,8 @@ pub struct FakeKms {
     addr: SocketAddr,
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
+    /// Set by [`FakeKms::start_tls`]: the URL scheme is `https` and the host `localhost`.
+    tls: bool,
 }
 
 #[allow(dead_code)]
@@ -142,6 +146,78 @@ impl FakeKms {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake KMS");
+        FakeKms::serve(listener)
+    }
+
+    /// Listen on `addr` (e.g. the port of a fake that was shut down, to play an upstream that
+    /// restarts), serving like [`FakeKms::start`]. Retries the bind for up to 5 s while the port
+    /// is still being released.
+    pub async fn start_on(addr: SocketAddr) -> FakeKms {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind fake KMS on {addr}: {e}"),
+            }
+        };
+        FakeKms::serve(listener)
+    }
+
+    /// Listen on `127.0.0.1:0` behind TLS with this certificate chain and key, offering these
+    /// ALPN protocols (e.g. `[b"h2", b"http/1.1"]`, or none). Serves HTTP/1.1 and HTTP/2 inside
+    /// whatever was negotiated; [`FakeKms::url`] is then `https://localhost:PORT`, so the chain
+    /// should name `localhost`.
+    pub async fn start_tls(
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        alpn: Vec<Vec<u8>>,
+    ) -> FakeKms {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake KMS");
+        FakeKms::serve_tls(listener, cert_chain, key, alpn)
+    }
+
+    /// Like [`FakeKms::start_tls`] on a given address (e.g. `127.0.0.1:443`, to play a real
+    /// endpoint); the bind error when the address cannot be had.
+    pub async fn try_start_tls_on(
+        addr: SocketAddr,
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        alpn: Vec<Vec<u8>>,
+    ) -> std::io::Result<FakeKms> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(FakeKms::serve_tls(listener, cert_chain, key, alpn))
+    }
+
+    fn serve_tls(
+        listener: TcpListener,
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        alpn: Vec<Vec<u8>>,
+    ) -> FakeKms {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(cert_chain, key)
+        .expect("fake KMS certificate");
+        config.alpn_protocols = alpn;
+        let mut fake = FakeKms::serve_with(listener, Some(TlsAcceptor::from(Arc::new(config))));
+        fake.tls = true;
+        fake
+    }
+
+    fn serve(listener: TcpListener) -> FakeKms {
+        FakeKms::serve_with(listener, None)
+    }
+
+    fn serve_with(listener: TcpListener, tls: Option<TlsAcceptor>) -> FakeKms {
         let addr = listener.local_addr().expect("fake KMS address");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -163,11 +239,21 @@ impl FakeKms {
                         };
                         let _ = stream.set_nodelay(true);
                         let shared = accept_shared.clone();
+                        let tls = tls.clone();
                         conns.spawn(async move {
-                            let svc = service_fn(move |req| handle(shared.clone(), peer, req));
-                            let builder =
-                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                            match tls {
+                                None => serve_connection(stream, shared, peer).await,
+                                Some(acceptor) => {
+                                    let accepted = tokio::time::timeout(
+                                        Duration::from_secs(10),
+                                        acceptor.accept(stream),
+                                    )
+                                    .await;
+                                    if let Ok(Ok(stream)) = accepted {
+                                        serve_connection(stream, shared, peer).await;
+                                    }
+                                }
+                            }
                         });
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -178,6 +264,7 @@ impl FakeKms {
             addr,
             shared,
             task: Some(task),
+            tls: false,
         }
     }
 
@@ -185,14 +272,22 @@ impl FakeKms {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://localhost:PORT` for [`FakeKms::start_tls`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
-    /// `127.0.0.1:PORT` (what a client puts in `Host`).
+    /// `127.0.0.1:PORT` (what a client puts in `Host`; `localhost:PORT` behind TLS).
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        if self.tls {
+            format!("localhost:{}", self.addr.port())
+        } else {
+            self.addr.to_string()
+        }
     }
 
     /// All recorded requests, in the order they were recorded.
@@ -307,6 +402,16 @@ impl Drop for FakeKms {
             task.abort();
         }
     }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (detected from the first bytes) on one connection.
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(shared.clone(), peer, req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
 }
 
 type Answer = Response<Full<Bytes>>;

@@ -5,7 +5,9 @@
 //! Use from a test file with `mod common;`.
 #![allow(dead_code, unused_imports)]
 
+pub mod child;
 pub mod fake_kms;
+pub mod ops;
 pub mod proxy;
 pub mod raw;
 pub mod sigv4;

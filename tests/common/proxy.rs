@@ -63,6 +63,12 @@ pub struct ProxyConfig {
     pub admin: bool,
     /// Body of `[shutdown]`.
     pub shutdown: String,
+    /// `[listener].address`: `127.0.0.1:0` unless set.
+    pub listener_address: Option<String>,
+    /// Body of `[listener]` beyond `address` (e.g. `tls_cert` / `tls_key`).
+    pub listener: String,
+    /// Body of `[intercept]` (e.g. `ca_cert`, `ca_key`, `tunnel_hosts`).
+    pub intercept: String,
 }
 
 impl Default for ProxyConfig {
@@ -77,6 +83,9 @@ impl Default for ProxyConfig {
             policy: TEST_POLICY.to_owned(),
             admin: false,
             shutdown: String::new(),
+            listener_address: None,
+            listener: String::new(),
+            intercept: String::new(),
         }
     }
 }
@@ -140,12 +149,15 @@ pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy 
         format!("endpoint = \"{url}\"")
     };
     let admin = if config.admin { "127.0.0.1:0" } else { "" };
+    let listener_address = config.listener_address.as_deref().unwrap_or("127.0.0.1:0");
     let text = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"{admin}\"\n\n\
-         [shutdown]\n{}\n\n[upstream]\n{endpoint}\n{}\n\n[limits]\n{}\n\n\
+        "[listener]\naddress = \"{listener_address}\"\n{}\n\n[admin]\naddress = \"{admin}\"\n\n\
+         [shutdown]\n{}\n\n[upstream]\n{endpoint}\n{}\n\n[intercept]\n{}\n\n[limits]\n{}\n\n\
          [audit]\npath = \"{}\"\n{}\n\n{}\n",
+        config.listener,
         config.shutdown,
         config.upstream,
+        config.intercept,
         config.limits,
         audit_path.display(),
         config.audit,

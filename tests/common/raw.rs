@@ -401,3 +401,54 @@ pub fn kms_request(
     }
     req.to_bytes()
 }
+
+/// How [`RawConn::trickle`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrickleEnd {
+    /// The peer sent something (kept for [`RawConn::read_response`]).
+    Answered,
+    /// The peer closed or reset the connection.
+    Closed,
+    /// Every byte was sent and the peer said nothing.
+    AllSent,
+}
+
+/// What happened while trickling.
+#[derive(Debug, Clone, Copy)]
+pub struct Trickled {
+    pub end: TrickleEnd,
+    /// Bytes written before the end.
+    pub sent: usize,
+    /// From the first byte written to the end.
+    pub elapsed: Duration,
+}
+
+#[allow(dead_code)]
+impl RawConn {
+    /// Sends `bytes` one at a time, `interval` apart, watching the connection in between, and
+    /// stops as soon as the peer answers or closes. What the peer sent stays buffered for
+    /// [`RawConn::read_response`].
+    pub async fn trickle(&mut self, bytes: &[u8], interval: Duration) -> Trickled {
+        let started = tokio::time::Instant::now();
+        let mut tmp = [0u8; 16 * 1024];
+        let done = |end, sent| Trickled {
+            end,
+            sent,
+            elapsed: started.elapsed(),
+        };
+        for (i, byte) in bytes.iter().enumerate() {
+            if self.write(std::slice::from_ref(byte)).await.is_err() {
+                return done(TrickleEnd::Closed, i);
+            }
+            match tokio::time::timeout(interval, self.stream.read(&mut tmp)).await {
+                Err(_) => {}
+                Ok(Ok(0)) | Ok(Err(_)) => return done(TrickleEnd::Closed, i + 1),
+                Ok(Ok(n)) => {
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    return done(TrickleEnd::Answered, i + 1);
+                }
+            }
+        }
+        done(TrickleEnd::AllSent, bytes.len())
+    }
+}
