@@ -857,3 +857,51 @@ async fn an_ambiguous_pass_through_request_is_refused_but_not_audited() {
     );
     assert_still_serving("after an ambiguous Encrypt", &fake, &proxy).await;
 }
+
+#[tokio::test]
+async fn anything_but_post_root_is_refused_whatever_the_operation() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let encrypt = format!(r#"{{"KeyId":"{KEY}","Plaintext":"aGVsbG8="}}"#);
+    let cases: [(&str, &str, &str, String); 4] = [
+        (
+            "POST",
+            "/?Action=TagResource",
+            "TrentService.Encrypt",
+            encrypt.clone(),
+        ),
+        (
+            "POST",
+            "/service/TrentService/operation/TagResource",
+            "TrentService.Encrypt",
+            encrypt.clone(),
+        ),
+        ("PUT", "/", "TrentService.Encrypt", encrypt),
+        ("POST", "/x", "TrentService.TagResource", allowed_tag_body()),
+    ];
+    for (method, target, operation, body) in cases {
+        let mut request = RawRequest::signed_kms(&fake.host(), operation, body.as_bytes());
+        request.method = method.into();
+        request.target = target.into();
+        let response = raw::send(proxy.addr, &request.to_bytes()).await;
+        assert_eq!(
+            response.status,
+            400,
+            "{method} {target}: {}",
+            response.body_str()
+        );
+        assert_eq!(response.json()["__type"], "TagException");
+        assert!(
+            response.body_str().contains("POST /"),
+            "{}",
+            response.body_str()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.count(), 0);
+    // Only the tag-bearing one is a refused tag change in the audit log.
+    let audit = proxy.audit();
+    assert_eq!(audit.len(), 1, "{audit:#?}");
+    assert_eq!(audit[0]["decision"], "deny");
+    assert_still_serving("after odd request lines", &fake, &proxy).await;
+}

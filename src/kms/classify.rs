@@ -34,8 +34,8 @@ pub enum Unreadable {
     TargetSpelling(String),
     #[error("the Connection header names {0:?}, which would strip a signed or routing header")]
     ConnectionStripsHeader(String),
-    #[error("{0} requests must be POST / with no query string, as every KMS call is")]
-    NotPostRoot(TagOperation),
+    #[error("KMS requests are POST / with no query string; this one is {0}")]
+    RequestLine(String),
     #[error(
         "Content-Encoding {0:?} is refused on tag-changing requests; send the body uncompressed"
     )]
@@ -123,6 +123,22 @@ fn check_connection_tokens(headers: &HeaderMap) -> Result<(), Unreadable> {
     Ok(())
 }
 
+/// Every KMS operation is `POST /` (awsJson 1.1). Anything else could be another protocol's
+/// spelling of an operation (a query string, an RPC path) that a front end might route by, so it
+/// is refused rather than forwarded.
+pub fn check_request_line(method: &Method, uri: &Uri) -> Result<(), Unreadable> {
+    if method == Method::POST && uri.path() == "/" && uri.query().is_none() {
+        return Ok(());
+    }
+    let mut line = format!("{method} {}", uri.path());
+    if let Some(query) = uri.query() {
+        line.push('?');
+        line.push_str(query);
+    }
+    line.truncate(200);
+    Err(Unreadable::RequestLine(line))
+}
+
 /// The host the request is addressed to: its Host header, or the authority of an HTTP/2 (or
 /// absolute-form) request target; both present must agree.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, Unreadable> {
@@ -149,9 +165,8 @@ pub fn check_tag_request_head(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<(), Unreadable> {
-    if method != Method::POST || uri.path() != "/" || uri.query().is_some() {
-        return Err(Unreadable::NotPostRoot(operation));
-    }
+    check_request_line(method, uri)?;
+    let _ = operation;
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
         let encoding = String::from_utf8_lossy(encoding.as_bytes());
         if !encoding.trim().eq_ignore_ascii_case("identity") {

@@ -25,7 +25,7 @@ use super::ProxyBody;
 use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
 use crate::config::LimitsConfig;
 use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_tag_request_head, classify, request_host};
+use crate::kms::classify::{check_request_line, check_tag_request_head, classify, request_host};
 use crate::kms::operation::TARGET_PREFIX;
 use crate::kms::{Operation, Route, TagOperation, Unreadable};
 use crate::metrics::{Class, Metrics, Outcome, UpstreamErrorKind};
@@ -88,7 +88,8 @@ pub(crate) async fn handle(
     }
     let peer = origin.peer;
     let tunnel_host = origin.tunnel_host.as_deref();
-    let route = classify(request.headers());
+    let route = check_request_line(request.method(), request.uri())
+        .and_then(|()| classify(request.headers()));
     let class = match route {
         Ok(Route::Inspect(_)) => Class::inspect,
         _ => Class::pass,
