@@ -61,12 +61,19 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(GuardedConnector::new(http, own));
+            .enable_http1();
+        let connector = GuardedConnector::new(http, own);
+        // HTTP/2 carries the host in :authority, which hyper takes from the URI it dials. With a
+        // fixed endpoint that is the endpoint, not the Host the client signed, and an h2 server
+        // may judge the request by :authority; HTTP/1.1 sends the signed Host as it is.
+        let https = if config.endpoint.is_some() {
+            builder.wrap_connector(connector)
+        } else {
+            builder.enable_http2().wrap_connector(connector)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

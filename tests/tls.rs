@@ -1,0 +1,1564 @@
+//! TLS end to end: the listener's own certificate (ALPN, the SDK over it, live replacement),
+//! TLS to the upstream (extra roots, h2 via ALPN), CONNECT interception (HTTPS_PROXY clients,
+//! blind tunnels, refusals, SNI and Host pinning), the forwarding-loop guard, `ca init` and its
+//! name constraints, and `resolver = "dns"`.
+//!
+//! Every network wait has a timeout. Tests that need a listener on port 443 (CONNECT only
+//! tunnels to 443) take [`PORT_443`] so they never race each other, and skip that part with a
+//! message when the port cannot be bound.
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::Tag;
+use bytes::Bytes;
+use common::ops::{encrypt_body, free_port, tag_body};
+use common::*;
+use http::{HeaderMap, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The longest any single network step may take before the test fails.
+const STEP: Duration = Duration::from_secs(5);
+const KEY_ID: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
+const KMS_HOST: &str = "kms.us-east-1.amazonaws.com";
+
+/// Serialises the tests that listen on (or make the proxy listen on) port 443.
+static PORT_443: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ------------------------------------------------------------------------ certificates
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A test CA (no name constraints) that issues leaves.
+struct TestCa {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A leaf certificate and its key, as PEM and DER.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Leaf {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A server leaf for `names` (DNS names or IP addresses) with this serial.
+    fn leaf(&self, names: &[&str], serial: u64) -> Leaf {
+        mint_leaf(&self.issuer, names, serial)
+    }
+
+    /// Writes the CA's certificate and key as `NAME.pem` and `NAME.key` (for `[intercept]`).
+    fn write_pair(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&key, self.issuer.key().serialize_pem()).unwrap();
+        (self.write(dir, &format!("{name}.pem")), key)
+    }
+
+    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.pem).unwrap();
+        path
+    }
+}
+
+fn mint_leaf(issuer: &Issuer<'_, KeyPair>, names: &[&str], serial: u64) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = CertificateParams::new(names.clone()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, &names[0]);
+    params.serial_number = Some(SerialNumber::from(serial));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+    }
+}
+
+/// Writes a certificate and key through a rename each, key first, so a reader never sees a
+/// half-written file.
+fn install(cert_path: &Path, key_path: &Path, cert_pem: &str, key_pem: &str) {
+    write_atomic(key_path, key_pem);
+    write_atomic(cert_path, cert_pem);
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A rustls client configuration trusting only the PEM roots in `ca_pem`, offering `alpn`.
+fn client_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A TLS handshake on `io` with SNI `sni`, within [`STEP`].
+async fn tls_connect<S>(
+    io: S,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    tokio::time::timeout(STEP, TlsConnector::from(config).connect(name, io))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+async fn tcp(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(STEP, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// The leaf the server at `addr` presents now (a fresh connection and handshake).
+async fn presented_leaf(addr: SocketAddr, ca_pem: &[u8]) -> io::Result<CertificateDer<'static>> {
+    let stream = tls_connect(tcp(addr).await, "localhost", client_config(ca_pem, &[])).await?;
+    let (_, conn) = stream.get_ref();
+    Ok(conn.peer_certificates().expect("server certificates")[0].clone())
+}
+
+// ------------------------------------------------------------------------ HTTP over any stream
+
+/// A response read by [`send_h1`] / [`send_h2`].
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn to_http(raw: &RawRequest, uri: &str, with_host: bool) -> http::Request<Full<Bytes>> {
+    let mut builder = http::Request::builder()
+        .method(raw.method.as_str())
+        .uri(uri);
+    for (name, value) in &raw.headers {
+        if !with_host && name.eq_ignore_ascii_case("host") {
+            continue;
+        }
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    builder
+        .body(Full::new(Bytes::from(raw.body.clone())))
+        .unwrap()
+}
+
+async fn read_answer(response: http::Response<hyper::body::Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(STEP, body.collect())
+        .await
+        .expect("response body timed out")
+        .expect("response body")
+        .to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// One HTTP/1.1 request (Host and all as in `raw`) on `io`.
+async fn send_h1<S>(io: S, raw: &RawRequest) -> Answer
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    let response = tokio::time::timeout(STEP, sender.send_request(to_http(raw, "/", true)))
+        .await
+        .expect("HTTP/1.1 response timed out")
+        .expect("HTTP/1.1 response");
+    read_answer(response).await
+}
+
+/// One HTTP/2 request on `io`: `raw`'s Host becomes `:authority`, the way h2 clients send it.
+async fn send_h2<S>(io: S, raw: &RawRequest) -> Answer
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let authority = raw.header("host").expect("a Host to sign").to_owned();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = to_http(raw, &format!("https://{authority}/"), false);
+    let response = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .expect("h2 response timed out")
+        .expect("h2 response");
+    read_answer(response).await
+}
+
+// ------------------------------------------------------------------------ CONNECT by hand
+
+/// The proxy's answer to a CONNECT; on 200 `stream` is the tunnel.
+struct Connected {
+    stream: TcpStream,
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// Sends `CONNECT authority` on a fresh connection and reads the answer head (a byte at a time,
+/// so nothing of the tunnel is consumed) and, when it says so, a Content-Length body.
+async fn connect(proxy: SocketAddr, authority: &str) -> Connected {
+    let mut stream = tcp(proxy).await;
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(STEP, async move {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.expect("read CONNECT answer");
+            assert!(
+                n > 0,
+                "the proxy closed the CONNECT without an answer: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        let length = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        stream
+            .read_exact(&mut body)
+            .await
+            .expect("CONNECT answer body");
+        Connected {
+            stream,
+            status,
+            head,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+    .await
+    .expect("CONNECT answer timed out")
+}
+
+// ------------------------------------------------------------------------ a watched listener
+
+/// A TCP listener that counts connections and echoes what it reads.
+struct Watched {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watched {
+    async fn bind(addr: &str) -> io::Result<Watched> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Watched {
+            addr,
+            accepted,
+            task,
+        })
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A watched listener on `ip:443`, or `None` (with a message) when the port cannot be bound.
+async fn watch_443(ip: &str, test: &str) -> Option<Watched> {
+    match Watched::bind(&format!("{ip}:443")).await {
+        Ok(watched) => Some(watched),
+        Err(e) => {
+            eprintln!("SKIPPED part of {test}: cannot listen on {ip}:443 ({e}); CONNECT only tunnels to port 443");
+            None
+        }
+    }
+}
+
+// ------------------------------------------------------------------------ SDK helpers
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder()
+        .tag_key(key)
+        .tag_value(value)
+        .build()
+        .unwrap()
+}
+
+fn assert_tag_exception<E, R>(
+    result: Result<R, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+    rule: &str,
+) where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let error = result.expect_err("the proxy must deny");
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(400), "{}", error_chain(&error));
+    assert_eq!(
+        error.code(),
+        Some("TagException"),
+        "{}",
+        error_chain(&error)
+    );
+    let message = error.message().unwrap_or_default();
+    assert!(message.contains(rule), "{rule} not in {message}");
+}
+
+/// Encrypt, an allowed TagResource and a denied one through `client`; the fake must get exactly
+/// the first two, both verifying. Returns what the fake recorded.
+async fn encrypt_tag_and_deny(client: &aws_sdk_kms::Client, fake: &FakeKms) -> Vec<Recorded> {
+    let encrypted = client
+        .encrypt()
+        .key_id(KEY_ID)
+        .plaintext(Blob::new("hello"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("Encrypt: {}", error_chain(&e)));
+    assert!(encrypted.ciphertext_blob().is_some());
+    client
+        .tag_resource()
+        .key_id(KEY_ID)
+        .tags(tag("team:owner", "payments"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("allowed TagResource: {}", error_chain(&e)));
+    assert_tag_exception(
+        client
+            .tag_resource()
+            .key_id(KEY_ID)
+            .tags(tag("Project", "x"))
+            .send()
+            .await,
+        "abac-keys",
+    );
+    let requests = fake.requests();
+    let operations: Vec<_> = requests.iter().map(|r| r.operation()).collect();
+    assert_eq!(
+        operations,
+        [Some("Encrypt"), Some("TagResource")],
+        "the denied request must not reach KMS"
+    );
+    for request in &requests {
+        request.verified();
+    }
+    requests
+}
+
+/// The audit shows one allowed and one denied TagResource.
+async fn assert_audited_allow_and_deny(proxy: &TestProxy) {
+    let records = proxy.wait_for_audit(3).await;
+    let decisions: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "decision")
+        .collect();
+    let verdicts: Vec<&str> = decisions
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts, ["allow", "deny"], "{records:#?}");
+    assert!(decisions
+        .iter()
+        .all(|r| r["operation"] == "TagResource" && r["access_key_id"] == ACCESS_KEY_ID));
+    let rules: Vec<&str> = decisions[1]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["rule"].as_str().unwrap())
+        .collect();
+    assert!(rules.contains(&"abac-keys"), "{rules:?}");
+}
+
+// ======================================================================== 1. TLS listener
+
+/// A proxy whose listener speaks TLS with `leaf`, in front of `fake`.
+async fn tls_listener_proxy(fake: &FakeKms, dir: &Path, leaf: &Leaf) -> (TestProxy, PathBuf) {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    install(&cert, &key, &leaf.cert_pem, &leaf.key_pem);
+    let proxy = start_proxy_with(
+        fake,
+        ProxyConfig {
+            listener: format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"",
+                cert.display(),
+                key.display()
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    (proxy, cert)
+}
+
+/// The ALPN protocols a client offers, and the one the listener must pick.
+type AlpnCase<'a> = (&'a [&'a [u8]], Option<&'a [u8]>);
+
+#[tokio::test]
+async fn tls_listener_negotiates_h2_and_http1_and_serves_both() {
+    let ca = TestCa::new("listener test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"], 1);
+    let (proxy, _) = tls_listener_proxy(&fake, dir.path(), &leaf).await;
+    let host = format!("localhost:{}", proxy.addr.port());
+    let ca_pem = ca.pem.as_bytes();
+
+    let offers: [AlpnCase; 4] = [
+        (&[b"h2"], Some(b"h2")),
+        (&[b"http/1.1"], Some(b"http/1.1")),
+        (&[b"h2", b"http/1.1"], Some(b"h2")),
+        (&[], None),
+    ];
+    for (offer, expected) in offers {
+        let stream = tls_connect(
+            tcp(proxy.addr).await,
+            "localhost",
+            client_config(ca_pem, offer),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("handshake offering {offer:?}: {e}"));
+        let negotiated = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        assert_eq!(
+            negotiated.as_deref(),
+            expected,
+            "ALPN offering {:?}",
+            offer
+                .iter()
+                .map(|p| String::from_utf8_lossy(p))
+                .collect::<Vec<_>>()
+        );
+        let raw = RawRequest::signed_kms(&host, "TrentService.Encrypt", encrypt_body().as_bytes());
+        let answer = if negotiated.as_deref() == Some(b"h2") {
+            send_h2(stream, &raw).await
+        } else {
+            send_h1(stream, &raw).await
+        };
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert!(answer.json()["CiphertextBlob"].is_string());
+    }
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 4);
+    for request in &requests {
+        request.verified();
+        assert_eq!(
+            request.header("host"),
+            Some(host.as_str()),
+            "the signed Host (h2: :authority) reaches KMS unchanged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sdk_over_the_tls_listener_encrypts_tags_and_is_denied() {
+    let ca = TestCa::new("listener test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"], 2);
+    let (proxy, _) = tls_listener_proxy(&fake, dir.path(), &leaf).await;
+    let client = kms_client_opts(
+        &format!("https://localhost:{}", proxy.addr.port()),
+        ClientOptions {
+            ca_pem: Some(ca.pem.clone().into_bytes()),
+            ..ClientOptions::default()
+        },
+    );
+    let requests = encrypt_tag_and_deny(&client, &fake).await;
+    let host = format!("localhost:{}", proxy.addr.port());
+    assert!(requests
+        .iter()
+        .all(|r| r.header("host") == Some(host.as_str())));
+    assert_audited_allow_and_deny(&proxy).await;
+
+    // A client that does not trust the test CA gets nowhere.
+    let stranger = TestCa::new("some other CA");
+    let refused = tls_connect(
+        tcp(proxy.addr).await,
+        "localhost",
+        client_config(stranger.pem.as_bytes(), &[]),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "an unknown issuer must fail the handshake"
+    );
+}
+
+/// Polls fresh handshakes until the server presents `want`, for at most `within`.
+async fn wait_for_leaf(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    want: &CertificateDer<'_>,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if presented_leaf(addr, ca_pem).await.ok().as_ref() == Some(want) {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_ignored() {
+    let ca = TestCa::new("listener test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let a = ca.leaf(&["localhost"], 10);
+    let b = ca.leaf(&["localhost"], 11);
+    let (proxy, cert_path) = tls_listener_proxy(&fake, dir.path(), &a).await;
+    let key_path = dir.path().join("tls.key");
+    let ca_pem = ca.pem.as_bytes();
+    assert_eq!(
+        presented_leaf(proxy.addr, ca_pem).await.unwrap(),
+        a.cert_der
+    );
+
+    install(&cert_path, &key_path, &b.cert_pem, &b.key_pem);
+    proxy.proxy.reload();
+    let took = wait_for_leaf(proxy.addr, ca_pem, &b.cert_der, Duration::from_secs(2))
+        .await
+        .expect("after reload() new handshakes present certificate B");
+    eprintln!("certificate B served {took:?} after reload()");
+
+    // A garbage replacement: the previous certificate stays in service.
+    write_atomic(
+        &cert_path,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+    );
+    proxy.proxy.reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            presented_leaf(proxy.addr, ca_pem).await.unwrap(),
+            b.cert_der,
+            "a broken replacement must leave B in service"
+        );
+    }
+    // A key that does not match the certificate is as broken.
+    let c = ca.leaf(&["localhost"], 12);
+    install(&cert_path, &key_path, &c.cert_pem, &a.key_pem);
+    proxy.proxy.reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        presented_leaf(proxy.addr, ca_pem).await.unwrap(),
+        b.cert_der,
+        "a certificate with someone else's key must leave B in service"
+    );
+    // And requests still go through.
+    let client = kms_client_opts(
+        &format!("https://localhost:{}", proxy.addr.port()),
+        ClientOptions {
+            ca_pem: Some(ca.pem.clone().into_bytes()),
+            ..ClientOptions::default()
+        },
+    );
+    client
+        .encrypt()
+        .key_id(KEY_ID)
+        .plaintext(Blob::new("x"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("Encrypt: {}", error_chain(&e)));
+    fake.last().unwrap().verified();
+
+    // Repaired: the good pair is picked up.
+    install(&cert_path, &key_path, &c.cert_pem, &c.key_pem);
+    proxy.proxy.reload();
+    wait_for_leaf(proxy.addr, ca_pem, &c.cert_der, Duration::from_secs(2))
+        .await
+        .expect("a repaired pair is picked up on the next reload");
+}
+
+#[tokio::test]
+async fn tls_listener_certificate_is_replaced_by_the_poll() {
+    let ca = TestCa::new("listener test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let a = ca.leaf(&["localhost"], 20);
+    let b = ca.leaf(&["localhost"], 21);
+    let (proxy, cert_path) = tls_listener_proxy(&fake, dir.path(), &a).await;
+    let ca_pem = ca.pem.as_bytes();
+    assert_eq!(
+        presented_leaf(proxy.addr, ca_pem).await.unwrap(),
+        a.cert_der
+    );
+    install(
+        &cert_path,
+        &dir.path().join("tls.key"),
+        &b.cert_pem,
+        &b.key_pem,
+    );
+    // No reload(): the 5 s poll has to notice.
+    let took = wait_for_leaf(proxy.addr, ca_pem, &b.cert_der, Duration::from_secs(7))
+        .await
+        .expect("the 5 s poll picks up certificate B within 7 s");
+    eprintln!("certificate B served {took:?} after the files changed (poll)");
+}
+
+// ======================================================================== 2. TLS upstream
+
+/// A fake KMS behind TLS for `localhost`, offering `alpn`.
+async fn tls_fake(ca: &TestCa, alpn: &[&[u8]]) -> FakeKms {
+    let leaf = ca.leaf(&["localhost"], 30);
+    FakeKms::start_tls(
+        vec![leaf.cert_der.clone()],
+        leaf.key(),
+        alpn.iter().map(|p| p.to_vec()).collect(),
+    )
+    .await
+}
+
+/// A plain-HTTP proxy whose upstream is `fake` (`https://localhost:PORT`) with these extra
+/// `[upstream]` lines.
+async fn proxy_to_tls_fake(fake: &FakeKms, upstream: String) -> TestProxy {
+    assert!(fake.url().starts_with("https://localhost:"));
+    start_proxy_with(
+        fake,
+        ProxyConfig {
+            upstream,
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn upstream_tls_with_ca_file_over_http1() {
+    let ca = TestCa::new("upstream test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let fake = tls_fake(&ca, &[b"http/1.1"]).await;
+    let proxy = proxy_to_tls_fake(&fake, format!("ca_file = \"{}\"", ca_file.display())).await;
+    let client = kms_client(&proxy.url());
+    let requests = encrypt_tag_and_deny(&client, &fake).await;
+    for request in &requests {
+        assert_eq!(request.version, Version::HTTP_11);
+        assert_eq!(
+            request.header("host"),
+            Some(proxy.addr.to_string().as_str())
+        );
+    }
+    assert_audited_allow_and_deny(&proxy).await;
+}
+
+/// With a fixed endpoint the proxy speaks HTTP/1.1 even to an upstream that offers h2: over h2
+/// the :authority would be the endpoint it dials, not the Host the client signed, and an h2
+/// server may judge (or verify) the request by :authority. Without an endpoint the two agree and
+/// h2 is used (see the CONNECT test with no endpoint).
+#[tokio::test]
+async fn upstream_tls_keeps_http1_to_a_fixed_endpoint_even_when_h2_is_offered() {
+    let ca = TestCa::new("upstream test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let fake = tls_fake(&ca, &[b"h2", b"http/1.1"]).await;
+    let proxy = proxy_to_tls_fake(&fake, format!("ca_file = \"{}\"", ca_file.display())).await;
+    let client = kms_client(&proxy.url());
+    let requests = encrypt_tag_and_deny(&client, &fake).await;
+    let signed_host = proxy.addr.to_string();
+    for request in &requests {
+        assert_eq!(
+            request.version,
+            Version::HTTP_11,
+            "no h2 toward a fixed endpoint"
+        );
+        assert_eq!(request.header("host"), Some(signed_host.as_str()));
+        request.verified();
+    }
+}
+
+#[tokio::test]
+async fn upstream_tls_with_an_unknown_issuer_is_a_502() {
+    let ca = TestCa::new("upstream test CA");
+    let stranger = TestCa::new("an unrelated CA");
+    let dir = tempfile::tempdir().unwrap();
+    let stranger_file = stranger.write(dir.path(), "stranger.pem");
+    let fake = tls_fake(&ca, &[b"h2", b"http/1.1"]).await;
+
+    let check = |answer: RawResponse, what: &str| {
+        assert_eq!(answer.status, 502, "{what}: {}", answer.body_str());
+        let body = answer.json();
+        assert_eq!(body["__type"], "BadGateway", "{what}");
+        assert_eq!(answer.header("x-amzn-errortype"), Some("BadGateway"));
+        let message = body["message"].as_str().unwrap().to_ascii_lowercase();
+        assert!(
+            message.contains("certificate") || message.contains("issuer"),
+            "{what}: the message should say the certificate is not trusted: {message}"
+        );
+        eprintln!("{what}: {message}");
+    };
+
+    // ca_file names a CA that did not sign the upstream's certificate.
+    let proxy =
+        proxy_to_tls_fake(&fake, format!("ca_file = \"{}\"", stranger_file.display())).await;
+    let answer = common::ops::call(proxy.addr, "Encrypt", &encrypt_body()).await;
+    check(answer, "ca_file of another CA");
+    let answer = common::ops::call(
+        proxy.addr,
+        "TagResource",
+        &tag_body(&[("team:owner", "payments")]),
+    )
+    .await;
+    check(answer, "allowed TagResource, ca_file of another CA");
+    let outcome = proxy
+        .wait_for_audit(2)
+        .await
+        .into_iter()
+        .find(|r| r["event"] == "outcome");
+    eprintln!("audit outcome of the failed forward: {outcome:?}");
+
+    // No ca_file: the system roots alone do not know the test CA.
+    let text = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
+         [upstream]\nendpoint = \"{}\"\n[audit]\npath = \"{}\"\n{TEST_POLICY}",
+        fake.url(),
+        dir.path().join("audit.log").display()
+    );
+    let config = kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
+        .unwrap_or_else(|e| panic!("{e}"));
+    match kms_tag_guard::start(config).await {
+        Ok(bare) => {
+            let answer = common::ops::call(bare.local_addr(), "Encrypt", &encrypt_body()).await;
+            check(answer, "no ca_file");
+            bare.shutdown();
+        }
+        Err(e) => eprintln!(
+            "SKIPPED the no-ca_file case: this machine has no system roots, so the proxy refuses to start ({e})"
+        ),
+    }
+    assert_eq!(
+        fake.count(),
+        0,
+        "no request may complete over an untrusted TLS connection"
+    );
+}
+
+// ======================================================================== 3. CONNECT
+
+/// An interception CA from `ca init`, as (cert path, key path, PEM).
+fn interception_ca(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (cert, key) = kms_tag_guard::tls::ca_init(&dir.join("ca")).unwrap();
+    let pem = std::fs::read(&cert).unwrap();
+    (cert, key, pem)
+}
+
+fn intercept_section(cert: &Path, key: &Path, tunnel_hosts: &str) -> String {
+    format!(
+        "ca_cert = \"{}\"\nca_key = \"{}\"\ntunnel_hosts = {tunnel_hosts}",
+        cert.display(),
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn connect_intercepts_kms_for_the_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let client = kms_client_opts(
+        &format!("https://{KMS_HOST}"),
+        ClientOptions {
+            proxy: Some(proxy.url()),
+            ca_pem: Some(ca_pem),
+            ..ClientOptions::default()
+        },
+    );
+    let requests = encrypt_tag_and_deny(&client, &fake).await;
+    for request in &requests {
+        assert_eq!(
+            request.header("host"),
+            Some(KMS_HOST),
+            "KMS sees the name the client signed"
+        );
+        assert_eq!(request.verified().region, REGION);
+    }
+    assert_audited_allow_and_deny(&proxy).await;
+}
+
+#[tokio::test]
+async fn connect_refuses_a_kms_name_without_an_interception_ca() {
+    let fake = FakeKms::start().await;
+    // Even listed in tunnel_hosts: KMS traffic is never tunnelled uninspected.
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: format!("tunnel_hosts = [\"{KMS_HOST}\"]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let answer = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+    assert_eq!(answer.status, 403, "{}{}", answer.head, answer.body);
+    let body: Value = serde_json::from_str(&answer.body).unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("ca_cert"),
+        "{body}"
+    );
+    assert!(answer
+        .head
+        .to_ascii_lowercase()
+        .contains("x-kms-tag-guard: connect-refused"));
+
+    // The SDK sees a failed connection, and nothing reaches KMS.
+    let client = kms_client_opts(
+        &format!("https://{KMS_HOST}"),
+        ClientOptions {
+            proxy: Some(proxy.url()),
+            ca_pem: Some(TestCa::new("unused").pem.into_bytes()),
+            ..ClientOptions::default()
+        },
+    );
+    let result = client
+        .encrypt()
+        .key_id(KEY_ID)
+        .plaintext(Blob::new("x"))
+        .send()
+        .await;
+    assert!(result.is_err());
+    assert_eq!(fake.count(), 0);
+}
+
+#[tokio::test]
+async fn connect_refuses_other_hosts_without_connecting_anywhere() {
+    let _port = PORT_443.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[\"sts.*.amazonaws.com\"]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let watched = watch_443("127.0.0.1", "connect_refuses_other_hosts").await;
+    let extra = Watched::bind("127.0.0.1:0").await.unwrap();
+    for target in [
+        "localhost:443".to_owned(),
+        "127.0.0.1:443".to_owned(),
+        format!("127.0.0.1:{}", extra.addr.port()),
+        format!("localhost:{}", extra.addr.port()),
+        // A KMS name on another port is not intercepted either.
+        format!("{KMS_HOST}:{}", extra.addr.port()),
+        // An allowed tunnel host on another port.
+        "sts.us-east-1.amazonaws.com:8443".to_owned(),
+    ] {
+        let answer = connect(proxy.addr, &target).await;
+        assert_eq!(answer.status, 403, "CONNECT {target}: {}", answer.head);
+        let body: Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["__type"], "Forbidden", "CONNECT {target}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(watched) = &watched {
+        assert_eq!(watched.connections(), 0, "a refused CONNECT opens nothing");
+    }
+    assert_eq!(extra.connections(), 0, "a refused CONNECT opens nothing");
+    assert_eq!(fake.count(), 0);
+}
+
+#[tokio::test]
+async fn connect_tunnels_listed_hosts_blind() {
+    let _port = PORT_443.lock().await;
+    let Some(watched) = watch_443("127.0.0.1", "connect_tunnels_listed_hosts_blind").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: "tunnel_hosts = [\"localhost\"]".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut tunnel = connect(proxy.addr, "localhost:443").await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    // The bytes are spliced as they are: the listener echoes them back.
+    let payload = b"\x16\x03\x01 not HTTP, not inspected\r\n\r\n";
+    tunnel.stream.write_all(payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(STEP, tunnel.stream.read_exact(&mut echoed))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    assert_eq!(echoed, payload);
+    assert_eq!(watched.connections(), 1);
+    assert_eq!(fake.count(), 0, "a blind tunnel is not KMS traffic");
+}
+
+#[tokio::test]
+async fn connect_into_its_own_listener_is_refused_as_a_loop() {
+    let _port = PORT_443.lock().await;
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[listener]\naddress = \"127.0.0.1:443\"\n[admin]\naddress = \"\"\n\
+         [upstream]\nendpoint = \"{}\"\n[intercept]\ntunnel_hosts = [\"localhost\"]\n\
+         [audit]\npath = \"{}\"\n{TEST_POLICY}",
+        fake.url(),
+        dir.path().join("audit.log").display()
+    );
+    let config = kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = match kms_tag_guard::start(config).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("SKIPPED connect_into_its_own_listener_is_refused_as_a_loop: {e}");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let answer = connect(proxy.local_addr(), "localhost:443").await;
+    assert_eq!(answer.status, 502, "{}{}", answer.head, answer.body);
+    assert!(answer.body.contains("loop"), "{}", answer.body);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    proxy.shutdown();
+    tokio::time::timeout(STEP, proxy.wait()).await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_intercepts_and_originates_tls_to_the_host_without_an_endpoint() {
+    // No endpoint: requests go to https://<Host>:443, as to real KMS. `localhost` plays the KMS
+    // name, so the fake has to listen on 127.0.0.1:443.
+    let _port = PORT_443.lock().await;
+    let upstream_ca = TestCa::new("upstream test CA");
+    let leaf = upstream_ca.leaf(&["localhost"], 50);
+    let fake = match FakeKms::try_start_tls_on(
+        "127.0.0.1:443".parse().unwrap(),
+        vec![leaf.cert_der.clone()],
+        leaf.key(),
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )
+    .await
+    {
+        Ok(fake) => fake,
+        Err(e) => {
+            eprintln!("SKIPPED connect_intercepts_and_originates_tls_to_the_host_without_an_endpoint: cannot listen on 127.0.0.1:443 ({e})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = upstream_ca.write(dir.path(), "upstream-ca.pem");
+    // An unconstrained interception CA: `ca init`'s name constraints would (rightly) make
+    // clients reject a leaf for `localhost`.
+    let intercept_ca = TestCa::new("interception test CA");
+    let (cert, key) = intercept_ca.write_pair(dir.path(), "intercept");
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            without_endpoint: true,
+            upstream: format!(
+                "allowed_hosts = [\"localhost\"]\nca_file = \"{}\"",
+                ca_file.display()
+            ),
+            intercept: intercept_section(&cert, &key, "[]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+
+    // Mode C: HTTPS_PROXY + CONNECT, intercepted, TLS originated again to localhost:443.
+    let client = kms_client_opts(
+        "https://localhost",
+        ClientOptions {
+            proxy: Some(proxy.url()),
+            ca_pem: Some(intercept_ca.pem.clone().into_bytes()),
+            ..ClientOptions::default()
+        },
+    );
+    let requests = encrypt_tag_and_deny(&client, &fake).await;
+    for request in &requests {
+        assert_eq!(request.header("host"), Some("localhost"));
+        assert_eq!(request.version, Version::HTTP_2, "the fake offers h2");
+        eprintln!(
+            "no endpoint, h2 upstream: :authority = {:?}, host = {:?}",
+            request.uri.authority().map(|a| a.to_string()),
+            request.header("host")
+        );
+    }
+    assert_audited_allow_and_deny(&proxy).await;
+
+    // Mode A: plain HTTP to the listener with the real name as Host, TLS to <Host>:443.
+    fake.clear();
+    let raw = RawRequest::signed_kms(
+        "localhost",
+        "TrentService.Encrypt",
+        encrypt_body().as_bytes(),
+    );
+    let answer = raw::send(proxy.addr, &raw.to_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body_str());
+    let recorded = fake.last().expect("forwarded to localhost:443");
+    recorded.verified();
+    assert_eq!(recorded.header("host"), Some("localhost"));
+}
+
+/// A CONNECT to `KMS_HOST:443` through a proxy with an interception CA in front of `fake`.
+async fn intercepting_proxy(fake: &FakeKms, dir: &Path) -> (TestProxy, Vec<u8>) {
+    let (cert, key, ca_pem) = interception_ca(dir);
+    let proxy = start_proxy_with(
+        fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    (proxy, ca_pem)
+}
+
+#[tokio::test]
+async fn connect_tunnel_refuses_an_sni_other_than_the_connect_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path()).await;
+
+    // The control: the CONNECT host as SNI gets a leaf for that name, chained to the CA.
+    let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    let stream = tls_connect(tunnel.stream, KMS_HOST, client_config(&ca_pem, &[b"h2"]))
+        .await
+        .expect("SNI = CONNECT host is served");
+    let chain = stream.get_ref().1.peer_certificates().unwrap().to_vec();
+    assert_eq!(chain.len(), 2, "leaf and CA");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Another KMS name as SNI: no certificate, the handshake fails.
+    let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    let refused = tls_connect(
+        tunnel.stream,
+        "kms.eu-west-1.amazonaws.com",
+        client_config(&ca_pem, &[]),
+    )
+    .await;
+    let error = refused.expect_err("an SNI other than the CONNECT host must fail");
+    eprintln!("SNI mismatch: {error}");
+
+    // No SNI at all (a client connecting by IP address): refused as well.
+    let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+    assert_eq!(tunnel.status, 200);
+    let name = ServerName::IpAddress("203.0.113.7".parse::<std::net::IpAddr>().unwrap().into());
+    let no_sni = tokio::time::timeout(
+        STEP,
+        TlsConnector::from(client_config(&ca_pem, &[])).connect(name, tunnel.stream),
+    )
+    .await
+    .expect("handshake timed out");
+    assert!(no_sni.is_err(), "a handshake without SNI must fail");
+    assert_eq!(fake.count(), 0);
+}
+
+#[tokio::test]
+async fn connect_tunnel_pins_requests_to_the_connect_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path()).await;
+    let other = "kms.eu-west-1.amazonaws.com";
+    let tag = tag_body(&[("team:owner", "payments")]);
+    let cases = [
+        ("TrentService.TagResource", tag.clone()),
+        ("TrentService.Encrypt", encrypt_body()),
+    ];
+    for (target, body) in &cases {
+        let host = other;
+        for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+            let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+            assert_eq!(tunnel.status, 200);
+            let stream = tls_connect(tunnel.stream, KMS_HOST, client_config(&ca_pem, &[alpn]))
+                .await
+                .unwrap();
+            let raw = RawRequest::signed_kms(host, target, body.as_bytes());
+            let answer = if alpn == b"h2" {
+                send_h2(stream, &raw).await
+            } else {
+                send_h1(stream, &raw).await
+            };
+            assert_eq!(
+                answer.status,
+                421,
+                "{target} for {host} inside a tunnel to {KMS_HOST} ({}): {:?}",
+                String::from_utf8_lossy(alpn),
+                answer.body
+            );
+            assert_eq!(answer.json()["__type"], "MisdirectedRequest");
+            assert_eq!(
+                answer.header("x-amzn-errortype"),
+                Some("MisdirectedRequest")
+            );
+        }
+    }
+    assert_eq!(fake.count(), 0, "misdirected requests reach nobody");
+
+    // The same tunnel with the right Host works, and the signature survives (h2: the proxy
+    // turns the signed :authority into Host).
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
+        let stream = tls_connect(tunnel.stream, KMS_HOST, client_config(&ca_pem, &[alpn]))
+            .await
+            .unwrap();
+        let raw = RawRequest::signed_kms(KMS_HOST, "TrentService.TagResource", tag.as_bytes());
+        let answer = if alpn == b"h2" {
+            send_h2(stream, &raw).await
+        } else {
+            send_h1(stream, &raw).await
+        };
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let recorded = fake.last().unwrap();
+        recorded.verified();
+        assert_eq!(recorded.header("host"), Some(KMS_HOST));
+        assert_eq!(recorded.body, Bytes::from(tag.clone()));
+    }
+    assert_eq!(fake.count(), 2);
+}
+
+// ======================================================================== 4. loop guard
+
+#[tokio::test]
+async fn an_endpoint_that_is_the_proxy_itself_is_a_quick_502() {
+    let dir = tempfile::tempdir().unwrap();
+    // The port was free a moment ago; try another if someone takes it in between.
+    let mut attempt = 0;
+    let proxy = loop {
+        attempt += 1;
+        let port = free_port();
+        let text = format!(
+            "[listener]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"\"\n\
+             [upstream]\nendpoint = \"http://127.0.0.1:{port}\"\ntimeout_ms = 10000\n\
+             [audit]\npath = \"{}\"\n{TEST_POLICY}",
+            dir.path().join("audit.log").display()
+        );
+        let config =
+            kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
+                .unwrap_or_else(|e| panic!("{e}"));
+        match kms_tag_guard::start(config).await {
+            Ok(proxy) => break proxy,
+            Err(e @ kms_tag_guard::StartError::Bind { .. }) if attempt < 3 => {
+                eprintln!("retrying with another port: {e}")
+            }
+            Err(e) => panic!("cannot start the proxy: {e}"),
+        }
+    };
+    let addr = proxy.local_addr();
+    for (operation, body) in [
+        ("Encrypt", encrypt_body()),
+        ("TagResource", tag_body(&[("team:owner", "payments")])),
+    ] {
+        let started = Instant::now();
+        let answer = common::ops::call(addr, operation, &body).await;
+        let took = started.elapsed();
+        assert_eq!(answer.status, 502, "{operation}: {}", answer.body_str());
+        let json = answer.json();
+        assert_eq!(json["__type"], "BadGateway");
+        let message = json["message"].as_str().unwrap();
+        assert!(message.contains("forwarding loop"), "{message}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{operation}: the loop is refused at once, not after the timeout ({took:?})"
+        );
+    }
+    // The allowed TagResource was recorded as allowed, then as failed upstream.
+    let deadline = Instant::now() + STEP;
+    let outcome = loop {
+        let audit = common::proxy::read_audit(&dir.path().join("audit.log"));
+        if let Some(outcome) = audit.into_iter().find(|r| r["event"] == "outcome") {
+            break outcome;
+        }
+        assert!(Instant::now() < deadline, "no outcome record");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(outcome["aws_error"], "BadGateway", "{outcome}");
+    proxy.shutdown();
+    tokio::time::timeout(STEP, proxy.wait()).await.unwrap();
+}
+
+// ======================================================================== 5. ca init
+
+/// A server presenting `leaf` to a rustls client trusting `roots_pem`, over an in-memory pipe;
+/// the client's handshake result.
+async fn client_accepts(leaf: Arc<CertifiedKey>, roots_pem: &[u8], sni: &str) -> io::Result<()> {
+    #[derive(Debug)]
+    struct Fixed(Arc<CertifiedKey>);
+    impl ResolvesServerCert for Fixed {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(Arc::clone(&self.0))
+        }
+    }
+    let server_config = kms_tag_guard::tls::server_config(Arc::new(Fixed(leaf))).unwrap();
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            STEP,
+            TlsAcceptor::from(Arc::new(server_config)).accept(server_io),
+        )
+        .await;
+    });
+    let result = tls_connect(client_io, sni, client_config(roots_pem, &[])).await;
+    server.abort();
+    result.map(|_| ())
+}
+
+fn certified(leaf: &Leaf, chain_extra: Option<&[u8]>) -> Arc<CertifiedKey> {
+    let mut chain = vec![leaf.cert_der.clone()];
+    if let Some(pem) = chain_extra {
+        chain.extend(CertificateDer::pem_slice_iter(pem).map(Result::unwrap));
+    }
+    Arc::new(CertifiedKey::from_der(chain, leaf.key(), &provider()).unwrap())
+}
+
+#[tokio::test]
+async fn ca_init_writes_a_name_constrained_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("new-ca");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+            .args(["ca", "init", "--out"])
+            .arg(&out)
+            .output()
+            .expect("run kms-tag-guard")
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let cert_path = out.join("ca.pem");
+    let key_path = out.join("ca.key");
+    let ca_pem = std::fs::read(&cert_path).expect("ca.pem written");
+    let key_pem = std::fs::read_to_string(&key_path).expect("ca.key written");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_path).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "ca.key must be private");
+
+    let second = run();
+    assert!(!second.status.success(), "ca init must refuse to overwrite");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&cert_path).unwrap(),
+        ca_pem,
+        "ca.pem unchanged"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_path).unwrap(),
+        key_pem,
+        "ca.key unchanged"
+    );
+
+    // The proxy's own minter: a leaf for a KMS name is accepted by a client trusting the CA.
+    let minter = kms_tag_guard::tls::LeafMinter::load(&kms_tag_guard::config::TlsFiles {
+        cert: cert_path.clone(),
+        key: key_path.clone(),
+    })
+    .unwrap();
+    for host in [
+        KMS_HOST,
+        "kms-fips.eu-west-1.amazonaws.com",
+        "kms.us-west-2.api.aws",
+    ] {
+        client_accepts(minter.leaf_for(host).unwrap(), &ca_pem, host)
+            .await
+            .unwrap_or_else(|e| panic!("a minted leaf for {host} must be accepted: {e}"));
+    }
+
+    // Leaves signed with ca.key by hand: the name constraints decide.
+    let issuer = Issuer::from_ca_cert_pem(
+        &String::from_utf8(ca_pem.clone()).unwrap(),
+        KeyPair::from_pem(&key_pem).unwrap(),
+    )
+    .unwrap();
+    let kms = mint_leaf(&issuer, &[KMS_HOST], 40);
+    client_accepts(certified(&kms, None), &ca_pem, KMS_HOST)
+        .await
+        .expect("a hand-made leaf for a KMS name is accepted");
+    for (names, sni) in [
+        (&["evil.example.com"][..], "evil.example.com"),
+        (
+            &["sts.us-east-1.amazonaws.com"][..],
+            "sts.us-east-1.amazonaws.com",
+        ),
+        // A KMS name cannot carry a foreign name along.
+        (&[KMS_HOST, "evil.example.com"][..], KMS_HOST),
+    ] {
+        let leaf = mint_leaf(&issuer, names, 41);
+        let error = client_accepts(certified(&leaf, None), &ca_pem, sni)
+            .await
+            .expect_err("the name constraints must reject this leaf");
+        eprintln!("{names:?}: {error}");
+        assert!(
+            format!("{error:?}").contains("NameConstraint"),
+            "{names:?} should fail on the name constraints: {error:?}"
+        );
+    }
+
+    // The control: without name constraints, the same hand-made leaf would be accepted.
+    let open = TestCa::new("unconstrained CA");
+    let evil = open.leaf(&["evil.example.com"], 42);
+    client_accepts(
+        certified(&evil, None),
+        open.pem.as_bytes(),
+        "evil.example.com",
+    )
+    .await
+    .expect("an unconstrained CA's leaf is accepted: the rejection above is the constraint");
+}
+
+// ======================================================================== 6. resolver = "dns"
+
+/// A proxy with `resolver = "dns"`, no endpoint, and these allowed hosts.
+async fn dns_proxy(fake: &FakeKms, allowed: &str, resolver: &str) -> TestProxy {
+    start_proxy_with(
+        fake,
+        ProxyConfig {
+            without_endpoint: true,
+            upstream: format!(
+                "resolver = \"{resolver}\"\nallowed_hosts = {allowed}\nconnect_timeout_ms = 2000\ntimeout_ms = 4000"
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn dns_resolver_starts_and_a_failed_lookup_is_a_quick_502() {
+    let fake = FakeKms::start().await;
+    // The default allowed_hosts, no endpoint: starts.
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            without_endpoint: true,
+            upstream: "resolver = \"dns\"".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    proxy.proxy.shutdown();
+
+    // `.invalid` never resolves (RFC 6761; the resolver answers it without asking a server).
+    let proxy = dns_proxy(&fake, "[\"kms.*.invalid\"]", "dns").await;
+    for host in ["kms.test.invalid.", "kms.test.invalid"] {
+        let started = Instant::now();
+        let raw = RawRequest::signed_kms(host, "TrentService.Encrypt", encrypt_body().as_bytes());
+        let answer = raw::send(proxy.addr, &raw.to_bytes()).await;
+        let took = started.elapsed();
+        if answer.status == 504 && !host.ends_with('.') {
+            // A relative name may also be tried under the resolv.conf search domains, which
+            // needs a reachable DNS server.
+            eprintln!("SKIPPED {host}: DNS search domains unreachable here (504 after {took:?})");
+            continue;
+        }
+        assert_eq!(answer.status, 502, "{host}: {}", answer.body_str());
+        let json = answer.json();
+        assert_eq!(json["__type"], "BadGateway");
+        let message = json["message"].as_str().unwrap().to_ascii_lowercase();
+        assert!(
+            message.contains("dns") || message.contains("resolve") || message.contains("record"),
+            "{host}: the message should name the failed lookup: {message}"
+        );
+        assert!(took < Duration::from_secs(3), "{host}: {took:?}");
+        eprintln!("{host}: 502 after {took:?}: {message}");
+    }
+    assert_eq!(fake.count(), 0);
+}
+
+/// A name `/etc/hosts` maps to a loopback address other than `localhost` (which DNS resolvers
+/// answer themselves, RFC 6761).
+fn loopback_name_from_etc_hosts() -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/etc/hosts").ok()?;
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let ip: std::net::Ipv4Addr = fields.next()?.parse().ok()?;
+            ip.is_loopback().then_some((ip, fields.collect::<Vec<_>>()))
+        })
+        .flat_map(|(ip, names)| {
+            names
+                .into_iter()
+                .map(move |n| (ip.to_string(), n.to_ascii_lowercase()))
+        })
+        .find(|(_, name)| {
+            name != "localhost"
+                && !name.ends_with(".localhost")
+                && !name.ends_with(".local")
+                && kms_tag_guard::glob::HostGlob::new(name).is_ok()
+        })
+}
+
+#[tokio::test]
+async fn dns_resolver_ignores_etc_hosts() {
+    let Some((ip, name)) = loopback_name_from_etc_hosts() else {
+        eprintln!("SKIPPED dns_resolver_ignores_etc_hosts: /etc/hosts maps no name but localhost to a loopback address");
+        return;
+    };
+    let _port = PORT_443.lock().await;
+    let Some(watched) = watch_443(&ip, "dns_resolver_ignores_etc_hosts").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let allowed = format!("[\"{name}\"]");
+    let raw = RawRequest::signed_kms(&name, "TrentService.Encrypt", encrypt_body().as_bytes());
+
+    // The control: the system resolver follows /etc/hosts to the watched listener.
+    let system = dns_proxy(&fake, &allowed, "system").await;
+    let answer = raw::send(system.addr, &raw.to_bytes()).await;
+    assert_eq!(answer.status, 502, "{}", answer.body_str());
+    let followed = watched.connections();
+    assert!(
+        followed >= 1,
+        "/etc/hosts sends {name} to {ip}:443 for the system resolver"
+    );
+    system.proxy.shutdown();
+
+    // resolver = "dns": /etc/hosts is not consulted, so the listener sees nothing.
+    let dns = dns_proxy(&fake, &allowed, "dns").await;
+    let started = Instant::now();
+    let answer = raw::send(dns.addr, &raw.to_bytes()).await;
+    eprintln!(
+        "resolver = \"dns\" for {name}: {} after {:?}: {}",
+        answer.status,
+        started.elapsed(),
+        answer.body_str()
+    );
+    assert!(
+        answer.status == 502 || answer.status == 504,
+        "{}",
+        answer.body_str()
+    );
+    assert_eq!(
+        watched.connections(),
+        followed,
+        "resolver = \"dns\" must not follow /etc/hosts to {ip}"
+    );
+    assert_eq!(fake.count(), 0);
+}
