@@ -250,7 +250,7 @@ pub fn decide(config: &Config, case: &Case) -> Decision {
     let Route::Inspect(operation) = route else {
         return Decision::default();
     };
-    if let Err(reason) = check_tag_request_head(operation, &Method::POST, &root, &case.headers) {
+    if let Err(reason) = check_tag_request_head(&Method::POST, &root, &case.headers) {
         return Judgement::unreadable(reason).decision;
     }
     if case.body.len() as u64 > config.limits.max_body_bytes {

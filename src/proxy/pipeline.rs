@@ -223,9 +223,7 @@ async fn inspect(
     let policy = shared.policy.load_full();
     let (mut parts, body) = request.into_parts();
 
-    if let Err(reason) =
-        check_tag_request_head(operation, &parts.method, &parts.uri, &parts.headers)
-    {
+    if let Err(reason) = check_tag_request_head(&parts.method, &parts.uri, &parts.headers) {
         return refuse(&shared, &request_id, op, op, peer, reason.into()).await;
     }
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
