@@ -4,7 +4,7 @@
 //! be read two ways (a repeated signed or routing header, a target that names a tag-bearing
 //! operation in another spelling, a hop-by-hop trick that would strip a signed header) is refused.
 
-use http::header;
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Uri};
 
 use super::operation::{Operation, TagOperation, TARGET_PREFIX};
@@ -52,16 +52,17 @@ pub enum Unreadable {
     Trailers,
 }
 
-const X_AMZ_TARGET: &str = "x-amz-target";
+static X_AMZ_TARGET: HeaderName = HeaderName::from_static("x-amz-target");
 
 /// Headers that decide what the request is or where it goes: each may appear once at most.
-const SINGLE_HEADERS: [(&str, &str); 6] = [
-    (X_AMZ_TARGET, "X-Amz-Target"),
-    ("host", "Host"),
-    ("content-type", "Content-Type"),
-    ("content-length", "Content-Length"),
-    ("content-encoding", "Content-Encoding"),
-    ("authorization", "Authorization"),
+/// Looked up by `HeaderName`, not by `&str`, which would be parsed again on every request.
+static SINGLE_HEADERS: [(&HeaderName, &str); 6] = [
+    (&X_AMZ_TARGET, "X-Amz-Target"),
+    (&header::HOST, "Host"),
+    (&header::CONTENT_TYPE, "Content-Type"),
+    (&header::CONTENT_LENGTH, "Content-Length"),
+    (&header::CONTENT_ENCODING, "Content-Encoding"),
+    (&header::AUTHORIZATION, "Authorization"),
 ];
 
 /// The content type of every KMS request (awsJson 1.1).
@@ -69,15 +70,15 @@ pub const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
 /// Classifies a request by its head.
 pub fn classify(headers: &HeaderMap) -> Result<Route, Unreadable> {
-    for (name, display) in SINGLE_HEADERS {
-        let mut values = headers.get_all(name).iter();
+    for (name, display) in &SINGLE_HEADERS {
+        let mut values = headers.get_all(*name).iter();
         if values.next().is_some() && values.next().is_some() {
             return Err(Unreadable::RepeatedHeader(display));
         }
     }
     check_connection_tokens(headers)?;
     let target = headers
-        .get(X_AMZ_TARGET)
+        .get(&X_AMZ_TARGET)
         .ok_or(Unreadable::MissingTarget)?
         .to_str()
         .map_err(|_| Unreadable::TargetNotText)?;
