@@ -4,8 +4,10 @@ mod body;
 mod connect;
 mod connector;
 mod error;
+mod h1;
 mod headers;
 mod pipeline;
+mod rewind;
 mod serve;
 pub mod upstream;
 

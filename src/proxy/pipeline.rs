@@ -33,7 +33,7 @@ use crate::policy::{Policy, UnknownOperations};
 
 /// The largest KMS answer to a tag-bearing request the proxy reads to record its outcome. KMS
 /// answers to these operations are a few KiB.
-const MAX_INSPECTED_RESPONSE_BYTES: usize = 4 << 20;
+pub(crate) const MAX_INSPECTED_RESPONSE_BYTES: usize = 4 << 20;
 
 /// What every connection's requests share.
 pub(crate) struct Shared {
@@ -49,14 +49,14 @@ pub(crate) struct Shared {
 }
 
 /// An answer, and what became of the request for the metrics.
-struct Handled {
-    response: Response<ProxyBody>,
-    operation: &'static str,
-    outcome: Outcome,
+pub(crate) struct Handled {
+    pub response: Response<ProxyBody>,
+    pub operation: &'static str,
+    pub outcome: Outcome,
 }
 
 impl Handled {
-    fn error(error: ProxyError, operation: &'static str, request_id: &str) -> Handled {
+    pub(crate) fn error(error: ProxyError, operation: &'static str, request_id: &str) -> Handled {
         Handled {
             outcome: error.outcome(),
             response: error.into_response(request_id),
@@ -66,7 +66,7 @@ impl Handled {
 }
 
 /// The metrics label of a request whose operation is not (exactly) one of the model's.
-const UNKNOWN_OPERATION: &str = "unknown";
+pub(crate) const UNKNOWN_OPERATION: &str = "unknown";
 /// The metrics label of a CONNECT request.
 const CONNECT_OPERATION: &str = "CONNECT";
 
@@ -184,16 +184,7 @@ fn prepare_forward(
     parts: &mut Parts,
     tunnel_host: Option<&str>,
 ) -> Result<(), ProxyError> {
-    let host = request_host(&parts.uri, &parts.headers)
-        .map_err(|e| ProxyError::Unreadable(e.to_string()))?
-        .to_owned();
-    // Inside an intercepted tunnel, requests must stay with the host the client connected to.
-    if let Some(tunnel_host) = tunnel_host {
-        if !crate::glob::host_name(&host).eq_ignore_ascii_case(tunnel_host) {
-            return Err(ProxyError::HostNotAllowed(host));
-        }
-    }
-    let target = upstream.target(&host, parts.uri.path_and_query())?;
+    let (host, target) = forward_target(upstream, &parts.uri, &parts.headers, tunnel_host)?;
     if !parts.headers.contains_key(HOST) {
         // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
         let value = HeaderValue::from_str(&host).map_err(|_| {
@@ -205,6 +196,26 @@ fn prepare_forward(
     parts.uri = target;
     parts.version = Version::HTTP_11;
     Ok(())
+}
+
+/// The host a request is addressed to and the upstream URI it goes to.
+pub(crate) fn forward_target(
+    upstream: &Upstream,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    tunnel_host: Option<&str>,
+) -> Result<(String, http::Uri), ProxyError> {
+    let host = request_host(uri, headers)
+        .map_err(|e| ProxyError::Unreadable(e.to_string()))?
+        .to_owned();
+    // Inside an intercepted tunnel, requests must stay with the host the client connected to.
+    if let Some(tunnel_host) = tunnel_host {
+        if !crate::glob::host_name(&host).eq_ignore_ascii_case(tunnel_host) {
+            return Err(ProxyError::HostNotAllowed(host));
+        }
+    }
+    let target = upstream.target(&host, uri.path_and_query())?;
+    Ok((host, target))
 }
 
 /// A tag-bearing request: read it whole, parse it strictly, judge it, record the decision, then
@@ -246,21 +257,8 @@ async fn inspect(
         &policy,
         Some(peer),
     );
-    let record = DecisionRecord::new(&request_id, op, Some(peer), &judgement);
-    if let Err(error) = shared.audit.write(&record).await {
-        warn!(%request_id, %error, "audit record not written");
-        if shared.audit.fail_closed {
-            return Handled::error(ProxyError::AuditUnavailable, op, &request_id);
-        }
-    }
-    if !judgement.decision.allowed() {
-        info!(%request_id, operation = op, "tag change denied");
-        let error = if judgement.change.is_some() {
-            ProxyError::Denied(judgement.decision.denial_message())
-        } else {
-            ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
-        };
-        return Handled::error(error, op, &request_id);
+    if let Err(handled) = record_decision(&shared, &request_id, op, peer, &judgement).await {
+        return handled;
     }
 
     // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
@@ -285,6 +283,34 @@ async fn inspect(
             Handled::error(error, op, &request_id)
         }
     }
+}
+
+/// Writes the decision record of a judged tag-bearing request. `Err` is the answer when the
+/// request may not be forwarded: denied, or (with `fail_closed`) not audited.
+pub(crate) async fn record_decision(
+    shared: &Shared,
+    request_id: &str,
+    op: &'static str,
+    peer: SocketAddr,
+    judgement: &Judgement,
+) -> Result<(), Handled> {
+    let record = DecisionRecord::new(request_id, op, Some(peer), judgement);
+    if let Err(error) = shared.audit.write(&record).await {
+        warn!(%request_id, %error, "audit record not written");
+        if shared.audit.fail_closed {
+            return Err(Handled::error(ProxyError::AuditUnavailable, op, request_id));
+        }
+    }
+    if !judgement.decision.allowed() {
+        info!(%request_id, operation = op, "tag change denied");
+        let error = if judgement.change.is_some() {
+            ProxyError::Denied(judgement.decision.denial_message())
+        } else {
+            ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
+        };
+        return Err(Handled::error(error, op, request_id));
+    }
+    Ok(())
 }
 
 /// Reads a tag-bearing body under `max_body_bytes` and `body_read_timeout_ms`.
@@ -340,37 +366,69 @@ async fn forward_inspected(
         }
         Err(error) => Err(error),
     };
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (response, outcome) = match result {
+    match result {
         Ok((parts, body)) => {
-            let aws_error =
-                (parts.status.as_u16() >= 400).then(|| aws_error_type(&parts.headers, &body));
-            let aws_request_id = parts
-                .headers
-                .get("x-amzn-requestid")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let status = parts.status.as_u16();
-            (
-                Ok(Response::from_parts(parts, Either::Right(Full::new(body)))),
-                (Some(status), aws_request_id, aws_error.flatten(), None),
-            )
+            let header = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let answer = KmsAnswer {
+                status: parts.status.as_u16(),
+                aws_request_id: header("x-amzn-requestid"),
+                aws_error_header: header("x-amzn-errortype"),
+                body: &body,
+            };
+            record_outcome(&shared, &request_id, started, Ok(answer)).await;
+            Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
+        }
+        Err(error) => {
+            record_outcome(&shared, &request_id, started, Err(&error)).await;
+            Err(error)
+        }
+    }
+}
+
+/// What KMS answered a forwarded tag change, as far as its outcome record goes.
+pub(crate) struct KmsAnswer<'a> {
+    pub status: u16,
+    pub aws_request_id: Option<String>,
+    pub aws_error_header: Option<String>,
+    pub body: &'a [u8],
+}
+
+/// Writes the outcome record of a forwarded tag change.
+pub(crate) async fn record_outcome(
+    shared: &Shared,
+    request_id: &str,
+    started: Instant,
+    result: Result<KmsAnswer<'_>, &ProxyError>,
+) {
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (upstream_status, aws_request_id, aws_error, error) = match result {
+        Ok(answer) => {
+            let aws_error = (answer.status >= 400)
+                .then(|| aws_error_type(answer.aws_error_header.as_deref(), answer.body))
+                .flatten();
+            (Some(answer.status), answer.aws_request_id, aws_error, None)
         }
         Err(error) => {
             warn!(%request_id, %error, "forwarding a tag change failed");
             let (_, error_type, _) = error.shape();
-            let message = error.to_string();
             (
-                Err(error),
-                (None, None, Some(error_type.to_owned()), Some(message)),
+                None,
+                None,
+                Some(error_type.to_owned()),
+                Some(error.to_string()),
             )
         }
     };
-    let (upstream_status, aws_request_id, aws_error, error) = outcome;
     let record = OutcomeRecord {
         ts: timestamp(),
         event: "outcome",
-        request_id: &request_id,
+        request_id,
         upstream_status,
         aws_request_id: aws_request_id.as_deref(),
         aws_error: aws_error.as_deref(),
@@ -380,7 +438,6 @@ async fn forward_inspected(
     if let Err(error) = shared.audit.write(&record).await {
         warn!(%request_id, %error, "outcome record not written");
     }
-    response
 }
 
 /// Reads KMS's answer to a tag-bearing request whole, so its outcome can be recorded.
@@ -403,7 +460,7 @@ async fn read_response(
 
 /// The error type of a KMS error answer: the body's `__type` (or `code`), else the
 /// `x-amzn-ErrorType` header, without namespace or URI.
-fn aws_error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+fn aws_error_type(header: Option<&str>, body: &[u8]) -> Option<String> {
     let from_body = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
@@ -412,12 +469,7 @@ fn aws_error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
                 .and_then(|t| t.as_str())
                 .map(str::to_owned)
         });
-    let raw = from_body.or_else(|| {
-        headers
-            .get("x-amzn-errortype")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    })?;
+    let raw = from_body.or_else(|| header.map(str::to_owned))?;
     let before_colon = raw.split(':').next().unwrap_or(&raw);
     Some(
         before_colon
@@ -430,7 +482,7 @@ fn aws_error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
 
 /// Records a refusal as a `deny` decision, then answers it. With `fail_closed`, a refusal whose
 /// record cannot be written is answered 503 like any other tag-bearing request.
-async fn refuse(
+pub(crate) async fn refuse(
     shared: &Shared,
     request_id: &str,
     target: &str,
@@ -487,7 +539,7 @@ fn target_text(headers: &HeaderMap) -> String {
     }
 }
 
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
@@ -497,17 +549,17 @@ mod tests {
 
     #[test]
     fn aws_error_types_are_sanitised() {
-        let h = HeaderMap::new();
         assert_eq!(
             aws_error_type(
-                &h,
+                None,
                 br#"{"__type":"com.amazon#NotFoundException:http://x","message":"m"}"#
             ),
             Some("NotFoundException".into())
         );
-        let mut h = HeaderMap::new();
-        h.insert("x-amzn-errortype", "TagException".parse().unwrap());
-        assert_eq!(aws_error_type(&h, b"<html>"), Some("TagException".into()));
-        assert_eq!(aws_error_type(&HeaderMap::new(), b""), None);
+        assert_eq!(
+            aws_error_type(Some("TagException"), b"<html>"),
+            Some("TagException".into())
+        );
+        assert_eq!(aws_error_type(None, b""), None);
     }
 }

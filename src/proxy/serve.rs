@@ -88,6 +88,10 @@ where
 {
     // Held while the connection lives, so that shutdown waits for it.
     let _open = shared.lifecycle.connections.subscribe();
+    let io = match super::h1::serve(io, &shared, &origin).await {
+        super::h1::Ended::Closed => return,
+        super::h1::Ended::HandOver(io) => io,
+    };
     let mut closing = shared.lifecycle.closing.subscribe();
     let idle = shared.limits.header_read_timeout;
     let peer = origin.peer;

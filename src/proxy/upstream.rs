@@ -6,13 +6,15 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use tower_service::Service;
 
 use super::connector::{GuardedConnector, OwnAddresses, UpstreamResolver};
 use super::error::ProxyError;
@@ -35,8 +37,13 @@ pub enum UpstreamSetupError {
     Resolver(String),
 }
 
+/// A connection of its own to KMS, which the fast HTTP/1.1 path speaks over directly.
+pub(crate) type DirectStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
 pub struct Upstream {
     client: Client<HttpsConnector<GuardedConnector>, ProxyBody>,
+    /// HTTP/1.1 only (ALPN), for the fast path's own connections.
+    direct: HttpsConnector<GuardedConnector>,
     metrics: Arc<Metrics>,
     endpoint: Option<(Scheme, Authority)>,
     config: UpstreamConfig,
@@ -61,6 +68,11 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
+        let direct = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(GuardedConnector::new(http.clone(), own.clone()));
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -91,6 +103,7 @@ impl Upstream {
         });
         Ok(Upstream {
             client,
+            direct,
             metrics,
             endpoint,
             config: config.clone(),
@@ -143,6 +156,24 @@ impl Upstream {
                 Err(ProxyError::UpstreamConnect(error_chain(&e)))
             }
             Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Opens a connection of its own to the target's scheme and authority (TLS with ALPN
+    /// `http/1.1` for https), within `timeout_ms`.
+    pub(crate) async fn dial(&self, target: &Uri) -> Result<DirectStream, ProxyError> {
+        let timeout = self.config.timeout;
+        let mut connector = self.direct.clone();
+        match tokio::time::timeout(timeout, connector.call(target.clone())).await {
+            Err(_) => {
+                self.metrics.upstream_error(UpstreamErrorKind::timeout);
+                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
+            }
+            Ok(Err(e)) => {
+                self.metrics.upstream_error(UpstreamErrorKind::connect);
+                Err(ProxyError::UpstreamConnect(error_chain(e.as_ref())))
+            }
+            Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
         }
     }
 

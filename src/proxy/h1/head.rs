@@ -1,0 +1,442 @@
+//! HTTP/1.1 heads on the fast path.
+//!
+//! A request head is taken only in one narrow, canonical shape (below); anything else goes to the
+//! general server, which parses and normalises it. A head in that shape reads the same to every
+//! HTTP/1.1 parser, so its bytes can be forwarded exactly as the client sent and signed them.
+//! An answer from KMS is parsed and its head written anew for the client, without the hop-by-hop
+//! headers.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Uri, Version};
+
+/// More headers than any KMS request or answer carries; a head with more goes to the general
+/// server (requests) or is refused (answers).
+const MAX_HEADERS: usize = 64;
+
+/// The longest head the fast path reads, like the general server's buffer: beyond it, the
+/// general server answers 431.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What the fast path makes of the bytes read so far.
+pub(crate) enum Parsed<T> {
+    /// A complete head in the shape the fast path takes.
+    Complete(T),
+    /// The head is not complete yet.
+    Partial,
+    /// Not a head the fast path takes: hand the connection to the general server.
+    Other,
+}
+
+/// A request head in the fast path's shape: `POST / HTTP/1.1`, lines ending in CRLF, header
+/// values that are header values, at most one Content-Length of digits, and of the hop-by-hop
+/// headers only `Connection: keep-alive|close` and `Keep-Alive`.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub parts: Parts,
+    /// Bytes of the head, final empty line included.
+    pub len: usize,
+    pub body_len: u64,
+    /// Whether the head declared a Content-Length (tag-bearing requests must).
+    pub has_length: bool,
+    /// The client asked to close the connection after this request.
+    pub close: bool,
+    /// Byte ranges of the Connection and Keep-Alive lines, which are not forwarded.
+    pub hop_lines: Vec<(usize, usize)>,
+}
+
+pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
+    // A head that starts with empty lines is one some parsers skip and others do not.
+    if buf.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
+        return Parsed::Other;
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut slots);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => return Parsed::Partial,
+        _ => return Parsed::Other,
+    };
+    if request.method != Some("POST") || request.path != Some("/") || request.version != Some(1) {
+        return Parsed::Other;
+    }
+    let head = &buf[..len];
+    if !crlf_only(head) {
+        return Parsed::Other;
+    }
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    let mut close = false;
+    let mut hop_lines = Vec::new();
+    for h in request.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Parsed::Other;
+        };
+        if name == header::CONNECTION || name.as_str() == "keep-alive" {
+            if name == header::CONNECTION {
+                match connection_says_close(h.value) {
+                    Some(c) => close |= c,
+                    None => return Parsed::Other,
+                }
+            }
+            hop_lines.push(line_of(head, h.name.as_ptr()));
+        } else if is_other_hop_by_hop(&name) {
+            return Parsed::Other;
+        }
+        headers.append(name, value);
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (body_len, has_length) = match (lengths.next(), lengths.next()) {
+        (None, _) => (0, false),
+        (Some(v), None) => match digits(v.as_bytes()) {
+            Some(n) => (n, true),
+            None => return Parsed::Other,
+        },
+        (Some(_), Some(_)) => return Parsed::Other,
+    };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = Method::POST;
+    parts.uri = Uri::from_static("/");
+    parts.version = Version::HTTP_11;
+    parts.headers = headers;
+    Parsed::Complete(RequestHead {
+        parts,
+        len,
+        body_len,
+        has_length,
+        close,
+        hop_lines,
+    })
+}
+
+/// Every line ends in CRLF, and CR appears nowhere else.
+fn crlf_only(head: &[u8]) -> bool {
+    let mut previous = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if previous != b'\r' => return false,
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
+            _ => {}
+        }
+        previous = b;
+    }
+    true
+}
+
+/// `Some(true)` for a Connection header of `close`, `Some(false)` for `keep-alive`; `None` for
+/// anything else, which names headers to drop and is left to the general server.
+fn connection_says_close(value: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for token in value.split(|b| *b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+/// The hop-by-hop and framing headers the fast path leaves to the general server.
+fn is_other_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::UPGRADE
+        || *name == header::EXPECT
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "proxy-connection"
+}
+
+/// The byte range of the header line whose name starts at `name` (a pointer into `head`).
+fn line_of(head: &[u8], name: *const u8) -> (usize, usize) {
+    let start = name as usize - head.as_ptr() as usize;
+    let end = head[start..]
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(head.len(), |p| start + p + 2);
+    (start, end)
+}
+
+/// A decimal number of digits only, as Content-Length must be.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// No length: the body runs until KMS closes the connection.
+    UntilClose,
+}
+
+/// An answer's head, written anew for the client.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    pub status: u16,
+    /// Bytes of the head as KMS sent it.
+    pub len: usize,
+    /// The head for the client: `HTTP/1.1`, without hop-by-hop headers.
+    pub rewritten: Vec<u8>,
+    pub framing: Framing,
+    /// Whether the connection to KMS can carry another request after this answer.
+    pub reusable: bool,
+    pub aws_request_id: Option<String>,
+    pub aws_error_type: Option<String>,
+}
+
+/// Why an answer from KMS cannot be relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadResponse {
+    #[error("the answer's head could not be parsed: {0}")]
+    Parse(String),
+    #[error("the answer's head is larger than {MAX_HEAD_BYTES} bytes")]
+    TooLarge,
+    #[error("the answer switches protocols")]
+    SwitchingProtocols,
+    #[error("the answer's framing is ambiguous (Transfer-Encoding {0:?})")]
+    Framing(String),
+    #[error("the answer's Content-Length is not one number")]
+    Length,
+}
+
+/// Parses an answer's head. Interim (1xx) answers come back as `Ok(Complete)` with status < 200:
+/// the caller skips them.
+pub(crate) fn parse_response(
+    buf: &[u8],
+    close_after: bool,
+) -> Result<Parsed<ResponseHead>, BadResponse> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => return Ok(Parsed::Partial),
+        Ok(httparse::Status::Partial) => return Err(BadResponse::TooLarge),
+        Err(error) => return Err(BadResponse::Parse(error.to_string())),
+    };
+    let status = response.code.unwrap_or(0);
+    if status == 101 {
+        return Err(BadResponse::SwitchingProtocols);
+    }
+    let mut reusable = response.version == Some(1);
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    let mut aws_request_id = None;
+    let mut aws_error_type = None;
+    let mut dropped: Vec<&[u8]> = Vec::new();
+    for h in response.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(BadResponse::Framing(
+                    String::from_utf8_lossy(h.value).into_owned(),
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some() {
+                return Err(BadResponse::Length);
+            }
+            length = Some(digits(h.value.trim_ascii()).ok_or(BadResponse::Length)?);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    dropped.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"x-amzn-requestid") {
+            aws_request_id = Some(String::from_utf8_lossy(h.value).into_owned());
+        } else if name.eq_ignore_ascii_case(b"x-amzn-errortype") {
+            aws_error_type = Some(String::from_utf8_lossy(h.value).into_owned());
+        }
+    }
+    if chunked && length.is_some() {
+        return Err(BadResponse::Framing(
+            "chunked, with a Content-Length".into(),
+        ));
+    }
+    let framing = match (status, chunked, length) {
+        (100..=199 | 204 | 304, _, _) => Framing::Empty,
+        (_, true, _) => Framing::Chunked,
+        (_, false, Some(n)) => Framing::Length(n),
+        (_, false, None) => Framing::UntilClose,
+    };
+    if framing == Framing::UntilClose {
+        reusable = false;
+    }
+    let mut rewritten = Vec::with_capacity(len + 32);
+    rewritten.extend_from_slice(b"HTTP/1.1 ");
+    rewritten.extend_from_slice(status.to_string().as_bytes());
+    rewritten.push(b' ');
+    rewritten.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    rewritten.extend_from_slice(b"\r\n");
+    for h in response.headers.iter() {
+        let name = h.name.as_bytes();
+        let hop = HOP_BY_HOP_ANSWER
+            .iter()
+            .chain(dropped.iter())
+            .any(|n| n.eq_ignore_ascii_case(name));
+        if hop && !(chunked && name.eq_ignore_ascii_case(b"transfer-encoding")) {
+            continue;
+        }
+        rewritten.extend_from_slice(name);
+        rewritten.extend_from_slice(b": ");
+        rewritten.extend_from_slice(h.value);
+        rewritten.extend_from_slice(b"\r\n");
+    }
+    if close_after || framing == Framing::UntilClose {
+        rewritten.extend_from_slice(b"connection: close\r\n");
+    }
+    rewritten.extend_from_slice(b"\r\n");
+    Ok(Parsed::Complete(ResponseHead {
+        status,
+        len,
+        rewritten,
+        framing,
+        reusable,
+        aws_request_id,
+        aws_error_type,
+    }))
+}
+
+const HOP_BY_HOP_ANSWER: [&[u8]; 8] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+/// The head to forward: the client's bytes, without the Connection and Keep-Alive lines.
+pub(crate) fn forwarded_head(head: &[u8], hop_lines: &[(usize, usize)]) -> Bytes {
+    let mut out = Vec::with_capacity(head.len());
+    let mut at = 0;
+    for &(start, end) in hop_lines {
+        out.extend_from_slice(&head[at..start]);
+        at = end;
+    }
+    out.extend_from_slice(&head[at..]);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENCRYPT: &[u8] = b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nX-Amz-Target: TrentService.Encrypt\r\nContent-Length: 2\r\n\r\n{}";
+
+    fn complete(buf: &[u8]) -> RequestHead {
+        match parse_request(buf) {
+            Parsed::Complete(head) => head,
+            Parsed::Partial => panic!("partial: {:?}", String::from_utf8_lossy(buf)),
+            Parsed::Other => panic!("other: {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    fn is_other(buf: &[u8]) -> bool {
+        matches!(parse_request(buf), Parsed::Other)
+    }
+
+    #[test]
+    fn a_plain_sdk_request_is_taken() {
+        let head = complete(ENCRYPT);
+        assert_eq!(head.len, ENCRYPT.len() - 2);
+        assert_eq!(head.body_len, 2);
+        assert!(head.has_length && !head.close && head.hop_lines.is_empty());
+        assert_eq!(head.parts.headers["x-amz-target"], "TrentService.Encrypt");
+        assert!(matches!(parse_request(&ENCRYPT[..30]), Parsed::Partial));
+    }
+
+    #[test]
+    fn anything_outside_the_canonical_shape_goes_to_the_general_server() {
+        let cases: [&[u8]; 14] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /?a=b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.0\r\nHost: a\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"\r\nPOST / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nConnection: x-amz-date\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"POST / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+        ];
+        for case in cases {
+            assert!(is_other(case), "{:?}", String::from_utf8_lossy(case));
+        }
+        let too_long = [
+            b"POST / HTTP/1.1\r\nX: ".as_slice(),
+            &[b'a'; MAX_HEAD_BYTES],
+        ]
+        .concat();
+        assert!(is_other(&too_long));
+    }
+
+    #[test]
+    fn connection_and_keep_alive_lines_are_not_forwarded() {
+        let buf = b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, close\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n";
+        let head = complete(buf);
+        assert!(head.close);
+        assert_eq!(
+            forwarded_head(&buf[..head.len], &head.hop_lines),
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n".as_slice()
+        );
+    }
+
+    #[test]
+    fn answers_are_framed_and_rewritten() {
+        let buf = b"HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nContent-Length: 5\r\n\r\nhello";
+        let Ok(Parsed::Complete(head)) = parse_response(buf, false) else {
+            panic!()
+        };
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(head.reusable);
+        assert_eq!(head.aws_request_id.as_deref(), Some("r1"));
+        assert_eq!(
+            String::from_utf8(head.rewritten).unwrap(),
+            "HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nContent-Length: 5\r\n\r\n"
+        );
+        let chunked = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let Ok(Parsed::Complete(head)) = parse_response(chunked, true) else {
+            panic!()
+        };
+        assert_eq!(head.framing, Framing::Chunked);
+        assert!(String::from_utf8(head.rewritten)
+            .unwrap()
+            .ends_with("Transfer-Encoding: chunked\r\nconnection: close\r\n\r\n"));
+        let close = b"HTTP/1.0 200 OK\r\n\r\n";
+        let Ok(Parsed::Complete(head)) = parse_response(close, false) else {
+            panic!()
+        };
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert!(!head.reusable);
+        for bad in [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".as_slice(),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 101 Switching\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, false).is_err());
+        }
+    }
+}
