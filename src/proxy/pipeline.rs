@@ -185,6 +185,7 @@ fn prepare_forward(
     tunnel_host: Option<&str>,
 ) -> Result<(), ProxyError> {
     let (host, target) = forward_target(upstream, &parts.uri, &parts.headers, tunnel_host)?;
+    let host = host.to_owned();
     if !parts.headers.contains_key(HOST) {
         // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
         let value = HeaderValue::from_str(&host).map_err(|_| {
@@ -199,22 +200,20 @@ fn prepare_forward(
 }
 
 /// The host a request is addressed to and the upstream URI it goes to.
-pub(crate) fn forward_target(
+pub(crate) fn forward_target<'a>(
     upstream: &Upstream,
-    uri: &http::Uri,
-    headers: &HeaderMap,
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
     tunnel_host: Option<&str>,
-) -> Result<(String, http::Uri), ProxyError> {
-    let host = request_host(uri, headers)
-        .map_err(|e| ProxyError::Unreadable(e.to_string()))?
-        .to_owned();
+) -> Result<(&'a str, http::Uri), ProxyError> {
+    let host = request_host(uri, headers).map_err(|e| ProxyError::Unreadable(e.to_string()))?;
     // Inside an intercepted tunnel, requests must stay with the host the client connected to.
     if let Some(tunnel_host) = tunnel_host {
-        if !crate::glob::host_name(&host).eq_ignore_ascii_case(tunnel_host) {
-            return Err(ProxyError::HostNotAllowed(host));
+        if !crate::glob::host_name(host).eq_ignore_ascii_case(tunnel_host) {
+            return Err(ProxyError::HostNotAllowed(host.to_owned()));
         }
     }
-    let target = upstream.target(&host, uri.path_and_query())?;
+    let target = upstream.target(host, uri.path_and_query())?;
     Ok((host, target))
 }
 

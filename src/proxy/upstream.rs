@@ -46,6 +46,8 @@ pub struct Upstream {
     direct: HttpsConnector<GuardedConnector>,
     metrics: Arc<Metrics>,
     endpoint: Option<(Scheme, Authority)>,
+    /// `<endpoint>/`, the target of every KMS request when an endpoint is set.
+    endpoint_root: Option<Uri>,
     config: UpstreamConfig,
 }
 
@@ -101,11 +103,20 @@ impl Upstream {
                     .expect("validated endpoint has a host"),
             )
         });
+        let endpoint_root = endpoint.as_ref().map(|(scheme, authority)| {
+            Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query("/")
+                .build()
+                .expect("a validated endpoint makes a URI")
+        });
         Ok(Upstream {
             client,
             direct,
             metrics,
             endpoint,
+            endpoint_root,
             config: config.clone(),
         })
     }
@@ -115,6 +126,11 @@ impl Upstream {
     pub fn target(&self, host: &str, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
         if !self.config.allows_host(host) {
             return Err(ProxyError::HostNotAllowed(host.to_owned()));
+        }
+        if let (Some(root), None | Some("/")) =
+            (&self.endpoint_root, path.map(PathAndQuery::as_str))
+        {
+            return Ok(root.clone());
         }
         let (scheme, authority) = match &self.endpoint {
             Some((scheme, authority)) => (scheme.clone(), authority.clone()),

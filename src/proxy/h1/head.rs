@@ -114,16 +114,15 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
 
 /// Every line ends in CRLF, and CR appears nowhere else.
 fn crlf_only(head: &[u8]) -> bool {
-    let mut previous = 0u8;
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if previous != b'\r' => return false,
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
-            _ => {}
+    let mut expect_lf_at = None;
+    for at in memchr::memchr2_iter(b'\r', b'\n', head) {
+        match (head[at], expect_lf_at) {
+            (b'\r', None) => expect_lf_at = Some(at + 1),
+            (b'\n', Some(lf)) if lf == at => expect_lf_at = None,
+            _ => return false,
         }
-        previous = b;
     }
-    true
+    expect_lf_at.is_none()
 }
 
 /// `Some(true)` for a Connection header of `close`, `Some(false)` for `keep-alive`; `None` for
@@ -212,9 +211,11 @@ pub(crate) enum BadResponse {
 
 /// Parses an answer's head. Interim (1xx) answers come back as `Ok(Complete)` with status < 200:
 /// the caller skips them.
+/// `want_ids`: also read the request id and error type (for an outcome record).
 pub(crate) fn parse_response(
     buf: &[u8],
     close_after: bool,
+    want_ids: bool,
 ) -> Result<Parsed<ResponseHead>, BadResponse> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut slots);
@@ -257,6 +258,8 @@ pub(crate) fn parse_response(
                     dropped.push(token);
                 }
             }
+        } else if !want_ids {
+            continue;
         } else if name.eq_ignore_ascii_case(b"x-amzn-requestid") {
             aws_request_id = Some(String::from_utf8_lossy(h.value).into_owned());
         } else if name.eq_ignore_ascii_case(b"x-amzn-errortype") {
@@ -279,7 +282,10 @@ pub(crate) fn parse_response(
     }
     let mut rewritten = Vec::with_capacity(len + 32);
     rewritten.extend_from_slice(b"HTTP/1.1 ");
-    rewritten.extend_from_slice(status.to_string().as_bytes());
+    match http::StatusCode::from_u16(status) {
+        Ok(code) => rewritten.extend_from_slice(code.as_str().as_bytes()),
+        Err(_) => return Err(BadResponse::Parse(format!("status {status}"))),
+    }
     rewritten.push(b' ');
     rewritten.extend_from_slice(response.reason.unwrap_or("").as_bytes());
     rewritten.extend_from_slice(b"\r\n");
@@ -393,6 +399,20 @@ mod tests {
     }
 
     #[test]
+    fn only_crlf_ends_lines() {
+        assert!(crlf_only(b"a\r\nb: c\r\n\r\n"));
+        for bad in [
+            b"a\nb\r\n".as_slice(),
+            b"a\rb\r\n",
+            b"a\r\r\n",
+            b"a\r\n\r",
+            b"a\n\r",
+        ] {
+            assert!(!crlf_only(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn connection_and_keep_alive_lines_are_not_forwarded() {
         let buf = b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, close\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n";
         let head = complete(buf);
@@ -406,7 +426,7 @@ mod tests {
     #[test]
     fn answers_are_framed_and_rewritten() {
         let buf = b"HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nContent-Length: 5\r\n\r\nhello";
-        let Ok(Parsed::Complete(head)) = parse_response(buf, false) else {
+        let Ok(Parsed::Complete(head)) = parse_response(buf, false, true) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::Length(5));
@@ -417,7 +437,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nContent-Length: 5\r\n\r\n"
         );
         let chunked = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let Ok(Parsed::Complete(head)) = parse_response(chunked, true) else {
+        let Ok(Parsed::Complete(head)) = parse_response(chunked, true, true) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::Chunked);
@@ -425,7 +445,7 @@ mod tests {
             .unwrap()
             .ends_with("Transfer-Encoding: chunked\r\nconnection: close\r\n\r\n"));
         let close = b"HTTP/1.0 200 OK\r\n\r\n";
-        let Ok(Parsed::Complete(head)) = parse_response(close, false) else {
+        let Ok(Parsed::Complete(head)) = parse_response(close, false, true) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::UntilClose);
@@ -436,7 +456,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
             b"HTTP/1.1 101 Switching\r\n\r\n",
         ] {
-            assert!(parse_response(bad, false).is_err());
+            assert!(parse_response(bad, false, true).is_err());
         }
     }
 }

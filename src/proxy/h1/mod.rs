@@ -453,14 +453,18 @@ where
     }
 
     /// Reads KMS's answer head within `timeout_ms`, skipping interim answers.
-    async fn answer_head(&mut self, close_after: bool) -> Result<head::ResponseHead, ProxyError> {
+    async fn answer_head(
+        &mut self,
+        close_after: bool,
+        want_ids: bool,
+    ) -> Result<head::ResponseHead, ProxyError> {
         let upstream = &self.shared.upstream;
         let timeout = upstream.timeout();
         let kms = self.kms.as_mut().expect("connected");
         let reading = async {
             loop {
                 if !kms.buf.is_empty() {
-                    match parse_response(&kms.buf, close_after) {
+                    match parse_response(&kms.buf, close_after, want_ids) {
                         Ok(Parsed::Complete(head)) if head.status < 200 => {
                             kms.buf.advance(head.len)
                         }
@@ -502,7 +506,7 @@ where
     /// Streams KMS's answer to the client as it arrives.
     async fn relay_answer(&mut self, close_after: bool) -> Result<Relayed, RelayError> {
         let answer = self
-            .answer_head(close_after)
+            .answer_head(close_after, false)
             .await
             .map_err(RelayError::Kms)?;
         let kms = self.kms.as_mut().expect("connected");
@@ -591,7 +595,7 @@ where
     /// Reads KMS's answer to a tag change whole (at most `MAX_INSPECTED_RESPONSE_BYTES`, within
     /// `timeout_ms` for the body as for the head).
     async fn read_answer(&mut self, close_after: bool) -> Result<WholeAnswer, ProxyError> {
-        let answer = self.answer_head(close_after).await?;
+        let answer = self.answer_head(close_after, true).await?;
         let timeout = self.shared.upstream.timeout();
         let kms = self.kms.as_mut().expect("connected");
         let reading = async {
