@@ -5,6 +5,7 @@
 //! untouched bytes.
 
 pub mod admin;
+mod ascii;
 pub mod audit;
 pub mod cases;
 pub mod config;

@@ -7,6 +7,8 @@
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
+use crate::ascii::{split_byte, split_once_byte};
+
 /// The credential scope of a SigV4 (or SigV4a) request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
@@ -57,18 +59,18 @@ pub fn read_credential(
 
 fn credential_from_header(value: &str) -> Result<Credential, CredentialError> {
     use CredentialError::MalformedHeader as Bad;
-    let (algorithm, params) = value.split_once(' ').ok_or(Bad("no parameters"))?;
+    let (algorithm, params) = split_once_byte(value, b' ').ok_or(Bad("no parameters"))?;
     if !ALGORITHMS.contains(&algorithm) {
         return Err(Bad("unknown signing algorithm"));
     }
     let mut credential = None;
     let mut signed_headers = 0;
     let mut signature = 0;
-    for param in params.split(',') {
-        let (name, value) = param
-            .trim()
-            .split_once('=')
-            .ok_or(Bad("a parameter without '='"))?;
+    for param in split_byte(params, b',') {
+        // `to_str` lets only visible ASCII and tabs through: trimming ASCII whitespace trims
+        // exactly what `str::trim` would.
+        let (name, value) =
+            split_once_byte(param.trim_ascii(), b'=').ok_or(Bad("a parameter without '='"))?;
         match name {
             "Credential" if credential.is_none() => credential = Some(value),
             "Credential" => return Err(Bad("Credential appears twice")),
@@ -105,8 +107,14 @@ fn credential_from_query(query: &str) -> Result<Option<Credential>, CredentialEr
 
 /// `AKID/date/region/service/aws4_request` (SigV4) or `AKID/date/service/aws4_request` (SigV4a).
 fn parse_scope(scope: &str) -> Option<Credential> {
-    let parts: Vec<&str> = scope.split('/').collect();
-    let (akid, region) = match parts.as_slice() {
+    // A readable scope has at most five parts, so they fit an array; a sixth makes it unreadable.
+    let mut parts = [""; 5];
+    let mut count = 0;
+    for part in split_byte(scope, b'/') {
+        *parts.get_mut(count)? = part;
+        count += 1;
+    }
+    let (akid, region) = match &parts[..count] {
         [akid, _date, region, _service, "aws4_request"] => (*akid, Some(*region)),
         [akid, _date, _service, "aws4_request"] => (*akid, None),
         _ => return None,
@@ -194,6 +202,102 @@ mod tests {
         );
         let q2 = format!("{q}&x-amz-credential={q}");
         assert!(read_credential(&HeaderMap::new(), Some(&q2)).is_err());
+    }
+
+    /// The reader before it split on bytes, kept to check the byte-splitting one against.
+    fn credential_from_header_by_str_split(value: &str) -> Result<Credential, CredentialError> {
+        use CredentialError::MalformedHeader as Bad;
+        let (algorithm, params) = value.split_once(' ').ok_or(Bad("no parameters"))?;
+        if !ALGORITHMS.contains(&algorithm) {
+            return Err(Bad("unknown signing algorithm"));
+        }
+        let (mut credential, mut signed_headers, mut signature) = (None, 0, 0);
+        for param in params.split(',') {
+            let (name, value) = param
+                .trim()
+                .split_once('=')
+                .ok_or(Bad("a parameter without '='"))?;
+            match name {
+                "Credential" if credential.is_none() => credential = Some(value),
+                "Credential" => return Err(Bad("Credential appears twice")),
+                "SignedHeaders" => signed_headers += 1,
+                "Signature" => signature += 1,
+                _ => return Err(Bad("an unknown parameter")),
+            }
+        }
+        if signed_headers != 1 || signature != 1 {
+            return Err(Bad("SignedHeaders and Signature must each appear once"));
+        }
+        let scope = credential.ok_or(Bad("no Credential"))?;
+        let parts: Vec<&str> = scope.split('/').collect();
+        let (akid, region) = match parts.as_slice() {
+            [akid, _date, region, _service, "aws4_request"] => (*akid, Some(*region)),
+            [akid, _date, _service, "aws4_request"] => (*akid, None),
+            _ => return Err(Bad("Credential is not a scope")),
+        };
+        if akid.is_empty() || !akid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(Bad("Credential is not a scope"));
+        }
+        Ok(Credential {
+            access_key_id: akid.to_owned(),
+            region: region.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn the_byte_splitting_reader_reads_as_the_str_splitting_one() {
+        let scopes = [
+            "AKID/20261128/us-east-1/kms/aws4_request",
+            "AKID/20261128/kms/aws4_request",
+            "AKID/20261128/us-east-1/kms/aws4_request/",
+            "AKID/20261128/us-east-1/kms/x/aws4_request",
+            "/20261128/us-east-1/kms/aws4_request",
+            "AKID//us-east-1//aws4_request",
+            "AKID/20261128/kms/aws4_requestx",
+            "AK-ID/20261128/kms/aws4_request",
+            "AKID/aws4_request",
+            "",
+            "/",
+            "////",
+            "/////",
+        ];
+        let mut headers = Vec::new();
+        for scope in scopes {
+            for (sep, pad) in [
+                (",", ""),
+                (", ", ""),
+                (",\t", "\t"),
+                (",,", " "),
+                (" ,", "  "),
+            ] {
+                headers.push(format!(
+                    "AWS4-HMAC-SHA256 {pad}Credential={scope}{sep}SignedHeaders=host{sep}Signature=ab{pad}"
+                ));
+            }
+        }
+        headers.extend(
+            [
+                "AWS4-HMAC-SHA256 Credential=AKID/d/r/kms/aws4_request, SignedHeaders=host, Signature=ab,",
+                "AWS4-HMAC-SHA256 Signature=ab, SignedHeaders=a=b, Credential=AKID/d/kms/aws4_request",
+                "AWS4-HMAC-SHA256  Credential=AKID/d/r/kms/aws4_request, SignedHeaders=host, Signature=ab",
+                "AWS4-HMAC-SHA256 Credential =AKID/d/r/kms/aws4_request, SignedHeaders=host, Signature=ab",
+                "AWS4-HMAC-SHA256 Credential=AKID/d/r/kms/aws4_request, SignedHeaders=host, Signature",
+                "AWS4-HMAC-SHA256 Credential=AKID/d/r/kms/aws4_request SignedHeaders=host, Signature=ab",
+                "AWS4-HMAC-SHA256 ",
+                "AWS4-HMAC-SHA256",
+                " AWS4-HMAC-SHA256 Credential=AKID/d/r/kms/aws4_request, SignedHeaders=h, Signature=ab",
+                "AWS4-ECDSA-P256-SHA256 Credential=AKID/d/kms/aws4_request,SignedHeaders=h,Signature=ab",
+                "",
+            ]
+            .map(String::from),
+        );
+        for header in &headers {
+            assert_eq!(
+                credential_from_header(header),
+                credential_from_header_by_str_split(header),
+                "{header:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! unexpected members, wrong types, repeated tag keys, trailing bytes, invalid UTF-8. Escapes are
 //! decoded before anything is compared, so `"Pro\u006aect"` is judged as `Project`.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -56,35 +57,50 @@ pub fn parse_tag_request(operation: TagOperation, body: &[u8]) -> Result<TagChan
     if body.starts_with(b"\xEF\xBB\xBF") {
         return Err(RequestError::ByteOrderMark);
     }
-    if std::str::from_utf8(body).is_err() {
+    let Ok(text) = std::str::from_utf8(body) else {
         return Err(RequestError::NotUtf8);
-    }
+    };
     // The awsJson 1.1 protocol lets a client send an empty body for an empty input.
-    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    let text = if text.is_empty() { "{}" } else { text };
 
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    // Read from the validated `str`: serde_json then skips checking each string's UTF-8 again.
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     let change = deserializer
         .deserialize_map(RequestVisitor { operation })
         .and_then(|change| deserializer.end().map(|()| change))
         .map_err(|e| RequestError::Json(e.to_string()))?;
 
-    let mut seen = HashSet::with_capacity(change.set.len() + change.remove.len());
-    let keys = change.set.iter().map(|t| &t.key).chain(&change.remove);
-    for key in keys {
-        if !seen.insert(key.as_str()) {
-            return Err(RequestError::DuplicateTagKey(key.clone()));
-        }
+    if let Some(key) = repeated_tag_key(&change) {
+        return Err(RequestError::DuplicateTagKey(key.clone()));
     }
     Ok(change)
 }
 
-/// Member names seen in one object, to refuse repeats.
-struct MemberNames {
-    names: Vec<String>,
-    large: HashSet<String>,
+/// The first tag key, set or removed, that equals an earlier one.
+fn repeated_tag_key(change: &TagChange) -> Option<&String> {
+    // A request sets at most 50 tags and usually a few: comparing each key with those before it
+    // is cheaper than hashing for a few, and the set keeps a hostile list of thousands linear.
+    const SCAN_LIMIT: usize = 16;
+    let keys = || change.set.iter().map(|t| &t.key).chain(&change.remove);
+    let count = change.set.len() + change.remove.len();
+    if count <= SCAN_LIMIT {
+        return keys()
+            .enumerate()
+            .find(|&(i, key)| keys().take(i).any(|earlier| earlier == key))
+            .map(|(_, key)| key);
+    }
+    let mut seen = HashSet::with_capacity(count);
+    keys().find(|key| !seen.insert(key.as_str()))
 }
 
-impl MemberNames {
+/// Member names seen in one object, to refuse repeats. Names borrow from the body unless they
+/// hold escapes, so admitting one allocates nothing in the common case.
+struct MemberNames<'de> {
+    names: Vec<Cow<'de, str>>,
+    large: HashSet<Cow<'de, str>>,
+}
+
+impl<'de> MemberNames<'de> {
     /// Objects in KMS requests have a handful of members; a linear scan is fastest for those, and
     /// a set keeps a hostile object with thousands of members linear.
     const SCAN_LIMIT: usize = 16;
@@ -96,28 +112,75 @@ impl MemberNames {
         }
     }
 
-    fn admit<E: de::Error>(&mut self, name: &str) -> Result<(), E> {
-        for guarded in GUARDED_MEMBERS {
-            if name != guarded && eq_ignore_case(name, guarded) {
-                return Err(E::custom(format_args!(
-                    "member {name:?} differs from {guarded:?} only in letter case"
-                )));
-            }
+    fn admit<E: de::Error>(&mut self, name: Cow<'de, str>) -> Result<(), E> {
+        if let Some(guarded) = case_variant_of_guarded(&name) {
+            return Err(E::custom(format_args!(
+                "member {name:?} differs from {guarded:?} only in letter case"
+            )));
         }
         let repeated = if self.large.is_empty() && self.names.len() < Self::SCAN_LIMIT {
-            let repeated = self.names.iter().any(|n| n == name);
-            self.names.push(name.to_owned());
-            repeated
+            self.names.contains(&name)
         } else {
             if self.large.is_empty() {
                 self.large.extend(self.names.drain(..));
             }
-            !self.large.insert(name.to_owned())
+            self.large.contains(&name)
         };
         if repeated {
             return Err(E::custom(format_args!("member {name:?} appears twice")));
         }
+        if self.large.is_empty() {
+            self.names.push(name);
+        } else {
+            self.large.insert(name);
+        }
         Ok(())
+    }
+}
+
+/// The guarded member that `name` spells in another letter case, if any.
+fn case_variant_of_guarded(name: &str) -> Option<&'static str> {
+    if name.is_ascii() {
+        // An ASCII name equals an ASCII member ignoring case only at the same length, so most
+        // members are ruled out without looking at a byte.
+        GUARDED_MEMBERS
+            .into_iter()
+            .find(|g| g.len() == name.len() && name != *g && name.eq_ignore_ascii_case(g))
+    } else {
+        // Letters such as `ſ` and `K` fold onto ASCII and change the length: the full fold decides.
+        GUARDED_MEMBERS
+            .into_iter()
+            .find(|g| eq_ignore_case(name, g))
+    }
+}
+
+/// A member name, borrowed from the body when it holds no escapes.
+struct MemberName;
+
+impl<'de> DeserializeSeed<'de> for MemberName {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MemberName {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(name))
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(name.to_owned()))
+    }
+
+    fn visit_string<E>(self, name: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(name))
     }
 }
 
@@ -138,9 +201,9 @@ impl<'de> Visitor<'de> for RequestVisitor {
         let mut key_id = None;
         let mut set = None;
         let mut remove = None;
-        while let Some(name) = map.next_key::<String>()? {
-            names.admit(&name)?;
-            match (op, name.as_str()) {
+        while let Some(name) = map.next_key_seed(MemberName)? {
+            names.admit(name.clone())?;
+            match (op, name.as_ref()) {
                 (
                     TagOperation::TagResource
                     | TagOperation::UntagResource
@@ -236,9 +299,9 @@ impl<'de> Visitor<'de> for TagObject {
         let mut names = MemberNames::new();
         let mut key = None;
         let mut value = None;
-        while let Some(name) = map.next_key::<String>()? {
-            names.admit(&name)?;
-            match name.as_str() {
+        while let Some(name) = map.next_key_seed(MemberName)? {
+            names.admit(name.clone())?;
+            match name.as_ref() {
                 "TagKey" => key = Some(map.next_value::<String>()?),
                 "TagValue" => value = Some(map.next_value::<String>()?),
                 _ => {
@@ -325,8 +388,8 @@ impl<'de> Visitor<'de> for AnyStrict {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut names = MemberNames::new();
-        while let Some(name) = map.next_key::<String>()? {
-            names.admit(&name)?;
+        while let Some(name) = map.next_key_seed(MemberName)? {
+            names.admit(name.clone())?;
             map.next_value_seed(AnyStrict)?;
         }
         Ok(())
@@ -514,6 +577,85 @@ mod tests {
         assert!(rejected(CreateKey, &deep).contains("recursion"));
         // Whitespace around the object is JSON and reads the same everywhere.
         parse(TagResource, " {\"KeyId\":\"k\",\"Tags\":[]}\n").unwrap();
+    }
+
+    /// The definition `case_variant_of_guarded` implements with an ASCII fast path.
+    fn case_variant_by_fold(name: &str) -> Option<&'static str> {
+        GUARDED_MEMBERS
+            .into_iter()
+            .find(|g| name != *g && eq_ignore_case(name, g))
+    }
+
+    #[test]
+    fn the_ascii_fast_path_finds_the_case_variants_the_fold_finds() {
+        // Every guarded member with one character replaced by a case variant, a look-alike that
+        // folds onto ASCII, or a letter that does not; plus other lengths and exact spellings.
+        let swaps = [
+            'a', 'A', 'e', 'E', 'g', 'G', 'i', 'I', 'k', 'K', 's', 'S', 'y', 'Y', '\u{17f}',
+            '\u{212a}', '\u{131}', '\u{130}', '\u{e9}', '\u{3a3}', '_',
+        ];
+        let mut names: Vec<String> = vec![
+            String::new(),
+            "Tag".into(),
+            "TagKeysX".into(),
+            "Description".into(),
+            "\u{17f}".into(),
+        ];
+        for guarded in GUARDED_MEMBERS {
+            names.push(guarded.into());
+            names.push(guarded.to_uppercase());
+            names.push(guarded.to_lowercase());
+            let chars: Vec<char> = guarded.chars().collect();
+            for i in 0..chars.len() {
+                for swap in swaps {
+                    let mut variant = chars.clone();
+                    variant[i] = swap;
+                    names.push(variant.into_iter().collect());
+                }
+            }
+        }
+        for name in &names {
+            assert_eq!(
+                case_variant_of_guarded(name),
+                case_variant_by_fold(name),
+                "{name:?}"
+            );
+        }
+        assert_eq!(case_variant_of_guarded("Tag\u{17f}"), Some("Tags"));
+        assert_eq!(case_variant_of_guarded("\u{212a}eyId"), Some("KeyId"));
+        assert_eq!(case_variant_of_guarded("TAGKEY"), Some("TagKey"));
+        assert_eq!(case_variant_of_guarded("TagKey"), None);
+    }
+
+    #[test]
+    fn repeated_tag_keys_are_found_with_few_and_many_tags() {
+        for count in [2, 15, 16, 17, 50] {
+            let tags: Vec<String> = (0..count)
+                .map(|i| format!(r#"{{"TagKey":"k{i}","TagValue":"v"}}"#))
+                .collect();
+            let body = format!(r#"{{"KeyId":"k","Tags":[{}]}}"#, tags.join(","));
+            assert_eq!(parse(TagResource, &body).unwrap().set.len(), count);
+            let body = format!(
+                r#"{{"KeyId":"k","Tags":[{},{{"TagKey":"k{}","TagValue":"w"}}]}}"#,
+                tags.join(","),
+                count / 2
+            );
+            assert_eq!(
+                parse(TagResource, &body).unwrap_err(),
+                RequestError::DuplicateTagKey(format!("k{}", count / 2)),
+                "{count} tags"
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_member_names_are_compared_decoded() {
+        // Escaped names are copied, not borrowed: repeats and case variants are still seen.
+        assert!(
+            rejected(TagResource, r#"{"KeyId":"k","Tags":[],"\u0054ags":[]}"#).contains("twice")
+        );
+        assert!(rejected(TagResource, r#"{"KeyId":"k","\u0074ags":[]}"#).contains("letter case"));
+        assert!(rejected(TagResource, r#"{"KeyId":"k","Tag\u017f":[]}"#).contains("letter case"));
     }
 
     #[test]

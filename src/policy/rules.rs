@@ -123,8 +123,7 @@ impl Rule {
                     } else {
                         "set"
                     };
-                    let folded = fold(key);
-                    if let Some(i) = folded_keys.iter().position(|k| *k == folded) {
+                    if let Some(i) = position_folded(folded_keys, key) {
                         out.push(violation(
                             key,
                             format!(
@@ -153,21 +152,14 @@ impl Rule {
                     if !applies {
                         continue;
                     }
-                    let (ok, wanted) = match value {
-                        ValueMatcher::Pattern(p) => {
-                            (p.is_match(&tag.value), format!("match {:?}", p.as_str()))
-                        }
-                        ValueMatcher::Allowed(allowed) => (
-                            allowed.contains(&tag.value),
-                            format!("be one of {}", quoted_list(allowed)),
-                        ),
-                    };
-                    if !ok {
+                    if !value.allows(&tag.value) {
                         out.push(violation(
                             &tag.key,
                             format!(
-                                "the value {:?} of tag key {:?} must {wanted}",
-                                tag.value, tag.key
+                                "the value {:?} of tag key {:?} must {}",
+                                tag.value,
+                                tag.key,
+                                value.wanted()
                             ),
                         ));
                     }
@@ -199,6 +191,38 @@ impl Rule {
             },
         }
     }
+}
+
+impl ValueMatcher {
+    fn allows(&self, value: &str) -> bool {
+        match self {
+            ValueMatcher::Pattern(p) => p.is_match(value),
+            ValueMatcher::Allowed(allowed) => allowed.iter().any(|a| a == value),
+        }
+    }
+
+    /// What a value must be, for a violation's message; built only when there is one.
+    fn wanted(&self) -> String {
+        match self {
+            ValueMatcher::Pattern(p) => format!("match {:?}", p.as_str()),
+            ValueMatcher::Allowed(allowed) => format!("be one of {}", quoted_list(allowed)),
+        }
+    }
+}
+
+/// Where `key`, folded, stands among `folded_keys`.
+fn position_folded(folded_keys: &[String], key: &str) -> Option<usize> {
+    if key.is_ascii() {
+        // An ASCII key folds to its ASCII lower case: compare in place rather than build it.
+        return folded_keys.iter().position(|k| {
+            k.len() == key.len()
+                && k.bytes()
+                    .zip(key.bytes())
+                    .all(|(k, c)| k == c.to_ascii_lowercase())
+        });
+    }
+    let folded = fold(key);
+    folded_keys.iter().position(|k| *k == folded)
 }
 
 /// Whether a case-insensitive key regex matches `key`, also after folding it the way IAM compares
@@ -241,6 +265,47 @@ fn quoted_list(items: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_keys_are_found_among_folded_keys_as_their_fold_is() {
+        let keys = [
+            "Project",
+            "environment",
+            "OWNER",
+            "Stra\u{df}e",
+            "\u{130}d",
+            "kind",
+        ];
+        let folded_keys: Vec<String> = keys.iter().map(|k| fold(k)).collect();
+        for key in [
+            "Project",
+            "PROJECT",
+            "project",
+            "Projects",
+            "Projec",
+            "Owner",
+            "owner",
+            "OWNEr",
+            "Environment",
+            "environmenT",
+            "ID",
+            "id",
+            "iD",
+            "\u{131}d",
+            "\u{130}D",
+            "KIND",
+            "\u{212a}ind",
+            "stra\u{df}e",
+            "STRASSE",
+            "strasse",
+            "",
+            "team:owner",
+            "Pro ject",
+        ] {
+            let by_fold = folded_keys.iter().position(|k| *k == fold(key));
+            assert_eq!(position_folded(&folded_keys, key), by_fold, "{key:?}");
+        }
+    }
 
     #[test]
     fn arn_globs_apply_to_bare_key_ids_whose_resource_matches() {
