@@ -128,8 +128,10 @@ impl Kms {
 
 /// Why a request could not be relayed.
 enum RelayError {
-    /// The client's body broke off, or the client went away: nothing to answer.
+    /// The client's body broke off before it was complete.
     Client(std::io::Error),
+    /// The client went away while KMS's answer was relayed: nothing to answer.
+    ClientGone,
     /// KMS failed before its answer began: answer with this.
     Kms(ProxyError),
     /// KMS's answer broke off after it began: the client sees the connection cut.
@@ -247,7 +249,8 @@ where
                 let handled = Handled::error(error, operation, &new_request_id());
                 self.answer(handled, Class::pass, started, true).await
             }
-            Err(RelayError::Broken) => {
+            // Forwarded and answered by KMS; only the relay broke off.
+            Err(RelayError::Broken | RelayError::ClientGone) => {
                 self.count(operation, Outcome::pass, Class::pass, started);
                 Step::Close
             }
@@ -307,9 +310,11 @@ where
         let result = match self.send_within_timeout(&head, &target).await {
             Ok(()) => self.read_answer(head.close).await,
             Err(RelayError::Kms(error)) => Err(error),
-            Err(RelayError::Client(_) | RelayError::Broken) => Err(ProxyError::UpstreamConnect(
-                "the connection broke off while the request was sent".into(),
-            )),
+            Err(RelayError::Client(_) | RelayError::ClientGone | RelayError::Broken) => {
+                Err(ProxyError::UpstreamConnect(
+                    "the connection broke off while the request was sent".into(),
+                ))
+            }
         };
         match result {
             Ok(answer) => {
@@ -518,7 +523,10 @@ where
         };
         let metrics = &self.shared.metrics;
         match answer.framing {
-            Framing::Empty => client.write_all(&out).await.map_err(RelayError::Client)?,
+            Framing::Empty => client
+                .write_all(&out)
+                .await
+                .map_err(|_| RelayError::ClientGone)?,
             Framing::Length(length) => {
                 let mut left = length;
                 let take = kms
@@ -528,7 +536,10 @@ where
                 out.extend_from_slice(&kms.buf[..take]);
                 kms.buf.advance(take);
                 left -= take as u64;
-                client.write_all(&out).await.map_err(RelayError::Client)?;
+                client
+                    .write_all(&out)
+                    .await
+                    .map_err(|_| RelayError::ClientGone)?;
                 while left > 0 {
                     kms.buf.reserve(READ_CHUNK);
                     match kms.stream.read_buf(&mut kms.buf).await {
@@ -542,7 +553,7 @@ where
                     client
                         .write_all(&kms.buf[..take])
                         .await
-                        .map_err(RelayError::Client)?;
+                        .map_err(|_| RelayError::ClientGone)?;
                     kms.buf.advance(take);
                     left -= take as u64;
                 }
@@ -553,7 +564,10 @@ where
                     let (take, done) = scanner.scan(&kms.buf, None).map_err(|_| broken(metrics))?;
                     out.extend_from_slice(&kms.buf[..take]);
                     kms.buf.advance(take);
-                    client.write_all(&out).await.map_err(RelayError::Client)?;
+                    client
+                        .write_all(&out)
+                        .await
+                        .map_err(|_| RelayError::ClientGone)?;
                     out.clear();
                     if done {
                         break;
@@ -568,7 +582,10 @@ where
             Framing::UntilClose => {
                 out.extend_from_slice(&kms.buf);
                 kms.buf.clear();
-                client.write_all(&out).await.map_err(RelayError::Client)?;
+                client
+                    .write_all(&out)
+                    .await
+                    .map_err(|_| RelayError::ClientGone)?;
                 loop {
                     kms.buf.reserve(READ_CHUNK);
                     match kms.stream.read_buf(&mut kms.buf).await {
@@ -579,12 +596,12 @@ where
                     client
                         .write_all(&kms.buf)
                         .await
-                        .map_err(RelayError::Client)?;
+                        .map_err(|_| RelayError::ClientGone)?;
                     kms.buf.clear();
                 }
             }
         }
-        client.flush().await.map_err(RelayError::Client)?;
+        client.flush().await.map_err(|_| RelayError::ClientGone)?;
         // Bytes after the answer are not an answer to anything: do not reuse the connection.
         Ok(Relayed {
             reusable: answer.reusable && kms.buf.is_empty(),
