@@ -398,6 +398,81 @@ mod tests {
         assert!(is_other(&too_long));
     }
 
+    /// Whatever bytes are inserted into a valid head, a head the fast path takes reads the same
+    /// to a second parse of the bytes it forwards: same headers in the same order (less the
+    /// Connection and Keep-Alive lines), the same Content-Length, and nothing but CRLF line ends.
+    #[test]
+    fn taken_heads_read_the_same_when_forwarded() {
+        use proptest::prelude::*;
+        const BASE: &[u8] = b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nConnection: keep-alive\r\nX-Amz-Target: TrentService.Encrypt\r\nContent-Length: 12\r\nKeep-Alive: timeout=5\r\n\r\n";
+        let inserts = proptest::collection::vec(
+            (
+                0..BASE.len(),
+                proptest::sample::select(vec![
+                    b'\r', b'\n', b' ', b'\t', b':', b'\0', b',', b'0', b'a', 0x7f, 0x80, 0xff,
+                ]),
+            ),
+            0..4,
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(4000));
+        let taken = std::cell::Cell::new(0u32);
+        runner
+            .run(&inserts, |inserts| {
+                let mut bytes = BASE.to_vec();
+                for (at, byte) in inserts {
+                    bytes.insert(at.min(bytes.len()), byte);
+                }
+                let Parsed::Complete(head) = parse_request(&bytes) else {
+                    return Ok(());
+                };
+                taken.set(taken.get() + 1);
+                let raw = &bytes[..head.len];
+                prop_assert!(crlf_only(raw));
+                let forwarded = forwarded_head(raw, &head.hop_lines);
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut again = httparse::Request::new(&mut slots);
+                prop_assert_eq!(
+                    again.parse(&forwarded).ok(),
+                    Some(httparse::Status::Complete(forwarded.len()))
+                );
+                prop_assert_eq!((again.method, again.path), (Some("POST"), Some("/")));
+                let seen: Vec<(String, Vec<u8>)> = again
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                    .collect();
+                let expected: Vec<(String, Vec<u8>)> = head
+                    .parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| {
+                        **name != header::CONNECTION && name.as_str() != "keep-alive"
+                    })
+                    .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+                    .collect();
+                prop_assert_eq!(&seen, &expected);
+                let lengths: Vec<&Vec<u8>> = seen
+                    .iter()
+                    .filter(|(name, _)| name == "content-length")
+                    .map(|(_, value)| value)
+                    .collect();
+                match lengths.as_slice() {
+                    [] => prop_assert_eq!(head.body_len, 0),
+                    [one] => prop_assert_eq!(
+                        std::str::from_utf8(one)
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok()),
+                        Some(head.body_len)
+                    ),
+                    _ => prop_assert!(false, "two Content-Length headers forwarded"),
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The property must have been tested on many taken heads, not only on refused ones.
+        assert!(taken.get() > 500, "only {} heads taken", taken.get());
+    }
+
     #[test]
     fn only_crlf_ends_lines() {
         assert!(crlf_only(b"a\r\nb: c\r\n\r\n"));
