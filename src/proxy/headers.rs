@@ -5,7 +5,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -15,6 +15,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Whether a header name as received (any case) is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
 
 /// Removes hop-by-hop headers and the headers the `Connection` header names. The classifier has
 /// already refused a `Connection` header that names a signed or routing header.

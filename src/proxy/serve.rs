@@ -27,8 +27,9 @@ pub(crate) struct Origin {
     pub tunnel_host: Option<Arc<str>>,
 }
 
-/// The read buffer of an HTTP/1 connection, which bounds a request head.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+// The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
+// fast path and in hyper.
+use super::h1::MAX_HEAD_BYTES;
 
 /// The HTTP/1.1 + h2 server settings every connection uses.
 pub(crate) fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {

@@ -11,6 +11,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
+use crate::proxy::headers::{is_hop_by_hop, HOP_BY_HOP};
+
 /// More headers than any KMS request or answer carries; a head with more goes to the general
 /// server (requests) or is refused (answers).
 const MAX_HEADERS: usize = 64;
@@ -83,7 +85,8 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
                 }
             }
             hop_lines.push(line_of(head, h.name.as_ptr()));
-        } else if is_other_hop_by_hop(&name) {
+        } else if HOP_BY_HOP.contains(&name) || name == header::EXPECT {
+            // Framing, upgrades, proxy credentials, 100-continue: the general server's.
             return Parsed::Other;
         }
         headers.append(name, value);
@@ -138,17 +141,6 @@ fn connection_says_close(value: &[u8]) -> Option<bool> {
         }
     }
     Some(close)
-}
-
-/// The hop-by-hop and framing headers the fast path leaves to the general server.
-fn is_other_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::TRANSFER_ENCODING
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::UPGRADE
-        || *name == header::EXPECT
-        || *name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "proxy-connection"
 }
 
 /// The byte range of the header line whose name starts at `name` (a pointer into `head`).
@@ -291,11 +283,11 @@ pub(crate) fn parse_response(
     rewritten.extend_from_slice(b"\r\n");
     for h in response.headers.iter() {
         let name = h.name.as_bytes();
-        let hop = HOP_BY_HOP_ANSWER
-            .iter()
-            .chain(dropped.iter())
-            .any(|n| n.eq_ignore_ascii_case(name));
-        if hop && !(chunked && name.eq_ignore_ascii_case(b"transfer-encoding")) {
+        // The body is relayed by these, so the client must see them whatever Connection names.
+        let frames_body = name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding");
+        let hop = is_hop_by_hop(name) || dropped.iter().any(|n| n.eq_ignore_ascii_case(name));
+        if hop && !frames_body {
             continue;
         }
         rewritten.extend_from_slice(name);
@@ -317,17 +309,6 @@ pub(crate) fn parse_response(
         aws_error_type,
     }))
 }
-
-const HOP_BY_HOP_ANSWER: [&[u8]; 8] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
 
 /// The head to forward: the client's bytes, without the Connection and Keep-Alive lines.
 pub(crate) fn forwarded_head(head: &[u8], hop_lines: &[(usize, usize)]) -> Bytes {
@@ -519,6 +500,15 @@ mod tests {
         assert!(String::from_utf8(head.rewritten)
             .unwrap()
             .ends_with("Transfer-Encoding: chunked\r\nconnection: close\r\n\r\n"));
+        // A Connection header cannot take away the headers the body is framed by.
+        let named = b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 2\r\n\r\n";
+        let Ok(Parsed::Complete(head)) = parse_response(named, false, false) else {
+            panic!()
+        };
+        assert_eq!(
+            String::from_utf8(head.rewritten).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+        );
         let close = b"HTTP/1.0 200 OK\r\n\r\n";
         let Ok(Parsed::Complete(head)) = parse_response(close, false, true) else {
             panic!()

@@ -14,6 +14,8 @@
 mod chunked;
 mod head;
 
+pub(crate) use head::MAX_HEAD_BYTES;
+
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
