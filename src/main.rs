@@ -142,7 +142,9 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Err(errors) => return config_failure(&errors),
     };
     init_logging(log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Connections are served on the proxy's own connection threads; this runtime only accepts
+    // them and runs the admin port, reloads and signals.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

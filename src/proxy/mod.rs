@@ -10,6 +10,7 @@ mod pipeline;
 mod rewind;
 mod serve;
 pub mod upstream;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

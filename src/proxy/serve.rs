@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::pipeline::{self, Shared};
+use super::workers::ConnectionThreads;
 use crate::config::Config;
 
 /// Where a request came from: the client's address, and for a request inside an intercepted
@@ -174,6 +175,15 @@ pub(crate) async fn serve(
     config: Config,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let mut threads = match ConnectionThreads::start(&shared, &tls) {
+        Ok(threads) => threads,
+        Err(error) => {
+            // Threads are only refused when the process is out of them or of memory; serving
+            // on is worse than stopping where the operator can see why.
+            warn!(%error, "cannot start the connection threads; not serving");
+            return;
+        }
+    };
     let drain = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain);
     let mut draining = false;
@@ -191,7 +201,7 @@ pub(crate) async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let origin = Origin { peer, tunnel_host: None };
-                tokio::spawn(serve_accepted(stream, origin, Arc::clone(&shared), tls.clone()));
+                threads.hand(stream, origin, shared.lifecycle.connections.subscribe());
             }
             _ = stopped.changed(), if !draining => {
                 draining = true;
@@ -214,17 +224,20 @@ pub(crate) async fn serve(
     {
         warn!("grace period over; closing the remaining connections");
     }
+    // Ends the connection threads, and with them whatever the grace period did not finish.
+    drop(threads);
     info!("stopped");
 }
 
 /// One accepted TCP connection: wait for its first byte, then TLS if configured, then HTTP.
-async fn serve_accepted(
+/// `_open` is held while it lives, so that shutdown waits for it.
+pub(crate) async fn serve_accepted(
     stream: TcpStream,
     origin: Origin,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
+    _open: watch::Receiver<()>,
 ) {
-    let _open = shared.lifecycle.connections.subscribe();
     let mut closing = shared.lifecycle.closing.subscribe();
     let idle = shared.limits.header_read_timeout;
     // Waiting for the first byte costs little; hyper's connection state is only built once the

@@ -1,0 +1,138 @@
+//! Connection threads: the listener hands each accepted connection to one of a few threads, and
+//! that thread serves it for its whole life on a single-threaded runtime with its own epoll.
+//!
+//! This is the worker model of nginx and HAProxy. Measured against tokio's work-stealing
+//! runtime on the same connections (docs/performance.md), it avoids waking one worker to steal
+//! what another just received, which showed in the tail latency of pass-through requests.
+//! Connections are dealt round-robin; a connection never moves, so a thread with a few very busy
+//! connections cannot shed them (the same trade nginx makes).
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
+
+use super::pipeline::Shared;
+use super::serve::{serve_accepted, Origin};
+
+/// An accepted connection on its way to a connection thread.
+struct Handed {
+    stream: std::net::TcpStream,
+    origin: Origin,
+    /// Taken at accept, so that shutdown waits for a connection still in a thread's queue.
+    open: watch::Receiver<()>,
+}
+
+/// The threads that serve connections; dropping this lets each thread finish once its queue is
+/// empty, which ends the connections it still serves.
+pub(crate) struct ConnectionThreads {
+    queues: Vec<mpsc::UnboundedSender<Handed>>,
+    next: usize,
+}
+
+impl ConnectionThreads {
+    /// Starts one thread per CPU the process may use, or `TOKIO_WORKER_THREADS` of them.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        tls: &Option<TlsAcceptor>,
+    ) -> io::Result<ConnectionThreads> {
+        let count = thread_count();
+        let mut queues = Vec::with_capacity(count);
+        for index in 0..count {
+            let (queue, handed) = mpsc::unbounded_channel();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let shared = Arc::clone(shared);
+            let tls = tls.clone();
+            std::thread::Builder::new()
+                .name(format!("ktg-connections-{index}"))
+                .spawn(move || runtime.block_on(serve_handed(handed, shared, tls)))?;
+            queues.push(queue);
+        }
+        Ok(ConnectionThreads { queues, next: 0 })
+    }
+
+    /// Gives an accepted connection to the next thread in turn.
+    pub(crate) fn hand(&mut self, stream: TcpStream, origin: Origin, open: watch::Receiver<()>) {
+        let peer = origin.peer;
+        // Leaves the listener's epoll; the connection thread registers it with its own.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => return warn!(%peer, %error, "cannot hand over an accepted connection"),
+        };
+        self.next = (self.next + 1) % self.queues.len();
+        let handed = Handed {
+            stream,
+            origin,
+            open,
+        };
+        if self.queues[self.next].send(handed).is_err() {
+            warn!(%peer, "a connection thread has stopped; connection dropped");
+        }
+    }
+}
+
+/// A connection thread's life: serve each connection handed to it until the listener is gone.
+async fn serve_handed(
+    mut handed: mpsc::UnboundedReceiver<Handed>,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+) {
+    while let Some(Handed {
+        stream,
+        origin,
+        open,
+    }) = handed.recv().await
+    {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!(peer = %origin.peer, %error, "cannot serve an accepted connection");
+                continue;
+            }
+        };
+        tokio::spawn(serve_accepted(
+            stream,
+            origin,
+            Arc::clone(&shared),
+            tls.clone(),
+            open,
+        ));
+    }
+}
+
+/// `TOKIO_WORKER_THREADS` when it is a positive number (what tokio itself honours), else the
+/// CPUs this process may use (cgroup quotas included).
+fn thread_count() -> usize {
+    count_from(
+        std::env::var("TOKIO_WORKER_THREADS").ok().as_deref(),
+        std::thread::available_parallelism().ok().map(|n| n.get()),
+    )
+}
+
+fn count_from(configured: Option<&str>, cpus: Option<usize>) -> usize {
+    configured
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or(cpus)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_from;
+
+    #[test]
+    fn a_positive_setting_wins_else_the_cpus_else_one() {
+        assert_eq!(count_from(Some("3"), Some(2)), 3);
+        assert_eq!(count_from(Some(" 4 "), None), 4);
+        assert_eq!(count_from(Some("0"), Some(2)), 2);
+        assert_eq!(count_from(Some("many"), Some(2)), 2);
+        assert_eq!(count_from(None, Some(8)), 8);
+        assert_eq!(count_from(None, None), 1);
+    }
+}
