@@ -13,9 +13,10 @@ import time
 
 PEERS = ("nginx", "haproxy")
 LABEL = {"direct": "direct (no proxy)", "kms-tag-guard": "kms-tag-guard", "nginx": "nginx",
-         "haproxy": "HAProxy", "kms-tag-guard-b": "kms-tag-guard B"}
+         "haproxy": "HAProxy", "kms-tag-guard-b": "kms-tag-guard B",
+         "haproxy-l4": "HAProxy TCP (L4)"}
 KIND = {"Encrypt": "Encrypt (pass-through)", "TagResource": "TagResource (inspected)"}
-ORDER = ("direct", "kms-tag-guard", "kms-tag-guard-b", "nginx", "haproxy")
+ORDER = ("direct", "kms-tag-guard", "kms-tag-guard-b", "nginx", "haproxy", "haproxy-l4")
 
 
 def kv(args):
@@ -62,12 +63,15 @@ def read_lua_body(path):
     return text[start:text.index("]]", start)]
 
 
-def check(ktg, nginx, haproxy, audit):
+def check(ktg, nginx, haproxy, audit, l4=None):
     """One Encrypt and one TagResource through each proxy: both must get the stand-in's answer,
     and kms-tag-guard must audit the TagResource as allowed."""
     work = os.path.dirname(audit)
     bodies = {k: read_lua_body(os.path.join(work, k + ".lua")) for k in ("Encrypt", "TagResource")}
-    for name, port in (("kms-tag-guard", ktg), ("nginx", nginx), ("haproxy", haproxy)):
+    targets = [("kms-tag-guard", ktg), ("nginx", nginx), ("haproxy", haproxy)]
+    if l4:
+        targets.append(("haproxy-l4", l4))
+    for name, port in targets:
         for kind, body in bodies.items():
             conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
             headers = dict(HEAD, **{"X-Amz-Target": "TrentService." + kind})
@@ -343,6 +347,12 @@ def report(results, *args):
         print(f"  [{verdict(ktg_t['rps'] >= best_t)}] {where}: TagResource (inspected) req/s >= "
               f"best peer's (which pass it through): {ktg_t['rps']:.0f} vs {best_t:.0f} "
               f"({ktg_t['rps'] / best_t:.2f}x)")
+        floor = g("Encrypt", "haproxy-l4")
+        if floor:
+            cpu_text = f", {floor['cpu']:.1f} µs CPU/req" if floor["cpu"] is not None else ""
+            print(f"  reference, {where}: HAProxy in TCP mode, which reads no HTTP at all, passed "
+                  f"Encrypt at {floor['rps']:.0f} req/s ({floor['rps'] / best_e:.2f}x best peer"
+                  f"{cpu_text})")
     for m in mem:
         if m["target"] == "kms-tag-guard":
             peak = mib(max(m["hwm_kib"], m["rss_max_kib"]))
