@@ -5,22 +5,23 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Lowercase, as `HeaderName`s are.
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// Whether a header name as received (any case) is one of [`HOP_BY_HOP`].
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(name))
+        .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Removes hop-by-hop headers and the headers the `Connection` header names. The classifier has
@@ -33,7 +34,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     // hyper's server answers `Expect: 100-continue` itself; SDKs never sign it.

@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
-use crate::proxy::headers::{is_hop_by_hop, HOP_BY_HOP};
+use crate::proxy::headers::is_hop_by_hop;
 
 /// More headers than any KMS request or answer carries; a head with more goes to the general
 /// server (requests) or is refused (answers).
@@ -70,25 +70,35 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     let mut close = false;
     let mut hop_lines = Vec::new();
+    // One copy of the head holds every header value, instead of an allocation per value.
+    let values = Bytes::copy_from_slice(head);
     for h in request.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Parsed::Other;
-        };
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
-            return Parsed::Other;
-        };
-        if name == header::CONNECTION || name.as_str() == "keep-alive" {
-            if name == header::CONNECTION {
+        let name = match read_name(h.name.as_bytes()) {
+            Name::Connection => {
                 match connection_says_close(h.value) {
                     Some(c) => close |= c,
                     None => return Parsed::Other,
                 }
+                hop_lines.push(line_of(head, h.name.as_ptr()));
+                header::CONNECTION
             }
-            hop_lines.push(line_of(head, h.name.as_ptr()));
-        } else if HOP_BY_HOP.contains(&name) || name == header::EXPECT {
+            Name::KeepAlive => {
+                hop_lines.push(line_of(head, h.name.as_ptr()));
+                KEEP_ALIVE
+            }
+            Name::Other(name) => name,
             // Framing, upgrades, proxy credentials, 100-continue: the general server's.
+            Name::NotTaken => return Parsed::Other,
+        };
+        let value = if h.value.is_empty() {
+            Ok(HeaderValue::from_static(""))
+        } else {
+            let at = h.value.as_ptr() as usize - head.as_ptr() as usize;
+            HeaderValue::from_maybe_shared(values.slice(at..at + h.value.len()))
+        };
+        let Ok(value) = value else {
             return Parsed::Other;
-        }
+        };
         headers.append(name, value);
     }
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
@@ -113,6 +123,57 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
         close,
         hop_lines,
     })
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// A request header's name, as the fast path sees it.
+enum Name {
+    Connection,
+    KeepAlive,
+    /// Another hop-by-hop header, `Expect`, or not a valid name: the general server's.
+    NotTaken,
+    Other(HeaderName),
+}
+
+/// Reads a header name in one lowercase pass. The names every SDK request carries come from
+/// constants, so that naming them costs no allocation; any other is parsed by
+/// `HeaderName::from_bytes`, which gives the same name.
+fn read_name(raw: &[u8]) -> Name {
+    let mut lower = [0u8; 24];
+    let Some(lower) = lower.get_mut(..raw.len()) else {
+        return match HeaderName::from_bytes(raw) {
+            Ok(_) if is_hop_by_hop(raw) => Name::NotTaken,
+            Ok(name) => Name::Other(name),
+            Err(_) => Name::NotTaken,
+        };
+    };
+    for (to, from) in lower.iter_mut().zip(raw) {
+        *to = from.to_ascii_lowercase();
+    }
+    let known = match &*lower {
+        b"connection" => return Name::Connection,
+        b"keep-alive" => return Name::KeepAlive,
+        b"expect" => return Name::NotTaken,
+        hop if is_hop_by_hop(hop) => return Name::NotTaken,
+        b"host" => header::HOST,
+        b"content-type" => header::CONTENT_TYPE,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"authorization" => header::AUTHORIZATION,
+        b"user-agent" => header::USER_AGENT,
+        b"x-amz-target" => HeaderName::from_static("x-amz-target"),
+        b"x-amz-date" => HeaderName::from_static("x-amz-date"),
+        b"x-amz-security-token" => HeaderName::from_static("x-amz-security-token"),
+        b"x-amz-content-sha256" => HeaderName::from_static("x-amz-content-sha256"),
+        b"x-amz-user-agent" => HeaderName::from_static("x-amz-user-agent"),
+        b"amz-sdk-invocation-id" => HeaderName::from_static("amz-sdk-invocation-id"),
+        b"amz-sdk-request" => HeaderName::from_static("amz-sdk-request"),
+        _ => match HeaderName::from_bytes(raw) {
+            Ok(name) => name,
+            Err(_) => return Name::NotTaken,
+        },
+    };
+    Name::Other(known)
 }
 
 /// Every line ends in CRLF, and CR appears nowhere else.
@@ -348,6 +409,74 @@ mod tests {
         assert!(head.has_length && !head.close && head.hop_lines.is_empty());
         assert_eq!(head.parts.headers["x-amz-target"], "TrentService.Encrypt");
         assert!(matches!(parse_request(&ENCRYPT[..30]), Parsed::Partial));
+    }
+
+    #[test]
+    fn every_name_and_value_reads_as_http_would_read_it() {
+        let raw = b"POST / HTTP/1.1\r\nHOST: kms\r\nX-Amz-TARGET: TrentService.Encrypt\r\n\
+            x-amz-date: 20261128T120000Z\r\nAmz-Sdk-Request: attempt=1\r\nX-Empty:\r\n\
+            X-Other: a b\r\nContent-Length: 0\r\n\r\n";
+        let head = complete(raw);
+        let read: Vec<(&str, &[u8])> = head
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        let expected: [(&str, &[u8]); 7] = [
+            ("host", b"kms"),
+            ("x-amz-target", b"TrentService.Encrypt"),
+            ("x-amz-date", b"20261128T120000Z"),
+            ("amz-sdk-request", b"attempt=1"),
+            ("x-empty", b""),
+            ("x-other", b"a b"),
+            ("content-length", b"0"),
+        ];
+        assert_eq!(read, expected);
+    }
+
+    #[test]
+    fn names_read_as_http_reads_them_and_hop_by_hop_ones_are_not_taken() {
+        let names = [
+            "host",
+            "content-type",
+            "content-length",
+            "authorization",
+            "user-agent",
+            "x-amz-target",
+            "x-amz-date",
+            "x-amz-security-token",
+            "x-amz-content-sha256",
+            "x-amz-user-agent",
+            "amz-sdk-invocation-id",
+            "amz-sdk-request",
+            "x-other",
+            "a-header-name-longer-than-the-buffer",
+        ];
+        for name in names {
+            for spelling in [name.to_owned(), name.to_ascii_uppercase()] {
+                let want = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
+                match read_name(spelling.as_bytes()) {
+                    Name::Other(got) => assert_eq!(got, want, "{spelling}"),
+                    _ => panic!("{spelling} not read as a name"),
+                }
+            }
+        }
+        for hop in crate::proxy::headers::HOP_BY_HOP.iter().chain(&["expect"]) {
+            let spelling = hop.to_ascii_uppercase();
+            let taken = matches!(read_name(spelling.as_bytes()), Name::Other(_));
+            assert!(!taken, "{spelling} taken as an ordinary header");
+        }
+        assert!(matches!(read_name(b"Connection"), Name::Connection));
+        assert!(matches!(read_name(b"KEEP-ALIVE"), Name::KeepAlive));
+        for bad in [
+            &b"x amz"[..],
+            b"",
+            b"x\xffy",
+            b"proxy-connection-and-then-some-more-x\x01",
+        ] {
+            assert!(matches!(read_name(bad), Name::NotTaken), "{bad:?}");
+        }
     }
 
     #[test]
