@@ -13,6 +13,7 @@
 
 mod chunked;
 mod head;
+mod timer;
 
 pub(crate) use head::MAX_HEAD_BYTES;
 
@@ -29,6 +30,7 @@ use tracing::{debug, warn};
 
 use self::chunked::ChunkedScanner;
 use self::head::{forwarded_head, parse_request, parse_response, Framing, Parsed, RequestHead};
+use self::timer::LazyTimer;
 use super::error::ProxyError;
 use super::pipeline::{
     self, forward_target, new_request_id, Handled, KmsAnswer, Shared, MAX_INSPECTED_RESPONSE_BYTES,
@@ -66,6 +68,8 @@ where
         shared,
         origin,
         closing: shared.lifecycle.closing.subscribe(),
+        idle_timer: LazyTimer::new(),
+        kms_timer: LazyTimer::new(),
     };
     loop {
         let head = match connection.next_head().await {
@@ -147,6 +151,10 @@ struct Connection<'a, I> {
     shared: &'a Arc<Shared>,
     origin: &'a Origin,
     closing: watch::Receiver<bool>,
+    /// For the wait for the next head.
+    idle_timer: LazyTimer,
+    /// For the wait for KMS's answer (separate, so that each timer's deadlines only move later).
+    kms_timer: LazyTimer,
 }
 
 impl<I> Connection<'_, I>
@@ -175,8 +183,9 @@ where
             self.buf.reserve(READ_CHUNK);
             let idle = self.buf.is_empty();
             let read = tokio::select! {
+                biased;
                 read = self.client.read_buf(&mut self.buf) => read,
-                () = tokio::time::sleep_until(deadline) => return Next::Close,
+                () = self.idle_timer.until(deadline) => return Next::Close,
                 _ = self.closing.wait_for(|closed| *closed), if idle => return Next::Close,
             };
             if !matches!(read, Ok(n) if n > 0) {
@@ -350,6 +359,7 @@ where
         while self.buf.len() < end {
             self.buf.reserve(end - self.buf.len());
             let read = tokio::select! {
+                biased;
                 read = self.client.read_buf(&mut self.buf) => read,
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(ProxyError::BodyTimeout(limits.body_read_timeout.as_millis()));
@@ -467,6 +477,7 @@ where
     ) -> Result<head::ResponseHead, ProxyError> {
         let upstream = &self.shared.upstream;
         let timeout = upstream.timeout();
+        let timer = &mut self.kms_timer;
         let kms = self.kms.as_mut().expect("connected");
         let reading = async {
             loop {
@@ -493,7 +504,7 @@ where
                 }
             }
         };
-        match tokio::time::timeout(timeout, reading).await {
+        match timer.within(timeout, reading).await {
             Ok(Ok(head)) => Ok(head),
             Ok(Err(message)) => {
                 self.shared
@@ -616,6 +627,7 @@ where
     async fn read_answer(&mut self, close_after: bool) -> Result<WholeAnswer, ProxyError> {
         let answer = self.answer_head(close_after, true).await?;
         let timeout = self.shared.upstream.timeout();
+        let timer = &mut self.kms_timer;
         let kms = self.kms.as_mut().expect("connected");
         let reading = async {
             let mut raw = Vec::new();
@@ -660,7 +672,7 @@ where
                 }
             }
         };
-        let (raw_body, decoded) = match tokio::time::timeout(timeout, reading).await {
+        let (raw_body, decoded) = match timer.within(timeout, reading).await {
             Ok(Ok(bodies)) => bodies,
             Ok(Err(message)) => {
                 self.shared
