@@ -53,6 +53,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamSetupError),
     #[error(transparent)]
     Tls(crate::tls::TlsError),
+    #[error("cannot start the connection threads: {0}; the process may be out of threads or memory (check ulimit -u and the container's limits)")]
+    Threads(std::io::Error),
 }
 
 /// A proxy serving on its listener.
@@ -161,7 +163,6 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         reload: Arc::new(Notify::new()),
         admin: Arc::clone(&admin_state),
     });
-    let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     let tls = match listener_cert {
         Some(cert) => Some((
             tokio_rustls::TlsAcceptor::from(Arc::new(
@@ -176,16 +177,16 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         &config,
         tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
     );
+    let threads = workers::ConnectionThreads::start(
+        &shared,
+        &tls.as_ref().map(|(acceptor, _)| acceptor.clone()),
+    )
+    .map_err(StartError::Threads)?;
+    // Nothing is spawned until nothing else can fail.
+    let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));
     let task = tokio::spawn(async move {
-        serve::serve(
-            listener,
-            tls.map(|(acceptor, _)| acceptor),
-            shared,
-            config,
-            stopped,
-        )
-        .await;
+        serve::serve(listener, threads, shared, config, stopped).await;
         if let Some(admin_task) = admin_task {
             admin_task.abort();
         }

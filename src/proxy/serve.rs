@@ -170,20 +170,11 @@ impl Lifecycle {
 /// the grace period for in-flight requests.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    mut threads: ConnectionThreads,
     shared: Arc<Shared>,
     config: Config,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut threads = match ConnectionThreads::start(&shared, &tls) {
-        Ok(threads) => threads,
-        Err(error) => {
-            // Threads are only refused when the process is out of them or of memory; serving
-            // on is worse than stopping where the operator can see why.
-            warn!(%error, "cannot start the connection threads; not serving");
-            return;
-        }
-    };
     let drain = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain);
     let mut draining = false;

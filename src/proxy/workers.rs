@@ -1,9 +1,10 @@
 //! Connection threads: the listener hands each accepted connection to one of a few threads, and
 //! that thread serves it for its whole life on a single-threaded runtime with its own epoll.
 //!
-//! This is the worker model of nginx and HAProxy. Measured against tokio's work-stealing
-//! runtime on the same connections (docs/performance.md), it avoids waking one worker to steal
-//! what another just received, which showed in the tail latency of pass-through requests.
+//! This is the worker model of nginx and HAProxy. Unlike tokio's work-stealing runtime, it never
+//! wakes one worker to steal what another just received; on the same connections that gave
+//! inspected requests more throughput at less CPU, and pass-through requests a lower p99
+//! (docs/performance.md).
 //! Connections are dealt round-robin; a connection never moves, so a thread with a few very busy
 //! connections cannot shed them (the same trade nginx makes).
 
