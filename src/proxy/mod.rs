@@ -177,11 +177,8 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         &config,
         tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
     );
-    let threads = workers::ConnectionThreads::start(
-        &shared,
-        &tls.as_ref().map(|(acceptor, _)| acceptor.clone()),
-    )
-    .map_err(StartError::Threads)?;
+    let threads = workers::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
+        .map_err(StartError::Threads)?;
     // Nothing is spawned until nothing else can fail.
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));

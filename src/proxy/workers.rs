@@ -38,7 +38,7 @@ impl ConnectionThreads {
     /// Starts one thread per CPU the process may use, or `TOKIO_WORKER_THREADS` of them.
     pub(crate) fn start(
         shared: &Arc<Shared>,
-        tls: &Option<TlsAcceptor>,
+        tls: Option<TlsAcceptor>,
     ) -> io::Result<ConnectionThreads> {
         let count = thread_count();
         let mut queues = Vec::with_capacity(count);
