@@ -394,16 +394,31 @@ impl Pki {
     }
 }
 
-/// `[intercept]` with a CA from `kms-tag-guard ca init` (name-constrained to KMS names);
-/// returns the section and the CA certificate's path (what clients must trust).
-fn interception(dir: &Path) -> (String, PathBuf) {
-    let (cert, key) = kms_tag_guard::tls::ca_init(&dir.join("ca")).unwrap();
-    let section = format!(
-        "ca_cert = \"{}\"\nca_key = \"{}\"\ntunnel_hosts = []",
-        cert.display(),
-        key.display()
-    );
-    (section, cert)
+/// A mode C gateway in front of `fake`, with its admin port (for the CONNECT counts). With
+/// `ca_dir`, it intercepts KMS names with a CA that `kms-tag-guard ca init` writes there
+/// (name-constrained to KMS names), whose certificate's path is returned: what clients trust.
+async fn gateway(fake: &FakeKms, ca_dir: Option<&Path>) -> (TestProxy, PathBuf) {
+    let mut ca = PathBuf::new();
+    let mut intercept = String::new();
+    if let Some(dir) = ca_dir {
+        let (cert, key) = kms_tag_guard::tls::ca_init(&dir.join("ca")).unwrap();
+        intercept = format!(
+            "ca_cert = \"{}\"\nca_key = \"{}\"\ntunnel_hosts = []",
+            cert.display(),
+            key.display()
+        );
+        ca = cert;
+    }
+    let proxy = start_proxy_with(
+        fake,
+        ProxyConfig {
+            intercept,
+            admin: true,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    (proxy, ca)
 }
 
 /// The proxy's count of CONNECT requests with this decision (`pass` = intercepted).
@@ -476,17 +491,8 @@ async fn mode_b_tls_listener_node_extra_ca_certs() {
 #[tokio::test]
 async fn mode_c_hpagent_keep_alive() {
     let dir = tempfile::tempdir().unwrap();
-    let (intercept, ca) = interception(dir.path());
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            intercept,
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let (proxy, ca) = gateway(&fake, Some(dir.path())).await;
     let settings = client(json!({
         "proxy": {"url": proxy.url(), "agent": "hpagent"},
         "keepAlive": true,
@@ -533,17 +539,8 @@ async fn mode_c_hpagent_keep_alive() {
 #[tokio::test]
 async fn mode_c_https_proxy_agent_opens_a_connect_per_call() {
     let dir = tempfile::tempdir().unwrap();
-    let (intercept, ca) = interception(dir.path());
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            intercept,
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let (proxy, ca) = gateway(&fake, Some(dir.path())).await;
     let settings = client(json!({
         "proxy": {"url": proxy.url(), "agent": "https-proxy-agent"},
         "keepAlive": true,
@@ -572,14 +569,7 @@ async fn mode_c_https_proxy_agent_opens_a_connect_per_call() {
 #[tokio::test]
 async fn mode_c_refused_connect_is_a_403_error_that_is_not_retried() {
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let (proxy, _) = gateway(&fake, None).await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), &["localhost"]);
     let settings = client(json!({"proxy": {"url": proxy.url(), "agent": "hpagent"}}));
@@ -605,14 +595,7 @@ async fn mode_c_refused_connect_is_a_403_error_that_is_not_retried() {
 #[tokio::test]
 async fn mode_c_https_proxy_env_alone_is_ignored() {
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let (proxy, _) = gateway(&fake, None).await;
     let direct = Closer::start().await;
     let settings = client(json!({
         "endpoint": format!("https://{}", direct.addr),
@@ -803,101 +786,107 @@ async fn node_http2_handler_signs_authority_and_the_fake_verifies_it() {
     }
 }
 
-/// Checks [`standard_calls`] through the proxy over h2: outcomes as over HTTP/1.1, and the
-/// fake verified every forwarded h2 signature (`:authority` signed).
-fn check_h2_through_the_proxy(results: &[Value], fake: &FakeKms, authority: &str) {
-    assert_ok(call(results, "encrypt"), 1);
-    assert_ok(call(results, "decrypt"), 1);
-    assert_ok(call(results, "tag-allowed"), 1);
-    assert_tag_exception(call(results, "tag-denied"), "abac-keys");
-    assert_ok(call(results, "create-tagged"), 1);
-    assert_tag_exception(call(results, "create-untagged"), "owner-on-create");
+/// The three deployment modes (deploy/README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    A,
+    B,
+    C,
+}
+
+/// [`standard_calls`] with `NodeHttp2Handler` through a proxy in `mode` whose upstream is a TLS
+/// fake that speaks h2: outcomes must be those over HTTP/1.1, and the fake must have verified
+/// every forwarded signature, `:authority` signed, as the client sent it.
+async fn h2_through_the_proxy(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), &["localhost"]);
+    let fake = pki.tls_fake().await;
+    let mut config = ProxyConfig {
+        upstream: format!("ca_file = \"{}\"", pki.ca_path.display()),
+        ..ProxyConfig::default()
+    };
+    let mut trusted = pki.ca_path.clone();
+    match mode {
+        Mode::A => {}
+        Mode::B => config.listener = pki.listener(),
+        Mode::C => {
+            let (cert, key) = kms_tag_guard::tls::ca_init(&dir.path().join("ca")).unwrap();
+            config.intercept = format!(
+                "ca_cert = \"{}\"\nca_key = \"{}\"",
+                cert.display(),
+                key.display()
+            );
+            trusted = cert;
+        }
+    }
+    let proxy = start_proxy_with(&fake, config).await;
+    let (settings, authority) = match mode {
+        Mode::A => (
+            client(json!({"endpoint": proxy.url(), "handler": "http2"})),
+            proxy.addr.to_string(),
+        ),
+        Mode::B => {
+            let authority = format!("localhost:{}", proxy.addr.port());
+            let endpoint = format!("https://{authority}");
+            (
+                client(json!({"endpoint": endpoint, "handler": "http2"})),
+                authority,
+            )
+        }
+        // The driver's `connect` agent: `http2.connect` takes no https agent, so the driver
+        // opens the CONNECT tunnel itself.
+        Mode::C => (
+            client(json!({
+                "handler": "http2",
+                "proxy": {"url": proxy.url(), "agent": "connect"},
+            })),
+            KMS_HOST.to_owned(),
+        ),
+    };
+    let results = run_driver(
+        json!([scenario(
+            &format!("mode-{mode:?}-h2"),
+            settings,
+            standard_calls(),
+            false
+        )]),
+        &[("NODE_EXTRA_CA_CERTS", path_str(&trusted))],
+    )
+    .await;
+    assert_ok(call(&results, "encrypt"), 1);
+    assert_ok(call(&results, "decrypt"), 1);
+    assert_ok(call(&results, "tag-allowed"), 1);
+    assert_tag_exception(call(&results, "tag-denied"), "abac-keys");
+    assert_ok(call(&results, "create-tagged"), 1);
+    assert_tag_exception(call(&results, "create-untagged"), "owner-on-create");
     let requests = fake.requests();
     assert_eq!(requests.len(), 4);
     for r in &requests {
         assert!(r.verified().signs(":authority"));
-        assert_eq!(r.uri.authority().map(|a| a.as_str()), Some(authority));
+        assert_eq!(
+            r.uri.authority().map(|a| a.as_str()),
+            Some(authority.as_str())
+        );
     }
 }
 
-/// Mode A with `NodeHttp2Handler`: h2 with prior knowledge to the plain listener, forwarded to
-/// an h2 upstream.
+/// Mode A with `NodeHttp2Handler`: h2 with prior knowledge to the plain listener.
 #[tokio::test]
 #[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_a_node_http2_handler_through_the_proxy() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), &["localhost"]);
-    let fake = pki.tls_fake().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            upstream: format!("ca_file = \"{}\"", pki.ca_path.display()),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
-    let settings = client(json!({"endpoint": proxy.url(), "handler": "http2"}));
-    let results = run_driver(
-        json!([scenario("mode-a-h2", settings, standard_calls(), false)]),
-        &[],
-    )
-    .await;
-    check_h2_through_the_proxy(&results, &fake, &proxy.addr.to_string());
+    h2_through_the_proxy(Mode::A).await;
 }
 
-/// Mode B with `NodeHttp2Handler`: h2 to the TLS listener, forwarded to an h2 upstream.
+/// Mode B with `NodeHttp2Handler`: h2 to the TLS listener.
 #[tokio::test]
 #[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_b_node_http2_handler_through_the_proxy() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), &["localhost"]);
-    let fake = pki.tls_fake().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            listener: pki.listener(),
-            upstream: format!("ca_file = \"{}\"", pki.ca_path.display()),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
-    let authority = format!("localhost:{}", proxy.addr.port());
-    let settings = client(json!({"endpoint": format!("https://{authority}"), "handler": "http2"}));
-    let results = run_driver(
-        json!([scenario("mode-b-h2", settings, standard_calls(), false)]),
-        &[("NODE_EXTRA_CA_CERTS", path_str(&pki.ca_path))],
-    )
-    .await;
-    check_h2_through_the_proxy(&results, &fake, &authority);
+    h2_through_the_proxy(Mode::B).await;
 }
 
-/// Mode C with `NodeHttp2Handler`: h2 inside a CONNECT tunnel (the driver's `connect` agent:
-/// `http2.connect` takes no https agent, so it opens the tunnel itself), forwarded to an h2
-/// upstream.
+/// Mode C with `NodeHttp2Handler`: h2 inside an intercepted CONNECT tunnel.
 #[tokio::test]
 #[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_c_node_http2_handler_through_the_proxy() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), &["localhost"]);
-    let (intercept, ca) = interception(dir.path());
-    let fake = pki.tls_fake().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            intercept,
-            upstream: format!("ca_file = \"{}\"", pki.ca_path.display()),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
-    let settings = client(json!({
-        "handler": "http2",
-        "proxy": {"url": proxy.url(), "agent": "connect"},
-    }));
-    let results = run_driver(
-        json!([scenario("mode-c-h2", settings, standard_calls(), false)]),
-        &[("NODE_EXTRA_CA_CERTS", path_str(&ca))],
-    )
-    .await;
-    check_h2_through_the_proxy(&results, &fake, KMS_HOST);
+    h2_through_the_proxy(Mode::C).await;
 }
