@@ -283,8 +283,8 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str,
     let host = match (header, authority) {
         (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => {
             return Err(Unreadable::HostMismatch {
-                host: h.to_owned(),
-                authority: a.to_owned(),
+                host: shown_host(h),
+                authority: shown_host(a),
             })
         }
         (Some(h), _) => h,
@@ -292,9 +292,19 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str,
         (None, None) => return Err(Unreadable::MissingHost),
     };
     if !is_host_name(host) {
-        return Err(Unreadable::HostNotName(host.chars().take(200).collect()));
+        return Err(Unreadable::HostNotName(shown_host(host)));
     }
     Ok(host)
+}
+
+/// A host value as refusals show it (in answers, logs and audit records): without anything
+/// before an `@`, which a URL reader takes for credentials, and at most 200 characters.
+fn shown_host(host: &str) -> String {
+    let host = match host.rfind('@') {
+        Some(at) => format!("(userinfo removed)@{}", &host[at + 1..]),
+        None => host.to_owned(),
+    };
+    host.chars().take(200).collect()
 }
 
 /// `name[:port]`: a name of ASCII letters, digits, `-` and `.`, and a port of one to five digits
@@ -577,6 +587,16 @@ mod tests {
             assert!(!is_host_name(bad), "{bad}");
             let h = headers(&[("host", bad)]);
             assert!(request_host(&Uri::from_static("/"), &h).is_err(), "{bad}");
+        }
+        let h = headers(&[("host", "AKIDLEAK:secret@kms.us-east-1.amazonaws.com")]);
+        let refused = request_host(&Uri::from_static("/"), &h).unwrap_err();
+        let shown = refused.to_string();
+        assert!(
+            !shown.contains("secret") && !shown.contains("AKIDLEAK"),
+            "{shown}"
+        );
+        for host in ["kms.us-east-1.amazonaws.com"] {
+            assert!(is_host_name(host));
         }
     }
 }
