@@ -128,6 +128,10 @@ pub struct AuditConfig {
     pub path: AuditPath,
     pub fsync: bool,
     pub fail_closed: bool,
+    /// How long a tag change waits for its decision record to be written.
+    pub stall_timeout: Duration,
+    /// How many records may wait for the writer.
+    pub queue_capacity: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -426,6 +430,8 @@ fn read_config(
         },
         fsync: r.boolean("fsync", errors).unwrap_or(false),
         fail_closed: r.boolean("fail_closed", errors).unwrap_or(true),
+        stall_timeout: r.millis("stall_timeout_ms", errors, 2_000),
+        queue_capacity: r.integer("queue_capacity", errors, 1).unwrap_or(1024) as usize,
     };
     r.finish(errors);
 

@@ -84,6 +84,8 @@ pub struct Metrics {
     upstream_errors: Family<KindLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     audit_write_failures: Counter,
+    audit_queue: Gauge,
+    audit_stalled: Gauge,
     policy_info: Family<PolicyLabels, Gauge>,
 }
 
@@ -136,6 +138,18 @@ impl Metrics {
             "Audit records that could not be written",
             audit_write_failures.clone(),
         );
+        let audit_queue = Gauge::default();
+        registry.register(
+            "kms_tag_guard_audit_queue_records",
+            "Audit records accepted and not yet written",
+            audit_queue.clone(),
+        );
+        let audit_stalled = Gauge::default();
+        registry.register(
+            "kms_tag_guard_audit_stalled",
+            "1 while the audit log is stalled (its queue full, or a record not written within stall_timeout_ms): tag changes are refused",
+            audit_stalled.clone(),
+        );
         let policy_info = Family::<PolicyLabels, Gauge>::default();
         registry.register(
             "kms_tag_guard_policy_info",
@@ -149,6 +163,8 @@ impl Metrics {
             upstream_errors,
             reloads,
             audit_write_failures,
+            audit_queue,
+            audit_stalled,
             policy_info,
         }
     }
@@ -177,6 +193,15 @@ impl Metrics {
 
     pub fn audit_write_failure(&self) {
         self.audit_write_failures.inc();
+    }
+
+    /// `delta` records more (or fewer) waiting in the audit queue.
+    pub fn audit_queued(&self, delta: i64) {
+        self.audit_queue.inc_by(delta);
+    }
+
+    pub fn audit_stalled(&self, stalled: bool) {
+        self.audit_stalled.set(i64::from(stalled));
     }
 
     /// Marks `sha256` as the policy in force, and only it.

@@ -62,7 +62,7 @@ impl Reloader {
                 }
                 _ = trigger.notified() => {
                     self.reload_certificate();
-                    if let Err(error) = self.shared.audit.reopen() {
+                    if let Err(error) = self.shared.audit.reopen().await {
                         error!(%error, "audit log not reopened; records still go to the old file");
                     }
                     self.reload(true).await;

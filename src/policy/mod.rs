@@ -72,10 +72,64 @@ pub struct Violation {
 /// The verdict on one tag change.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
-    /// Violations of enforced rules: any one denies the request.
+    /// Violations of enforced rules: any one denies the request. At most [`MAX_VIOLATIONS`],
+    /// and the first of every rule violated (so every violated rule is named).
     pub violations: Vec<Violation>,
-    /// Violations of rules in dry-run: recorded, not enforced.
+    /// Violations of rules in dry-run: recorded, not enforced. Bounded the same way.
     pub dry_run_violations: Vec<Violation>,
+    /// Enforced violations counted but not kept.
+    pub violations_omitted: usize,
+    /// Dry-run violations counted but not kept.
+    pub dry_run_violations_omitted: usize,
+}
+
+/// How many violations a decision keeps (besides the first of each rule): enough to tell a
+/// caller what to fix, bounded so that a request with thousands of bad tags makes a bounded
+/// answer and a bounded audit record.
+pub const MAX_VIOLATIONS: usize = 20;
+
+/// The longest tag key or value a violation shows, in characters (KMS allows 128 and 256).
+const SHOWN_CHARS: usize = 256;
+
+/// A tag key or value as a violation shows it: at most [`SHOWN_CHARS`] characters, and a longer
+/// one marked as cut, with its length.
+pub(crate) fn shown_key(s: &str) -> String {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}…({} characters)", &s[..at], s.chars().count()),
+    }
+}
+
+/// [`shown_key`], quoted like `{:?}`.
+pub(crate) fn quoted(s: &str) -> String {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => format!("{s:?}"),
+        Some((at, _)) => format!("{:?}…({} characters)", &s[..at], s.chars().count()),
+    }
+}
+
+/// Violations as they are found, kept up to a bound.
+#[derive(Debug, Default)]
+pub struct Violations {
+    kept: Vec<Violation>,
+    omitted: usize,
+}
+
+impl Violations {
+    /// Adds a violation of rule `rule`; `make` builds it only if it is kept: the first
+    /// [`MAX_VIOLATIONS`], and the first of each rule.
+    pub fn add(&mut self, rule: &Arc<str>, make: impl FnOnce() -> Violation) {
+        if self.kept.len() < MAX_VIOLATIONS || !self.kept.iter().any(|v| v.rule == *rule) {
+            self.kept.push(make());
+        } else {
+            self.omitted += 1;
+        }
+    }
+
+    /// Adds a violation that is always kept (the proxy's own).
+    fn push(&mut self, violation: Violation) {
+        self.kept.push(violation);
+    }
 }
 
 impl Decision {
@@ -91,11 +145,11 @@ impl Decision {
                 key: None,
                 message,
             }],
-            dry_run_violations: Vec::new(),
+            ..Decision::default()
         }
     }
 
-    /// The message of a denial: every violated rule id and tag key.
+    /// The message of a denial: every violated rule id, and the tag keys of the violations kept.
     pub fn denial_message(&self) -> String {
         let mut message = String::from("kms-tag-guard denied the request: ");
         for (i, v) in self.violations.iter().enumerate() {
@@ -104,13 +158,21 @@ impl Decision {
             }
             message.push_str(&format!("rule {}: {}", v.rule, v.message));
         }
+        if self.violations_omitted > 0 {
+            message.push_str(&format!(
+                "; and {} more violations of the rules above",
+                self.violations_omitted
+            ));
+        }
         message
     }
 }
 
 impl Policy {
     pub fn evaluate(&self, change: &TagChange, context: &Context) -> Decision {
-        let mut decision = Decision::default();
+        let mut enforced = Violations::default();
+        let mut dry_run = Violations::default();
+        // Counted first: the count alone tells a request with thousands of tags what to fix.
         if change.set.len() > self.max_tags {
             let violation = Violation {
                 rule: MAX_TAGS_RULE.into(),
@@ -122,8 +184,8 @@ impl Policy {
                 ),
             };
             match self.mode {
-                Mode::Enforce => decision.violations.push(violation),
-                Mode::DryRun => decision.dry_run_violations.push(violation),
+                Mode::Enforce => enforced.push(violation),
+                Mode::DryRun => dry_run.push(violation),
             }
         }
         for rule in &self.rules {
@@ -131,12 +193,17 @@ impl Policy {
                 continue;
             }
             let sink = match rule.mode.unwrap_or(self.mode) {
-                Mode::Enforce => &mut decision.violations,
-                Mode::DryRun => &mut decision.dry_run_violations,
+                Mode::Enforce => &mut enforced,
+                Mode::DryRun => &mut dry_run,
             };
             rule.check(change, sink);
         }
-        decision
+        Decision {
+            violations: enforced.kept,
+            dry_run_violations: dry_run.kept,
+            violations_omitted: enforced.omitted,
+            dry_run_violations_omitted: dry_run.omitted,
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use super::{Context, Mode, Violation};
+use super::{quoted, shown_key, Context, Mode, Violation, Violations};
 use crate::fold::{eq_ignore_case, fold};
 use crate::glob::KeyGlob;
 use crate::kms::{TagChange, TagOperation};
@@ -81,11 +81,12 @@ impl Rule {
         }
     }
 
-    /// Appends every violation of this rule to `out`.
-    pub fn check(&self, change: &TagChange, out: &mut Vec<Violation>) {
+    /// Adds every violation of this rule to `out`. Messages are built only for the violations
+    /// `out` keeps.
+    pub fn check(&self, change: &TagChange, out: &mut Violations) {
         let violation = |key: &str, message: String| Violation {
             rule: self.id.clone(),
-            key: Some(key.to_owned()),
+            key: Some(shown_key(key)),
             message,
         };
         match &self.kind {
@@ -97,14 +98,16 @@ impl Rule {
                     let ok = prefixes.iter().any(|p| tag.key.starts_with(p.as_str()))
                         || exempt_keys.contains(&tag.key);
                     if !ok {
-                        out.push(violation(
-                            &tag.key,
-                            format!(
-                                "tag key {:?} must start with one of {}",
-                                tag.key,
-                                quoted_list(prefixes)
-                            ),
-                        ));
+                        out.add(&self.id, || {
+                            violation(
+                                &tag.key,
+                                format!(
+                                    "tag key {} must start with one of {}",
+                                    quoted(&tag.key),
+                                    quoted_list(prefixes)
+                                ),
+                            )
+                        });
                     }
                 }
             }
@@ -124,19 +127,21 @@ impl Rule {
                         "set"
                     };
                     if let Some(i) = position_folded(folded_keys, key) {
-                        out.push(violation(
+                        out.add(&self.id, || violation(
                             key,
                             format!(
-                                "tag key {key:?} may not be {verb}: it is reserved for access control ({:?}, compared ignoring case as IAM does)",
+                                "tag key {} may not be {verb}: it is reserved for access control ({:?}, compared ignoring case as IAM does)",
+                                quoted(key),
                                 keys[i]
                             ),
                         ));
                     } else if let Some(p) = patterns.iter().find(|p| matches_ignoring_case(p, key))
                     {
-                        out.push(violation(
+                        out.add(&self.id, || violation(
                             key,
                             format!(
-                                "tag key {key:?} may not be {verb}: it matches the reserved pattern {:?} (ignoring case)",
+                                "tag key {} may not be {verb}: it matches the reserved pattern {:?} (ignoring case)",
+                                quoted(key),
                                 p.as_str().trim_start_matches("(?i)")
                             ),
                         ));
@@ -153,15 +158,17 @@ impl Rule {
                         continue;
                     }
                     if !value.allows(&tag.value) {
-                        out.push(violation(
-                            &tag.key,
-                            format!(
-                                "the value {:?} of tag key {:?} must {}",
-                                tag.value,
-                                tag.key,
-                                value.wanted()
-                            ),
-                        ));
+                        out.add(&self.id, || {
+                            violation(
+                                &tag.key,
+                                format!(
+                                    "the value {} of tag key {} must {}",
+                                    quoted(&tag.value),
+                                    quoted(&tag.key),
+                                    value.wanted()
+                                ),
+                            )
+                        });
                     }
                 }
             }
@@ -169,22 +176,29 @@ impl Rule {
                 TagOperation::CreateKey | TagOperation::ReplicateKey => {
                     for required in keys {
                         if !change.set.iter().any(|t| &t.key == required) {
-                            out.push(violation(
-                                required,
-                                format!(
-                                    "{} must set the tag key {required:?} (exact case)",
-                                    change.operation
-                                ),
-                            ));
+                            out.add(&self.id, || {
+                                violation(
+                                    required,
+                                    format!(
+                                        "{} must set the tag key {required:?} (exact case)",
+                                        change.operation
+                                    ),
+                                )
+                            });
                         }
                     }
                 }
                 TagOperation::UntagResource => {
                     for key in change.remove.iter().filter(|k| keys.contains(k)) {
-                        out.push(violation(
-                            key,
-                            format!("tag key {key:?} is required and may not be removed"),
-                        ));
+                        out.add(&self.id, || {
+                            violation(
+                                key,
+                                format!(
+                                    "tag key {} is required and may not be removed",
+                                    quoted(key)
+                                ),
+                            )
+                        });
                     }
                 }
                 TagOperation::TagResource => {}

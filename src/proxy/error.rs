@@ -6,6 +6,7 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::ProxyBody;
+use crate::audit::Applied;
 use crate::kms::classify::CONTENT_TYPE as AMZ_JSON;
 use crate::kms::Unreadable;
 use crate::metrics::Outcome;
@@ -39,6 +40,8 @@ pub enum ProxyError {
     AuditUnavailable,
     #[error("kms-tag-guard could not reach KMS: {0}; the request was not sent, retry")]
     UpstreamConnect(String),
+    #[error("the exchange with KMS broke off: {0}; KMS may or may not have acted on the request, so check before you retry a change")]
+    UpstreamBroken(String),
     #[error("KMS did not answer within {0} ms ([upstream].timeout_ms); retry")]
     UpstreamTimeout(u128),
 }
@@ -92,7 +95,7 @@ impl ProxyError {
                 "ServiceUnavailable",
                 "audit-unavailable",
             ),
-            ProxyError::UpstreamConnect(_) => {
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamBroken(_) => {
                 (StatusCode::BAD_GATEWAY, "BadGateway", "upstream-error")
             }
             ProxyError::UpstreamTimeout(_) => (
@@ -103,11 +106,21 @@ impl ProxyError {
         }
     }
 
+    /// Whether a tag change answered this way may have been applied by KMS: only when it was
+    /// sent and no answer says what became of it.
+    pub fn applied(&self) -> Applied {
+        match self {
+            ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) => Applied::Unknown,
+            _ => Applied::No,
+        }
+    }
+
     /// What the metrics call a request answered this way.
     pub fn outcome(&self) -> Outcome {
         match self {
             ProxyError::AuditUnavailable
             | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamBroken(_)
             | ProxyError::UpstreamTimeout(_) => Outcome::error,
             _ => Outcome::deny,
         }
@@ -173,6 +186,7 @@ mod tests {
             (ProxyError::ConnectRefused("x".into()), 403, "Forbidden"),
             (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
+            (ProxyError::UpstreamBroken("b".into()), 502, "BadGateway"),
             (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),
         ];
         for (error, status, error_type) in table {

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::body::Streamed;
 use super::connect::{self, Tunnels};
@@ -22,7 +22,7 @@ use super::headers::strip_hop_by_hop;
 use super::serve::{Lifecycle, Origin};
 use super::upstream::{error_chain, Upstream};
 use super::ProxyBody;
-use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
+use crate::audit::{timestamp, Applied, AuditError, AuditLog, DecisionRecord, OutcomeRecord};
 use crate::config::LimitsConfig;
 use crate::inspect::{judge, Judgement};
 use crate::kms::classify::{check_tag_request_head, classify, names_pass_through, request_host};
@@ -130,13 +130,15 @@ pub(crate) async fn refuse_head(
     let request_id = new_request_id();
     if refused.may_change_tags {
         let target = target_text(headers);
+        let judgement = Judgement::unreadable(&refused.reason).about(headers, None);
+        let error = ProxyError::from(refused.reason);
         return refuse(
             shared,
             &request_id,
             &target,
             UNKNOWN_OPERATION,
             peer,
-            refused.reason.into(),
+            (judgement, error),
         )
         .await;
     }
@@ -161,8 +163,10 @@ async fn pass_through(
     }
     let refusal = Arc::new(OnceLock::new());
     let body = Streamed::from_client(body, Arc::clone(&refusal));
-    // Classified, so exactly one target: a cheap clone of it names a refusal in the audit log.
+    // Classified, so exactly one target: cheap clones of it and of the headers that say who
+    // sent the request make the record of a refusal.
     let target_header = parts.headers.get(X_AMZ_TARGET).cloned();
+    let sender = sender_headers(&parts.headers);
     let sent = shared
         .upstream
         .send(Request::from_parts(parts, Either::Left(body)))
@@ -175,7 +179,7 @@ async fn pass_through(
                 .collect()
         });
         let request_id = new_request_id();
-        let judgement = Judgement::unreadable(reason);
+        let judgement = Judgement::unreadable(reason).about(&sender, None);
         let error = ProxyError::Unreadable(reason.to_string());
         return refuse(
             shared,
@@ -267,17 +271,22 @@ async fn inspect(
     let policy = shared.policy.load_full();
     let (mut parts, body) = request.into_parts();
 
+    let query = parts.uri.query().map(str::to_owned);
+    let about =
+        |judgement: Judgement, parts: &Parts| judgement.about(&parts.headers, query.as_deref());
     if let Err(reason) = check_tag_request_head(&parts.headers) {
-        return refuse(&shared, &request_id, op, op, peer, reason.into()).await;
+        let judgement = about(Judgement::unreadable(&reason), &parts);
+        let error = ProxyError::from(reason);
+        return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
     }
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
-        let judgement = Judgement::unreadable(&error);
+        let judgement = about(Judgement::unreadable(&error), &parts);
         return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
     }
     let bytes = match read_body(&parts.headers, body, &shared.limits).await {
         Ok(bytes) => bytes,
         Err(error) => {
-            let judgement = Judgement::unreadable(&error);
+            let judgement = about(Judgement::unreadable(&error), &parts);
             return refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
         }
     };
@@ -312,7 +321,7 @@ async fn inspect(
         Ok(Err(error)) => Handled::error(error, op, &request_id),
         Err(error) => {
             warn!(%request_id, %error, "forwarding task failed");
-            let error = ProxyError::UpstreamConnect("internal error while forwarding".into());
+            let error = ProxyError::UpstreamBroken("internal error while forwarding".into());
             Handled::error(error, op, &request_id)
         }
     }
@@ -329,9 +338,15 @@ pub(crate) async fn record_decision(
 ) -> Result<(), Handled> {
     let record = DecisionRecord::new(request_id, op, Some(peer), judgement);
     if let Err(error) = shared.audit.write(&record).await {
-        warn!(%request_id, %error, "audit record not written");
+        // The audit log says it once per stall or failing spell, not once per request.
+        debug!(%request_id, %error, "decision record not written");
         if shared.audit.fail_closed {
-            return Err(Handled::error(ProxyError::AuditUnavailable, op, request_id));
+            let refusal = ProxyError::AuditUnavailable;
+            if matches!(error, AuditError::Stalled(_)) {
+                // The decision may still reach the log later: say what became of the request.
+                record_outcome(shared, request_id, Instant::now(), Err(&refusal));
+            }
+            return Err(Handled::error(refusal, op, request_id));
         }
     }
     if !judgement.decision.allowed() {
@@ -414,11 +429,11 @@ async fn forward_inspected(
                 aws_error_header: header("x-amzn-errortype"),
                 body: &body,
             };
-            record_outcome(&shared, &request_id, started, Ok(answer)).await;
+            record_outcome(&shared, &request_id, started, Ok(answer));
             Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
         }
         Err(error) => {
-            record_outcome(&shared, &request_id, started, Err(&error)).await;
+            record_outcome(&shared, &request_id, started, Err(&error));
             Err(error)
         }
     }
@@ -432,20 +447,31 @@ pub(crate) struct KmsAnswer<'a> {
     pub body: &'a [u8],
 }
 
-/// Writes the outcome record of a forwarded tag change.
-pub(crate) async fn record_outcome(
+/// Queues the outcome record of a forwarded tag change (never waits for the audit log).
+pub(crate) fn record_outcome(
     shared: &Shared,
     request_id: &str,
     started: Instant,
     result: Result<KmsAnswer<'_>, &ProxyError>,
 ) {
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (upstream_status, aws_request_id, aws_error, error) = match result {
+    let (upstream_status, aws_request_id, aws_error, applied, error) = match result {
         Ok(answer) => {
             let aws_error = (answer.status >= 400)
                 .then(|| aws_error_type(answer.aws_error_header.as_deref(), answer.body))
                 .flatten();
-            (Some(answer.status), answer.aws_request_id, aws_error, None)
+            let applied = match answer.status {
+                200..=299 => Applied::Yes,
+                400..=499 => Applied::No,
+                _ => Applied::Unknown,
+            };
+            (
+                Some(answer.status),
+                answer.aws_request_id,
+                aws_error,
+                applied,
+                None,
+            )
         }
         Err(error) => {
             warn!(%request_id, %error, "forwarding a tag change failed");
@@ -454,6 +480,7 @@ pub(crate) async fn record_outcome(
                 None,
                 None,
                 Some(error_type.to_owned()),
+                error.applied(),
                 Some(error.to_string()),
             )
         }
@@ -465,11 +492,12 @@ pub(crate) async fn record_outcome(
         upstream_status,
         aws_request_id: aws_request_id.as_deref(),
         aws_error: aws_error.as_deref(),
+        applied,
         duration_ms: (duration_ms * 1000.0).round() / 1000.0,
         error: error.as_deref(),
     };
-    if let Err(error) = shared.audit.write(&record).await {
-        warn!(%request_id, %error, "outcome record not written");
+    if let Err(error) = shared.audit.write_detached(&record) {
+        debug!(%request_id, %error, "outcome record not written");
     }
 }
 
@@ -483,7 +511,7 @@ async fn read_response(
     let limited = Limited::new(body, MAX_INSPECTED_RESPONSE_BYTES);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
-        Ok(Err(error)) => Err(ProxyError::UpstreamConnect(format!(
+        Ok(Err(error)) => Err(ProxyError::UpstreamBroken(format!(
             "the answer from KMS broke off: {}",
             error_chain(error.as_ref())
         ))),
@@ -525,7 +553,7 @@ pub(crate) async fn refuse(
 ) -> Handled {
     let record = DecisionRecord::new(request_id, target, Some(peer), &judgement);
     if let Err(audit_error) = shared.audit.write(&record).await {
-        warn!(%request_id, error = %audit_error, "audit record not written");
+        debug!(%request_id, error = %audit_error, "decision record not written");
         if shared.audit.fail_closed {
             return Handled::error(ProxyError::AuditUnavailable, operation, request_id);
         }
@@ -538,6 +566,22 @@ impl From<Unreadable> for (Judgement, ProxyError) {
     fn from(reason: Unreadable) -> Self {
         (Judgement::unreadable(&reason), ProxyError::from(reason))
     }
+}
+
+/// Cheap copies of the headers that say who sent a request (its credential and SDK call), for
+/// the record of a refusal made after the request's head has gone on.
+fn sender_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut sender = HeaderMap::new();
+    for name in [
+        http::header::AUTHORIZATION.as_str(),
+        "amz-sdk-invocation-id",
+        "amz-sdk-request",
+    ] {
+        if let Some(value) = headers.get(name) {
+            sender.insert(http::header::HeaderName::from_static(name), value.clone());
+        }
+    }
+    sender
 }
 
 /// The X-Amz-Target of a refused request, for its audit record.

@@ -221,7 +221,10 @@ pub(crate) async fn serve(
     }
     // Ends the connection threads, and with them whatever the grace period did not finish.
     drop(threads);
-    info!("stopped");
+    // Every record accepted into the audit queue is written before the process exits (unless
+    // its sink is stalled for a whole grace period more).
+    let unwritten = shared.audit.close(config.shutdown.grace).await;
+    info!(unwritten_audit_records = unwritten, "stopped");
 }
 
 /// One accepted TCP connection: wait for its first byte, then TLS if configured, then HTTP.

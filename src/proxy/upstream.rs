@@ -167,9 +167,14 @@ impl Upstream {
                 "the request body broke off before it was complete ({}); KMS received no complete request",
                 error_chain(&e)
             ))),
-            Ok(Err(e)) => {
+            // Connecting failed: nothing was sent.
+            Ok(Err(e)) if e.is_connect() => {
                 self.metrics.upstream_error(UpstreamErrorKind::connect);
                 Err(ProxyError::UpstreamConnect(error_chain(&e)))
+            }
+            Ok(Err(e)) => {
+                self.metrics.upstream_error(UpstreamErrorKind::connect);
+                Err(ProxyError::UpstreamBroken(error_chain(&e)))
             }
             Ok(Ok(response)) => Ok(response),
         }
@@ -181,9 +186,13 @@ impl Upstream {
         let timeout = self.config.timeout;
         let mut connector = self.direct.clone();
         match tokio::time::timeout(timeout, connector.call(target.clone())).await {
+            // Nothing was sent: it is a failure to reach KMS, not a wait for its answer.
             Err(_) => {
                 self.metrics.upstream_error(UpstreamErrorKind::timeout);
-                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
+                Err(ProxyError::UpstreamConnect(format!(
+                    "connecting to KMS took longer than {} ms",
+                    timeout.as_millis()
+                )))
             }
             Ok(Err(e)) => {
                 self.metrics.upstream_error(UpstreamErrorKind::connect);

@@ -45,7 +45,6 @@ use super::upstream::DirectStream;
 use super::ProxyBody;
 use crate::inspect::{judge, Judgement};
 use crate::kms::classify::{check_tag_request_head, classify, names_pass_through};
-use crate::kms::credential::read_credential;
 use crate::kms::protocol::BodyCheck;
 use crate::kms::{Route, TagOperation, Unreadable};
 use crate::metrics::{Class, Outcome, UpstreamErrorKind};
@@ -245,7 +244,7 @@ where
                         Class::pass,
                     ),
                     Some(_) => {
-                        let judgement = Judgement::unreadable(&error);
+                        let judgement = Judgement::unreadable(&error).about(headers, None);
                         let request_id = new_request_id();
                         let handled = pipeline::refuse(
                             &shared,
@@ -368,13 +367,14 @@ where
             Err(RelayError::Refused(reason)) => {
                 let target = pipeline::target_text(&head.parts.headers);
                 let request_id = new_request_id();
+                let judgement = Judgement::unreadable(&reason).about(&head.parts.headers, None);
                 let handled = pipeline::refuse(
                     self.shared,
                     &request_id,
                     &target,
                     operation,
                     self.origin.peer,
-                    reason.into(),
+                    (judgement, ProxyError::from(reason)),
                 )
                 .await;
                 self.answer(handled, Class::pass, started, true).await
@@ -418,7 +418,7 @@ where
                 .map(ProxyError::from)
         };
         if let Some(error) = refused {
-            let judgement = Judgement::unreadable(&error);
+            let judgement = Judgement::unreadable(&error).about(&parts.headers, None);
             let handled =
                 pipeline::refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
             return self.refuse(head, handled, Class::inspect, started).await;
@@ -427,15 +427,9 @@ where
         let policy = shared.policy.load_full();
         let end = head.len + head.body_len as usize;
         if let Err(error) = self.read_body(end).await {
-            let handled = pipeline::refuse(
-                &shared,
-                &request_id,
-                op,
-                op,
-                peer,
-                (Judgement::unreadable(&error), error),
-            )
-            .await;
+            let judgement = Judgement::unreadable(&error).about(&parts.headers, None);
+            let handled =
+                pipeline::refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
             return self.answer(handled, Class::inspect, started, true).await;
         }
         let body = &self.buf[head.len..end];
@@ -458,13 +452,13 @@ where
                 | RelayError::ClientGone
                 | RelayError::Broken
                 | RelayError::Refused(_),
-            ) => Err(ProxyError::UpstreamConnect(
+            ) => Err(ProxyError::UpstreamBroken(
                 "the connection broke off while the request was sent".into(),
             )),
         };
         match result {
             Ok(answer) => {
-                pipeline::record_outcome(&shared, &request_id, started, Ok(answer.kms())).await;
+                pipeline::record_outcome(&shared, &request_id, started, Ok(answer.kms()));
                 if !answer.reusable {
                     self.kms = None;
                 }
@@ -480,7 +474,7 @@ where
             }
             Err(error) => {
                 self.kms = None;
-                pipeline::record_outcome(&shared, &request_id, started, Err(&error)).await;
+                pipeline::record_outcome(&shared, &request_id, started, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
@@ -508,13 +502,7 @@ where
         };
         let request_id = new_request_id();
         let handled = if may_change_tags {
-            let credential = read_credential(&lenient.headers, uri.query())
-                .ok()
-                .flatten();
-            let judgement = Judgement {
-                credential,
-                ..Judgement::unreadable(&error)
-            };
+            let judgement = Judgement::unreadable(&error).about(&lenient.headers, uri.query());
             pipeline::refuse(
                 self.shared,
                 &request_id,
@@ -625,7 +613,7 @@ where
         self.kms_for(target).await.map_err(RelayError::Kms)?;
         let kms = self.kms.as_mut().expect("connected");
         let to_kms = |e: std::io::Error| {
-            RelayError::Kms(ProxyError::UpstreamConnect(format!(
+            RelayError::Kms(ProxyError::UpstreamBroken(format!(
                 "writing the request to KMS failed: {e}"
             )))
         };
@@ -712,7 +700,7 @@ where
                 self.shared
                     .metrics
                     .upstream_error(UpstreamErrorKind::connect);
-                Err(ProxyError::UpstreamConnect(message))
+                Err(ProxyError::UpstreamBroken(message))
             }
             Err(_) => {
                 self.shared
@@ -880,7 +868,7 @@ where
                 self.shared
                     .metrics
                     .upstream_error(UpstreamErrorKind::response);
-                return Err(ProxyError::UpstreamConnect(format!(
+                return Err(ProxyError::UpstreamBroken(format!(
                     "the answer from KMS broke off: {message}"
                 )));
             }
