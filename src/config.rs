@@ -399,7 +399,7 @@ fn read_config(
     let mut r = section(root, "intercept", errors, empty);
     let intercept = InterceptConfig {
         ca: tls_pair(&mut r, "ca_cert", "ca_key", errors),
-        tunnel_hosts: host_globs(&mut r, "tunnel_hosts", errors).unwrap_or_default(),
+        tunnel_hosts: read_tunnel_hosts(&mut r, errors),
     };
     r.finish(errors);
 
@@ -511,6 +511,36 @@ fn host_globs(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<Host
         }
     }
     Some(globs)
+}
+
+/// `[intercept].tunnel_hosts`: host globs, none of which may match a KMS endpoint name (KMS
+/// traffic is intercepted and judged, never spliced blind).
+fn read_tunnel_hosts(r: &mut Reader, errors: &mut Errors) -> Vec<HostGlob> {
+    let path = r.key_path("tunnel_hosts");
+    let Some(patterns) = r.strings("tunnel_hosts", errors) else {
+        return Vec::new();
+    };
+    let mut globs = Vec::with_capacity(patterns.len());
+    for (i, p) in patterns.iter().enumerate() {
+        let glob = match HostGlob::new(p) {
+            Ok(glob) => glob,
+            Err(e) => {
+                errors.push(&format!("{path}[{i}]"), e);
+                continue;
+            }
+        };
+        if let Some(name) = crate::endpoints::kms_name_matched_by(&glob) {
+            errors.push(
+                &format!("{path}[{i}]"),
+                format!(
+                    "{p:?} matches KMS endpoint names such as {name:?}, and KMS traffic is never tunnelled blind; list the other service's names instead (e.g. \"sts.*.amazonaws.com\")"
+                ),
+            );
+            continue;
+        }
+        globs.push(glob);
+    }
+    globs
 }
 
 const DEFAULT_ALLOWED_HOSTS: [&str; 5] = [
@@ -957,6 +987,24 @@ type = "nope"
         let errors = errors_of("[listener]\naddress = \n");
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("line 2"), "{errors:?}");
+    }
+
+    #[test]
+    fn refuses_tunnel_hosts_that_can_match_a_kms_name() {
+        let errors = errors_of(
+            "[upstream]\nallowed_hosts = [\"kms.us-east-1.amazonaws.com\"]\n\
+             [intercept]\ntunnel_hosts = [\"sts.*.amazonaws.com\", \"*.us-west-2.amazonaws.com\", \"kms-fips.*.api.aws\", \"*.*.*.*\"]\n",
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].starts_with("intercept.tunnel_hosts[1]: \"*.us-west-2.amazonaws.com\" matches KMS endpoint names such as \"kms.us-west-2.amazonaws.com\""), "{errors:#?}");
+        assert!(errors[1].starts_with("intercept.tunnel_hosts[2]:"));
+        assert!(errors[2].starts_with("intercept.tunnel_hosts[3]:"));
+        let c = Config::parse(
+            "[intercept]\ntunnel_hosts = [\"sts.*.amazonaws.com\", \"*.s3.us-east-1.amazonaws.com\"]\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.intercept.tunnel_hosts.len(), 2);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod ascii;
 pub mod audit;
 pub mod cases;
 pub mod config;
+pub mod endpoints;
 pub mod fold;
 pub mod glob;
 pub mod inspect;

@@ -905,11 +905,21 @@ async fn connect_intercepts_kms_for_the_sdk() {
 #[tokio::test]
 async fn connect_refuses_a_kms_name_without_an_interception_ca() {
     let fake = FakeKms::start().await;
-    // Even listed in tunnel_hosts: KMS traffic is never tunnelled uninspected.
+    // A KMS name in tunnel_hosts is a configuration error: KMS traffic is never tunnelled
+    // uninspected.
+    let refused = kms_tag_guard::Config::parse(
+        &format!("[intercept]\ntunnel_hosts = [\"{KMS_HOST}\"]\n"),
+        kms_tag_guard::config::ConfigSource::BuiltIn,
+    )
+    .expect_err("a KMS name in tunnel_hosts must be refused");
+    assert!(
+        refused.to_string().contains("never tunnelled blind"),
+        "{refused}"
+    );
     let proxy = start_proxy_with(
         &fake,
         ProxyConfig {
-            intercept: format!("tunnel_hosts = [\"{KMS_HOST}\"]"),
+            intercept: "tunnel_hosts = [\"sts.*.amazonaws.com\"]".into(),
             ..ProxyConfig::default()
         },
     )
@@ -970,6 +980,19 @@ async fn connect_refuses_other_hosts_without_connecting_anywhere() {
         format!("{KMS_HOST}:{}", extra.addr.port()),
         // An allowed tunnel host on another port.
         "sts.us-east-1.amazonaws.com:8443".to_owned(),
+        // Ports that are not exactly "443", though some parsers read them as 443.
+        format!("{KMS_HOST}:+443"),
+        format!("{KMS_HOST}:0443"),
+        format!("{KMS_HOST}:65979"),
+        format!("{KMS_HOST}:"),
+        KMS_HOST.to_owned(),
+        "sts.us-east-1.amazonaws.com:+443".to_owned(),
+        "sts.us-east-1.amazonaws.com:65979".to_owned(),
+        // A KMS endpoint allowed_hosts does not list (the default lists no ISO partition).
+        "kms.us-iso-east-1.c2s.ic.gov:443".to_owned(),
+        // What the allowed_hosts glob admits, but is not a KMS endpoint name: no leaf is minted.
+        "kms.notaregion.amazonaws.com:443".to_owned(),
+        "kms.localhost.amazonaws.com:443".to_owned(),
     ] {
         let answer = connect(proxy.addr, &target).await;
         assert_eq!(answer.status, 403, "CONNECT {target}: {}", answer.head);
@@ -1012,6 +1035,98 @@ async fn connect_tunnels_listed_hosts_blind() {
     assert_eq!(echoed, payload);
     assert_eq!(watched.connections(), 1);
     assert_eq!(fake.count(), 0, "a blind tunnel is not KMS traffic");
+}
+
+#[tokio::test]
+async fn a_blind_tunnel_that_cannot_connect_names_the_tunnel_not_kms() {
+    let _port = PORT_443.lock().await;
+    if std::net::TcpStream::connect("127.0.0.1:443").is_ok() {
+        eprintln!("SKIPPED a_blind_tunnel_that_cannot_connect_names_the_tunnel_not_kms: something listens on 127.0.0.1:443");
+        return;
+    }
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: "tunnel_hosts = [\"localhost\"]".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let answer = connect(proxy.addr, "localhost:443").await;
+    assert_eq!(answer.status, 502, "{}{}", answer.head, answer.body);
+    assert!(answer
+        .head
+        .to_ascii_lowercase()
+        .contains("x-kms-tag-guard: tunnel-error"));
+    let message = serde_json::from_str::<Value>(&answer.body).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("could not open the tunnel") && !message.contains("KMS"),
+        "{message}"
+    );
+    assert_eq!(fake.count(), 0);
+}
+
+/// The issue's configuration: a region in allowed_hosts, a tunnel glob over another region's
+/// names. `check` refuses it, and a CONNECT to that region's KMS name is refused without any
+/// outbound connection, whatever the tunnel list says.
+#[tokio::test]
+async fn a_kms_name_outside_allowed_hosts_is_refused_not_tunnelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[upstream]\nallowed_hosts = [\"kms.us-east-1.amazonaws.com\"]\n\
+         [intercept]\ntunnel_hosts = [\"*.us-west-2.amazonaws.com\"]\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("intercept.tunnel_hosts[0]")
+            && stderr.contains("kms.us-west-2.amazonaws.com"),
+        "{stderr}"
+    );
+
+    let _port = PORT_443.lock().await;
+    let (cert, key, _) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            upstream: "allowed_hosts = [\"kms.us-east-1.amazonaws.com\"]".into(),
+            intercept: intercept_section(&cert, &key, "[\"sts.us-west-2.amazonaws.com\"]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let watched = watch_443("127.0.0.1", "a_kms_name_outside_allowed_hosts").await;
+    for target in [
+        "kms.us-west-2.amazonaws.com:443",
+        "kms-fips.us-west-2.amazonaws.com:443",
+        "kms.us-west-2.api.aws:443",
+        "vpce-0a1b2c3d.kms.us-west-2.vpce.amazonaws.com:443",
+    ] {
+        let answer = connect(proxy.addr, target).await;
+        assert_eq!(answer.status, 403, "CONNECT {target}: {}", answer.head);
+        assert!(
+            answer.body.contains("never tunnelled blind"),
+            "CONNECT {target}: {}",
+            answer.body
+        );
+    }
+    if let Some(watched) = &watched {
+        assert_eq!(watched.connections(), 0, "a refused CONNECT opens nothing");
+    }
+    assert_eq!(fake.count(), 0);
 }
 
 #[tokio::test]
@@ -1212,6 +1327,17 @@ async fn connect_tunnel_pins_requests_to_the_connect_host() {
             assert_eq!(
                 answer.header("x-amzn-errortype"),
                 Some("MisdirectedRequest")
+            );
+            assert_eq!(
+                answer.header("x-kms-tag-guard"),
+                Some("tunnel-host-mismatch")
+            );
+            let message = answer.json()["message"].as_str().unwrap().to_owned();
+            assert!(
+                message.contains("tunnel")
+                    && message.contains(KMS_HOST)
+                    && !message.contains("allowed_hosts"),
+                "the refusal names the tunnel, not allowed_hosts: {message}"
             );
         }
     }

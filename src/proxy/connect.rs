@@ -1,10 +1,13 @@
 //! CONNECT (HTTPS_PROXY clients): intercept KMS, tunnel the listed hosts blind, refuse the rest.
 //!
-//! A CONNECT to a KMS name (`[upstream].allowed_hosts`) is answered 200 and its TLS is terminated
-//! with a leaf minted for that name, so every request inside goes through the same pipeline as
-//! any other. A CONNECT to `[intercept].tunnel_hosts` (STS, S3, ...) is spliced blind. Anything
-//! else gets 403 and no outbound connection: the proxy is never an open proxy. A KMS name is
-//! never tunnelled blind, whatever `tunnel_hosts` says.
+//! What is KMS is decided by the built-in endpoint shapes (`crate::endpoints`: every partition,
+//! FIPS, dual-stack, VPC endpoint names) as well as by `[upstream].allowed_hosts`, so a KMS name
+//! is never spliced blind, whatever `tunnel_hosts` says. A CONNECT to a KMS name that
+//! `allowed_hosts` matches is answered 200 and its TLS is terminated with a leaf minted for that
+//! name, so every request inside goes through the same pipeline as any other; leaves are minted
+//! only for regional KMS endpoint names and for names `allowed_hosts` lists exactly. A CONNECT to
+//! `[intercept].tunnel_hosts` (STS, S3, ...) is spliced blind. Anything else, and any port but
+//! exactly `443`, gets 403 and no outbound connection: the proxy is never an open proxy.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -26,6 +29,7 @@ use super::error::ProxyError;
 use super::serve::{serve_connection, Origin};
 use super::Shared;
 use crate::config::{Config, Resolver};
+use crate::endpoints::{self, KmsName};
 use crate::glob::HostGlob;
 use crate::metrics::Outcome;
 use crate::tls::{server_config, LeafMinter, TunnelCert};
@@ -80,34 +84,29 @@ pub(crate) async fn handle(
             "CONNECT needs a host:port target".into(),
         ));
     };
-    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
-    let port = authority.port_u16().unwrap_or(TUNNEL_PORT);
+    let host = match connect_target(&authority) {
+        Ok(host) => host,
+        Err(message) => return refuse(ProxyError::ConnectRefused(message)),
+    };
     let tunnels = &shared.tunnels;
-    let is_kms = tunnels.kms_hosts.iter().any(|g| g.matches(&host));
-    if port != TUNNEL_PORT {
-        return refuse(ProxyError::ConnectRefused(format!(
-            "{authority}: only port {TUNNEL_PORT} may be tunnelled"
-        )));
-    }
-    if is_kms {
-        let Some(minter) = tunnels.minter.clone() else {
-            return refuse(ProxyError::ConnectRefused(format!(
-                "{host} is a KMS host, and KMS traffic is only tunnelled when it can be inspected ([intercept] ca_cert/ca_key)"
-            )));
-        };
-        intercept(shared, request, origin.peer, host, minter);
-        info!(%request_id, peer = %origin.peer, %authority, "CONNECT intercepted");
-        return (established(request_id), Outcome::pass);
-    }
-    if !tunnels.tunnel_hosts.iter().any(|g| g.matches(&host)) {
-        return refuse(ProxyError::ConnectRefused(format!(
-            "{host} is neither a KMS host nor in [intercept].tunnel_hosts"
-        )));
+    match tunnels.route(&host) {
+        Route::Intercept => {
+            let Some(minter) = tunnels.minter.clone() else {
+                return refuse(ProxyError::ConnectRefused(format!(
+                    "{host} is a KMS host, and KMS traffic is only tunnelled when it can be inspected ([intercept] ca_cert/ca_key)"
+                )));
+            };
+            intercept(shared, request, origin.peer, host, minter);
+            info!(%request_id, peer = %origin.peer, %authority, "CONNECT intercepted");
+            return (established(request_id), Outcome::pass);
+        }
+        Route::Refuse(message) => return refuse(ProxyError::ConnectRefused(message)),
+        Route::Blind => {}
     }
     // Connect before answering 200, so a failure is a clear 502 rather than a dead tunnel.
-    let target = match connect_tcp(tunnels, &host, port).await {
+    let target = match connect_tcp(tunnels, &host, TUNNEL_PORT).await {
         Ok(target) => target,
-        Err(message) => return refuse(ProxyError::UpstreamConnect(message)),
+        Err(message) => return refuse(ProxyError::TunnelConnect(message)),
     };
     let peer = origin.peer;
     tokio::spawn(async move {
@@ -124,6 +123,74 @@ pub(crate) async fn handle(
     });
     info!(%request_id, %peer, %authority, "CONNECT tunnelled blind");
     (established(request_id), Outcome::pass)
+}
+
+/// What a CONNECT to a host becomes.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Intercept,
+    Blind,
+    Refuse(String),
+}
+
+impl Tunnels {
+    /// A KMS name (built in, or matched by `allowed_hosts`) is intercepted or refused, never
+    /// tunnelled blind; a leaf is only minted for a built-in KMS endpoint name that
+    /// `allowed_hosts` matches, or for a name `allowed_hosts` lists exactly, so the names a client
+    /// can have minted are well-formed, not whatever a glob's `*` admits.
+    fn route(&self, host: &str) -> Route {
+        let kms = endpoints::kms_name(host);
+        let allowed = self.kms_hosts.iter().find(|g| g.matches(host));
+        let listed_exactly = self
+            .kms_hosts
+            .iter()
+            .any(|g| g.is_literal() && g.matches(host));
+        match (kms, allowed) {
+            (None, None) if self.tunnel_hosts.iter().any(|g| g.matches(host)) => Route::Blind,
+            (None, None) => Route::Refuse(format!(
+                "{host} is neither a KMS host nor in [intercept].tunnel_hosts; add it to tunnel_hosts to let clients reach it through this proxy"
+            )),
+            (Some(_), None) => Route::Refuse(format!(
+                "{host} is a KMS endpoint that [upstream].allowed_hosts does not list; KMS names are never tunnelled blind, so add it to allowed_hosts to have it intercepted"
+            )),
+            (Some(KmsName::Regional), Some(_)) => Route::Intercept,
+            _ if listed_exactly => Route::Intercept,
+            (_, Some(glob)) => Route::Refuse(format!(
+                "{host} matches the allowed_hosts glob {:?} but is not a regional KMS endpoint name; list it exactly in [upstream].allowed_hosts to have it intercepted",
+                glob.as_str()
+            )),
+        }
+    }
+}
+
+/// The host of a CONNECT target, lowercase without a trailing dot; the port must be exactly
+/// `443`, spelled so (`:+443`, `:0443`, `:65979` or a missing port are not 443).
+fn connect_target(authority: &http::uri::Authority) -> Result<String, String> {
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{authority}: a CONNECT target may not carry user information; send host:{TUNNEL_PORT}"
+        ));
+    }
+    match authority.port() {
+        Some(port) if port.as_str() == "443" => {}
+        Some(port) => {
+            return Err(format!(
+                "{authority}: only port {TUNNEL_PORT} may be tunnelled, not {:?}",
+                port.as_str()
+            ))
+        }
+        None => {
+            return Err(format!(
+                "{authority}: a CONNECT target needs a port, and only {TUNNEL_PORT} may be tunnelled; send {authority}:{TUNNEL_PORT}"
+            ))
+        }
+    }
+    let host = authority.host().to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    if host.is_empty() {
+        return Err(format!("{authority}: the CONNECT target has no host"));
+    }
+    Ok(host.to_owned())
 }
 
 fn established(request_id: &str) -> Response<super::ProxyBody> {
@@ -216,4 +283,88 @@ async fn connect_tcp(tunnels: &Tunnels, host: &str, port: u16) -> Result<TcpStre
         }
     }
     Err(last_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSource;
+
+    fn tunnels(upstream: &str, intercept: &str) -> Tunnels {
+        let text = format!("[upstream]\n{upstream}\n[intercept]\n{intercept}\n");
+        let config = Config::parse(&text, ConfigSource::BuiltIn).unwrap();
+        Tunnels::new(&config, None, OwnAddresses::default()).unwrap()
+    }
+
+    #[test]
+    fn kms_names_are_intercepted_or_refused_never_tunnelled() {
+        // The case: a region not in allowed_hosts, a tunnel glob over its names' parent
+        // (which `check` now refuses; built here by hand to show CONNECT holds on its own).
+        let mut t = tunnels("allowed_hosts = [\"kms.us-east-1.amazonaws.com\"]", "");
+        t.tunnel_hosts = vec![HostGlob::new("*.us-west-2.amazonaws.com").unwrap()];
+        assert!(
+            matches!(t.route("kms.us-west-2.amazonaws.com"), Route::Refuse(m) if m.contains("allowed_hosts does not list"))
+        );
+        assert!(matches!(
+            t.route("kms-fips.us-west-2.amazonaws.com"),
+            Route::Refuse(_)
+        ));
+        assert!(matches!(
+            t.route("vpce-0a1b.kms.us-west-2.vpce.amazonaws.com"),
+            Route::Refuse(_)
+        ));
+        assert_eq!(t.route("sts.us-west-2.amazonaws.com"), Route::Blind);
+        assert_eq!(t.route("kms.us-east-1.amazonaws.com"), Route::Intercept);
+        assert!(matches!(t.route("example.com"), Route::Refuse(_)));
+    }
+
+    #[test]
+    fn only_well_formed_kms_names_or_exact_entries_are_intercepted() {
+        let t = tunnels(
+            "allowed_hosts = [\"kms.*.amazonaws.com\", \"localhost\", \"kms.*.example.internal\", \"*.kms.us-east-1.vpce.amazonaws.com\", \"vpce-1.kms.us-east-1.vpce.amazonaws.com\"]",
+            "",
+        );
+        assert_eq!(t.route("kms.eu-west-1.amazonaws.com"), Route::Intercept);
+        assert_eq!(t.route("localhost"), Route::Intercept);
+        assert_eq!(
+            t.route("vpce-1.kms.us-east-1.vpce.amazonaws.com"),
+            Route::Intercept
+        );
+        // What a glob's `*` admits but is not a KMS endpoint name: no leaf is minted for it.
+        for host in [
+            "kms.not-a-region.amazonaws.com",
+            "kms.x.amazonaws.com",
+            "kms.eu-west-1.example.internal",
+            "vpce-2.kms.us-east-1.vpce.amazonaws.com",
+        ] {
+            assert!(
+                matches!(t.route(host), Route::Refuse(ref m) if m.contains("list it exactly")),
+                "{host}: {:?}",
+                t.route(host)
+            );
+        }
+    }
+
+    #[test]
+    fn the_port_must_be_exactly_443() {
+        let target = |a: &str| connect_target(&a.parse().unwrap());
+        assert_eq!(
+            target("KMS.us-east-1.amazonaws.com.:443").unwrap(),
+            "kms.us-east-1.amazonaws.com"
+        );
+        for refused in [
+            "kms.us-east-1.amazonaws.com",
+            "kms.us-east-1.amazonaws.com:",
+            "kms.us-east-1.amazonaws.com:+443",
+            "kms.us-east-1.amazonaws.com:0443",
+            "kms.us-east-1.amazonaws.com:65979",
+            "kms.us-east-1.amazonaws.com:65536",
+            "kms.us-east-1.amazonaws.com:444",
+            "user@kms.us-east-1.amazonaws.com:443",
+        ] {
+            if let Ok(authority) = refused.parse::<http::uri::Authority>() {
+                assert!(connect_target(&authority).is_err(), "{refused}");
+            }
+        }
+    }
 }

@@ -26,8 +26,12 @@ pub enum ProxyError {
     UnknownOperation(String),
     #[error("the Host {0:?} is not a KMS endpoint this proxy forwards to ([upstream].allowed_hosts); address a KMS host name")]
     HostNotAllowed(String),
+    #[error("the Host {host:?} is not the host this CONNECT tunnel was opened to ({tunnel:?}); inside a tunnel every request must be addressed to the tunnel's host, so open a tunnel to {host:?} for it")]
+    TunnelHostMismatch { host: String, tunnel: String },
     #[error("kms-tag-guard refused the CONNECT: {0}")]
     ConnectRefused(String),
+    #[error("kms-tag-guard could not open the tunnel: {0}; nothing was sent through it, retry")]
+    TunnelConnect(String),
     #[error("kms-tag-guard could not write the audit record, so the tag change was not forwarded; retry later (operators: check [audit].path)")]
     AuditUnavailable,
     #[error("kms-tag-guard could not reach KMS: {0}; the request was not sent, retry")]
@@ -60,9 +64,15 @@ impl ProxyError {
                 "MisdirectedRequest",
                 "host-not-allowed",
             ),
+            ProxyError::TunnelHostMismatch { .. } => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "MisdirectedRequest",
+                "tunnel-host-mismatch",
+            ),
             ProxyError::ConnectRefused(_) => {
                 (StatusCode::FORBIDDEN, "Forbidden", "connect-refused")
             }
+            ProxyError::TunnelConnect(_) => (StatusCode::BAD_GATEWAY, "BadGateway", "tunnel-error"),
             ProxyError::AuditUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -84,7 +94,8 @@ impl ProxyError {
         match self {
             ProxyError::AuditUnavailable
             | ProxyError::UpstreamConnect(_)
-            | ProxyError::UpstreamTimeout(_) => Outcome::error,
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::TunnelConnect(_) => Outcome::error,
             _ => Outcome::deny,
         }
     }
@@ -132,7 +143,16 @@ mod tests {
                 421,
                 "MisdirectedRequest",
             ),
+            (
+                ProxyError::TunnelHostMismatch {
+                    host: "h".into(),
+                    tunnel: "t".into(),
+                },
+                421,
+                "MisdirectedRequest",
+            ),
             (ProxyError::ConnectRefused("x".into()), 403, "Forbidden"),
+            (ProxyError::TunnelConnect("t".into()), 502, "BadGateway"),
             (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
             (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),

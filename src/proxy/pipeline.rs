@@ -210,7 +210,10 @@ pub(crate) fn forward_target<'a>(
     // Inside an intercepted tunnel, requests must stay with the host the client connected to.
     if let Some(tunnel_host) = tunnel_host {
         if !crate::glob::host_name(host).eq_ignore_ascii_case(tunnel_host) {
-            return Err(ProxyError::HostNotAllowed(host.to_owned()));
+            return Err(ProxyError::TunnelHostMismatch {
+                host: host.to_owned(),
+                tunnel: tunnel_host.to_owned(),
+            });
         }
     }
     let target = upstream.target(host, uri.path_and_query())?;
