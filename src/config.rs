@@ -108,6 +108,8 @@ impl UpstreamConfig {
 pub struct InterceptConfig {
     pub ca: Option<TlsFiles>,
     pub tunnel_hosts: Vec<HostGlob>,
+    /// How many minted leaves are kept (least recently used dropped first).
+    pub leaf_cache_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +402,11 @@ fn read_config(
     let intercept = InterceptConfig {
         ca: tls_pair(&mut r, "ca_cert", "ca_key", errors),
         tunnel_hosts: read_tunnel_hosts(&mut r, errors),
+        leaf_cache_size: r
+            .integer("leaf_cache_size", errors, 1)
+            .map_or(crate::tls::DEFAULT_LEAF_CACHE_SIZE, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
     };
     r.finish(errors);
 

@@ -85,6 +85,8 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     audit_write_failures: Counter,
     policy_info: Family<PolicyLabels, Gauge>,
+    leaf_cache_entries: Gauge,
+    leaves_minted: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,6 +144,18 @@ impl Metrics {
             "The policy in force: sha256 of the configuration file it was loaded from",
             policy_info.clone(),
         );
+        let leaf_cache_entries = Gauge::default();
+        registry.register(
+            "kms_tag_guard_leaf_cache_entries",
+            "Leaves minted for intercepted CONNECT tunnels that the bounded cache holds",
+            leaf_cache_entries.clone(),
+        );
+        let leaves_minted = Counter::default();
+        registry.register(
+            "kms_tag_guard_leaves_minted",
+            "Leaves minted for intercepted CONNECT tunnels",
+            leaves_minted.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -150,6 +164,8 @@ impl Metrics {
             reloads,
             audit_write_failures,
             policy_info,
+            leaf_cache_entries,
+            leaves_minted,
         }
     }
 
@@ -177,6 +193,16 @@ impl Metrics {
 
     pub fn audit_write_failure(&self) {
         self.audit_write_failures.inc();
+    }
+
+    /// How many leaves the leaf cache holds.
+    pub fn leaf_cache(&self, entries: usize) {
+        self.leaf_cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    pub fn leaf_minted(&self) {
+        self.leaves_minted.inc();
     }
 
     /// Marks `sha256` as the policy in force, and only it.

@@ -21,6 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::config::{sha256_hex, TlsFiles};
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -153,11 +154,74 @@ const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// Minted leaves are valid from a little before now, for clients with a slow clock.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
+/// How many minted leaves the cache holds unless `[intercept].leaf_cache_size` says otherwise:
+/// every regional, FIPS and dual-stack KMS name of every region several times over, about 8 MiB.
+pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
+
 /// Mints short-lived leaf certificates for intercepted hosts, signed by the interception CA.
+///
+/// Leaves are cached per name in a bounded cache that drops the least recently used leaf when
+/// full, so a client that CONNECTs to ever new names costs at most `capacity` leaves of memory.
+/// Minting (a key generation and a signature) runs on the blocking pool, one at a time, with the
+/// cache unlocked: a handshake whose leaf is cached never waits for a mint.
 pub struct LeafMinter {
     issuer: Issuer<'static, KeyPair>,
     ca: CertificateDer<'static>,
-    cache: Mutex<HashMap<String, (Arc<CertifiedKey>, SystemTime)>>,
+    cache: Mutex<LeafCache>,
+    /// One mint at a time, whichever connection thread asks.
+    minting: tokio::sync::Semaphore,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// Leaves by lowercase host name, each with when it was last used.
+struct LeafCache {
+    entries: HashMap<String, CachedLeaf>,
+    capacity: usize,
+    /// Counts lookups; an entry's `used` is the count when it was last returned.
+    clock: u64,
+}
+
+struct CachedLeaf {
+    leaf: Arc<CertifiedKey>,
+    renew_at: SystemTime,
+    used: u64,
+}
+
+impl LeafCache {
+    fn get(&mut self, host: &str, now: SystemTime) -> Option<Arc<CertifiedKey>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self.entries.get_mut(host)?;
+        if now >= entry.renew_at {
+            return None;
+        }
+        entry.used = clock;
+        Some(Arc::clone(&entry.leaf))
+    }
+
+    /// Inserts a leaf, first dropping the least recently used one when the cache is full.
+    fn insert(&mut self, host: String, leaf: Arc<CertifiedKey>, renew_at: SystemTime) {
+        self.clock += 1;
+        if !self.entries.contains_key(&host) && self.entries.len() >= self.capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        let used = self.clock;
+        self.entries.insert(
+            host,
+            CachedLeaf {
+                leaf,
+                renew_at,
+                used,
+            },
+        );
+    }
 }
 
 impl fmt::Debug for LeafMinter {
@@ -167,6 +231,7 @@ impl fmt::Debug for LeafMinter {
 }
 
 impl LeafMinter {
+    /// Loads the CA with a cache of [`DEFAULT_LEAF_CACHE_SIZE`] leaves.
     pub fn load(files: &TlsFiles) -> Result<LeafMinter, TlsError> {
         let cert_pem = String::from_utf8_lossy(&read(&files.cert)?).into_owned();
         let key_pem = String::from_utf8_lossy(&read(&files.key)?).into_owned();
@@ -190,24 +255,90 @@ impl LeafMinter {
         Ok(LeafMinter {
             issuer,
             ca,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(LeafCache {
+                entries: HashMap::new(),
+                capacity: DEFAULT_LEAF_CACHE_SIZE,
+                clock: 0,
+            }),
+            minting: tokio::sync::Semaphore::new(1),
+            metrics: None,
         })
     }
 
-    /// A certificate for `host`, from the cache while it has more than an hour to live.
+    /// Holds at most `capacity` (at least 1) leaves.
+    pub fn with_capacity(self, capacity: usize) -> LeafMinter {
+        self.lock().capacity = capacity.max(1);
+        self
+    }
+
+    /// Reports the cache's size and the leaves minted to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> LeafMinter {
+        metrics.leaf_cache(self.len());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeafCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many leaves the cache holds.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cached leaf for `host`, while it has more than an hour to live.
+    pub fn cached(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.lock()
+            .get(&host.to_ascii_lowercase(), SystemTime::now())
+    }
+
+    /// A certificate for `host`: the cached one, or one minted now on this thread.
     pub fn leaf_for(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
         let host = host.to_ascii_lowercase();
         let now = SystemTime::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((leaf, renew_at)) = cache.get(&host) {
-            if now < *renew_at {
-                return Ok(Arc::clone(leaf));
-            }
-        }
+        // Minted with the cache unlocked: other handshakes look it up meanwhile.
         let leaf = Arc::new(self.mint(&host, now)?);
         let renew_at = now + LEAF_LIFETIME - LEAF_RENEW_BEFORE;
-        cache.insert(host, (Arc::clone(&leaf), renew_at));
+        let len = {
+            let mut cache = self.lock();
+            cache.insert(host, Arc::clone(&leaf), renew_at);
+            cache.entries.len()
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.leaf_minted();
+            metrics.leaf_cache(len);
+        }
         Ok(leaf)
+    }
+
+    /// A certificate for `host` without blocking the caller's thread: the cached one, or one
+    /// minted on the blocking pool, one mint at a time across the process.
+    pub async fn leaf(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
+        let _one_at_a_time = self
+            .minting
+            .acquire()
+            .await
+            .map_err(|e| TlsError::Mint(e.to_string()))?;
+        // Whoever held the permit before may have minted this very name.
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
+        let minter = Arc::clone(self);
+        let host = host.to_owned();
+        tokio::task::spawn_blocking(move || minter.leaf_for(&host))
+            .await
+            .map_err(|e| TlsError::Mint(e.to_string()))?
     }
 
     fn mint(&self, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
@@ -232,11 +363,12 @@ impl LeafMinter {
     }
 }
 
-/// Serves the minted leaf of one tunnel's host, and only to a client whose SNI names that host.
+/// Serves one tunnel's leaf, minted before the handshake goes on, and only to a client whose SNI
+/// names the tunnel's host.
 #[derive(Debug)]
 pub struct TunnelCert {
     pub host: String,
-    pub minter: Arc<LeafMinter>,
+    pub leaf: Arc<CertifiedKey>,
 }
 
 impl ResolvesServerCert for TunnelCert {
@@ -246,13 +378,7 @@ impl ResolvesServerCert for TunnelCert {
             tracing::info!(connect_host = %self.host, sni, "refusing a TLS handshake whose SNI differs from the CONNECT host");
             return None;
         }
-        match self.minter.leaf_for(&self.host) {
-            Ok(leaf) => Some(leaf),
-            Err(error) => {
-                tracing::error!(host = %self.host, %error, "cannot mint a certificate");
-                None
-            }
-        }
+        Some(Arc::clone(&self.leaf))
     }
 }
 
@@ -401,5 +527,44 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "leaves are cached per name");
         assert_eq!(a.cert.len(), 2, "leaf and CA");
         assert!(kms_host_names().contains(&"kms.eu-west-1.amazonaws.com".to_owned()));
+    }
+
+    #[test]
+    fn the_leaf_cache_is_bounded_and_drops_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca_init(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let minter = LeafMinter::load(&TlsFiles { cert, key })
+            .unwrap()
+            .with_capacity(4)
+            .with_metrics(Arc::clone(&metrics));
+        let name = |i: usize| format!("kms.xx-region-{i}.amazonaws.com");
+        let first = minter.leaf_for(&name(0)).unwrap();
+        for i in 1..4 {
+            minter.leaf_for(&name(i)).unwrap();
+        }
+        // Name 0 is used again, so name 1 is now the least recently used.
+        assert!(Arc::ptr_eq(&first, &minter.leaf_for(&name(0)).unwrap()));
+        for i in 4..40 {
+            minter.leaf_for(&name(i)).unwrap();
+            assert!(minter.len() <= 4, "{} leaves after {i} names", minter.len());
+            if i == 4 {
+                assert!(minter.cached(&name(0)).is_some(), "recently used stays");
+                assert!(
+                    minter.cached(&name(1)).is_none(),
+                    "least recently used goes"
+                );
+            }
+        }
+        assert_eq!(minter.len(), 4);
+        let text = metrics.encode();
+        assert!(
+            text.contains("kms_tag_guard_leaf_cache_entries 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kms_tag_guard_leaves_minted_total 40"),
+            "{text}"
+        );
     }
 }

@@ -1249,6 +1249,97 @@ async fn intercepting_proxy(fake: &FakeKms, dir: &Path) -> (TestProxy, Vec<u8>) 
     (proxy, ca_pem)
 }
 
+/// A client CONNECTing to ever new KMS names: the leaf cache stays at `leaf_cache_size`, the
+/// least recently used leaf goes first, and a name that is not a KMS endpoint name gets no leaf.
+#[tokio::test]
+async fn the_leaf_cache_is_bounded_whatever_names_a_client_connects_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            intercept: format!(
+                "{}\nleaf_cache_size = 4",
+                intercept_section(&cert, &key, "[]")
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let handshake = |host: String| {
+        let ca_pem = ca_pem.clone();
+        async move {
+            let tunnel = connect(proxy.addr, &format!("{host}:443")).await;
+            assert_eq!(tunnel.status, 200, "CONNECT {host}: {}", tunnel.head);
+            let stream = tls_connect(tunnel.stream, &host, client_config(&ca_pem, &[]))
+                .await
+                .unwrap_or_else(|e| panic!("handshake for {host}: {e}"));
+            stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+        }
+    };
+    // Twelve regions the CA from `ca init` covers, three times the cache's size.
+    let names: Vec<String> = [
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "eu-central-1",
+        "eu-north-1",
+        "ap-south-1",
+        "ap-northeast-1",
+        "sa-east-1",
+    ]
+    .iter()
+    .map(|r| format!("kms.{r}.amazonaws.com"))
+    .collect();
+    let first = handshake(names[0].clone()).await;
+    for name in &names[1..] {
+        handshake(name.clone()).await;
+        let scraped = common::ops::scrape(admin).await;
+        let entries = scraped.count("kms_tag_guard_leaf_cache_entries", &[]);
+        assert!(entries <= 4.0, "{entries} leaves cached after {name}");
+    }
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(scraped.count("kms_tag_guard_leaf_cache_entries", &[]), 4.0);
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        12.0
+    );
+
+    // The most recent name is served from the cache; the first was dropped and is minted again.
+    let last = names.last().unwrap().clone();
+    handshake(last).await;
+    let again = handshake(names[0].clone()).await;
+    assert_ne!(first, again, "an evicted leaf is minted anew");
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        13.0
+    );
+
+    // Names the allowed_hosts glob admits but that are no KMS endpoint name: refused, no mint.
+    for host in [
+        "kms.attacker-label.amazonaws.com",
+        "kms.a.amazonaws.com",
+        "kms.123.amazonaws.com",
+    ] {
+        let answer = connect(proxy.addr, &format!("{host}:443")).await;
+        assert_eq!(answer.status, 403, "CONNECT {host}: {}", answer.head);
+    }
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        13.0
+    );
+    assert_eq!(fake.count(), 0);
+}
+
 #[tokio::test]
 async fn connect_tunnel_refuses_an_sni_other_than_the_connect_host() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioIo;
+use rustls::server::Acceptor;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tower_service::Service;
 use tracing::{debug, info};
 
@@ -218,37 +219,66 @@ fn intercept(
                 return;
             }
         };
-        let resolver = Arc::new(TunnelCert {
-            host: host.clone(),
-            minter,
-        });
-        let config = match server_config(resolver) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::error!(%error, "cannot set up TLS for an intercepted tunnel");
+        let timeout = shared.tunnels.handshake_timeout;
+        let stream = match tokio::time::timeout(
+            timeout,
+            tunnel_handshake(TokioIo::new(upgraded), &host, &minter),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, %host, "TLS handshake inside the tunnel timed out");
                 return;
             }
         };
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let timeout = shared.tunnels.handshake_timeout;
-        let stream =
-            match tokio::time::timeout(timeout, acceptor.accept(TokioIo::new(upgraded))).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, %host, "TLS handshake inside the tunnel timed out");
-                    return;
-                }
-            };
         let origin = Origin {
             peer,
             tunnel_host: Some(host.into()),
         };
         serve_connection(stream, shared, origin).await;
     });
+}
+
+/// The TLS handshake inside an intercepted tunnel: the ClientHello is read first, and a leaf is
+/// looked up (or minted off this thread) only when its SNI names the tunnel's host.
+async fn tunnel_handshake<IO>(
+    io: IO,
+    host: &str,
+    minter: &Arc<LeafMinter>,
+) -> Result<tokio_rustls::server::TlsStream<IO>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = LazyConfigAcceptor::new(Acceptor::default(), io)
+        .await
+        .map_err(|e| e.to_string())?;
+    match start.client_hello().server_name() {
+        Some(sni) if sni.eq_ignore_ascii_case(host) => {}
+        Some(sni) => {
+            return Err(format!(
+                "the SNI {sni:?} differs from the CONNECT host; refused"
+            ))
+        }
+        None => return Err("the ClientHello names no server (SNI); refused".into()),
+    }
+    let leaf = minter.leaf(host).await.map_err(|e| {
+        tracing::error!(%host, error = %e, "cannot mint a certificate");
+        e.to_string()
+    })?;
+    let config = server_config(Arc::new(TunnelCert {
+        host: host.to_owned(),
+        leaf,
+    }))
+    .map_err(|e| e.to_string())?;
+    start
+        .into_stream(Arc::new(config))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Opens a TCP connection for a blind tunnel, through the configured resolver and the loop guard.

@@ -110,12 +110,17 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         )),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
     let minter = match &config.intercept.ca {
-        Some(files) => Some(Arc::new(LeafMinter::load(files).map_err(StartError::Tls)?)),
+        Some(files) => Some(Arc::new(
+            LeafMinter::load(files)
+                .map_err(StartError::Tls)?
+                .with_capacity(config.intercept.leaf_cache_size)
+                .with_metrics(Arc::clone(&metrics)),
+        )),
         None => None,
     };
     let own_addresses = OwnAddresses::default();
-    let metrics = Arc::new(Metrics::new());
     metrics.policy_in_force(&config.sha256);
     let shared = Arc::new(Shared {
         policy: ArcSwap::new(Arc::clone(&config.policy)),
