@@ -36,7 +36,7 @@ CONFIG_KEYS = {
     "listener": {"address", "tls_cert", "tls_key"},
     "admin": {"address"},
     "upstream": {"allowed_hosts", "endpoint", "ca_file", "resolver", "connect_timeout_ms", "timeout_ms"},
-    "intercept": {"ca_cert", "ca_key", "tunnel_hosts", "leaf_cache_size"},
+    "intercept": {"ca_cert", "ca_key", "tunnel_hosts", "leaf_cache_size", "ca_key_group_readable"},
     "limits": {"max_body_bytes", "header_read_timeout_ms", "body_read_timeout_ms"},
     "audit": {"path", "fsync", "fail_closed"},
     "shutdown": {"drain_delay_ms", "grace_ms"},

@@ -110,6 +110,8 @@ pub struct InterceptConfig {
     pub tunnel_hosts: Vec<HostGlob>,
     /// How many minted leaves are kept (least recently used dropped first).
     pub leaf_cache_size: usize,
+    /// Whether `ca_key` may be readable by its group (a Secret mounted for the pod's fsGroup).
+    pub ca_key_group_readable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -407,6 +409,7 @@ fn read_config(
             .map_or(crate::tls::DEFAULT_LEAF_CACHE_SIZE, |n| {
                 usize::try_from(n).unwrap_or(usize::MAX)
             }),
+        ca_key_group_readable: r.boolean("ca_key_group_readable", errors).unwrap_or(false),
     };
     r.finish(errors);
 

@@ -61,7 +61,7 @@ enum Command {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Write a new CA (ca.pem, ca.key with mode 0600) whose name constraints permit only the KMS
-    /// host names.
+    /// host names (no IP address).
     Init {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,

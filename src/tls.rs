@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -35,6 +35,17 @@ pub enum TlsError {
     Mint(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("{path} may be {access} by other users (mode {mode:03o}); the interception CA's key signs certificates clients trust: chmod 600 {path}{hint}")]
+    KeyAccess {
+        path: String,
+        mode: u32,
+        access: &'static str,
+        hint: &'static str,
+    },
+    #[error("{path} is not a CA certificate: {detail}; set ca_cert to the ca.pem `kms-tag-guard ca init` wrote")]
+    NotCa { path: String, detail: String },
+    #[error("{key} is not the private key of the certificate in {cert}; set ca_key to the ca.key written together with that ca.pem")]
+    KeyMismatch { cert: String, key: String },
     #[error("{0} already exists; move it away or choose another --out directory")]
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
@@ -231,8 +242,11 @@ impl fmt::Debug for LeafMinter {
 }
 
 impl LeafMinter {
-    /// Loads the CA with a cache of [`DEFAULT_LEAF_CACHE_SIZE`] leaves.
-    pub fn load(files: &TlsFiles) -> Result<LeafMinter, TlsError> {
+    /// Loads the CA with a cache of [`DEFAULT_LEAF_CACHE_SIZE`] leaves, after checking that the
+    /// key is not open to other users (group read allowed with `group_readable`, as a mounted
+    /// Kubernetes Secret needs), that the certificate is a CA, and that the key is its key.
+    pub fn load(files: &TlsFiles, group_readable: bool) -> Result<LeafMinter, TlsError> {
+        check_key_access(&files.key, group_readable)?;
         let cert_pem = String::from_utf8_lossy(&read(&files.cert)?).into_owned();
         let key_pem = String::from_utf8_lossy(&read(&files.key)?).into_owned();
         let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
@@ -248,6 +262,7 @@ impl LeafMinter {
                 path: files.cert.display().to_string(),
                 detail: e.to_string(),
             })?;
+        check_ca(&ca, &key, files)?;
         let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
             path: files.cert.display().to_string(),
             detail: format!("not a CA certificate rcgen can sign with: {e}"),
@@ -363,6 +378,87 @@ impl LeafMinter {
     }
 }
 
+/// Refuses a key file that users other than its owner may write, or read (group read allowed
+/// with `group_readable`). The mode is that of the file a symlink chain ends at, as it is read.
+fn check_key_access(path: &Path, group_readable: bool) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let mode = metadata.permissions().mode() & 0o777;
+    let (access, hint) = if mode & 0o022 != 0 {
+        ("written", "")
+    } else if mode & 0o004 != 0 {
+        ("read", "")
+    } else if mode & 0o040 != 0 && !group_readable {
+        (
+            "read",
+            " (a Kubernetes Secret mounted with mode 0440 for the pod's fsGroup needs [intercept] ca_key_group_readable = true)",
+        )
+    } else {
+        return Ok(());
+    };
+    Err(TlsError::KeyAccess {
+        path: path.display().to_string(),
+        mode,
+        access,
+        hint,
+    })
+}
+
+/// Checks that `ca` is a CA certificate that may sign certificates, and that `key` is its key;
+/// warns when its name constraints do not keep it to DNS names.
+fn check_ca(ca: &CertificateDer<'_>, key: &KeyPair, files: &TlsFiles) -> Result<(), TlsError> {
+    use rcgen::PublicKeyData;
+    let cert_path = files.cert.display().to_string();
+    let not_ca = |detail: String| TlsError::NotCa {
+        path: cert_path.clone(),
+        detail,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(ca)
+        .map_err(|e| not_ca(format!("it cannot be parsed ({e})")))?;
+    match cert.basic_constraints() {
+        Ok(Some(constraints)) if constraints.value.ca => {}
+        Ok(_) => return Err(not_ca("its basic constraints do not say CA:TRUE".into())),
+        Err(e) => {
+            return Err(not_ca(format!(
+                "its basic constraints are unreadable ({e})"
+            )))
+        }
+    }
+    match cert.key_usage() {
+        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
+            return Err(not_ca("its key usage does not include keyCertSign".into()))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(not_ca(format!("its key usage is unreadable ({e})"))),
+    }
+    if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+        return Err(TlsError::KeyMismatch {
+            cert: cert_path,
+            key: files.key.display().to_string(),
+        });
+    }
+    let excludes_all_ips = cert.name_constraints().ok().flatten().is_some_and(|nc| {
+        let excluded = nc.value.excluded_subtrees.as_deref().unwrap_or_default();
+        let everything = |len: usize| {
+            excluded.iter().any(|subtree| {
+                matches!(subtree.base, x509_parser::extensions::GeneralName::IPAddress(ip)
+                    if ip.len() == len && ip.iter().all(|b| *b == 0))
+            })
+        };
+        everything(8) && everything(32)
+    });
+    if !excludes_all_ips {
+        tracing::warn!(
+            ca_cert = %cert_path,
+            "the interception CA does not exclude every IP address in its name constraints, so a certificate signed with its key could vouch for an IP address; make a new CA with `kms-tag-guard ca init`"
+        );
+    }
+    Ok(())
+}
+
 /// Serves one tunnel's leaf, minted before the handshake goes on, and only to a client whose SNI
 /// names the tunnel's host.
 #[derive(Debug)]
@@ -423,26 +519,60 @@ pub const KMS_REGIONS: &[&str] = &[
     "us-gov-west-1",
 ];
 
-/// The China regions, under `amazonaws.com.cn`.
+/// The China regions, under `amazonaws.com.cn` (dual-stack `api.amazonwebservices.com.cn`).
 pub const KMS_CHINA_REGIONS: &[&str] = &["cn-north-1", "cn-northwest-1"];
+
+/// The regions of the other partitions, with their DNS suffix (see `crate::endpoints`).
+pub const KMS_OTHER_PARTITION_REGIONS: &[(&str, &str)] = &[
+    ("us-iso-east-1", "c2s.ic.gov"),
+    ("us-iso-west-1", "c2s.ic.gov"),
+    ("us-isob-east-1", "sc2s.sgov.gov"),
+    ("eu-isoe-west-1", "cloud.adc-e.uk"),
+    ("us-isof-east-1", "csp.hci.ic.gov"),
+    ("us-isof-south-1", "csp.hci.ic.gov"),
+    ("eusc-de-east-1", "amazonaws.eu"),
+];
 
 /// Every KMS host name the interception CA may sign for.
 pub fn kms_host_names() -> Vec<String> {
     let mut names = Vec::new();
-    for region in KMS_REGIONS {
-        for service in ["kms", "kms-fips"] {
+    for service in crate::endpoints::SERVICE_LABELS {
+        for region in KMS_REGIONS {
             names.push(format!("{service}.{region}.amazonaws.com"));
             names.push(format!("{service}.{region}.api.aws"));
         }
-    }
-    for region in KMS_CHINA_REGIONS {
-        names.push(format!("kms.{region}.amazonaws.com.cn"));
+        for region in KMS_CHINA_REGIONS {
+            names.push(format!("{service}.{region}.amazonaws.com.cn"));
+            names.push(format!("{service}.{region}.api.amazonwebservices.com.cn"));
+        }
+        for (region, suffix) in KMS_OTHER_PARTITION_REGIONS {
+            names.push(format!("{service}.{region}.{suffix}"));
+        }
     }
     names
 }
 
+/// The name constraints of a CA from `ca init`: DNS names of KMS endpoints only; no IP address
+/// (v4 or v6) at all; e-mail addresses only at the reserved name `invalid` (none, in effect).
+/// URI and the other name forms are not used to identify TLS servers.
+pub fn ca_name_constraints() -> NameConstraints {
+    let mut permitted: Vec<GeneralSubtree> = kms_host_names()
+        .into_iter()
+        .map(GeneralSubtree::DnsName)
+        .collect();
+    permitted.push(GeneralSubtree::Rfc822Name("invalid".into()));
+    NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    }
+}
+
 /// `ca init`: writes `ca.pem` and `ca.key` (mode 0600) into `dir`, a new ECDSA P-256 CA whose
-/// name constraints permit only the KMS host names. Refuses to overwrite.
+/// name constraints permit only the KMS host names and exclude every IP address
+/// ([`ca_name_constraints`]). Refuses to overwrite.
 pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca.key");
@@ -470,13 +600,7 @@ pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.name_constraints = Some(NameConstraints {
-        permitted_subtrees: kms_host_names()
-            .into_iter()
-            .map(GeneralSubtree::DnsName)
-            .collect(),
-        excluded_subtrees: Vec::new(),
-    });
+    params.name_constraints = Some(ca_name_constraints());
     let cert = params.self_signed(&key).map_err(mint_error)?;
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
         path: dir.display().to_string(),
@@ -521,7 +645,7 @@ mod tests {
         );
         assert!(matches!(ca_init(dir.path()), Err(TlsError::Exists(_))));
 
-        let minter = LeafMinter::load(&TlsFiles { cert, key }).unwrap();
+        let minter = LeafMinter::load(&TlsFiles { cert, key }, false).unwrap();
         let a = minter.leaf_for("kms.us-east-1.amazonaws.com").unwrap();
         let b = minter.leaf_for("KMS.us-east-1.amazonaws.com").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "leaves are cached per name");
@@ -530,11 +654,72 @@ mod tests {
     }
 
     #[test]
+    fn the_key_must_be_private_and_match_a_ca_certificate() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca_init(&dir.path().join("a")).unwrap();
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let chmod =
+            |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        for (mode, group_readable, ok) in [
+            (0o600, false, true),
+            (0o400, false, true),
+            (0o640, false, false),
+            (0o640, true, true),
+            (0o440, true, true),
+            (0o660, true, false),
+            (0o604, true, false),
+            (0o602, true, false),
+            (0o644, true, false),
+        ] {
+            chmod(mode);
+            let result = LeafMinter::load(&files, group_readable);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "mode {mode:o}, group_readable {group_readable}"
+            );
+            if let Err(error) = result {
+                assert!(matches!(error, TlsError::KeyAccess { .. }), "{error}");
+                assert!(error.to_string().contains("chmod 600"), "{error}");
+            }
+        }
+        chmod(0o600);
+
+        // Another CA's key with this certificate.
+        let (_, other_key) = ca_init(&dir.path().join("b")).unwrap();
+        let mismatched = TlsFiles {
+            cert: cert.clone(),
+            key: other_key,
+        };
+        let error = LeafMinter::load(&mismatched, false).unwrap_err();
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
+
+        // A certificate that is not a CA, with its own key.
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::new(vec!["kms.us-east-1.amazonaws.com".to_owned()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap();
+        let leaf_files = TlsFiles {
+            cert: dir.path().join("leaf.pem"),
+            key: dir.path().join("leaf.key"),
+        };
+        std::fs::write(&leaf_files.cert, leaf.pem()).unwrap();
+        write_private(&leaf_files.key, leaf_key.serialize_pem().as_bytes()).unwrap();
+        let error = LeafMinter::load(&leaf_files, false).unwrap_err();
+        assert!(matches!(error, TlsError::NotCa { .. }), "{error}");
+    }
+
+    #[test]
     fn the_leaf_cache_is_bounded_and_drops_the_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = ca_init(dir.path()).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let minter = LeafMinter::load(&TlsFiles { cert, key })
+        let minter = LeafMinter::load(&TlsFiles { cert, key }, false)
             .unwrap()
             .with_capacity(4)
             .with_metrics(Arc::clone(&metrics));

@@ -99,6 +99,9 @@ impl TestCa {
     fn write_pair(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let key = dir.join(format!("{name}.key"));
         std::fs::write(&key, self.issuer.key().serialize_pem()).unwrap();
+        // The proxy refuses a CA key other users may read.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         (self.write(dir, &format!("{name}.pem")), key)
     }
 
@@ -1592,10 +1595,13 @@ async fn ca_init_writes_a_name_constrained_ca() {
     );
 
     // The proxy's own minter: a leaf for a KMS name is accepted by a client trusting the CA.
-    let minter = kms_tag_guard::tls::LeafMinter::load(&kms_tag_guard::config::TlsFiles {
-        cert: cert_path.clone(),
-        key: key_path.clone(),
-    })
+    let minter = kms_tag_guard::tls::LeafMinter::load(
+        &kms_tag_guard::config::TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        },
+        false,
+    )
     .unwrap();
     for host in [
         KMS_HOST,
@@ -1637,6 +1643,76 @@ async fn ca_init_writes_a_name_constrained_ca() {
         );
     }
 
+    // Leaves for IP addresses: a client connecting to an address (no SNI, the IP SAN decides)
+    // must refuse them, for IPv4 and IPv6 alike; and an e-mail name rides along with nothing.
+    for ip in [
+        "169.254.169.254",
+        "10.0.0.1",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+    ] {
+        let leaf = mint_leaf(&issuer, &[ip], 43);
+        let error = client_accepts(certified(&leaf, None), &ca_pem, ip)
+            .await
+            .expect_err("the name constraints must exclude every IP address");
+        assert!(
+            format!("{error:?}").contains("NameConstraint"),
+            "{ip} should fail on the name constraints: {error:?}"
+        );
+    }
+    let with_email = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![KMS_HOST.to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::Rfc822Name(
+            "ops@example.com".try_into().unwrap(),
+        ));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    };
+    let error = client_accepts(certified(&with_email, None), &ca_pem, KMS_HOST)
+        .await
+        .expect_err("an e-mail name is not permitted");
+    assert!(format!("{error:?}").contains("NameConstraint"), "{error:?}");
+
+    // The control for the IP exclusion: a CA constrained to the same DNS names but without the
+    // excluded IP ranges (what `ca init` made before) vouches for the metadata address.
+    let dns_only = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "DNS-only constrained CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: kms_tag_guard::tls::kms_host_names()
+                .into_iter()
+                .map(rcgen::GeneralSubtree::DnsName)
+                .collect(),
+            excluded_subtrees: Vec::new(),
+        });
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let metadata = mint_leaf(&dns_only.1, &["169.254.169.254"], 44);
+    client_accepts(
+        certified(&metadata, None),
+        dns_only.0.as_bytes(),
+        "169.254.169.254",
+    )
+    .await
+    .expect("without excluded IP subtrees a DNS-constrained CA vouches for an IP address");
+
     // The control: without name constraints, the same hand-made leaf would be accepted.
     let open = TestCa::new("unconstrained CA");
     let evil = open.leaf(&["evil.example.com"], 42);
@@ -1647,6 +1723,98 @@ async fn ca_init_writes_a_name_constrained_ca() {
     )
     .await
     .expect("an unconstrained CA's leaf is accepted: the rejection above is the constraint");
+}
+
+/// `serve` checks the interception CA before it binds a port: the key private to its owner
+/// (group read only with `ca_key_group_readable`), the certificate a CA, the key its key.
+#[tokio::test]
+async fn serve_refuses_a_ca_key_open_to_others_or_not_matching_the_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = interception_ca(dir.path());
+    let (_, other_key, _) = interception_ca(&dir.path().join("other"));
+    let not_ca = TestCa::new("not used").leaf(&[KMS_HOST], 7);
+    let leaf_cert = dir.path().join("leaf.pem");
+    let leaf_key = dir.path().join("leaf.key");
+    std::fs::write(&leaf_cert, &not_ca.cert_pem).unwrap();
+    std::fs::write(&leaf_key, &not_ca.key_pem).unwrap();
+    std::fs::set_permissions(&leaf_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let serve = |cert: &Path, key: &Path, extra: &str| {
+        let config = dir.path().join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
+                 [upstream]\nendpoint = \"http://127.0.0.1:9\"\n\
+                 [intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\n{extra}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A refused CA exits at once; an accepted one logs that it listens.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let started = Instant::now();
+        loop {
+            use std::io::Read;
+            let n = stderr.read(&mut buf).unwrap_or(0);
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if n == 0 || text.contains("listening") || started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        (text.contains("listening"), status, text)
+    };
+    let chmod =
+        |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+
+    for (mode, extra, refused_with) in [
+        (0o644, "", Some("may be read by other users (mode 644)")),
+        (0o606, "", Some("may be written by other users")),
+        (
+            0o620,
+            "ca_key_group_readable = true",
+            Some("may be written"),
+        ),
+        (0o640, "", Some("ca_key_group_readable = true")),
+        (0o640, "ca_key_group_readable = true", None),
+        (0o600, "", None),
+    ] {
+        chmod(mode);
+        let (listening, status, stderr) = serve(&cert, &key, extra);
+        match refused_with {
+            Some(message) => {
+                assert!(
+                    !listening && !status.success(),
+                    "mode {mode:o} {extra}: {stderr}"
+                );
+                assert!(stderr.contains(message), "mode {mode:o} {extra}: {stderr}");
+            }
+            None => assert!(listening, "mode {mode:o} {extra}: {stderr}"),
+        }
+    }
+    let (listening, _, stderr) = serve(&cert, &other_key, "");
+    assert!(
+        !listening && stderr.contains("is not the private key of the certificate"),
+        "{stderr}"
+    );
+    let (listening, _, stderr) = serve(&leaf_cert, &leaf_key, "");
+    assert!(
+        !listening && stderr.contains("is not a CA certificate"),
+        "{stderr}"
+    );
 }
 
 // ======================================================================== 6. resolver = "dns"

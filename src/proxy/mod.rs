@@ -113,7 +113,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let metrics = Arc::new(Metrics::new());
     let minter = match &config.intercept.ca {
         Some(files) => Some(Arc::new(
-            LeafMinter::load(files)
+            LeafMinter::load(files, config.intercept.ca_key_group_readable)
                 .map_err(StartError::Tls)?
                 .with_capacity(config.intercept.leaf_cache_size)
                 .with_metrics(Arc::clone(&metrics)),
