@@ -187,16 +187,17 @@ impl Config {
         Config::parse(DEFAULT_CONFIG, ConfigSource::BuiltIn)
     }
 
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file: a regular file (a FIFO or a device is refused,
+    /// never waited on) of at most [`crate::files::MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let source = ConfigSource::File(path.to_owned());
-        match std::fs::read_to_string(path) {
+        match read_config_text(path) {
             Ok(text) => Config::parse(&text, source),
-            Err(e) => Err(ConfigErrors {
+            Err(message) => Err(ConfigErrors {
                 origin: source.to_string(),
                 errors: vec![ConfigError {
                     path: String::new(),
-                    message: format!("cannot read the file: {e}"),
+                    message,
                 }],
             }),
         }
@@ -227,6 +228,13 @@ impl Config {
             Err(errors.into_result(&source))
         }
     }
+}
+
+/// The text of a configuration file, or why it cannot be had.
+fn read_config_text(path: &Path) -> Result<String, String> {
+    let (bytes, _) = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| format!("the file is not UTF-8 text: {e}"))
 }
 
 #[derive(Default)]

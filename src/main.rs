@@ -154,7 +154,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // Registered once, before serving, so no signal is missed between two waits.
         let mut signals = match Signals::register() {
             Ok(signals) => signals,
@@ -189,7 +189,11 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         proxy.shutdown();
         proxy.wait().await;
         ExitCode::SUCCESS
-    })
+    });
+    // A file read still running on the blocking pool (a stalled network file system) must not
+    // hold the exit back.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// The signals `serve` answers to.

@@ -21,12 +21,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::config::{sha256_hex, TlsFiles};
+use crate::files::{self, Stamp};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {detail}")]
     Read { path: String, detail: String },
+    #[error("{0}")]
+    File(String),
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: String },
     #[error("the key in {path} cannot be used: {detail}")]
@@ -69,11 +72,9 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConf
     Ok(config)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Read {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })
+/// A PEM file: a regular file (never waited on) of at most [`files::MAX_PEM_BYTES`].
+fn read(path: &Path) -> Result<(Vec<u8>, Stamp), TlsError> {
+    files::read(path, files::MAX_PEM_BYTES).map_err(|e| TlsError::File(e.to_string()))
 }
 
 fn certified_key(
@@ -107,8 +108,15 @@ fn certified_key(
 pub struct ListenerCert {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
-    /// SHA-256 of the certificate and key files last loaded (or last found unusable).
-    seen: Mutex<String>,
+    seen: Mutex<Seen>,
+}
+
+/// What the last look at the certificate files found.
+struct Seen {
+    /// SHA-256 of the certificate and key last loaded (or last found unusable).
+    fingerprint: String,
+    /// The files' stamps when last read: while they stay the same, the files are not read again.
+    stamps: Option<(Stamp, Stamp)>,
 }
 
 impl fmt::Debug for ListenerCert {
@@ -121,29 +129,47 @@ impl fmt::Debug for ListenerCert {
 
 impl ListenerCert {
     pub fn load(files: &TlsFiles) -> Result<ListenerCert, TlsError> {
-        let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+        let ((cert, cert_stamp), (key, key_stamp)) = (read(&files.cert)?, read(&files.key)?);
         let certified = certified_key(&cert, &key, files)?;
         Ok(ListenerCert {
             files: files.clone(),
             current: ArcSwap::from_pointee(certified),
-            seen: Mutex::new(fingerprint(&cert, &key)),
+            seen: Mutex::new(Seen {
+                fingerprint: fingerprint(&cert, &key),
+                stamps: Some((cert_stamp, key_stamp)),
+            }),
         })
     }
 
     /// Loads the files again if they changed. `Ok(true)` when a new certificate is in use; on an
-    /// error the previous certificate stays.
-    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let (cert, key) = (read(&self.files.cert)?, read(&self.files.key)?);
-        let print = fingerprint(&cert, &key);
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if *seen == print {
+    /// error the previous certificate stays. Files whose stamps are unchanged are not read, unless
+    /// `forced`. Blocks on file I/O: call it off the runtime that accepts.
+    pub fn reload_if_changed(&self, forced: bool) -> Result<bool, TlsError> {
+        let stamps = (
+            files::stamp(&self.files.cert).map_err(|e| TlsError::File(e.to_string()))?,
+            files::stamp(&self.files.key).map_err(|e| TlsError::File(e.to_string()))?,
+        );
+        let unchanged = |seen: &Seen| seen.stamps.as_ref() == Some(&stamps);
+        if !forced && unchanged(&self.lock_seen()) {
             return Ok(false);
         }
+        let ((cert, cert_stamp), (key, key_stamp)) =
+            (read(&self.files.cert)?, read(&self.files.key)?);
+        let print = fingerprint(&cert, &key);
+        let mut seen = self.lock_seen();
         // Remember the attempt either way: a half-written pair is retried when it changes again.
-        *seen = print;
+        seen.stamps = Some((cert_stamp, key_stamp));
+        if seen.fingerprint == print {
+            return Ok(false);
+        }
+        seen.fingerprint = print;
         let certified = certified_key(&cert, &key, &self.files)?;
         self.current.store(Arc::new(certified));
         Ok(true)
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -247,8 +273,8 @@ impl LeafMinter {
     /// Kubernetes Secret needs), that the certificate is a CA, and that the key is its key.
     pub fn load(files: &TlsFiles, group_readable: bool) -> Result<LeafMinter, TlsError> {
         check_key_access(&files.key, group_readable)?;
-        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?).into_owned();
-        let key_pem = String::from_utf8_lossy(&read(&files.key)?).into_owned();
+        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?.0).into_owned();
+        let key_pem = String::from_utf8_lossy(&read(&files.key)?.0).into_owned();
         let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
             path: files.key.display().to_string(),
             detail: e.to_string(),
