@@ -37,7 +37,7 @@ CONFIG_KEYS = {
     "admin": {"address"},
     "upstream": {"allowed_hosts", "endpoint", "ca_file", "resolver", "connect_timeout_ms", "timeout_ms"},
     "intercept": {"ca_cert", "ca_key", "tunnel_hosts", "leaf_cache_size", "ca_key_group_readable"},
-    "limits": {"max_body_bytes", "header_read_timeout_ms", "body_read_timeout_ms"},
+    "limits": {"max_body_bytes", "max_connections", "header_read_timeout_ms", "body_read_timeout_ms"},
     "audit": {"path", "fsync", "fail_closed"},
     "shutdown": {"drain_delay_ms", "grace_ms"},
     "policy": {"mode", "max_tags", "unknown_operations", "rule"},

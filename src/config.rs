@@ -117,9 +117,14 @@ pub struct InterceptConfig {
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     pub max_body_bytes: u64,
+    /// Client connections open at once (lowered at start to fit RLIMIT_NOFILE).
+    pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
 }
+
+/// `[limits].max_connections` unless set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditPath {
@@ -424,6 +429,11 @@ fn read_config(
     let mut r = section(root, "limits", errors, empty);
     let limits = LimitsConfig {
         max_body_bytes: r.integer("max_body_bytes", errors, 1).unwrap_or(262_144),
+        max_connections: r
+            .integer("max_connections", errors, 1)
+            .map_or(DEFAULT_MAX_CONNECTIONS, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
         header_read_timeout: r.millis("header_read_timeout_ms", errors, 10_000),
         body_read_timeout: r.millis("body_read_timeout_ms", errors, 10_000),
     };

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod cases;
 pub mod config;
 pub mod endpoints;
+pub mod fds;
 pub mod files;
 pub mod fold;
 pub mod glob;

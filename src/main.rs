@@ -142,6 +142,19 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Err(errors) => return config_failure(&errors),
     };
     init_logging(log_format);
+    // Many systems start services with a soft limit of 1,024 descriptors and a far higher hard
+    // limit; the proxy needs two per connection.
+    match kms_tag_guard::fds::raise_nofile() {
+        Ok((before, soft, hard)) => tracing::info!(
+            soft_before = before,
+            soft,
+            hard,
+            "file descriptor limit (RLIMIT_NOFILE): soft raised to the hard limit"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the file descriptor limit (RLIMIT_NOFILE)")
+        }
+    }
     // Connections are served on the proxy's own connection threads; this runtime only accepts
     // them and runs the admin port, reloads and signals.
     let runtime = match tokio::runtime::Builder::new_current_thread()

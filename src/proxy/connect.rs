@@ -21,13 +21,15 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioIo;
 use rustls::server::Acceptor;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
 use tower_service::Service;
 use tracing::{debug, info};
 
+use super::budget::Conn;
 use super::connector::{OwnAddresses, UpstreamResolver};
 use super::error::ProxyError;
-use super::serve::{serve_connection, Origin};
+use super::serve::{serve_connection, Origin, TunnelHold};
 use super::Shared;
 use crate::config::{Config, Resolver};
 use crate::endpoints::{self, KmsName};
@@ -46,7 +48,6 @@ pub(crate) struct Tunnels {
     resolver: UpstreamResolver,
     own: OwnAddresses,
     connect_timeout: Duration,
-    handshake_timeout: Duration,
 }
 
 impl Tunnels {
@@ -62,7 +63,6 @@ impl Tunnels {
             resolver: UpstreamResolver::new(config.upstream.resolver == Resolver::Dns)?,
             own,
             connect_timeout: config.upstream.connect_timeout,
-            handshake_timeout: config.limits.header_read_timeout,
         })
     }
 }
@@ -97,7 +97,8 @@ pub(crate) async fn handle(
                     "{host} is a KMS host, and KMS traffic is only tunnelled when it can be inspected ([intercept] ca_cert/ca_key)"
                 )));
             };
-            intercept(shared, request, origin.peer, host, minter);
+            let conn = tunnel_conn(&shared, &request, origin);
+            intercept(shared, request, origin.peer, host, minter, conn);
             info!(%request_id, peer = %origin.peer, %authority, "CONNECT intercepted");
             return (established(request_id), Outcome::pass);
         }
@@ -203,45 +204,84 @@ fn established(request_id: &str) -> Response<super::ProxyBody> {
     response
 }
 
-/// Terminates the tunnel's TLS with a leaf for `host` and serves the requests inside.
+/// What a tunnel is, as the connection budget and the set-up deadline see it: over HTTP/1.1,
+/// the client connection itself (the deadline set at accept goes on through the handshake inside
+/// and the first request head); over HTTP/2, one stream of it, with a deadline of its own from
+/// now, while the outer connection counts as busy through the [`TunnelHold`] on the request.
+struct TunnelConn {
+    conn: Arc<Conn>,
+    hold: Option<TunnelHold>,
+    /// Held while the tunnel lives, so that shutdown waits for it.
+    open: watch::Receiver<()>,
+}
+
+fn tunnel_conn(shared: &Shared, request: &Request<Incoming>, origin: &Origin) -> TunnelConn {
+    let hold = request.extensions().get::<TunnelHold>().cloned();
+    let conn = if hold.is_some() {
+        Conn::detached(shared.limits.header_read_timeout)
+    } else {
+        Arc::clone(&origin.conn)
+    };
+    TunnelConn {
+        conn,
+        hold,
+        open: shared.lifecycle.connections.subscribe(),
+    }
+}
+
+/// Terminates the tunnel's TLS with a leaf for `host` and serves the requests inside; the
+/// handshake and the first request head must come before the set-up deadline.
 fn intercept(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     peer: SocketAddr,
     host: String,
     minter: Arc<LeafMinter>,
+    tunnel: TunnelConn,
 ) {
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => upgraded,
-            Err(error) => {
-                debug!(%peer, %error, "CONNECT upgrade failed");
-                return;
+        let TunnelConn { conn, hold, open } = tunnel;
+        let metrics = Arc::clone(&shared.metrics);
+        let serving = serve_intercepted(shared, request, peer, host, minter, Arc::clone(&conn));
+        tokio::select! {
+            () = serving => {}
+            () = conn.setup_expired() => {
+                metrics.setup_timeout();
+                debug!(%peer, "tunnel closed: its set-up (handshake inside, first request head) outlasted header_read_timeout_ms");
             }
-        };
-        let timeout = shared.tunnels.handshake_timeout;
-        let stream = match tokio::time::timeout(
-            timeout,
-            tunnel_handshake(TokioIo::new(upgraded), &host, &minter),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
-                return;
-            }
-            Err(_) => {
-                debug!(%peer, %host, "TLS handshake inside the tunnel timed out");
-                return;
-            }
-        };
-        let origin = Origin {
-            peer,
-            tunnel_host: Some(host.into()),
-        };
-        serve_connection(stream, shared, origin).await;
+        }
+        drop((hold, open));
     });
+}
+
+async fn serve_intercepted(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    host: String,
+    minter: Arc<LeafMinter>,
+    conn: Arc<Conn>,
+) {
+    let upgraded = match hyper::upgrade::on(request).await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            debug!(%peer, %error, "CONNECT upgrade failed");
+            return;
+        }
+    };
+    let stream = match tunnel_handshake(TokioIo::new(upgraded), &host, &minter).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
+            return;
+        }
+    };
+    let origin = Origin {
+        peer,
+        tunnel_host: Some(host.into()),
+        conn,
+    };
+    serve_connection(stream, shared, origin).await;
 }
 
 /// The TLS handshake inside an intercepted tunnel: the ClientHello is read first, and a leaf is
