@@ -112,6 +112,8 @@ pub struct InterceptConfig {
     pub leaf_cache_size: usize,
     /// Whether `ca_key` may be readable by its group (a Secret mounted for the pod's fsGroup).
     pub ca_key_group_readable: bool,
+    /// A blind tunnel with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -423,6 +425,7 @@ fn read_config(
                 usize::try_from(n).unwrap_or(usize::MAX)
             }),
         ca_key_group_readable: r.boolean("ca_key_group_readable", errors).unwrap_or(false),
+        tunnel_idle_timeout: r.millis("tunnel_idle_timeout_ms", errors, 60_000),
     };
     r.finish(errors);
 

@@ -149,7 +149,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
             soft_before = before,
             soft,
             hard,
-            "file descriptor limit (RLIMIT_NOFILE): soft raised to the hard limit"
+            "file descriptor limit (RLIMIT_NOFILE): the soft limit is now the hard limit"
         ),
         Err(error) => {
             tracing::warn!(%error, "cannot read or raise the file descriptor limit (RLIMIT_NOFILE)")

@@ -1132,6 +1132,240 @@ async fn a_kms_name_outside_allowed_hosts_is_refused_not_tunnelled() {
     assert_eq!(fake.count(), 0);
 }
 
+/// Echoes `payload` through a blind tunnel and reads it back.
+async fn echo(stream: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
+    stream.write_all(payload).await?;
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "echo timed out"))??;
+    assert_eq!(echoed, payload);
+    Ok(())
+}
+
+/// Whether the peer closes `stream` within `within`.
+async fn closes_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// A blind tunnel lives while bytes move, and is closed after `tunnel_idle_timeout_ms` of
+/// silence either way.
+#[tokio::test]
+async fn a_quiet_blind_tunnel_is_closed_after_its_idle_timeout() {
+    let _port = PORT_443.lock().await;
+    let Some(_watched) = watch_443("127.0.0.1", "a_quiet_blind_tunnel_is_closed").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let idle = Duration::from_millis(800);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: format!(
+                "tunnel_hosts = [\"localhost\"]\ntunnel_idle_timeout_ms = {}",
+                idle.as_millis()
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut tunnel = connect(proxy.addr, "localhost:443").await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    // Three idle timeouts' worth of traffic, a byte every third of one.
+    let started = Instant::now();
+    while started.elapsed() < idle * 3 {
+        echo(&mut tunnel.stream, b"ping")
+            .await
+            .expect("an active tunnel stays open");
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert!(
+        closes_within(&mut tunnel.stream, idle + Duration::from_secs(3)).await,
+        "a blind tunnel quiet for longer than tunnel_idle_timeout_ms is still open"
+    );
+}
+
+/// The real binary: at SIGTERM a blind tunnel is drained like a request in flight. It is kept
+/// while bytes move and closed after a quiet second, before the grace period ends.
+#[tokio::test]
+async fn sigterm_drains_a_blind_tunnel() {
+    let _port = PORT_443.lock().await;
+    let Some(_watched) = watch_443("127.0.0.1", "sigterm_drains_a_blind_tunnel").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\naddress = \"{listener}\"\n[admin]\naddress = \"{admin}\"\n\
+             [upstream]\nendpoint = \"{}\"\n[intercept]\ntunnel_hosts = [\"localhost\"]\n\
+             [shutdown]\ngrace_ms = 10000\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let mut serve = common::ops::ServeProcess::spawn(&config, dir.path());
+    serve.wait_healthy(admin).await;
+    let mut tunnel = connect(listener, "localhost:443").await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    echo(&mut tunnel.stream, b"before").await.unwrap();
+
+    common::ops::send_signal(serve.pid, "TERM");
+    let deadline = Instant::now() + STEP;
+    while !serve
+        .stderr()
+        .contains("listener closed; waiting for in-flight requests")
+    {
+        assert!(Instant::now() < deadline, "no drain:\n{}", serve.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..4 {
+        echo(&mut tunnel.stream, format!("draining {i}").as_bytes())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the tunnel was cut while draining: {e}\n{}", serve.stderr())
+            });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let exited = serve.wait_exit(Duration::from_secs(8)).await;
+    let (status, _) = exited.unwrap_or_else(|| panic!("no exit:\n{}", serve.stderr()));
+    assert!(status.success(), "{status}\n{}", serve.stderr());
+    assert!(
+        !serve.stderr().contains("grace period over"),
+        "the quiet tunnel was closed before the grace period ended:\n{}",
+        serve.stderr()
+    );
+    assert!(closes_within(&mut tunnel.stream, STEP).await);
+}
+
+/// An HTTP/2 CONNECT tunnel is one stream of its connection: the connection stays while the
+/// tunnel carries requests, however long, and the tunnel's own set-up has its own deadline.
+#[tokio::test]
+async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let idle = Duration::from_millis(1000);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("header_read_timeout_ms = {}", idle.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(tcp(proxy.addr).await),
+    )
+    .await
+    .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("{KMS_HOST}:443"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(connect).await.expect("CONNECT over h2");
+    assert_eq!(response.status(), 200);
+    let tunnel = hyper::upgrade::on(response).await.expect("h2 tunnel");
+    let tls = tls_connect(
+        TokioIo::new(tunnel),
+        KMS_HOST,
+        client_config(&ca_pem, &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake inside the h2 tunnel");
+    let (mut sender, inner) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 inside the tunnel");
+    tokio::spawn(inner);
+    // Four idle timeouts of requests, one every third of an idle timeout.
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < idle * 4 {
+        let raw =
+            RawRequest::signed_kms(KMS_HOST, "TrentService.Encrypt", encrypt_body().as_bytes());
+        let response = tokio::time::timeout(STEP, sender.send_request(to_http(&raw, "/", true)))
+            .await
+            .expect("a request in the tunnel timed out")
+            .unwrap_or_else(|e| panic!("request {sent} after {:?}: {e}", started.elapsed()));
+        assert_eq!(read_answer(response).await.status, 200);
+        sent += 1;
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert_eq!(fake.count(), sent);
+    assert!(
+        !connection.is_finished(),
+        "the h2 connection was closed under its tunnel"
+    );
+}
+
+/// Over HTTP/1.1, the set-up deadline set at accept runs on through the CONNECT head and the
+/// handshake inside the tunnel: each stage within the timeout, together beyond it, fails.
+#[tokio::test]
+async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let timeout = Duration::from_millis(1500);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("header_read_timeout_ms = {}", timeout.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut stream = tcp(proxy.addr).await;
+    tokio::time::sleep(timeout.mul_f64(0.6)).await;
+    let request = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tokio::time::sleep(timeout.mul_f64(0.6)).await;
+    let inside = tls_connect(stream, KMS_HOST, client_config(&ca_pem, &[])).await;
+    let served = match inside {
+        Err(_) => false,
+        Ok(tls) => {
+            let raw =
+                RawRequest::signed_kms(KMS_HOST, "TrentService.Encrypt", encrypt_body().as_bytes());
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("HTTP/1.1 handshake");
+            tokio::spawn(connection);
+            matches!(
+                tokio::time::timeout(STEP, sender.send_request(to_http(&raw, "/", true))).await,
+                Ok(Ok(_))
+            )
+        }
+    };
+    assert!(
+        !served,
+        "a set-up longer than header_read_timeout_ms was served"
+    );
+    assert_eq!(fake.count(), 0);
+}
+
 #[tokio::test]
 async fn connect_into_its_own_listener_is_refused_as_a_loop() {
     let _port = PORT_443.lock().await;

@@ -40,6 +40,8 @@ const MODE_SETUP: u8 = 0;
 const MODE_FAST: u8 = 1;
 /// The general server (hyper): busy while it has requests in flight; closed gracefully.
 const MODE_SERVER: u8 = 2;
+/// A blind tunnel: idle since its last byte; closed by ending the splice.
+const MODE_TUNNEL: u8 = 3;
 
 /// The open connections and the limit.
 pub(crate) struct Budget {
@@ -321,6 +323,18 @@ impl Conn {
         self.in_flight.store(0, Ordering::SeqCst);
         self.idle_since_ms.store(self.now_ms(), Ordering::SeqCst);
         self.mode.store(MODE_SERVER, Ordering::SeqCst);
+    }
+
+    /// A blind tunnel splices it from now on (idle since its last byte).
+    pub(crate) fn tunnel(&self) {
+        self.in_flight.store(0, Ordering::SeqCst);
+        self.idle_since_ms.store(self.now_ms(), Ordering::SeqCst);
+        self.mode.store(MODE_TUNNEL, Ordering::SeqCst);
+    }
+
+    /// Bytes moved through a blind tunnel.
+    pub(crate) fn touched(&self) {
+        self.idle_since_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// A request starts on the general server; it ends when the guard is dropped.

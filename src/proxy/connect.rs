@@ -10,9 +10,11 @@
 //! exactly `443`, gets 403 and no outbound connection: the proxy is never an open proxy.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -20,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioIo;
 use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
@@ -48,6 +51,8 @@ pub(crate) struct Tunnels {
     resolver: UpstreamResolver,
     own: OwnAddresses,
     connect_timeout: Duration,
+    /// `[intercept].tunnel_idle_timeout_ms`.
+    idle_timeout: Duration,
 }
 
 impl Tunnels {
@@ -63,6 +68,7 @@ impl Tunnels {
             resolver: UpstreamResolver::new(config.upstream.resolver == Resolver::Dns)?,
             own,
             connect_timeout: config.upstream.connect_timeout,
+            idle_timeout: config.intercept.tunnel_idle_timeout,
         })
     }
 }
@@ -111,20 +117,114 @@ pub(crate) async fn handle(
         Err(message) => return refuse(ProxyError::TunnelConnect(message)),
     };
     let peer = origin.peer;
-    tokio::spawn(async move {
-        match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                let mut target = target;
-                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut target).await {
-                    debug!(%peer, %error, "blind tunnel ended with an error");
-                }
-            }
-            Err(error) => debug!(%peer, %error, "CONNECT upgrade failed"),
-        }
-    });
+    let tunnel = tunnel_conn(&shared, &request, origin);
+    tokio::spawn(blind(shared, request, peer, target, tunnel));
     info!(%request_id, %peer, %authority, "CONNECT tunnelled blind");
     (established(request_id), Outcome::pass)
+}
+
+/// How long a blind tunnel is kept at shutdown after its last byte: an exchange in progress
+/// (a request sent, its answer on the way) completes; within the grace period at most.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// Splices a blind tunnel until either side closes, no byte has moved either way for
+/// `[intercept].tunnel_idle_timeout_ms` (at shutdown: for [`DRAIN_QUIET`]), or the connection
+/// budget needs its place while it is quiet.
+async fn blind(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    target: TcpStream,
+    tunnel: TunnelConn,
+) {
+    let TunnelConn { conn, hold, open } = tunnel;
+    let upgraded = tokio::select! {
+        upgraded = hyper::upgrade::on(request) => match upgraded {
+            Ok(upgraded) => upgraded,
+            Err(error) => return debug!(%peer, %error, "CONNECT upgrade failed"),
+        },
+        () = conn.setup_expired() => return,
+    };
+    conn.setup_done();
+    conn.tunnel();
+    let mut client = Touching {
+        io: TokioIo::new(upgraded),
+        conn: &conn,
+    };
+    let mut target = Touching {
+        io: target,
+        conn: &conn,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut target);
+    tokio::pin!(copy);
+    let mut closing = shared.lifecycle.closing.subscribe();
+    let mut quiet = shared.tunnels.idle_timeout;
+    let mut draining = false;
+    loop {
+        let idle_at = conn.idle_instant().unwrap_or_else(Instant::now) + quiet;
+        tokio::select! {
+            ended = copy.as_mut() => {
+                if let Err(error) = ended {
+                    debug!(%peer, %error, "blind tunnel ended with an error");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                if conn.idle_instant().is_some_and(|at| at + quiet <= Instant::now()) {
+                    debug!(%peer, quiet_ms = quiet.as_millis() as u64, "closing a quiet blind tunnel");
+                    break;
+                }
+            }
+            _ = closing.wait_for(|closed| *closed), if !draining => {
+                draining = true;
+                quiet = quiet.min(DRAIN_QUIET);
+            }
+            () = conn.close_requested() => {
+                debug!(%peer, "closing a quiet blind tunnel to make room ([limits].max_connections)");
+                break;
+            }
+        }
+    }
+    drop((hold, open));
+}
+
+/// A side of a blind tunnel; each read that moves bytes marks the tunnel active.
+struct Touching<'c, IO> {
+    io: IO,
+    conn: &'c Conn,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Touching<'_, IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn.touched();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Touching<'_, IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// What a CONNECT to a host becomes.
