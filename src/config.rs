@@ -125,8 +125,9 @@ pub struct LimitsConfig {
     pub body_read_timeout: Duration,
 }
 
-/// `[limits].max_connections` unless set.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// `[limits].max_connections` unless set: at roughly 100 KiB per intercepted connection with
+/// its KMS connection, about 100 MiB at the limit (docs/security.md).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditPath {
