@@ -389,7 +389,10 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let conn = &self.conn;
         conn.idle_since_ms.store(conn.now_ms(), Ordering::SeqCst);
-        conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Saturating: a mode switch that reset the count must not leave it wrapped (busy forever).
+        let _ = conn
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 }
 
