@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -152,8 +152,13 @@ fn decide_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("classify");
     let encrypt = header_map("Encrypt", ENCRYPT_BODY.len());
     let tag = header_map("TagResource", TAG_BODY.len());
-    group.bench_function("Encrypt", |b| b.iter(|| classify(black_box(&encrypt))));
-    group.bench_function("TagResource", |b| b.iter(|| classify(black_box(&tag))));
+    let (post, root) = (Method::POST, Uri::from_static("/"));
+    group.bench_function("Encrypt", |b| {
+        b.iter(|| classify(&post, &root, black_box(&encrypt)))
+    });
+    group.bench_function("TagResource", |b| {
+        b.iter(|| classify(&post, &root, black_box(&tag)))
+    });
     group.finish();
 
     let change = parse_tag_request(TagOperation::TagResource, TAG_BODY.as_bytes()).unwrap();

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::inspect::{judge, Judgement};
 use crate::kms::classify::{check_tag_request_head, classify, request_host};
 use crate::kms::operation::TARGET_PREFIX;
+use crate::kms::protocol::check_body;
 use crate::kms::Route;
 use crate::policy::{Decision, UnknownOperations};
 
@@ -225,20 +226,42 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The decision the proxy would reach for this request.
+/// The decision the proxy would reach for this case.
 pub fn decide(config: &Config, case: &Case) -> Decision {
-    let root = Uri::from_static("/");
+    decide_request(
+        config,
+        &Method::POST,
+        &Uri::from_static("/"),
+        &case.headers,
+        &case.body,
+    )
+}
+
+/// The decision the proxy reaches for a request, without a network: classification of the head,
+/// `unknown_operations`, the Host, the body's protocol (for operations streamed through), the
+/// tag-request head checks, the body limit, then the strict parse and the policy. A refused
+/// request is a `deny` with rule `request`; an operation that changes no tags, when it passes,
+/// is an empty `allow`.
+pub fn decide_request(
+    config: &Config,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Decision {
     let policy = &config.policy;
-    let route = match classify(&case.headers) {
-        Err(reason) => return Judgement::unreadable(reason).decision,
+    let route = match classify(method, uri, headers) {
+        Err(refused) => return Judgement::unreadable(refused.reason).decision,
         Ok(route) => route,
     };
-    if let Route::Unknown(target) = &route {
+    if let Route::Unknown(name) = &route {
         if policy.unknown_operations == UnknownOperations::Reject {
-            return Decision::unreadable(format!("X-Amz-Target {target:?} is not a KMS operation"));
+            return Decision::unreadable(format!(
+                "X-Amz-Target \"TrentService.{name}\" is not a KMS operation, and [policy].unknown_operations is \"reject\""
+            ));
         }
     }
-    match request_host(&root, &case.headers) {
+    match request_host(uri, headers) {
         Err(reason) => return Judgement::unreadable(reason).decision,
         Ok(host) if !config.upstream.allows_host(host) => {
             return Decision::unreadable(format!(
@@ -248,18 +271,22 @@ pub fn decide(config: &Config, case: &Case) -> Decision {
         Ok(_) => {}
     }
     let Route::Inspect(operation) = route else {
-        return Decision::default();
+        // Streamed unread, but watched for another protocol's shape as it passes.
+        return match check_body(body) {
+            Ok(()) => Decision::default(),
+            Err(reason) => Judgement::unreadable(reason).decision,
+        };
     };
-    if let Err(reason) = check_tag_request_head(&Method::POST, &root, &case.headers) {
+    if let Err(reason) = check_tag_request_head(headers) {
         return Judgement::unreadable(reason).decision;
     }
-    if case.body.len() as u64 > config.limits.max_body_bytes {
+    if body.len() as u64 > config.limits.max_body_bytes {
         return Decision::unreadable(format!(
             "the body is larger than {} bytes",
             config.limits.max_body_bytes
         ));
     }
-    judge(operation, &case.headers, None, &case.body, policy, None).decision
+    judge(operation, headers, uri.query(), body, policy, None).decision
 }
 
 /// Runs cases against a configuration.
@@ -393,11 +420,18 @@ expect = "deny"
 [[case]]
 name = "pass-through"
 operation = "Encrypt"
-body = 'not json at all'
+body = '{not json at all'
 expect = "allow"
+
+[[case]]
+name = "another protocol behind a pass-through target"
+operation = "Encrypt"
+body = '{"Plaintext":"&Action=TagResource&"}'
+expect = "deny"
+rules = ["request"]
 "#,
         );
-        assert_eq!(report.passed(), 6, "{report}");
+        assert_eq!(report.passed(), 7, "{report}");
         assert_eq!(report.failed(), 1);
         let text = report.to_string();
         assert!(text.contains("FAIL"), "{text}");
@@ -405,7 +439,7 @@ expect = "allow"
             text.contains("wrong expectation: expected deny, got allow"),
             "{text}"
         );
-        assert!(text.ends_with("6 passed, 1 failed\n"), "{text}");
+        assert!(text.ends_with("7 passed, 1 failed\n"), "{text}");
     }
 
     #[test]

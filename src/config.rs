@@ -663,15 +663,16 @@ fn read_policy(r: &mut Reader, errors: &mut Errors) -> Policy {
         }),
     };
     let max_tags = r.integer("max_tags", errors, 1).unwrap_or(50) as usize;
+    // Secure by default: an operation the proxy does not know is one it cannot judge.
     let unknown_operations = match r.string("unknown_operations", errors) {
-        None | Some("forward") => UnknownOperations::Forward,
-        Some("reject") => UnknownOperations::Reject,
+        None | Some("reject") => UnknownOperations::Reject,
+        Some("forward") => UnknownOperations::Forward,
         Some(s) => {
             errors.push(
                 "policy.unknown_operations",
-                format!("{s:?} is not allowed; use \"forward\" or \"reject\""),
+                format!("{s:?} is not allowed; use \"reject\" (the default) or \"forward\""),
             );
-            UnknownOperations::Forward
+            UnknownOperations::Reject
         }
     };
     let mut rules = Vec::new();
@@ -973,6 +974,7 @@ mod tests {
         assert_eq!(c.audit.path, AuditPath::Stdout);
         assert!(c.audit.fail_closed);
         assert_eq!(c.policy.max_tags, 50);
+        assert_eq!(c.policy.unknown_operations, UnknownOperations::Reject);
         assert_eq!(c.admin.address, Some("127.0.0.1:9901".parse().unwrap()));
     }
 

@@ -35,9 +35,80 @@ pub fn eq_ignore_case(a: &str, b: &str) -> bool {
     fold(a) == fold(b)
 }
 
+/// The skeleton of a name: what is left of it for the most lenient reader. Compatibility forms
+/// are decomposed (NFKD: fullwidth `Ｔ` → `T`, `ﬆ` → `st`, `é` → `e` + accent), then marks
+/// (accents), whitespace, controls, format characters (zero-width space, BOM, bidi controls) and
+/// every other default-ignorable code point are dropped, and the rest is case-folded as [`fold`]
+/// does. Two names with the same skeleton are names some reader may take for each other.
+pub fn skeleton(name: &str) -> String {
+    if name.is_ascii() {
+        // NFKD and the fold are plain lower-casing on ASCII.
+        return name
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace() && !b.is_ascii_control() && *b != 0x0b)
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect();
+    }
+    use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory as Gc};
+    use icu_properties::{CodePointMapData, CodePointSetData};
+    let decomposed = icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd().normalize(name);
+    let ignorable = CodePointSetData::new::<DefaultIgnorableCodePoint>();
+    let category = CodePointMapData::<Gc>::new();
+    let mut out = String::with_capacity(decomposed.len());
+    for c in decomposed.chars() {
+        let dropped = c.is_whitespace()
+            || ignorable.contains(c)
+            || matches!(
+                category.get(c),
+                Gc::NonspacingMark
+                    | Gc::SpacingMark
+                    | Gc::EnclosingMark
+                    | Gc::Control
+                    | Gc::Format
+                    | Gc::SpaceSeparator
+                    | Gc::LineSeparator
+                    | Gc::ParagraphSeparator
+            );
+        if !dropped {
+            push_folded(&mut out, c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skeletons_see_through_look_alikes() {
+        for name in [
+            "Tags",
+            "tags",
+            "TAGS",
+            " Tags",
+            "Tags\0",
+            "T\u{200b}ags",
+            "\u{feff}Tags",
+            "Ta\u{301}gs",
+            "T\u{e1}gs",
+            "Tag\u{17f}",
+            "\u{ff34}\u{ff41}\u{ff47}\u{ff53}",
+            "\u{1d413}ags",
+            "Tag\u{2006}s",
+            "Tags\u{2028}",
+            "T\u{ad}ags",
+            "Ta\u{34f}gs",
+            "Tags\u{e0001}",
+            "Tags\u{fe0f}",
+            "T\u{202e}ags",
+        ] {
+            assert_eq!(skeleton(name), "tags", "{name:?}");
+        }
+        for other in ["Tag", "Tagss", "T-ags", "T\u{430}gs", "Togs"] {
+            assert_ne!(skeleton(other), "tags", "{other:?}");
+        }
+    }
 
     #[test]
     fn ascii_case_variants_are_equal() {

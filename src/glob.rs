@@ -57,8 +57,12 @@ impl HostGlob {
         let mut parts = host.split('.');
         for label in &self.labels {
             match parts.next() {
+                // `*` is one DNS label: letters, digits and `-`, nothing a URL parser could read
+                // as something else (`x@sts` in `kms.x@sts.amazonaws.com`).
                 Some(part) if label == "*" => {
-                    if part.is_empty() {
+                    let is_label = !part.is_empty()
+                        && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                    if !is_label {
                         return false;
                     }
                 }
@@ -159,6 +163,9 @@ mod tests {
         assert!(!g.matches("kms.a.b.amazonaws.com"));
         assert!(!g.matches("kms.us-east-1.amazonaws.com.evil.com"));
         assert!(!g.matches("xkms.us-east-1.amazonaws.com"));
+        assert!(!g.matches("kms.x@sts.amazonaws.com"));
+        assert!(!g.matches("kms.x:1.amazonaws.com"));
+        assert!(!g.matches("kms.x_y.amazonaws.com"));
     }
 
     #[test]

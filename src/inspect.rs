@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use http::HeaderMap;
 
 use crate::kms::credential::read_credential;
+use crate::kms::protocol::check_body;
 use crate::kms::request::parse_tag_request;
 use crate::kms::{Credential, TagChange, TagOperation};
 use crate::policy::{Context, Decision, Policy};
@@ -32,7 +33,7 @@ impl Judgement {
     }
 }
 
-/// Judges a tag-bearing request whose head already passed `check_tag_request_head`.
+/// Judges a tag-bearing request whose head already passed `classify` and `check_tag_request_head`.
 pub fn judge(
     operation: TagOperation,
     headers: &HeaderMap,
@@ -45,6 +46,14 @@ pub fn judge(
         Ok(c) => c,
         Err(e) => return Judgement::unreadable(e),
     };
+    // The body must be one protocol's before its JSON is read (an `Action=` form parameter in a
+    // string value would be another operation to some readers).
+    if let Err(e) = check_body(body) {
+        return Judgement {
+            credential,
+            ..Judgement::unreadable(e)
+        };
+    }
     let change = match parse_tag_request(operation, body) {
         Ok(c) => c,
         Err(e) => {

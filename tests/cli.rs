@@ -339,7 +339,8 @@ fn default_cases_pass_against_the_built_in_config() {
 #[test]
 fn several_case_files_run_as_one_report() {
     let dir = tempfile::tempdir().unwrap();
-    let one = "[[case]]\nname = \"a\"\noperation = \"Encrypt\"\nbody = \"x\"\nexpect = \"allow\"\n";
+    let one =
+        "[[case]]\nname = \"a\"\noperation = \"Encrypt\"\nbody = \"{x\"\nexpect = \"allow\"\n";
     let a = scratch(&dir, "a.toml", one);
     let b = scratch(&dir, "b.toml", &one.replace("\"a\"", "\"b\""));
     let config = scratch(&dir, "config.toml", GOOD_CONFIG);
@@ -378,7 +379,7 @@ expect = "deny"
 [[case]]
 name = "pass-through"
 operation = "Encrypt"
-body = 'not json'
+body = '{not json'
 expect = "allow"
 "#,
     );

@@ -10,6 +10,7 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, Tag};
 use common::fake_kms::{base64_decode, base64_encode};
 use common::*;
+use http_body_util::Full;
 
 fn tag(k: &str, v: &str) -> Tag {
     Tag::builder().tag_key(k).tag_value(v).build().unwrap()
@@ -589,6 +590,95 @@ async fn http2_prior_knowledge_uses_the_authority_as_host() {
     assert_eq!(rec.version, http::Version::HTTP_2);
     assert!(rec.headers.get("host").is_none());
     assert_eq!(rec.verified().amz_date, "20250102T030405Z");
+}
+
+/// A `POST /` ListKeys signed the way NodeHttp2Handler signs: `:authority` (value
+/// `signed_authority`) among the SignedHeaders, no `host`.
+fn signed_with_authority(signed_authority: &str, uri: &str) -> http::Request<Full<bytes::Bytes>> {
+    let body = b"{}".to_vec();
+    let amz_date = sigv4::amz_date_now();
+    let authorization = sigv4::sign_headers(
+        "POST",
+        "/",
+        &[
+            (":authority", signed_authority),
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-date", &amz_date),
+            ("x-amz-target", "TrentService.ListKeys"),
+        ],
+        &body,
+        ACCESS_KEY_ID,
+        SECRET_KEY,
+        REGION,
+        "kms",
+    );
+    assert!(
+        authorization.contains("SignedHeaders=:authority;content-type;x-amz-date;x-amz-target,"),
+        "{authorization}"
+    );
+    http::Request::post(uri)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", "TrentService.ListKeys")
+        .header("x-amz-date", &amz_date)
+        .header("authorization", &authorization)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_signed_authority_verifies_over_h2_only_and_only_as_received() {
+    let fake = FakeKms::start().await;
+    let host = fake.host();
+    let stream = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    // Signed :authority = the :authority sent: verifies.
+    let resp = h2
+        .send_request(signed_with_authority(&host, &format!("http://{host}/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = fake.last().unwrap();
+    assert_eq!(rec.version, http::Version::HTTP_2);
+    assert!(rec.verified().signs(":authority"));
+    assert!(!rec.verified().signs("host"));
+
+    // Another :authority than the one signed: refused.
+    let resp = h2
+        .send_request(signed_with_authority(
+            "localhost:1",
+            &format!("http://{host}/"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let err = fake.last().unwrap().signature.unwrap_err();
+    assert!(err.contains("does not match"), "{err}");
+    assert!(err.contains(&format!("\n:authority:{host}\n")), "{err}");
+
+    // The same signature over HTTP/1.1 with the signed value as Host: there is no :authority
+    // to rebuild the canonical request from (what an h2-to-HTTP/1.1 hop produces).
+    let stream = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    let (mut h1, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = signed_with_authority(&host, "/");
+    req.headers_mut().insert("host", host.parse().unwrap());
+    let resp = h1.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let rec = fake.last().unwrap();
+    assert_eq!(rec.version, http::Version::HTTP_11);
+    let err = rec.signature.unwrap_err();
+    assert!(err.contains("\":authority\" is missing"), "{err}");
+    assert_eq!(fake.count(), 3);
 }
 
 #[tokio::test]

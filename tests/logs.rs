@@ -190,6 +190,46 @@ async fn workload(fake: FakeKms, proxy: &ChildProxy) -> Needles {
         needles.push((format!("the signature of {what}"), signature_of(auth)));
     }
 
+    // Refusals that would copy request text into a message, an audit record or a log line:
+    // a presigned-style query (token and credential), userinfo in Host, a malformed head
+    // carrying the token. Each is refused; none may copy the secret.
+    let presigned_akid = "AKIDPRESIGNEDLEAK01";
+    needles.push(("the presigned access key id".into(), presigned_akid.into()));
+    let mut presigned =
+        RawRequest::signed_kms(&host, "TrentService.TagResource", dup_tags.as_bytes());
+    presigned.target = format!(
+        "/?X-Amz-Credential={presigned_akid}%2F20260101%2Fus-east-1%2Fkms%2Faws4_request&X-Amz-Security-Token={}",
+        SESSION_TOKEN.replace('/', "%2F")
+    );
+    needles.push((
+        "the session token, percent-encoded".into(),
+        SESSION_TOKEN.replace('/', "%2F"),
+    ));
+    let mut userinfo = RawRequest::signed_kms(&host, "TrentService.Encrypt", enc_body.as_bytes());
+    userinfo.set_header("Host", &format!("{presigned_akid}:{SESSION_TOKEN}@{host}"));
+    let mut obs_fold =
+        RawRequest::signed_kms(&host, "TrentService.TagResource", dup_tags.as_bytes());
+    obs_fold
+        .add_header("X-Amz-Security-Token", SESSION_TOKEN)
+        .add_header("X-Folded", "a\r\n b");
+    for (what, request, status) in [
+        ("a presigned-style request line", &presigned, 400),
+        ("userinfo in Host", &userinfo, 421),
+        ("an obs-folded head", &obs_fold, 400),
+    ] {
+        let response = raw::send(proxy.addr, &request.to_bytes()).await;
+        assert_eq!(response.status, status, "{what}: {}", response.body_str());
+        for (_, needle) in &needles {
+            assert!(
+                !response.body_str().contains(needle.as_str()),
+                "{what}: the answer copies a secret: {}",
+                response.body_str()
+            );
+        }
+        let auth = request.header("Authorization").unwrap();
+        needles.push((format!("the signature of {what}"), signature_of(auth)));
+    }
+
     // An Encrypt over HTTP/2 (prior knowledge), token and all.
     h2_encrypt(proxy, &host, &mut needles).await;
 

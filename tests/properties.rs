@@ -22,12 +22,11 @@ use serde_json::Value;
 
 use kms_tag_guard::config::ConfigSource;
 use kms_tag_guard::fold::eq_ignore_case;
-use kms_tag_guard::inspect::{judge, Judgement};
 use kms_tag_guard::kms::classify::{check_tag_request_head, classify, request_host};
 use kms_tag_guard::kms::credential::read_credential;
 use kms_tag_guard::kms::request::parse_tag_request;
 use kms_tag_guard::kms::{Route, Tag, TagChange, TagOperation, Unreadable};
-use kms_tag_guard::policy::{Context, Decision, UnknownOperations};
+use kms_tag_guard::policy::Decision;
 use kms_tag_guard::Config;
 
 /// Cases per property; `PROPTEST_CASES=10000 cargo test --test properties` runs more.
@@ -137,13 +136,12 @@ fn kms_headers(target: &str, access_key_id: Option<&str>) -> HeaderMap {
     h
 }
 
-/// The decision the proxy reaches for a request: the steps of `kms_tag_guard::cases::decide`,
-/// built from the public functions (a `Case` can only be read from a file).
+/// The decision the proxy reaches for a `POST /` request.
 fn decide(config: &Config, headers: &HeaderMap, body: &[u8]) -> Decision {
     decide_request(config, &Method::POST, &Uri::from_static("/"), headers, body)
 }
 
-/// [`decide`] with any request line, as the proxy sees it.
+/// [`decide`] with any request line, as the proxy sees it: the library's one decision.
 fn decide_request(
     config: &Config,
     method: &Method,
@@ -151,51 +149,7 @@ fn decide_request(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Decision {
-    let policy = &config.policy;
-    let route = match classify(headers) {
-        Err(reason) => return Judgement::unreadable(reason).decision,
-        Ok(route) => route,
-    };
-    if let Route::Unknown(target) = &route {
-        if policy.unknown_operations == UnknownOperations::Reject {
-            return Decision::unreadable(format!("X-Amz-Target {target:?} is not a KMS operation"));
-        }
-    }
-    match request_host(uri, headers) {
-        Err(reason) => return Judgement::unreadable(reason).decision,
-        Ok(host) if !config.upstream.allows_host(host) => {
-            return Decision::unreadable(format!("the Host {host:?} is not allowed"))
-        }
-        Ok(_) => {}
-    }
-    let Route::Inspect(operation) = route else {
-        return Decision::default();
-    };
-    if let Err(reason) = check_tag_request_head(method, uri, headers) {
-        return Judgement::unreadable(reason).decision;
-    }
-    if body.len() as u64 > config.limits.max_body_bytes {
-        return Decision::unreadable("too large".into());
-    }
-    let judgement = judge(operation, headers, uri.query(), body, policy, None);
-    // `judge` is exactly parse + evaluate.
-    if let Some(change) = &judgement.change {
-        let akid = judgement
-            .credential
-            .as_ref()
-            .map(|c| c.access_key_id.as_str());
-        let region = judgement
-            .credential
-            .as_ref()
-            .and_then(|c| c.region.as_deref());
-        let context = Context {
-            access_key_id: akid,
-            region,
-            source: None,
-        };
-        assert_eq!(policy.evaluate(change, &context), judgement.decision);
-    }
-    judgement.decision
+    kms_tag_guard::cases::decide_request(config, method, uri, headers, body)
 }
 
 fn target(op: TagOperation) -> String {
@@ -1171,7 +1125,7 @@ proptest! {
         authority in select(vec![None, Some(HOST), Some("kms.eu-west-1.amazonaws.com:443")]),
         query in select(vec![None, Some("X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fkms%2Faws4_request"), Some("a=%zz")]),
     ) {
-        let route = classify(&headers);
+        let route = classify(&Method::POST, &Uri::from_static("/"), &headers);
         for name in SINGLE {
             if headers.get_all(name).iter().count() > 1 {
                 prop_assert!(route.is_err(), "{name} repeated: {route:?}");
@@ -1185,7 +1139,9 @@ proptest! {
             Ok(Route::Pass(op)) => {
                 prop_assert_eq!(target, Some(format!("TrentService.{op}").into_bytes()));
             }
-            Ok(Route::Unknown(t)) => prop_assert_eq!(target, Some(t.clone().into_bytes())),
+            Ok(Route::Unknown(t)) => {
+                prop_assert_eq!(target, Some(format!("TrentService.{t}").into_bytes()))
+            }
             Err(_) => {}
         }
         // The other head functions never panic either.
@@ -1195,7 +1151,7 @@ proptest! {
         };
         let _ = request_host(&uri, &headers);
         let _ = read_credential(&headers, query);
-        let _ = check_tag_request_head(&Method::POST, &uri, &headers);
+        let _ = check_tag_request_head(&headers);
     }
 
     #[test]
@@ -1211,19 +1167,21 @@ proptest! {
                 headers.append(name.clone(), value.clone());
             }
         }
-        let route = classify(&headers);
+        let root = Uri::from_static("/");
+        let route = classify(&Method::POST, &root, &headers);
         if spelled == target(op) {
             prop_assert!(
                 matches!(route, Ok(Route::Inspect(o)) if o == op)
-                    || matches!(route, Err(ref e) if !matches!(e, Unreadable::TargetSpelling(_))),
+                    || matches!(route, Err(ref e) if !matches!(e.reason, Unreadable::TargetSpelling(_))),
                 "{spelled:?}: {route:?}"
             );
         } else {
             prop_assert!(route.is_err(), "{spelled:?}: {route:?}");
             let alone = kms_headers(&spelled, None);
+            let refused = classify(&Method::POST, &root, &alone);
             prop_assert!(
-                matches!(classify(&alone), Err(Unreadable::TargetSpelling(_))),
-                "{spelled:?}: {:?}", classify(&alone)
+                matches!(refused, Err(ref r) if matches!(r.reason, Unreadable::TargetSpelling(_)) && r.may_change_tags),
+                "{spelled:?}: {refused:?}"
             );
             // And the whole pipeline denies it as unreadable under both policies.
             for config in [&*DEFAULT, &*STRICT] {
@@ -1249,7 +1207,10 @@ fn non_ascii_target_letters_are_refused() {
             "x-amz-target",
             HeaderValue::from_bytes(spelled.as_bytes()).unwrap(),
         );
-        assert!(classify(&headers).is_err(), "{spelled:?}");
+        assert!(
+            classify(&Method::POST, &Uri::from_static("/"), &headers).is_err(),
+            "{spelled:?}"
+        );
     }
 }
 
@@ -1321,7 +1282,7 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         seen += 1;
         let data = std::fs::read(&path).unwrap();
         let (method, uri, headers, body) = read_fuzz_input(&data);
-        if let Ok(Route::Inspect(op)) = classify(&headers) {
+        if let Ok(Route::Inspect(op)) = classify(&method, &uri, &headers) {
             assert_eq!(
                 headers.get("x-amz-target").map(HeaderValue::as_bytes),
                 Some(target(op).as_bytes()),
@@ -1339,7 +1300,7 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         for config in [&*DEFAULT, &*STRICT] {
             let decision = decide_request(config, &method, &uri, &headers, body);
             if decision.allowed() {
-                if let Ok(Route::Inspect(op)) = classify(&headers) {
+                if let Ok(Route::Inspect(op)) = classify(&method, &uri, &headers) {
                     assert!(
                         parse_tag_request(op, body).is_ok(),
                         "{}: allowed but unreadable",

@@ -774,9 +774,10 @@ async fn obs_fold_continuation_line() {
 // Tag requests behind a pass-through request on one connection
 // ---------------------------------------------------------------------------------------------
 
-/// An Encrypt whose Content-Length covers a whole signed TagResource request: the TagResource
-/// is only the Encrypt's body (streamed, never a request). A plainly framed, allowed
-/// TagResource after it on the same connection is read as a request and inspected.
+/// An Encrypt whose Content-Length covers a whole signed TagResource request (inside `{`…`}`,
+/// the shape every KMS body must have): the TagResource is only the Encrypt's body (streamed,
+/// never a request). A plainly framed, allowed TagResource after it on the same connection is
+/// read as a request and inspected.
 ///
 /// Observed: 200 (the Encrypt, body = the TagResource text), then 200 (the allowed TagResource,
 /// audited).
@@ -784,7 +785,7 @@ async fn obs_fold_continuation_line() {
 async fn a_tag_request_inside_an_encrypt_body_stays_body() {
     let case = "TagResource inside an Encrypt body";
     let (fake, proxy) = setup().await;
-    let inner = smuggled_tag_request(&fake.host());
+    let inner = [b"{".as_slice(), &smuggled_tag_request(&fake.host()), b"}"].concat();
     let encrypt = RawRequest::signed_kms(&fake.host(), ENCRYPT, &inner);
     let next = RawRequest::signed_kms(&fake.host(), TAG_RESOURCE, &allowed_tags());
 

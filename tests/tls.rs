@@ -1656,10 +1656,7 @@ async fn connect_tunnel_pins_requests_to_the_connect_host() {
                 answer.header("x-amzn-errortype"),
                 Some("MisdirectedRequest")
             );
-            assert_eq!(
-                answer.header("x-kms-tag-guard"),
-                Some("tunnel-host-mismatch")
-            );
+            assert_eq!(answer.header("x-kms-tag-guard"), Some("host-not-allowed"));
             let message = answer.json()["message"].as_str().unwrap().to_owned();
             assert!(
                 message.contains("tunnel")

@@ -14,7 +14,6 @@
 
 #![no_main]
 
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use http::header::{HeaderName, HeaderValue};
@@ -23,12 +22,11 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 use kms_tag_guard::config::ConfigSource;
-use kms_tag_guard::inspect::{judge, Judgement};
-use kms_tag_guard::kms::classify::{check_tag_request_head, classify, request_host};
+use kms_tag_guard::kms::classify::classify;
 use kms_tag_guard::kms::operation::TARGET_PREFIX;
 use kms_tag_guard::kms::request::parse_tag_request;
 use kms_tag_guard::kms::{Route, TagChange, TagOperation};
-use kms_tag_guard::policy::{Decision, Mode, UnknownOperations, REQUEST_RULE};
+use kms_tag_guard::policy::{Decision, Mode, REQUEST_RULE};
 use kms_tag_guard::Config;
 
 /// Every rule type and option, enforced; a small body limit so the limit is reachable.
@@ -132,9 +130,6 @@ static CONFIGS: LazyLock<[Config; 3]> = LazyLock::new(|| {
     ]
 });
 
-const PEER: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
-
 struct Request<'a> {
     method: Method,
     uri: Uri,
@@ -193,46 +188,21 @@ fn trim(mut value: &[u8]) -> &[u8] {
     value
 }
 
-/// The steps of `kms_tag_guard::cases::decide`, with the request line of the input.
+/// The library's one decision (`kms_tag_guard::cases::decide_request`) on the input's request,
+/// with the tag operation its head names.
 fn decide(config: &Config, request: &Request) -> (Option<TagOperation>, Decision) {
-    let policy = &config.policy;
-    let route = match classify(&request.headers) {
-        Err(reason) => return (None, Judgement::unreadable(reason).decision),
-        Ok(route) => route,
+    let operation = match classify(&request.method, &request.uri, &request.headers) {
+        Ok(Route::Inspect(op)) => Some(op),
+        _ => None,
     };
-    if let Route::Unknown(target) = &route {
-        if policy.unknown_operations == UnknownOperations::Reject {
-            let message = format!("X-Amz-Target {target:?} is not a KMS operation");
-            return (None, Decision::unreadable(message));
-        }
-    }
-    match request_host(&request.uri, &request.headers) {
-        Err(reason) => return (None, Judgement::unreadable(reason).decision),
-        Ok(host) if !config.upstream.allows_host(host) => {
-            return (None, Decision::unreadable(format!("Host {host:?}")));
-        }
-        Ok(_) => {}
-    }
-    let Route::Inspect(operation) = route else {
-        return (None, Decision::default());
-    };
-    let head = check_tag_request_head(&request.method, &request.uri, &request.headers);
-    if let Err(reason) = head {
-        return (Some(operation), Judgement::unreadable(reason).decision);
-    }
-    if request.body.len() as u64 > config.limits.max_body_bytes {
-        return (Some(operation), Decision::unreadable("too large".into()));
-    }
-    let query = request.uri.query();
-    let judgement = judge(
-        operation,
+    let decision = kms_tag_guard::cases::decide_request(
+        config,
+        &request.method,
+        &request.uri,
         &request.headers,
-        query,
         request.body,
-        policy,
-        Some(PEER),
     );
-    (Some(operation), judgement.decision)
+    (operation, decision)
 }
 
 /// Whether any object in `body` repeats a member name (serde_json's `Value` keeps only one).
@@ -364,7 +334,7 @@ fuzz_target!(|data: &[u8]| {
         .headers
         .get("x-amz-target")
         .map(HeaderValue::as_bytes);
-    if let Ok(Route::Inspect(op)) = classify(&request.headers) {
+    if let Ok(Route::Inspect(op)) = classify(&request.method, &request.uri, &request.headers) {
         let exact = format!("{TARGET_PREFIX}{}", op.name());
         assert_eq!(
             target,

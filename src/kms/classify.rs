@@ -1,14 +1,17 @@
 //! Step 1 of the pipeline: which operation a request is, read from its head alone.
 //!
-//! Only an exact `X-Amz-Target: TrentService.<Op>` names an operation. A request whose head could
-//! be read two ways (a repeated signed or routing header, a target that names a tag-bearing
-//! operation in another spelling, a hop-by-hop trick that would strip a signed header) is refused.
+//! The principle: a request goes on only when every reader of its head must see the same single
+//! KMS operation. `X-Amz-Target` must be exactly `TrentService.<Operation>`, the request line
+//! exactly `POST /`, the content type exactly awsJson 1.1, and no header may be repeated or
+//! spelled so that some reader takes it for a routing header. Anything else is refused. Since
+//! nobody can say how every KMS front end would read a refused request, its refusal is recorded as
+//! a possible tag change unless the head provably names an operation that changes no tags
+//! ([`Refused::may_change_tags`]).
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Uri};
 
 use super::operation::{Operation, TagOperation, TARGET_PREFIX};
-use crate::fold::eq_ignore_case;
 
 /// Where a request goes next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,20 +20,23 @@ pub enum Route {
     Pass(Operation),
     /// A tag-bearing operation: read, parsed and judged.
     Inspect(TagOperation),
-    /// A target outside the model; `[policy].unknown_operations` decides.
+    /// `TrentService.<Name>` in the canonical shape, for a name outside the model that cannot
+    /// name a tag-changing operation; `[policy].unknown_operations` decides.
     Unknown(String),
 }
 
-/// Why a request head cannot be read unambiguously.
+/// Why a request cannot be read unambiguously.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unreadable {
     #[error("the header {0} appears more than once; send it once")]
     RepeatedHeader(&'static str),
-    #[error("the X-Amz-Target header is missing; KMS requests name their operation in it")]
+    #[error("the header name {0:?} is a look-alike of a signed or routing header (some readers treat '_' as '-'); send it only as {1}")]
+    LookAlikeHeader(String, &'static str),
+    #[error("the X-Amz-Target header is missing; KMS requests name their operation in it as TrentService.<Operation>")]
     MissingTarget,
-    #[error("the X-Amz-Target header is not visible ASCII")]
+    #[error("the X-Amz-Target header is not visible ASCII; KMS requests name their operation in it as TrentService.<Operation>")]
     TargetNotText,
-    #[error("X-Amz-Target {0:?} names a tag-changing operation but is not spelled exactly TrentService.<Operation>")]
+    #[error("X-Amz-Target {0:?} is not exactly TrentService.<Operation>, and some readers would take it for a tag-changing operation; send the exact target")]
     TargetSpelling(String),
     #[error("the Connection header names {0:?}, which would strip a signed or routing header")]
     ConnectionStripsHeader(String),
@@ -41,15 +47,41 @@ pub enum Unreadable {
     )]
     ContentEncoding(String),
     #[error(
-        "Content-Type {0:?} is refused on tag-changing requests; use application/x-amz-json-1.1"
+        "Content-Type {0:?} is refused: KMS speaks awsJson 1.1 only; send Content-Type: application/x-amz-json-1.1"
     )]
     ContentType(String),
     #[error("the Host header {host:?} and the request target's authority {authority:?} differ")]
     HostMismatch { host: String, authority: String },
     #[error("the request names no host: send a Host header")]
     MissingHost,
+    #[error("the host {0:?} is not a DNS name with an optional port; address a KMS host name such as kms.us-east-1.amazonaws.com")]
+    HostNotName(String),
     #[error("the request carries trailers, which KMS requests never do")]
     Trailers,
+    #[error("the body is not awsJson: a KMS request body is a JSON object (or empty); this one starts with {0:?}")]
+    BodyNotJson(char),
+    #[error("the body carries an Action parameter in the form (Query protocol) shape, which some front ends would read as the operation; KMS requests name their operation only in X-Amz-Target")]
+    ActionParameter,
+}
+
+/// A request the proxy refuses, and whether the refusal belongs in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Unreadable,
+    /// Some reader could take the request for a tag change: the refusal is recorded as a `deny`
+    /// decision (rule `request`). False only when the head names exactly one operation that
+    /// changes no tags and the reason cannot change which operation any reader sees.
+    pub may_change_tags: bool,
+}
+
+impl Refused {
+    /// A refusal recorded as a possible tag change.
+    pub fn audited(reason: Unreadable) -> Refused {
+        Refused {
+            reason,
+            may_change_tags: true,
+        }
+    }
 }
 
 static X_AMZ_TARGET: HeaderName = HeaderName::from_static("x-amz-target");
@@ -65,41 +97,137 @@ static SINGLE_HEADERS: [(&HeaderName, &str); 6] = [
     (&header::AUTHORIZATION, "Authorization"),
 ];
 
+/// Header names some readers merge with another spelling of them (CGI, WSGI and nginx with
+/// `underscores_in_headers` read `_` as `-`): a request may carry these only as spelled here.
+const GUARDED_HEADERS: [&str; 10] = [
+    "x-amz-target",
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "authorization",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+];
+
 /// The content type of every KMS request (awsJson 1.1).
 pub const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
-/// Classifies a request by its head.
-pub fn classify(headers: &HeaderMap) -> Result<Route, Unreadable> {
+/// Classifies a request by its head. The refusals made here are all of those that need only
+/// the head; the body's shape is checked as it streams ([`super::protocol::BodyCheck`]).
+pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Route, Refused> {
+    // Another method, path or a query string could be another protocol's spelling of an
+    // operation (`?Action=TagResource`, an RPC path) that some front end routes by.
+    check_request_line(method, uri).map_err(Refused::audited)?;
+    let pass = || names_pass_through(headers).is_some();
+    let refused = |reason| Refused {
+        reason,
+        may_change_tags: !pass(),
+    };
     for (name, display) in &SINGLE_HEADERS {
         let mut values = headers.get_all(*name).iter();
         if values.next().is_some() && values.next().is_some() {
-            return Err(Unreadable::RepeatedHeader(display));
+            return Err(refused(Unreadable::RepeatedHeader(display)));
         }
     }
-    check_connection_tokens(headers)?;
+    check_look_alike_names(headers).map_err(Refused::audited)?;
+    check_connection_tokens(headers).map_err(refused)?;
+    let route = route(headers).map_err(Refused::audited)?;
+    match headers.get(header::CONTENT_TYPE) {
+        Some(ct) if ct.as_bytes() == CONTENT_TYPE.as_bytes() => Ok(route),
+        // Another content type is another protocol, which a front end may read another way.
+        Some(ct) => Err(Refused::audited(Unreadable::ContentType(
+            String::from_utf8_lossy(ct.as_bytes()).into_owned(),
+        ))),
+        None => Err(Refused::audited(Unreadable::ContentType(String::new()))),
+    }
+}
+
+/// The route named by the single `X-Amz-Target` (already checked not to be repeated).
+fn route(headers: &HeaderMap) -> Result<Route, Unreadable> {
     let target = headers
         .get(&X_AMZ_TARGET)
         .ok_or(Unreadable::MissingTarget)?
         .to_str()
         .map_err(|_| Unreadable::TargetNotText)?;
-    if let Some(op) = target
-        .strip_prefix(TARGET_PREFIX)
-        .and_then(Operation::from_name)
-    {
-        return Ok(match op.tag_operation() {
+    match read_target(target) {
+        Target::Known(op) => Ok(match op.tag_operation() {
             Some(tag_op) => Route::Inspect(tag_op),
             None => Route::Pass(op),
-        });
+        }),
+        Target::Unknown(name) => Ok(Route::Unknown(name.to_owned())),
+        Target::Other => Err(Unreadable::TargetSpelling(target.to_owned())),
     }
-    let trimmed = target.trim_matches(|c: char| c.is_whitespace());
-    let names_tag_operation = TagOperation::ALL.iter().any(|op| {
-        let exact = format!("{TARGET_PREFIX}{}", op.name());
-        eq_ignore_case(trimmed, &exact)
-    });
-    if names_tag_operation {
-        return Err(Unreadable::TargetSpelling(target.to_owned()));
+}
+
+/// What an `X-Amz-Target` value names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// Exactly `TrentService.<Operation>` for an operation of the model.
+    Known(Operation),
+    /// Exactly `TrentService.<Name>` for a PascalCase name outside the model whose letters, in any
+    /// case, contain none of the tag-changing operations' names.
+    Unknown(&'a str),
+    /// Anything else: some other spelling, which some reader may take for any operation.
+    Other,
+}
+
+/// Reads a target value. Only two shapes are ever forwarded, and both are checked exactly;
+/// everything else is [`Target::Other`], however harmless it looks.
+pub fn read_target(target: &str) -> Target<'_> {
+    let Some(name) = target.strip_prefix(TARGET_PREFIX) else {
+        return Target::Other;
+    };
+    if let Some(op) = Operation::from_name(name) {
+        return Target::Known(op);
     }
-    Ok(Route::Unknown(target.to_owned()))
+    let pascal_case = name.as_bytes().first().is_some_and(u8::is_ascii_uppercase)
+        && name.bytes().all(|b| b.is_ascii_alphanumeric());
+    if pascal_case && !contains_tag_operation(name) {
+        Target::Unknown(name)
+    } else {
+        Target::Other
+    }
+}
+
+/// Whether `name`'s letters, in any ASCII case, contain the name of a tag-changing operation:
+/// a lenient reader that took a prefix, a suffix or a case-folded name could land on it.
+fn contains_tag_operation(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    TagOperation::ALL
+        .iter()
+        .any(|op| lower.contains(&op.name().to_ascii_lowercase()))
+}
+
+/// The operation a head names when it has exactly one `X-Amz-Target`, exactly
+/// `TrentService.<Op>` for an operation that changes no tags.
+pub fn names_pass_through(headers: &HeaderMap) -> Option<Operation> {
+    let mut targets = headers.get_all(&X_AMZ_TARGET).iter();
+    let (Some(target), None) = (targets.next(), targets.next()) else {
+        return None;
+    };
+    match read_target(target.to_str().ok()?) {
+        Target::Known(op) if op.tag_operation().is_none() => Some(op),
+        _ => None,
+    }
+}
+
+/// Refuses a header whose name some readers take for a routing or signed header: the same name
+/// with `_` for `-` (`X_Amz_Target`). Only names with a `_` need a look.
+fn check_look_alike_names(headers: &HeaderMap) -> Result<(), Unreadable> {
+    for name in headers.keys() {
+        let name = name.as_str();
+        if memchr::memchr(b'_', name.as_bytes()).is_none() {
+            continue;
+        }
+        let dashed = name.replace('_', "-");
+        if let Some(guarded) = GUARDED_HEADERS.iter().find(|g| **g == dashed) {
+            return Err(Unreadable::LookAlikeHeader(name.to_owned(), guarded));
+        }
+    }
+    Ok(())
 }
 
 /// A `Connection` header lists headers a proxy must drop before forwarding; naming a signed or
@@ -110,7 +238,7 @@ fn check_connection_tokens(headers: &HeaderMap) -> Result<(), Unreadable> {
             return Err(Unreadable::ConnectionStripsHeader("non-ASCII".into()));
         };
         for token in value.split(',').map(str::trim) {
-            let token = token.to_ascii_lowercase();
+            let token = token.to_ascii_lowercase().replace('_', "-");
             let dangerous = token == "host"
                 || token == "authorization"
                 || token.starts_with("content-")
@@ -126,59 +254,87 @@ fn check_connection_tokens(headers: &HeaderMap) -> Result<(), Unreadable> {
 
 /// Every KMS operation is `POST /` (awsJson 1.1). Anything else could be another protocol's
 /// spelling of an operation (a query string, an RPC path) that a front end might route by, so it
-/// is refused rather than forwarded.
+/// is refused rather than forwarded. The refusal shows the method and path, never the query,
+/// which may carry credentials (`X-Amz-Credential`, `X-Amz-Security-Token`).
 pub fn check_request_line(method: &Method, uri: &Uri) -> Result<(), Unreadable> {
     if method == Method::POST && uri.path() == "/" && uri.query().is_none() {
         return Ok(());
     }
     let mut line = format!("{method} {}", uri.path());
-    if let Some(query) = uri.query() {
-        line.push('?');
-        line.push_str(query);
-    }
     line.truncate(200);
+    if uri.query().is_some() {
+        line.push_str("?(query not shown)");
+    }
     Err(Unreadable::RequestLine(line))
 }
 
 /// The host the request is addressed to: its Host header, or the authority of an HTTP/2 (or
-/// absolute-form) request target; both present must agree.
+/// absolute-form) request target; both present must agree, and it must be a DNS name (letters,
+/// digits, `-`, `.`) with an optional port, nothing a URL parser could read another way
+/// (`kms.x@sts.amazonaws.com`).
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, Unreadable> {
     let header = match headers.get(header::HOST) {
-        Some(h) => Some(h.to_str().map_err(|_| Unreadable::MissingHost)?),
+        Some(h) => Some(h.to_str().map_err(|_| {
+            Unreadable::HostNotName(String::from_utf8_lossy(h.as_bytes()).into_owned())
+        })?),
         None => None,
     };
     let authority = uri.authority().map(|a| a.as_str());
-    match (header, authority) {
-        (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => Err(Unreadable::HostMismatch {
-            host: h.to_owned(),
-            authority: a.to_owned(),
-        }),
-        (Some(h), _) => Ok(h),
-        (None, Some(a)) => Ok(a),
-        (None, None) => Err(Unreadable::MissingHost),
+    let host = match (header, authority) {
+        (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => {
+            return Err(Unreadable::HostMismatch {
+                host: shown_host(h),
+                authority: shown_host(a),
+            })
+        }
+        (Some(h), _) => h,
+        (None, Some(a)) => a,
+        (None, None) => return Err(Unreadable::MissingHost),
+    };
+    if !is_host_name(host) {
+        return Err(Unreadable::HostNotName(shown_host(host)));
     }
+    Ok(host)
 }
 
-/// The head checks of a tag-bearing request, before its body is read.
-pub fn check_tag_request_head(
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Result<(), Unreadable> {
-    check_request_line(method, uri)?;
+/// A host value as refusals show it (in answers, logs and audit records): without anything
+/// before an `@`, which a URL reader takes for credentials, and at most 200 characters.
+fn shown_host(host: &str) -> String {
+    let host = match host.rfind('@') {
+        Some(at) => format!("(userinfo removed)@{}", &host[at + 1..]),
+        None => host.to_owned(),
+    };
+    host.chars().take(200).collect()
+}
+
+/// `name[:port]`: a name of ASCII letters, digits, `-` and `.`, and a port of one to five digits
+/// from 1 to 65535.
+pub fn is_host_name(host: &str) -> bool {
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
+    });
+    name_ok && port_ok
+}
+
+/// The head checks of a tag-bearing request beyond [`classify`], before its body is read.
+pub fn check_tag_request_head(headers: &HeaderMap) -> Result<(), Unreadable> {
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
         let encoding = String::from_utf8_lossy(encoding.as_bytes());
         if !encoding.trim().eq_ignore_ascii_case("identity") {
             return Err(Unreadable::ContentEncoding(encoding.into_owned()));
         }
     }
-    match headers.get(header::CONTENT_TYPE) {
-        Some(ct) if ct.as_bytes() == CONTENT_TYPE.as_bytes() => Ok(()),
-        Some(ct) => Err(Unreadable::ContentType(
-            String::from_utf8_lossy(ct.as_bytes()).into_owned(),
-        )),
-        None => Err(Unreadable::ContentType(String::new())),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -197,8 +353,15 @@ mod tests {
         h
     }
 
-    fn route(target: &str) -> Result<Route, Unreadable> {
-        classify(&headers(&[("x-amz-target", target)]))
+    fn classify_headers(headers: &HeaderMap) -> Result<Route, Refused> {
+        classify(&Method::POST, &Uri::from_static("/"), headers)
+    }
+
+    fn route(target: &str) -> Result<Route, Refused> {
+        classify_headers(&headers(&[
+            ("x-amz-target", target),
+            ("content-type", CONTENT_TYPE),
+        ]))
     }
 
     #[test]
@@ -218,34 +381,57 @@ mod tests {
     }
 
     #[test]
-    fn spellings_of_tag_operations_are_refused() {
+    fn other_spellings_are_refused_and_audited() {
         for t in [
             "trentservice.tagresource",
             "TrentService.tagResource",
             "TRENTSERVICE.UNTAGRESOURCE",
             " TrentService.CreateKey",
             "TrentService.ReplicateKey\t",
+            "TagResource",
+            "x.TagResource",
+            "TrentService.Encrypt.TagResource",
+            "com.amazonaws.kms.TrentService.TagResource",
+            "TrentService..TagResource",
+            "TrentService.Tag%52esource",
+            "TrentService.TagResource,TrentService.Encrypt",
+            "TrentService.TagResources",
+            "TrentService.TAGRESOURCE",
+            "trentservice.encrypt",
+            "",
         ] {
+            let refused = route(t).unwrap_err();
+            assert!(refused.may_change_tags, "{t:?}");
             assert!(
-                matches!(route(t), Err(Unreadable::TargetSpelling(_))),
-                "{t:?}"
+                matches!(refused.reason, Unreadable::TargetSpelling(_)),
+                "{t:?}: {refused:?}"
             );
         }
-        // Bytes outside visible ASCII are never an operation name.
-        assert!(route("Trent\u{17f}ervice.TagResource").is_err());
     }
 
     #[test]
-    fn other_unknown_targets_are_unknown() {
+    fn canonical_unknown_names_are_unknown_unless_they_contain_a_tag_operation() {
         assert_eq!(
             route("TrentService.Frobnicate"),
-            Ok(Route::Unknown("TrentService.Frobnicate".into()))
+            Ok(Route::Unknown("Frobnicate".into()))
         );
+        for t in ["TrentService.frobnicate", "TrentService.Frob_nicate"] {
+            assert!(route(t).is_err(), "{t}");
+        }
         assert_eq!(
-            route("trentservice.encrypt"),
-            Ok(Route::Unknown("trentservice.encrypt".into()))
+            classify_headers(&headers(&[("content-type", CONTENT_TYPE)])),
+            Err(Refused::audited(Unreadable::MissingTarget))
         );
-        assert_eq!(classify(&HeaderMap::new()), Err(Unreadable::MissingTarget));
+    }
+
+    #[test]
+    fn no_pass_through_operation_contains_a_tag_operation_name() {
+        for name in crate::kms::operation::OPERATIONS {
+            let op = Operation::from_name(name).unwrap();
+            if op.tag_operation().is_none() {
+                assert!(!contains_tag_operation(name), "{name}");
+            }
+        }
     }
 
     #[test]
@@ -260,14 +446,41 @@ mod tests {
         ] {
             let h = headers(&[
                 ("x-amz-target", "TrentService.Encrypt"),
+                ("content-type", CONTENT_TYPE),
                 (name, "a"),
                 (name, "a"),
             ]);
+            let refused = classify_headers(&h).unwrap_err();
             assert!(
-                matches!(classify(&h), Err(Unreadable::RepeatedHeader(_))),
+                matches!(refused.reason, Unreadable::RepeatedHeader(_)),
+                "{name}"
+            );
+            // Only a repeated target makes the operation unclear.
+            assert_eq!(refused.may_change_tags, name == "x-amz-target", "{name}");
+        }
+    }
+
+    #[test]
+    fn underscore_spellings_of_routing_headers_are_refused() {
+        for name in ["x_amz_target", "X_Amz-Target", "content_type", "x_amz_date"] {
+            let h = headers(&[
+                ("x-amz-target", "TrentService.Encrypt"),
+                ("content-type", CONTENT_TYPE),
+                (name, "TrentService.TagResource"),
+            ]);
+            let refused = classify_headers(&h).unwrap_err();
+            assert!(refused.may_change_tags, "{name}");
+            assert!(
+                matches!(refused.reason, Unreadable::LookAlikeHeader(..)),
                 "{name}"
             );
         }
+        let h = headers(&[
+            ("x-amz-target", "TrentService.Encrypt"),
+            ("content-type", CONTENT_TYPE),
+            ("x_trace_id", "1"),
+        ]);
+        assert!(classify_headers(&h).is_ok());
     }
 
     #[test]
@@ -278,42 +491,109 @@ mod tests {
             "host",
             "content-length",
             "keep-alive, authorization",
+            "x_amz_target",
         ] {
             let h = headers(&[
                 ("x-amz-target", "TrentService.Encrypt"),
+                ("content-type", CONTENT_TYPE),
                 ("connection", token),
             ]);
             assert!(
-                matches!(classify(&h), Err(Unreadable::ConnectionStripsHeader(_))),
+                matches!(
+                    classify_headers(&h).map_err(|r| r.reason),
+                    Err(Unreadable::ConnectionStripsHeader(_))
+                ),
                 "{token}"
             );
         }
         let h = headers(&[
             ("x-amz-target", "TrentService.Encrypt"),
+            ("content-type", CONTENT_TYPE),
             ("connection", "keep-alive"),
         ]);
-        assert!(classify(&h).is_ok());
+        assert!(classify_headers(&h).is_ok());
     }
 
     #[test]
-    fn tag_request_heads_are_post_root_json_uncompressed() {
-        let ok = headers(&[("content-type", CONTENT_TYPE)]);
-        let root: Uri = "/".parse().unwrap();
-        assert!(check_tag_request_head(&Method::POST, &root, &ok).is_ok());
-        assert!(check_tag_request_head(&Method::PUT, &root, &ok).is_err());
-        let query: Uri = "/?Action=TagResource".parse().unwrap();
-        assert!(check_tag_request_head(&Method::POST, &query, &ok).is_err());
-        let gz = headers(&[("content-type", CONTENT_TYPE), ("content-encoding", "gzip")]);
+    fn every_operation_is_post_root_awsjson() {
+        let ok = headers(&[
+            ("x-amz-target", "TrentService.Encrypt"),
+            ("content-type", CONTENT_TYPE),
+        ]);
+        let root = Uri::from_static("/");
+        assert!(classify(&Method::POST, &root, &ok).is_ok());
+        let put = classify(&Method::PUT, &root, &ok).unwrap_err();
+        assert!(put.may_change_tags);
+        let query: Uri = "/?Action=TagResource&X-Amz-Security-Token=secret"
+            .parse()
+            .unwrap();
+        let refused = classify(&Method::POST, &query, &ok).unwrap_err();
+        assert!(refused.may_change_tags);
+        assert!(!refused.reason.to_string().contains("secret"));
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "application/x-amz-json-1.0",
+            "application/x-amz-json-1.1; charset=utf-8",
+            "application/cbor",
+        ] {
+            let h = headers(&[
+                ("x-amz-target", "TrentService.Encrypt"),
+                ("content-type", ct),
+            ]);
+            let refused = classify_headers(&h).unwrap_err();
+            assert!(refused.may_change_tags, "{ct}");
+            assert!(matches!(refused.reason, Unreadable::ContentType(_)));
+        }
+        let none = headers(&[("x-amz-target", "TrentService.Encrypt")]);
+        assert!(classify_headers(&none).is_err());
+    }
+
+    #[test]
+    fn tag_request_heads_are_uncompressed() {
+        let gz = headers(&[("content-encoding", "gzip")]);
         assert_eq!(
-            check_tag_request_head(&Method::POST, &root, &gz),
+            check_tag_request_head(&gz),
             Err(Unreadable::ContentEncoding("gzip".into()))
         );
-        let identity = headers(&[
-            ("content-type", CONTENT_TYPE),
-            ("content-encoding", "identity"),
-        ]);
-        assert!(check_tag_request_head(&Method::POST, &root, &identity).is_ok());
-        let cbor = headers(&[("content-type", "application/x-amz-cbor-1.1")]);
-        assert!(check_tag_request_head(&Method::POST, &root, &cbor).is_err());
+        let identity = headers(&[("content-encoding", "identity")]);
+        assert!(check_tag_request_head(&identity).is_ok());
+    }
+
+    #[test]
+    fn hosts_are_dns_names_with_an_optional_port() {
+        for good in [
+            "kms.us-east-1.amazonaws.com",
+            "kms.us-east-1.amazonaws.com:443",
+            "127.0.0.1:4566",
+            "localhost",
+            "kms.us-east-1.amazonaws.com.",
+        ] {
+            assert!(is_host_name(good), "{good}");
+        }
+        for bad in [
+            "kms.x@sts.amazonaws.com",
+            "kms.us-east-1.amazonaws.com:",
+            "kms.us-east-1.amazonaws.com:0",
+            "kms.us-east-1.amazonaws.com:65536",
+            "kms.us-east-1.amazonaws.com:+443",
+            "kms.us-east-1.amazonaws.com:443:443",
+            "[::1]:443",
+            "kms us-east-1",
+            "kms.us-east-1.amazonaws.com/x",
+            "kms.us-east-1.amazonaws.com\\@evil",
+            "",
+            ":443",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+            let h = headers(&[("host", bad)]);
+            assert!(request_host(&Uri::from_static("/"), &h).is_err(), "{bad}");
+        }
+        let h = headers(&[("host", "AKIDLEAK:secret@kms.us-east-1.amazonaws.com")]);
+        let refused = request_host(&Uri::from_static("/"), &h).unwrap_err();
+        let shown = refused.to_string();
+        assert!(
+            !shown.contains("secret") && !shown.contains("AKIDLEAK"),
+            "{shown}"
+        );
     }
 }

@@ -3,9 +3,10 @@
 pub mod classify;
 pub mod credential;
 pub mod operation;
+pub mod protocol;
 pub mod request;
 
-pub use classify::{Route, Unreadable};
+pub use classify::{Refused, Route, Unreadable};
 pub use credential::{Credential, CredentialError};
 pub use operation::{Operation, TagOperation};
 pub use request::{RequestError, Tag, TagChange};

@@ -2,9 +2,16 @@
 //!
 //! The proxy forwards the client's bytes, never a re-serialisation, so what KMS reads must be what
 //! the proxy judged. Wherever two reasonable JSON parsers could read the body differently, the body
-//! is refused: repeated members at any depth, members that spell a tag member in another case,
-//! unexpected members, wrong types, repeated tag keys, trailing bytes, invalid UTF-8. Escapes are
-//! decoded before anything is compared, so `"Pro\u006aect"` is judged as `Project`.
+//! is refused. In every operation: repeated members at any depth, wrong types, repeated tag keys,
+//! trailing bytes, invalid UTF-8, a byte order mark, nesting deeper than 128, and any member whose
+//! name is a look-alike of a guarded member (`Tags`, `TagKeys`, `TagKey`, `TagValue`, `KeyId`):
+//! the same name in another letter case, with whitespace, control or format characters (NUL,
+//! zero-width, BOM) or accents in it, or in Unicode that folds onto it (fullwidth, `ſ`, `K`).
+//! A guarded member is also refused wherever the model does not put it (`TagKeys` in CreateKey,
+//! `Tags` inside another member). TagResource and UntagResource take no other members at all;
+//! CreateKey and ReplicateKey carry members the proxy does not judge, which are still checked as
+//! above at every depth. Escapes are decoded before anything is compared, so `"Pro\u006aect"` is
+//! judged as `Project`.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -13,7 +20,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::operation::TagOperation;
-use crate::fold::eq_ignore_case;
+use crate::fold::skeleton;
 
 /// One tag a request sets.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -47,9 +54,9 @@ pub enum RequestError {
     DuplicateTagKey(String),
 }
 
-/// The members whose spelling decides what a request changes. A member that equals one of these
-/// ignoring case, but not exactly, is refused wherever it stands: some parsers match member names
-/// ignoring case.
+/// The members whose spelling decides what a request changes. A look-alike of one of these (the
+/// same skeleton, `crate::fold::skeleton`, but not the same name) is refused wherever it stands:
+/// some parsers match member names ignoring case, and lenient ones drop what they cannot read.
 const GUARDED_MEMBERS: [&str; 5] = ["Tags", "TagKeys", "TagKey", "TagValue", "KeyId"];
 
 /// Parses the body of a tag-bearing operation strictly.
@@ -113,9 +120,9 @@ impl<'de> MemberNames<'de> {
     }
 
     fn admit<E: de::Error>(&mut self, name: Cow<'de, str>) -> Result<(), E> {
-        if let Some(guarded) = case_variant_of_guarded(&name) {
+        if let Some(guarded) = look_alike_of_guarded(&name) {
             return Err(E::custom(format_args!(
-                "member {name:?} differs from {guarded:?} only in letter case"
+                "member {name:?} is a look-alike of {guarded:?} (it differs only in letter case, whitespace, invisible characters or Unicode that folds onto it); send the member exactly as the KMS model names it"
             )));
         }
         let repeated = if self.large.is_empty() && self.names.len() < Self::SCAN_LIMIT {
@@ -138,20 +145,33 @@ impl<'de> MemberNames<'de> {
     }
 }
 
-/// The guarded member that `name` spells in another letter case, if any.
-fn case_variant_of_guarded(name: &str) -> Option<&'static str> {
+/// The guarded member that `name` is a look-alike of (same skeleton, other name), if any.
+fn look_alike_of_guarded(name: &str) -> Option<&'static str> {
     if name.is_ascii() {
-        // An ASCII name equals an ASCII member ignoring case only at the same length, so most
-        // members are ruled out without looking at a byte.
-        GUARDED_MEMBERS
-            .into_iter()
-            .find(|g| g.len() == name.len() && name != *g && name.eq_ignore_ascii_case(g))
-    } else {
-        // Letters such as `ſ` and `K` fold onto ASCII and change the length: the full fold decides.
-        GUARDED_MEMBERS
-            .into_iter()
-            .find(|g| eq_ignore_case(name, g))
+        // Fast path: an ASCII name whose letters differ from every guarded name's in length
+        // cannot have its skeleton (it only drops whitespace and controls, and lower-cases).
+        let kept = name
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace() && !b.is_ascii_control() && *b != 0x0b)
+            .count();
+        if !(4..=8).contains(&kept) {
+            return None;
+        }
     }
+    let skeleton = skeleton(name);
+    GUARDED_MEMBERS
+        .into_iter()
+        .find(|g| name != *g && skeleton.eq_ignore_ascii_case(g))
+}
+
+/// Refuses a guarded member where the model does not put it.
+fn misplaced<E: de::Error>(name: &str, operation: &str) -> Result<(), E> {
+    if GUARDED_MEMBERS.contains(&name) {
+        return Err(E::custom(format_args!(
+            "member {name:?} may not appear here in {operation}: the KMS model puts it elsewhere, and a lenient reader could take it for a tag change"
+        )));
+    }
+    Ok(())
 }
 
 /// A member name, borrowed from the body when it holds no escapes.
@@ -227,9 +247,10 @@ impl<'de> Visitor<'de> for RequestVisitor {
                     )));
                 }
                 // CreateKey and ReplicateKey carry members the proxy does not judge; they are
-                // still checked for repeats and case-variant tag members at every depth.
+                // still checked for repeats and guarded (or look-alike) members at every depth.
                 (TagOperation::CreateKey | TagOperation::ReplicateKey, _) => {
-                    map.next_value_seed(AnyStrict)?;
+                    misplaced(&name, op.name())?;
+                    map.next_value_seed(AnyStrict { operation: op })?;
                 }
             }
         }
@@ -345,8 +366,11 @@ impl<'de> Visitor<'de> for StringList {
     }
 }
 
-/// Any JSON value the proxy does not read, checked for repeated and case-variant members.
-struct AnyStrict;
+/// Any JSON value the proxy does not read, checked for repeated, guarded and look-alike members.
+#[derive(Clone, Copy)]
+struct AnyStrict {
+    operation: TagOperation,
+}
 
 impl<'de> DeserializeSeed<'de> for AnyStrict {
     type Value = ();
@@ -382,7 +406,7 @@ impl<'de> Visitor<'de> for AnyStrict {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(AnyStrict)?.is_some() {}
+        while seq.next_element_seed(self)?.is_some() {}
         Ok(())
     }
 
@@ -390,7 +414,8 @@ impl<'de> Visitor<'de> for AnyStrict {
         let mut names = MemberNames::new();
         while let Some(name) = map.next_key_seed(MemberName)? {
             names.admit(name.clone())?;
-            map.next_value_seed(AnyStrict)?;
+            misplaced(&name, self.operation.name())?;
+            map.next_value_seed(self)?;
         }
         Ok(())
     }
@@ -501,19 +526,83 @@ mod tests {
             r#"{"KeyId":"k","Tags":[{"TagKey":"a","TAGVALUE":"b"}]}"#,
             "{\"KeyId\":\"k\",\"Tag\u{17f}\":[]}",
         ] {
-            assert!(
-                rejected(TagResource, body).contains("letter case"),
-                "{body}"
-            );
+            assert!(rejected(TagResource, body).contains("look-alike"), "{body}");
         }
         assert!(
             rejected(CreateKey, r#"{"tags":[{"TagKey":"a","TagValue":"b"}]}"#)
-                .contains("letter case")
+                .contains("look-alike")
         );
-        // An exact tag member name inside a member the proxy does not read is unambiguous.
-        parse(CreateKey, r#"{"Other":{"TagKeys":[]}}"#).unwrap();
-        assert!(rejected(CreateKey, r#"{"Other":{"tagkeys":[]}}"#).contains("letter case"));
-        assert!(rejected(UntagResource, r#"{"KeyId":"k","tagKeys":["a"]}"#).contains("letter case"));
+        assert!(rejected(CreateKey, r#"{"Other":{"tagkeys":[]}}"#).contains("look-alike"));
+        assert!(rejected(UntagResource, r#"{"KeyId":"k","tagKeys":["a"]}"#).contains("look-alike"));
+    }
+
+    #[test]
+    fn refuses_look_alikes_of_tags_at_any_depth_in_create_key_and_replicate_key() {
+        let look_alikes = [
+            "tags",
+            "Tags ",
+            " Tags",
+            "Ta gs",
+            "Tags\\u0000",
+            "T\\u200bags",
+            "\\ufeffTags",
+            "Tag\\u017f",
+            "\\uff34\\uff41\\uff47\\uff53",
+            "Ta\\u0301gs",
+            "T\\u00e1gs",
+            "Tags\\u00ad",
+            "Tags\\u2028",
+            "\\u0009Tags",
+        ];
+        for op in [CreateKey, ReplicateKey] {
+            let key_id = if op == ReplicateKey {
+                r#""KeyId":"mrk-1","ReplicaRegion":"eu-west-1","#
+            } else {
+                ""
+            };
+            for name in look_alikes {
+                let tags = r#"[{"TagKey":"Project","TagValue":"x"}]"#;
+                for body in [
+                    format!(r#"{{{key_id}"{name}":{tags}}}"#),
+                    format!(r#"{{{key_id}"Tags":[],"{name}":{tags}}}"#),
+                    format!(r#"{{{key_id}"Description":"d","X":{{"{name}":{tags}}}}}"#),
+                    format!(r#"{{{key_id}"X":[[{{"a":{{"{name}":1}}}}]]}}"#),
+                ] {
+                    assert!(rejected(op, &body).contains("look-alike"), "{op}: {body}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_guarded_members_where_the_model_does_not_put_them() {
+        for body in [
+            r#"{"KeyId":"k"}"#,
+            r#"{"TagKeys":["team:owner"]}"#,
+            r#"{"TagKey":"a","TagValue":"b"}"#,
+            r#"{"Other":{"TagKeys":[]}}"#,
+            r#"{"Description":"d","X":{"Tags":[{"TagKey":"Project","TagValue":"x"}]}}"#,
+            r#"{"X":[{"KeyId":"k"}]}"#,
+        ] {
+            assert!(
+                rejected(CreateKey, body).contains("may not appear"),
+                "{body}"
+            );
+        }
+        assert!(rejected(
+            ReplicateKey,
+            r#"{"KeyId":"mrk-1","ReplicaRegion":"eu-west-1","TagKeys":["a"]}"#
+        )
+        .contains("may not appear"));
+        // The members the model does put there are read.
+        let change = parse(
+            ReplicateKey,
+            r#"{"KeyId":"mrk-1","ReplicaRegion":"eu-west-1","Tags":[{"TagKey":"a","TagValue":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.key_id.as_deref(), Some("mrk-1"));
+        assert_eq!(change.set, vec![tag("a", "b")]);
+        parse(CreateKey, r#"{"Description":"d","Policy":"{\"Tags\":1}"}"#).unwrap();
     }
 
     #[test]
@@ -579,20 +668,22 @@ mod tests {
         parse(TagResource, " {\"KeyId\":\"k\",\"Tags\":[]}\n").unwrap();
     }
 
-    /// The definition `case_variant_of_guarded` implements with an ASCII fast path.
-    fn case_variant_by_fold(name: &str) -> Option<&'static str> {
+    /// The definition `look_alike_of_guarded` implements with an ASCII fast path.
+    fn look_alike_by_skeleton(name: &str) -> Option<&'static str> {
+        let skeleton = skeleton(name);
         GUARDED_MEMBERS
             .into_iter()
-            .find(|g| name != *g && eq_ignore_case(name, g))
+            .find(|g| name != *g && skeleton.eq_ignore_ascii_case(g))
     }
 
     #[test]
-    fn the_ascii_fast_path_finds_the_case_variants_the_fold_finds() {
-        // Every guarded member with one character replaced by a case variant, a look-alike that
-        // folds onto ASCII, or a letter that does not; plus other lengths and exact spellings.
+    fn the_ascii_fast_path_finds_the_look_alikes_the_skeleton_finds() {
+        // Every guarded member with one character replaced or inserted: a case variant, a
+        // look-alike that folds onto ASCII, whitespace, a control, or a letter that does not.
         let swaps = [
             'a', 'A', 'e', 'E', 'g', 'G', 'i', 'I', 'k', 'K', 's', 'S', 'y', 'Y', '\u{17f}',
-            '\u{212a}', '\u{131}', '\u{130}', '\u{e9}', '\u{3a3}', '_',
+            '\u{212a}', '\u{131}', '\u{130}', '\u{e9}', '\u{3a3}', '_', ' ', '\t', '\0', '\u{b}',
+            '\u{7f}', '\u{200b}', '\u{ff34}',
         ];
         let mut names: Vec<String> = vec![
             String::new(),
@@ -600,6 +691,7 @@ mod tests {
             "TagKeysX".into(),
             "Description".into(),
             "\u{17f}".into(),
+            " \t T a g s \r\n".into(),
         ];
         for guarded in GUARDED_MEMBERS {
             names.push(guarded.into());
@@ -610,21 +702,25 @@ mod tests {
                 for swap in swaps {
                     let mut variant = chars.clone();
                     variant[i] = swap;
-                    names.push(variant.into_iter().collect());
+                    names.push(variant.iter().collect());
+                    let mut inserted = chars.clone();
+                    inserted.insert(i, swap);
+                    names.push(inserted.into_iter().collect());
                 }
             }
         }
         for name in &names {
             assert_eq!(
-                case_variant_of_guarded(name),
-                case_variant_by_fold(name),
+                look_alike_of_guarded(name),
+                look_alike_by_skeleton(name),
                 "{name:?}"
             );
         }
-        assert_eq!(case_variant_of_guarded("Tag\u{17f}"), Some("Tags"));
-        assert_eq!(case_variant_of_guarded("\u{212a}eyId"), Some("KeyId"));
-        assert_eq!(case_variant_of_guarded("TAGKEY"), Some("TagKey"));
-        assert_eq!(case_variant_of_guarded("TagKey"), None);
+        assert_eq!(look_alike_of_guarded("Tag\u{17f}"), Some("Tags"));
+        assert_eq!(look_alike_of_guarded("\u{212a}eyId"), Some("KeyId"));
+        assert_eq!(look_alike_of_guarded("TAGKEY"), Some("TagKey"));
+        assert_eq!(look_alike_of_guarded("Tag Key"), Some("TagKey"));
+        assert_eq!(look_alike_of_guarded("TagKey"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use http_body_util::{Either, Full};
 
 use super::ProxyBody;
 use crate::kms::classify::CONTENT_TYPE as AMZ_JSON;
+use crate::kms::Unreadable;
 use crate::metrics::Outcome;
 
 /// Why the proxy answered a request itself instead of forwarding it.
@@ -18,16 +19,20 @@ pub enum ProxyError {
     /// The request could not be read unambiguously.
     #[error("kms-tag-guard refused an ambiguous or unreadable request: {0}")]
     Unreadable(String),
+    #[error("kms-tag-guard refused the request: {0}; KMS request heads are a few KiB")]
+    HeadTooLarge(String),
     #[error("kms-tag-guard refused the request: the body is larger than the {limit} bytes allowed for tag-changing requests ([limits].max_body_bytes)")]
     BodyTooLarge { limit: u64 },
     #[error("kms-tag-guard stopped waiting for the request body after {0} ms ([limits].body_read_timeout_ms); send the whole body promptly")]
     BodyTimeout(u128),
-    #[error("X-Amz-Target {0:?} is not an operation of the KMS API, and this proxy rejects unknown operations ([policy].unknown_operations)")]
+    #[error("X-Amz-Target \"TrentService.{0}\" is not an operation of the KMS API, and this proxy rejects unknown operations; to forward them, set [policy].unknown_operations = \"forward\"")]
     UnknownOperation(String),
     #[error("the Host {0:?} is not a KMS endpoint this proxy forwards to ([upstream].allowed_hosts); address a KMS host name")]
     HostNotAllowed(String),
-    #[error("the Host {host:?} is not the host this CONNECT tunnel was opened to ({tunnel:?}); inside a tunnel every request must be addressed to the tunnel's host, so open a tunnel to {host:?} for it")]
-    TunnelHostMismatch { host: String, tunnel: String },
+    #[error("kms-tag-guard refused the request: {0}")]
+    HostNotName(String),
+    #[error("the Host {host:?} is not the host this CONNECT tunnel was opened to ({tunnel:?}); send requests for another host through a tunnel of their own")]
+    HostNotTunnel { host: String, tunnel: String },
     #[error("kms-tag-guard refused the CONNECT: {0}")]
     ConnectRefused(String),
     #[error("kms-tag-guard could not open the tunnel: {0}; nothing was sent through it, retry")]
@@ -40,6 +45,16 @@ pub enum ProxyError {
     UpstreamTimeout(u128),
 }
 
+impl From<Unreadable> for ProxyError {
+    /// How a request refused by the KMS wire checks is answered.
+    fn from(reason: Unreadable) -> ProxyError {
+        match reason {
+            Unreadable::HostNotName(_) => ProxyError::HostNotName(reason.to_string()),
+            other => ProxyError::Unreadable(other.to_string()),
+        }
+    }
+}
+
 impl ProxyError {
     /// Status, `__type`, and the `x-kms-tag-guard` kind of the response.
     pub fn shape(&self) -> (StatusCode, &'static str, &'static str) {
@@ -49,6 +64,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "TagException", "too-large")
             }
+            ProxyError::HeadTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "TagException",
+                "too-large",
+            ),
             ProxyError::BodyTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,
                 "RequestTimeoutException",
@@ -59,15 +79,12 @@ impl ProxyError {
                 "UnknownOperationException",
                 "unknown-operation",
             ),
-            ProxyError::HostNotAllowed(_) => (
+            ProxyError::HostNotAllowed(_)
+            | ProxyError::HostNotName(_)
+            | ProxyError::HostNotTunnel { .. } => (
                 StatusCode::MISDIRECTED_REQUEST,
                 "MisdirectedRequest",
                 "host-not-allowed",
-            ),
-            ProxyError::TunnelHostMismatch { .. } => (
-                StatusCode::MISDIRECTED_REQUEST,
-                "MisdirectedRequest",
-                "tunnel-host-mismatch",
             ),
             ProxyError::ConnectRefused(_) => {
                 (StatusCode::FORBIDDEN, "Forbidden", "connect-refused")
@@ -132,6 +149,7 @@ mod tests {
             (ProxyError::Denied("d".into()), 400, "TagException"),
             (ProxyError::Unreadable("u".into()), 400, "TagException"),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, "TagException"),
+            (ProxyError::HeadTooLarge("h".into()), 431, "TagException"),
             (ProxyError::BodyTimeout(1), 408, "RequestTimeoutException"),
             (
                 ProxyError::UnknownOperation("x".into()),
@@ -144,7 +162,12 @@ mod tests {
                 "MisdirectedRequest",
             ),
             (
-                ProxyError::TunnelHostMismatch {
+                ProxyError::HostNotName("h".into()),
+                421,
+                "MisdirectedRequest",
+            ),
+            (
+                ProxyError::HostNotTunnel {
                     host: "h".into(),
                     tunnel: "t".into(),
                 },

@@ -1,7 +1,7 @@
 //! The request pipeline: classify -> pass through | inspect -> decide -> audit -> forward.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -25,9 +25,8 @@ use super::ProxyBody;
 use crate::audit::{timestamp, AuditLog, DecisionRecord, OutcomeRecord};
 use crate::config::LimitsConfig;
 use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_request_line, check_tag_request_head, classify, request_host};
-use crate::kms::operation::TARGET_PREFIX;
-use crate::kms::{Operation, Route, TagOperation, Unreadable};
+use crate::kms::classify::{check_tag_request_head, classify, names_pass_through, request_host};
+use crate::kms::{Refused, Route, TagOperation, Unreadable};
 use crate::metrics::{Class, Metrics, Outcome, UpstreamErrorKind};
 use crate::policy::{Policy, UnknownOperations};
 
@@ -67,6 +66,8 @@ impl Handled {
 
 /// The metrics label of a request whose operation is not (exactly) one of the model's.
 pub(crate) const UNKNOWN_OPERATION: &str = "unknown";
+/// The header that names the operation.
+const X_AMZ_TARGET: &str = "x-amz-target";
 /// The metrics label of a CONNECT request.
 const CONNECT_OPERATION: &str = "CONNECT";
 
@@ -88,17 +89,16 @@ pub(crate) async fn handle(
     }
     let peer = origin.peer;
     let tunnel_host = origin.tunnel_host.as_deref();
-    let route = check_request_line(request.method(), request.uri())
-        .and_then(|()| classify(request.headers()));
+    let route = classify(request.method(), request.uri(), request.headers());
     let class = match route {
         Ok(Route::Inspect(_)) => Class::inspect,
         _ => Class::pass,
     };
     let handled = match route {
-        Ok(Route::Pass(op)) => pass_through(&shared, request, op.name(), tunnel_host).await,
+        Ok(Route::Pass(op)) => pass_through(&shared, request, op.name(), peer, tunnel_host).await,
         Ok(Route::Unknown(target)) => match shared.policy.load().unknown_operations {
             UnknownOperations::Forward => {
-                pass_through(&shared, request, UNKNOWN_OPERATION, tunnel_host).await
+                pass_through(&shared, request, UNKNOWN_OPERATION, peer, tunnel_host).await
             }
             UnknownOperations::Reject => Handled::error(
                 ProxyError::UnknownOperation(target),
@@ -109,27 +109,7 @@ pub(crate) async fn handle(
         Ok(Route::Inspect(operation)) => {
             inspect(shared.clone(), request, operation, peer, tunnel_host).await
         }
-        Err(reason) => match pass_through_operation(request.headers()) {
-            // Not a tag change: refused, but no audit record (the log is for tag changes).
-            Some(op) => {
-                info!(%reason, "ambiguous request refused");
-                let error = ProxyError::Unreadable(reason.to_string());
-                Handled::error(error, op.name(), &new_request_id())
-            }
-            None => {
-                let target = target_text(request.headers());
-                let request_id = new_request_id();
-                refuse(
-                    &shared,
-                    &request_id,
-                    &target,
-                    UNKNOWN_OPERATION,
-                    peer,
-                    reason.into(),
-                )
-                .await
-            }
-        },
+        Err(refused) => refuse_head(&shared, request.headers(), peer, refused).await,
     };
     let seconds = started.elapsed().as_secs_f64();
     shared
@@ -138,25 +118,76 @@ pub(crate) async fn handle(
     handled.response
 }
 
-/// A non-tag-bearing request: streamed both ways, never buffered, never parsed.
+/// Answers a request refused by its head. A refusal that may be a tag change is audited as a
+/// `deny`; one whose head provably names an operation that changes no tags is only answered
+/// (the audit log is for tag changes).
+pub(crate) async fn refuse_head(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    refused: Refused,
+) -> Handled {
+    let request_id = new_request_id();
+    if refused.may_change_tags {
+        let target = target_text(headers);
+        return refuse(
+            shared,
+            &request_id,
+            &target,
+            UNKNOWN_OPERATION,
+            peer,
+            refused.reason.into(),
+        )
+        .await;
+    }
+    let operation = names_pass_through(headers).map_or(UNKNOWN_OPERATION, |op| op.name());
+    info!(%request_id, reason = %refused.reason, "ambiguous request refused");
+    Handled::error(ProxyError::from(refused.reason), operation, &request_id)
+}
+
+/// A non-tag-bearing request: streamed both ways, never buffered, never parsed. Its body is only
+/// watched, as it passes, for another protocol's shape ([`BodyCheck`]); a body that shows one is
+/// cut off before its end, so KMS never receives it whole, and the refusal is audited.
 async fn pass_through(
     shared: &Shared,
     request: Request<Incoming>,
     operation: &'static str,
+    peer: SocketAddr,
     tunnel_host: Option<&str>,
 ) -> Handled {
     let (mut parts, body) = request.into_parts();
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
         return Handled::error(error, operation, &new_request_id());
     }
-    match shared
+    let refusal = Arc::new(OnceLock::new());
+    let body = Streamed::from_client(body, Arc::clone(&refusal));
+    // Classified, so exactly one target: a cheap clone of it names a refusal in the audit log.
+    let target_header = parts.headers.get(X_AMZ_TARGET).cloned();
+    let sent = shared
         .upstream
-        .send(Request::from_parts(
-            parts,
-            Either::Left(Streamed::from_client(body)),
-        ))
-        .await
-    {
+        .send(Request::from_parts(parts, Either::Left(body)))
+        .await;
+    if let Some(reason) = refusal.get() {
+        let target = target_header.map_or_else(String::new, |v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(128)
+                .collect()
+        });
+        let request_id = new_request_id();
+        let judgement = Judgement::unreadable(reason);
+        let error = ProxyError::Unreadable(reason.to_string());
+        return refuse(
+            shared,
+            &request_id,
+            &target,
+            operation,
+            peer,
+            (judgement, error),
+        )
+        .await;
+    }
+    match sent {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -206,11 +237,11 @@ pub(crate) fn forward_target<'a>(
     headers: &'a HeaderMap,
     tunnel_host: Option<&str>,
 ) -> Result<(&'a str, http::Uri), ProxyError> {
-    let host = request_host(uri, headers).map_err(|e| ProxyError::Unreadable(e.to_string()))?;
+    let host = request_host(uri, headers).map_err(ProxyError::from)?;
     // Inside an intercepted tunnel, requests must stay with the host the client connected to.
     if let Some(tunnel_host) = tunnel_host {
         if !crate::glob::host_name(host).eq_ignore_ascii_case(tunnel_host) {
-            return Err(ProxyError::TunnelHostMismatch {
+            return Err(ProxyError::HostNotTunnel {
                 host: host.to_owned(),
                 tunnel: tunnel_host.to_owned(),
             });
@@ -236,7 +267,7 @@ async fn inspect(
     let policy = shared.policy.load_full();
     let (mut parts, body) = request.into_parts();
 
-    if let Err(reason) = check_tag_request_head(&parts.method, &parts.uri, &parts.headers) {
+    if let Err(reason) = check_tag_request_head(&parts.headers) {
         return refuse(&shared, &request_id, op, op, peer, reason.into()).await;
     }
     if let Err(error) = prepare_forward(&shared.upstream, &mut parts, tunnel_host) {
@@ -505,32 +536,13 @@ pub(crate) async fn refuse(
 
 impl From<Unreadable> for (Judgement, ProxyError) {
     fn from(reason: Unreadable) -> Self {
-        (
-            Judgement::unreadable(&reason),
-            ProxyError::Unreadable(reason.to_string()),
-        )
+        (Judgement::unreadable(&reason), ProxyError::from(reason))
     }
 }
 
-/// The operation a refused request names, when it has exactly one X-Amz-Target and that names,
-/// exactly, an operation that changes no tags. Any other refused request may have been a tag
-/// change, and is audited.
-fn pass_through_operation(headers: &HeaderMap) -> Option<Operation> {
-    let mut targets = headers.get_all("x-amz-target").iter();
-    let (Some(target), None) = (targets.next(), targets.next()) else {
-        return None;
-    };
-    target
-        .to_str()
-        .ok()
-        .and_then(|t| t.strip_prefix(TARGET_PREFIX))
-        .and_then(Operation::from_name)
-        .filter(|op| op.tag_operation().is_none())
-}
-
 /// The X-Amz-Target of a refused request, for its audit record.
-fn target_text(headers: &HeaderMap) -> String {
-    let mut values = headers.get_all("x-amz-target").iter();
+pub(crate) fn target_text(headers: &HeaderMap) -> String {
+    let mut values = headers.get_all(X_AMZ_TARGET).iter();
     match (values.next(), values.next()) {
         (Some(v), None) => {
             let text = String::from_utf8_lossy(v.as_bytes());

@@ -41,6 +41,10 @@ pub(crate) fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // The general server takes one HTTP/1.1 request per connection handed to it: every later
+        // head on the connection would be read by hyper alone, and a head it refuses would get a
+        // bare status instead of the fast path's KMS-shaped, audited refusal.
+        .keep_alive(false)
         .timer(TokioTimer::new())
         .header_read_timeout(config.limits.header_read_timeout)
         // KMS request heads are a few KiB; hyper's default buffer (~400 KiB) would let a client

@@ -1,5 +1,9 @@
 //! An in-process fake of the KMS JSON API: verifies every request's SigV4 signature with the
 //! independent verifier in `sigv4`, records every request, and answers like KMS would.
+//!
+//! It speaks HTTP/1.1 and HTTP/2 (prior knowledge on plain TCP; behind TLS whatever ALPN
+//! picked, e.g. `h2` for `[b"h2", b"http/1.1"]`), and over h2 it verifies signatures whose
+//! SignedHeaders hold `:authority` instead of `host` (see [`sigv4::verify_h2`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -483,10 +487,17 @@ async fn handle(
         .path_and_query()
         .map(|pq| pq.as_str())
         .unwrap_or("/");
-    let signature = sigv4::verify(
+    // Over h2 a signer may have signed `:authority` itself (NodeHttp2Handler does): its
+    // canonical value is the pseudo-header as received. HTTP/1.x has none.
+    let authority = match parts.version {
+        Version::HTTP_2 => parts.uri.authority().map(|a| a.as_str()),
+        _ => None,
+    };
+    let signature = sigv4::verify_h2(
         parts.method.as_str(),
         path_and_query,
         &verify_headers,
+        authority,
         &body,
         super::secret_for,
     );

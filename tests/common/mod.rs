@@ -1,12 +1,15 @@
 //! Shared integration-test harness: test credentials, an independent SigV4 verifier/signer
-//! (`sigv4`), an in-process fake KMS (`fake_kms`), raw HTTP/1.1 helpers (`raw`) and an
-//! aws-sdk-kms client builder that needs no aws-config.
+//! (`sigv4`), an in-process fake KMS (`fake_kms`), raw HTTP/1.1 helpers (`raw`), an
+//! aws-sdk-kms client builder that needs no aws-config, moto as a second upstream (`moto`), and
+//! the installer of such third-party test programs (`deps`).
 //!
 //! Use from a test file with `mod common;`.
 #![allow(dead_code, unused_imports)]
 
 pub mod child;
+pub mod deps;
 pub mod fake_kms;
+pub mod moto;
 pub mod ops;
 pub mod proxy;
 pub mod raw;
@@ -15,7 +18,9 @@ pub mod sigv4;
 use std::time::Duration;
 
 pub use fake_kms::{FakeKms, Hook, Progress, Recorded};
-pub use proxy::{start_proxy, start_proxy_with, ProxyConfig, TestProxy, TEST_POLICY};
+pub use proxy::{
+    start_proxy, start_proxy_to, start_proxy_with, ProxyConfig, TestProxy, TEST_POLICY,
+};
 pub use raw::{RawConn, RawRequest, RawResponse};
 pub use sigv4::VerifiedCredential;
 

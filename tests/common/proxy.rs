@@ -137,6 +137,13 @@ pub async fn start_proxy(fake: &FakeKms) -> TestProxy {
 }
 
 pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy {
+    let upstream = fake.url();
+    start_proxy_to(&upstream, config).await
+}
+
+/// Starts the proxy with `endpoint = upstream` (unless `config` says otherwise), for upstreams
+/// other than a [`FakeKms`] (e.g. [`super::moto::Moto`]).
+pub async fn start_proxy_to(upstream: &str, config: ProxyConfig) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = config
         .audit_path
@@ -145,7 +152,10 @@ pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy 
     let endpoint = if config.without_endpoint {
         String::new()
     } else {
-        let url = config.endpoint.clone().unwrap_or_else(|| fake.url());
+        let url = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| upstream.to_owned());
         format!("endpoint = \"{url}\"")
     };
     let admin = if config.admin { "127.0.0.1:0" } else { "" };

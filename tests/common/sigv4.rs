@@ -6,7 +6,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
@@ -136,6 +136,23 @@ pub fn verify(
     body: &[u8],
     secret_for: impl Fn(&str) -> Option<String>,
 ) -> Result<VerifiedCredential, String> {
+    verify_h2(method, path_and_query, headers, None, body, secret_for)
+}
+
+/// [`verify`] for a request that may have been signed with the HTTP/2 pseudo-header
+/// `:authority` among its SignedHeaders, as the AWS SDK for JavaScript v3's `NodeHttp2Handler`
+/// does (its host-header middleware replaces `host` with `:authority` for h2 handlers). The
+/// canonical value of `:authority` is `authority`, the pseudo-header as received; pass `None`
+/// for an HTTP/1.x request, which has no `:authority`, so such a signature fails there as
+/// "missing". A signed `:authority` stands in for the signed `host` that [`verify`] requires.
+pub fn verify_h2(
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    body: &[u8],
+    secret_for: impl Fn(&str) -> Option<String>,
+) -> Result<VerifiedCredential, String> {
     let mut auth_values = headers.get_all(http::header::AUTHORIZATION).iter();
     let auth = auth_values.next().ok_or("missing Authorization header")?;
     if auth_values.next().is_some() {
@@ -146,7 +163,11 @@ pub fn verify(
         .map_err(|_| "Authorization header is not visible ASCII".to_string())?;
     let parsed = parse_authorization(auth)?;
 
-    if !parsed.signed_headers.iter().any(|h| h == "host") {
+    if !parsed
+        .signed_headers
+        .iter()
+        .any(|h| h == "host" || h == AUTHORITY)
+    {
         return Err(format!(
             "'Host' must be a 'SignedHeader' in the AWS Authorization (SignedHeaders={})",
             parsed.signed_headers_raw
@@ -190,10 +211,20 @@ pub fn verify(
         }
     }
 
-    let canonical = canonical_request(
+    let canonical = canonical_request_from(
         method,
         path_and_query,
-        headers,
+        |name| {
+            if name == AUTHORITY {
+                authority.map(|a| vec![a.as_bytes()]).unwrap_or_default()
+            } else {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .collect()
+            }
+        },
         &parsed.signed_headers,
         &parsed.signed_headers_raw,
         &body_hash,
@@ -240,11 +271,39 @@ pub fn headers_with_host(headers: &HeaderMap, uri: &http::Uri) -> HeaderMap {
     headers
 }
 
+/// The HTTP/2 pseudo-header some signers put among the SignedHeaders instead of `host`.
+pub const AUTHORITY: &str = ":authority";
+
 /// The SigV4 canonical request.
 pub fn canonical_request(
     method: &str,
     path_and_query: &str,
     headers: &HeaderMap,
+    signed_headers: &[String],
+    signed_headers_line: &str,
+    payload_hash: &str,
+) -> Result<String, String> {
+    canonical_request_from(
+        method,
+        path_and_query,
+        |name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect()
+        },
+        signed_headers,
+        signed_headers_line,
+        payload_hash,
+    )
+}
+
+/// The SigV4 canonical request, with each signed header's values (in order) from `values`.
+fn canonical_request_from<'a>(
+    method: &str,
+    path_and_query: &str,
+    values: impl Fn(&str) -> Vec<&'a [u8]>,
     signed_headers: &[String],
     signed_headers_line: &str,
     payload_hash: &str,
@@ -261,10 +320,9 @@ pub fn canonical_request(
     out.push_str(&canonical_query(query));
     out.push('\n');
     for name in signed_headers {
-        let values: Vec<String> = headers
-            .get_all(name.as_str())
-            .iter()
-            .map(|v| canonical_header_value(v.as_bytes()))
+        let values: Vec<String> = values(name.as_str())
+            .into_iter()
+            .map(canonical_header_value)
             .collect();
         if values.is_empty() {
             return Err(format!(
@@ -476,8 +534,9 @@ pub fn sign(
     }
 }
 
-/// Sign exactly the given headers (all of them; they must include `host` and `x-amz-date`,
-/// repeated names are joined with `,` as SigV4 does) and return the `Authorization` value.
+/// Sign exactly the given headers (all of them; they must include `host` (or `:authority`, as
+/// an h2 signer may) and `x-amz-date`; repeated names are joined with `,` as SigV4 does) and
+/// return the `Authorization` value.
 #[allow(clippy::too_many_arguments)]
 pub fn sign_headers(
     method: &str,
@@ -489,28 +548,31 @@ pub fn sign_headers(
     region: &str,
     service: &str,
 ) -> String {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        map.append(
-            HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).expect("header name"),
-            HeaderValue::from_str(value).expect("header value"),
-        );
-    }
-    let amz_date = map
-        .get("x-amz-date")
+    let lower: Vec<(String, &str)> = headers
+        .iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), *value))
+        .collect();
+    let amz_date = lower
+        .iter()
+        .find(|(name, _)| name == "x-amz-date")
         .expect("x-amz-date among the signed headers")
-        .to_str()
-        .expect("ascii date")
+        .1
         .to_string();
     let date = &amz_date[..8];
-    let mut names: Vec<String> = map.keys().map(|k| k.as_str().to_string()).collect();
+    let mut names: Vec<String> = lower.iter().map(|(name, _)| name.clone()).collect();
     names.sort();
     names.dedup();
     let line = names.join(";");
-    let canonical = canonical_request(
+    let canonical = canonical_request_from(
         method,
         path_and_query,
-        &map,
+        |name| {
+            lower
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_bytes())
+                .collect()
+        },
         &names,
         &line,
         &hex_sha256(body),

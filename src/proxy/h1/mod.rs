@@ -22,14 +22,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Response, Uri};
+use http::{Method, Response, Uri};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use self::chunked::ChunkedScanner;
-use self::head::{forwarded_head, parse_request, parse_response, Framing, Parsed, RequestHead};
+use self::head::{
+    forwarded_head, lenient_read, malformed, parse_request, parse_response, Framing, Malformed,
+    Parsed, RequestHead,
+};
 use self::timer::LazyTimer;
 use super::error::ProxyError;
 use super::pipeline::{
@@ -41,8 +44,10 @@ use super::serve::Origin;
 use super::upstream::DirectStream;
 use super::ProxyBody;
 use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_tag_request_head, classify};
-use crate::kms::{Route, TagOperation};
+use crate::kms::classify::{check_tag_request_head, classify, names_pass_through};
+use crate::kms::credential::read_credential;
+use crate::kms::protocol::BodyCheck;
+use crate::kms::{Route, TagOperation, Unreadable};
 use crate::metrics::{Class, Outcome, UpstreamErrorKind};
 use crate::policy::UnknownOperations;
 
@@ -76,6 +81,11 @@ where
             Next::Head(head) => head,
             Next::Close => return Ended::Closed,
             Next::Other => return connection.hand_over("a request head in another shape"),
+            Next::Malformed(malformed) => {
+                connection.refuse_malformed(malformed).await;
+                let _ = connection.client.shutdown().await;
+                return Ended::Closed;
+            }
         };
         match connection.handle(head).await {
             Step::Continue => {}
@@ -94,6 +104,8 @@ enum Next {
     Head(RequestHead),
     Close,
     Other,
+    /// A head the general server would refuse too: refused here, then the connection closes.
+    Malformed(Malformed),
 }
 
 enum Step {
@@ -142,6 +154,8 @@ enum RelayError {
     Kms(ProxyError),
     /// KMS's answer broke off after it began: the client sees the connection cut.
     Broken,
+    /// The body showed another protocol's shape; KMS did not receive it whole.
+    Refused(Unreadable),
 }
 
 struct Connection<'a, I> {
@@ -174,7 +188,12 @@ where
             if !self.buf.is_empty() {
                 match parse_request(&self.buf) {
                     Parsed::Complete(head) => return Next::Head(head),
-                    Parsed::Other => return Next::Other,
+                    Parsed::Other => {
+                        return match malformed(&self.buf) {
+                            Some(malformed) => Next::Malformed(malformed),
+                            None => Next::Other,
+                        }
+                    }
                     Parsed::Partial => {}
                 }
             } else if *self.closing.borrow() {
@@ -196,29 +215,109 @@ where
 
     async fn handle(&mut self, head: RequestHead) -> Step {
         let started = Instant::now();
+        let shared = Arc::clone(self.shared);
+        let peer = self.origin.peer;
         let headers = &head.parts.headers;
-        let (operation, tag_operation) = match classify(headers) {
-            Ok(Route::Pass(op)) => (op.name(), None),
-            Ok(Route::Unknown(_))
-                if self.shared.policy.load().unknown_operations == UnknownOperations::Forward =>
-            {
-                (UNKNOWN_OPERATION, None)
-            }
-            Ok(Route::Inspect(op)) => (op.name(), Some(op)),
-            // Refusals are the general server's.
-            Ok(Route::Unknown(_)) | Err(_) => {
-                return Step::HandOver("a request the pipeline refuses")
-            }
-        };
+        let (operation, tag_operation) =
+            match classify(&head.parts.method, &head.parts.uri, headers) {
+                Ok(Route::Pass(op)) => (op.name(), None),
+                Ok(Route::Inspect(op)) => (op.name(), Some(op)),
+                Ok(Route::Unknown(name)) => match shared.policy.load().unknown_operations {
+                    UnknownOperations::Forward => (UNKNOWN_OPERATION, None),
+                    UnknownOperations::Reject => {
+                        let error = ProxyError::UnknownOperation(name);
+                        let handled = Handled::error(error, UNKNOWN_OPERATION, &new_request_id());
+                        return self.refuse(head, handled, Class::pass, started).await;
+                    }
+                },
+                Err(refused) => {
+                    let handled = pipeline::refuse_head(&shared, headers, peer, refused).await;
+                    return self.refuse(head, handled, Class::pass, started).await;
+                }
+            };
         let tunnel_host = self.origin.tunnel_host.as_deref();
-        let Ok((_, target)) =
-            forward_target(&self.shared.upstream, &head.parts.uri, headers, tunnel_host)
-        else {
-            return Step::HandOver("a request for a host not forwarded to");
+        let target = match forward_target(&shared.upstream, &head.parts.uri, headers, tunnel_host) {
+            Ok((_, target)) => target,
+            Err(error) => {
+                let (handled, class) = match tag_operation {
+                    None => (
+                        Handled::error(error, operation, &new_request_id()),
+                        Class::pass,
+                    ),
+                    Some(_) => {
+                        let judgement = Judgement::unreadable(&error);
+                        let request_id = new_request_id();
+                        let handled = pipeline::refuse(
+                            &shared,
+                            &request_id,
+                            operation,
+                            operation,
+                            peer,
+                            (judgement, error),
+                        )
+                        .await;
+                        (handled, Class::inspect)
+                    }
+                };
+                return self.refuse(head, handled, class, started).await;
+            }
         };
         match tag_operation {
             None => self.pass(head, target, operation, started).await,
             Some(op) => self.inspect(head, target, op, started).await,
+        }
+    }
+
+    /// Answers a request refused by its head, then skips its body so that the connection can
+    /// serve the next request. A body larger than `max_body_bytes` is not skipped: the answer
+    /// says `Connection: close`, and the connection closes.
+    async fn refuse(
+        &mut self,
+        head: RequestHead,
+        handled: Handled,
+        class: Class,
+        started: Instant,
+    ) -> Step {
+        let skip = head.body_len <= self.shared.limits.max_body_bytes;
+        let close = head.close || !skip;
+        match self.answer(handled, class, started, close).await {
+            Step::Continue => {}
+            other => return other,
+        }
+        self.buf.advance(head.len);
+        match self.skip_body(head.body_len).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close,
+        }
+    }
+
+    /// Reads and drops `len` bytes of a refused request's body, within `body_read_timeout_ms`.
+    async fn skip_body(&mut self, mut len: u64) -> Result<(), ProxyError> {
+        let limits = &self.shared.limits;
+        let deadline = tokio::time::Instant::now() + limits.body_read_timeout;
+        loop {
+            let take = self
+                .buf
+                .len()
+                .min(usize::try_from(len).unwrap_or(usize::MAX));
+            self.buf.advance(take);
+            len -= take as u64;
+            if len == 0 {
+                return Ok(());
+            }
+            self.buf.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                biased;
+                read = self.client.read_buf(&mut self.buf) => read,
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ProxyError::BodyTimeout(limits.body_read_timeout.as_millis()));
+                }
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return Err(ProxyError::Unreadable(
+                    "the connection closed inside a refused request's body".into(),
+                ));
+            }
         }
     }
 
@@ -230,7 +329,11 @@ where
         operation: &'static str,
         started: Instant,
     ) -> Step {
-        let result = match self.send_within_timeout(&head, &target).await {
+        let mut check = BodyCheck::new();
+        let result = match self
+            .send_within_timeout(&head, &target, Some(&mut check))
+            .await
+        {
             Ok(()) => self.relay_answer(head.close).await,
             Err(error) => Err(error),
         };
@@ -260,6 +363,22 @@ where
                 let handled = Handled::error(error, operation, &new_request_id());
                 self.answer(handled, Class::pass, started, true).await
             }
+            // The body showed another protocol's shape: KMS got none of it, or not all of it
+            // (its connection is dropped below). A possible tag change: audited.
+            Err(RelayError::Refused(reason)) => {
+                let target = pipeline::target_text(&head.parts.headers);
+                let request_id = new_request_id();
+                let handled = pipeline::refuse(
+                    self.shared,
+                    &request_id,
+                    &target,
+                    operation,
+                    self.origin.peer,
+                    reason.into(),
+                )
+                .await;
+                self.answer(handled, Class::pass, started, true).await
+            }
             // Forwarded and answered by KMS; only the relay broke off.
             Err(RelayError::Broken | RelayError::ClientGone) => {
                 self.count(operation, Outcome::pass, Class::pass, started);
@@ -282,16 +401,28 @@ where
         let shared = Arc::clone(self.shared);
         let op = operation.name();
         let parts = &head.parts;
-        let within_limit = head.body_len <= shared.limits.max_body_bytes;
-        if check_tag_request_head(&parts.method, &parts.uri, &parts.headers).is_err()
-            || !head.has_length
-            || !within_limit
-        {
-            // Refused, with its audit record, by the general server.
-            return Step::HandOver("a tag-changing request refused before its body is read");
+        if !head.has_length {
+            // No Content-Length and no Transfer-Encoding: an empty body, which the general
+            // server reads as it always has.
+            return Step::HandOver("a tag-changing request without a Content-Length");
         }
         let request_id = new_request_id();
         let peer = self.origin.peer;
+        let refused = if head.body_len > shared.limits.max_body_bytes {
+            Some(ProxyError::BodyTooLarge {
+                limit: shared.limits.max_body_bytes,
+            })
+        } else {
+            check_tag_request_head(&parts.headers)
+                .err()
+                .map(ProxyError::from)
+        };
+        if let Some(error) = refused {
+            let judgement = Judgement::unreadable(&error);
+            let handled =
+                pipeline::refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
+            return self.refuse(head, handled, Class::inspect, started).await;
+        }
         // One policy for the whole request, even if a reload lands meanwhile.
         let policy = shared.policy.load_full();
         let end = head.len + head.body_len as usize;
@@ -318,14 +449,18 @@ where
                 .await;
         }
 
-        let result = match self.send_within_timeout(&head, &target).await {
+        // The body was checked whole by `judge`.
+        let result = match self.send_within_timeout(&head, &target, None).await {
             Ok(()) => self.read_answer(head.close).await,
             Err(RelayError::Kms(error)) => Err(error),
-            Err(RelayError::Client(_) | RelayError::ClientGone | RelayError::Broken) => {
-                Err(ProxyError::UpstreamConnect(
-                    "the connection broke off while the request was sent".into(),
-                ))
-            }
+            Err(
+                RelayError::Client(_)
+                | RelayError::ClientGone
+                | RelayError::Broken
+                | RelayError::Refused(_),
+            ) => Err(ProxyError::UpstreamConnect(
+                "the connection broke off while the request was sent".into(),
+            )),
         };
         match result {
             Ok(answer) => {
@@ -350,6 +485,52 @@ where
                 self.answer(handled, Class::inspect, started, true).await
             }
         }
+    }
+
+    /// Refuses a head the general server's parser would refuse too, in the KMS shape: with a
+    /// `deny` decision record when the head, read as leniently as any reader might, may be a tag
+    /// change. The body is never read; the answer says `Connection: close`.
+    async fn refuse_malformed(&mut self, malformed: Malformed) {
+        let started = Instant::now();
+        let lenient = lenient_read(&self.buf);
+        let error = match malformed {
+            Malformed::TooLarge | Malformed::TooManyHeaders => {
+                ProxyError::HeadTooLarge(malformed.to_string())
+            }
+            _ => ProxyError::Unreadable(malformed.to_string()),
+        };
+        let method = lenient.method.unwrap_or(Method::OPTIONS);
+        let uri = lenient.uri.unwrap_or_else(|| Uri::from_static("*"));
+        let may_change_tags = match classify(&method, &uri, &lenient.headers) {
+            Ok(Route::Pass(_) | Route::Unknown(_)) => false,
+            Ok(Route::Inspect(_)) => true,
+            Err(refused) => refused.may_change_tags,
+        };
+        let request_id = new_request_id();
+        let handled = if may_change_tags {
+            let credential = read_credential(&lenient.headers, uri.query())
+                .ok()
+                .flatten();
+            let judgement = Judgement {
+                credential,
+                ..Judgement::unreadable(&error)
+            };
+            pipeline::refuse(
+                self.shared,
+                &request_id,
+                &pipeline::target_text(&lenient.headers),
+                UNKNOWN_OPERATION,
+                self.origin.peer,
+                (judgement, error),
+            )
+            .await
+        } else {
+            debug!(peer = %self.origin.peer, %error, "malformed request head refused");
+            let operation =
+                names_pass_through(&lenient.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
+            Handled::error(error, operation, &request_id)
+        };
+        self.answer(handled, Class::pass, started, true).await;
     }
 
     /// Reads until the buffer holds `end` bytes, within `body_read_timeout_ms`.
@@ -407,9 +588,10 @@ where
         &mut self,
         head: &RequestHead,
         target: &Uri,
+        check: Option<&mut BodyCheck>,
     ) -> Result<(), RelayError> {
         let timeout = self.shared.upstream.timeout();
-        match tokio::time::timeout(timeout, self.send(head, target)).await {
+        match tokio::time::timeout(timeout, self.send(head, target, check)).await {
             Ok(sent) => sent,
             Err(_) => {
                 self.shared
@@ -423,8 +605,23 @@ where
     }
 
     /// Writes the request to KMS: the head as the client sent it (without Connection and
-    /// Keep-Alive lines) and the body as it arrives.
-    async fn send(&mut self, head: &RequestHead, target: &Uri) -> Result<(), RelayError> {
+    /// Keep-Alive lines) and the body as it arrives. With `check`, each piece of the body is
+    /// checked before it is written; a refused piece is never written, and the KMS connection is
+    /// dropped (`RelayError::Refused`), so KMS never receives the request whole.
+    async fn send(
+        &mut self,
+        head: &RequestHead,
+        target: &Uri,
+        mut check: Option<&mut BodyCheck>,
+    ) -> Result<(), RelayError> {
+        let mut left = head.body_len;
+        let buffered = (self.buf.len() - head.len).min(usize::try_from(left).unwrap_or(usize::MAX));
+        if let Some(check) = check.as_deref_mut() {
+            // Usually the whole body: refused before KMS sees a byte of the request.
+            check
+                .feed(&self.buf[head.len..head.len + buffered])
+                .map_err(RelayError::Refused)?;
+        }
         self.kms_for(target).await.map_err(RelayError::Kms)?;
         let kms = self.kms.as_mut().expect("connected");
         let to_kms = |e: std::io::Error| {
@@ -432,8 +629,6 @@ where
                 "writing the request to KMS failed: {e}"
             )))
         };
-        let mut left = head.body_len;
-        let buffered = (self.buf.len() - head.len).min(usize::try_from(left).unwrap_or(usize::MAX));
         if head.hop_lines.is_empty() {
             // The common case: one write of the bytes exactly as they came.
             kms.stream
@@ -458,6 +653,13 @@ where
                 .buf
                 .len()
                 .min(usize::try_from(left).unwrap_or(usize::MAX));
+            if let Some(check) = check.as_deref_mut() {
+                if let Err(reason) = check.feed(&self.buf[..take]) {
+                    // Part of the body is with KMS: drop the connection before the rest.
+                    self.kms = None;
+                    return Err(RelayError::Refused(reason));
+                }
+            }
             kms.stream
                 .write_all(&self.buf[..take])
                 .await
