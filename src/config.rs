@@ -108,14 +108,26 @@ impl UpstreamConfig {
 pub struct InterceptConfig {
     pub ca: Option<TlsFiles>,
     pub tunnel_hosts: Vec<HostGlob>,
+    /// How many minted leaves are kept (least recently used dropped first).
+    pub leaf_cache_size: usize,
+    /// Whether `ca_key` may be readable by its group (a Secret mounted for the pod's fsGroup).
+    pub ca_key_group_readable: bool,
+    /// A blind tunnel with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     pub max_body_bytes: u64,
+    /// Client connections open at once (lowered at start to fit RLIMIT_NOFILE).
+    pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
 }
+
+/// `[limits].max_connections` unless set: at roughly 100 KiB per intercepted connection with
+/// its KMS connection, about 100 MiB at the limit (docs/security.md).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditPath {
@@ -187,16 +199,17 @@ impl Config {
         Config::parse(DEFAULT_CONFIG, ConfigSource::BuiltIn)
     }
 
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file: a regular file (a FIFO or a device is refused,
+    /// never waited on) of at most [`crate::files::MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let source = ConfigSource::File(path.to_owned());
-        match std::fs::read_to_string(path) {
+        match read_config_text(path) {
             Ok(text) => Config::parse(&text, source),
-            Err(e) => Err(ConfigErrors {
+            Err(message) => Err(ConfigErrors {
                 origin: source.to_string(),
                 errors: vec![ConfigError {
                     path: String::new(),
-                    message: format!("cannot read the file: {e}"),
+                    message,
                 }],
             }),
         }
@@ -227,6 +240,13 @@ impl Config {
             Err(errors.into_result(&source))
         }
     }
+}
+
+/// The text of a configuration file, or why it cannot be had.
+fn read_config_text(path: &Path) -> Result<String, String> {
+    let (bytes, _) = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| format!("the file is not UTF-8 text: {e}"))
 }
 
 #[derive(Default)]
@@ -403,13 +423,25 @@ fn read_config(
     let mut r = section(root, "intercept", errors, empty);
     let intercept = InterceptConfig {
         ca: tls_pair(&mut r, "ca_cert", "ca_key", errors),
-        tunnel_hosts: host_globs(&mut r, "tunnel_hosts", errors).unwrap_or_default(),
+        tunnel_hosts: read_tunnel_hosts(&mut r, errors),
+        leaf_cache_size: r
+            .integer("leaf_cache_size", errors, 1)
+            .map_or(crate::tls::DEFAULT_LEAF_CACHE_SIZE, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
+        ca_key_group_readable: r.boolean("ca_key_group_readable", errors).unwrap_or(false),
+        tunnel_idle_timeout: r.millis("tunnel_idle_timeout_ms", errors, 60_000),
     };
     r.finish(errors);
 
     let mut r = section(root, "limits", errors, empty);
     let limits = LimitsConfig {
         max_body_bytes: r.integer("max_body_bytes", errors, 1).unwrap_or(262_144),
+        max_connections: r
+            .integer("max_connections", errors, 1)
+            .map_or(DEFAULT_MAX_CONNECTIONS, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
         header_read_timeout: r.millis("header_read_timeout_ms", errors, 10_000),
         body_read_timeout: r.millis("body_read_timeout_ms", errors, 10_000),
     };
@@ -517,6 +549,36 @@ fn host_globs(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<Host
         }
     }
     Some(globs)
+}
+
+/// `[intercept].tunnel_hosts`: host globs, none of which may match a KMS endpoint name (KMS
+/// traffic is intercepted and judged, never spliced blind).
+fn read_tunnel_hosts(r: &mut Reader, errors: &mut Errors) -> Vec<HostGlob> {
+    let path = r.key_path("tunnel_hosts");
+    let Some(patterns) = r.strings("tunnel_hosts", errors) else {
+        return Vec::new();
+    };
+    let mut globs = Vec::with_capacity(patterns.len());
+    for (i, p) in patterns.iter().enumerate() {
+        let glob = match HostGlob::new(p) {
+            Ok(glob) => glob,
+            Err(e) => {
+                errors.push(&format!("{path}[{i}]"), e);
+                continue;
+            }
+        };
+        if let Some(name) = crate::endpoints::kms_name_matched_by(&glob) {
+            errors.push(
+                &format!("{path}[{i}]"),
+                format!(
+                    "{p:?} matches KMS endpoint names such as {name:?}, and KMS traffic is never tunnelled blind; list the other service's names instead (e.g. \"sts.*.amazonaws.com\")"
+                ),
+            );
+            continue;
+        }
+        globs.push(glob);
+    }
+    globs
 }
 
 const DEFAULT_ALLOWED_HOSTS: [&str; 5] = [
@@ -965,6 +1027,24 @@ type = "nope"
         let errors = errors_of("[listener]\naddress = \n");
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("line 2"), "{errors:?}");
+    }
+
+    #[test]
+    fn refuses_tunnel_hosts_that_can_match_a_kms_name() {
+        let errors = errors_of(
+            "[upstream]\nallowed_hosts = [\"kms.us-east-1.amazonaws.com\"]\n\
+             [intercept]\ntunnel_hosts = [\"sts.*.amazonaws.com\", \"*.us-west-2.amazonaws.com\", \"kms-fips.*.api.aws\", \"*.*.*.*\"]\n",
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].starts_with("intercept.tunnel_hosts[1]: \"*.us-west-2.amazonaws.com\" matches KMS endpoint names such as \"kms.us-west-2.amazonaws.com\""), "{errors:#?}");
+        assert!(errors[1].starts_with("intercept.tunnel_hosts[2]:"));
+        assert!(errors[2].starts_with("intercept.tunnel_hosts[3]:"));
+        let c = Config::parse(
+            "[intercept]\ntunnel_hosts = [\"sts.*.amazonaws.com\", \"*.s3.us-east-1.amazonaws.com\"]\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.intercept.tunnel_hosts.len(), 2);
     }
 
     #[test]

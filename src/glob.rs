@@ -76,6 +76,16 @@ impl HostGlob {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The glob's labels, lowercase; `*` for a wildcard label.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Whether the glob has no `*`: it names one host.
+    pub fn is_literal(&self) -> bool {
+        self.labels.iter().all(|l| l != "*")
+    }
 }
 
 /// A glob over key ids and ARNs; `*` matches any run of characters.

@@ -61,7 +61,7 @@ enum Command {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Write a new CA (ca.pem, ca.key with mode 0600) whose name constraints permit only the KMS
-    /// host names.
+    /// host names (no IP address).
     Init {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -142,6 +142,19 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Err(errors) => return config_failure(&errors),
     };
     init_logging(log_format);
+    // Many systems start services with a soft limit of 1,024 descriptors and a far higher hard
+    // limit; the proxy needs two per connection.
+    match kms_tag_guard::fds::raise_nofile() {
+        Ok((before, soft, hard)) => tracing::info!(
+            soft_before = before,
+            soft,
+            hard,
+            "file descriptor limit (RLIMIT_NOFILE): the soft limit is now the hard limit"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the file descriptor limit (RLIMIT_NOFILE)")
+        }
+    }
     // Connections are served on the proxy's own connection threads; this runtime only accepts
     // them and runs the admin port, reloads and signals.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -154,7 +167,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // Registered once, before serving, so no signal is missed between two waits.
         let mut signals = match Signals::register() {
             Ok(signals) => signals,
@@ -189,7 +202,11 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         proxy.shutdown();
         proxy.wait().await;
         ExitCode::SUCCESS
-    })
+    });
+    // A file read still running on the blocking pool (a stalled network file system) must not
+    // hold the exit back.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// The signals `serve` answers to.

@@ -51,6 +51,21 @@ pub enum ReloadResult {
     error,
 }
 
+/// What the connection budget did when `[limits].max_connections` was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConnectionLimitAction {
+    /// The oldest idle connection was asked to close to make room.
+    evicted,
+    /// Every connection had a request in flight: the new one was closed at once.
+    refused,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitLabels {
+    action: ConnectionLimitAction,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     operation: &'static str,
@@ -87,6 +102,12 @@ pub struct Metrics {
     audit_queue: Gauge,
     audit_stalled: Gauge,
     policy_info: Family<PolicyLabels, Gauge>,
+    leaf_cache_entries: Gauge,
+    leaves_minted: Counter,
+    connections_open: Gauge,
+    connections_max: Gauge,
+    connection_limit: Family<LimitLabels, Counter>,
+    setup_timeouts: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -156,6 +177,42 @@ impl Metrics {
             "The policy in force: sha256 of the configuration file it was loaded from",
             policy_info.clone(),
         );
+        let leaf_cache_entries = Gauge::default();
+        registry.register(
+            "kms_tag_guard_leaf_cache_entries",
+            "Leaves minted for intercepted CONNECT tunnels that the bounded cache holds",
+            leaf_cache_entries.clone(),
+        );
+        let leaves_minted = Counter::default();
+        registry.register(
+            "kms_tag_guard_leaves_minted",
+            "Leaves minted for intercepted CONNECT tunnels",
+            leaves_minted.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "kms_tag_guard_connections_open",
+            "Client connections open (set-up, requests, tunnels)",
+            connections_open.clone(),
+        );
+        let connections_max = Gauge::default();
+        registry.register(
+            "kms_tag_guard_connections_max",
+            "The connection limit in force ([limits].max_connections, lowered to fit RLIMIT_NOFILE)",
+            connections_max.clone(),
+        );
+        let connection_limit = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_connection_limit",
+            "Connections accepted at the limit: the oldest idle one evicted, or the new one refused",
+            connection_limit.clone(),
+        );
+        let setup_timeouts = Counter::default();
+        registry.register(
+            "kms_tag_guard_connection_setup_timeouts",
+            "Connections closed because their set-up (TLS, CONNECT, first request head) outlasted header_read_timeout_ms",
+            setup_timeouts.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -166,6 +223,12 @@ impl Metrics {
             audit_queue,
             audit_stalled,
             policy_info,
+            leaf_cache_entries,
+            leaves_minted,
+            connections_open,
+            connections_max,
+            connection_limit,
+            setup_timeouts,
         }
     }
 
@@ -202,6 +265,36 @@ impl Metrics {
 
     pub fn audit_stalled(&self, stalled: bool) {
         self.audit_stalled.set(i64::from(stalled));
+    }
+
+    /// How many leaves the leaf cache holds.
+    pub fn leaf_cache(&self, entries: usize) {
+        self.leaf_cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    pub fn leaf_minted(&self) {
+        self.leaves_minted.inc();
+    }
+
+    pub fn connections_open(&self, open: usize) {
+        self.connections_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_limit(&self, max: usize) {
+        self.connections_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_limited(&self, action: ConnectionLimitAction) {
+        self.connection_limit
+            .get_or_create(&LimitLabels { action })
+            .inc();
+    }
+
+    pub fn setup_timeout(&self) {
+        self.setup_timeouts.inc();
     }
 
     /// Marks `sha256` as the policy in force, and only it.

@@ -4,15 +4,21 @@
 //! Only `[policy]` reloads. A new file is validated whole before its policy replaces the one in
 //! force; an invalid one is logged and counted, and the last good policy stays. SIGHUP also
 //! reopens the audit file for log rotation.
+//!
+//! The files are stat'ed, read and parsed on the blocking pool, never on the runtime that accepts
+//! connections and serves the admin port; they are opened without blocking and only regular files
+//! under a size cap are read (`crate::files`), and a file whose stamp has not changed since it
+//! was last read is not read again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
-use crate::config::{sha256_hex, Config, ConfigSource};
+use crate::config::{sha256_hex, Config, ConfigErrors, ConfigSource};
+use crate::files::{self, Stamp};
 use crate::metrics::ReloadResult;
 use crate::proxy::Shared;
 use crate::tls::ListenerCert;
@@ -26,8 +32,27 @@ pub(crate) struct Reloader {
     /// What the last read found: the file's hash, or why it could not be read. A poll acts only
     /// when this changes, so a bad file is reported once, not every 5 s.
     last_seen: String,
+    /// The stamp of the file when it was last read whole: while the file keeps it, a poll does
+    /// not read it again.
+    last_read: Option<Stamp>,
     restart_sections: toml::Table,
     listener_cert: Option<Arc<ListenerCert>>,
+}
+
+/// What a look at the config file found.
+enum Polled {
+    /// Same stamp as when last read: not read again.
+    Unchanged,
+    /// Changed while being read: the next poll (or signal) looks again.
+    Changing,
+    /// Unreadable, refused, or empty: why.
+    Failed(String, Option<Stamp>),
+    /// Read and settled; parsed into a configuration or the errors in it.
+    Read {
+        stamp: Stamp,
+        sha256: String,
+        parsed: Box<Result<Config, ConfigErrors>>,
+    },
 }
 
 impl Reloader {
@@ -43,6 +68,8 @@ impl Reloader {
                 ConfigSource::BuiltIn => None,
             },
             last_seen: config.sha256.clone(),
+            // Unknown: the first poll reads the file once (and finds the hash it started with).
+            last_read: None,
             restart_sections: config.restart_sections.clone(),
             listener_cert,
         }
@@ -57,11 +84,11 @@ impl Reloader {
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    self.reload_certificate();
+                    self.reload_certificate(false).await;
                     self.reload(false).await;
                 }
                 _ = trigger.notified() => {
-                    self.reload_certificate();
+                    self.reload_certificate(true).await;
                     if let Err(error) = self.shared.audit.reopen().await {
                         error!(%error, "audit log not reopened; records still go to the old file");
                     }
@@ -72,17 +99,18 @@ impl Reloader {
         }
     }
 
-    /// Picks up a listener certificate replaced on disk.
-    fn reload_certificate(&self) {
-        let Some(cert) = &self.listener_cert else {
+    /// Picks up a listener certificate replaced on disk (read on the blocking pool).
+    async fn reload_certificate(&self, forced: bool) {
+        let Some(cert) = self.listener_cert.clone() else {
             return;
         };
-        match cert.reload_if_changed() {
-            Ok(true) => info!("listener certificate reloaded"),
-            Ok(false) => {}
-            Err(error) => {
+        match tokio::task::spawn_blocking(move || cert.reload_if_changed(forced)).await {
+            Ok(Ok(true)) => info!("listener certificate reloaded"),
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
                 warn!(%error, "listener certificate not reloaded; the previous one stays in use")
             }
+            Err(error) => warn!(%error, "listener certificate reload did not finish"),
         }
     }
 
@@ -95,11 +123,16 @@ impl Reloader {
             return;
         };
         let metrics = Arc::clone(&self.shared.metrics);
-        let text = match read_settled(&path).await {
-            Ok(Some(text)) => text,
-            // Still being written: the next poll (or signal) looks again.
-            Ok(None) => return,
-            Err(reason) => {
+        let last_read = if forced { None } else { self.last_read.clone() };
+        let polled = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || poll_file(&path, last_read.as_ref())).await
+        };
+        let polled = polled.unwrap_or_else(|e| Polled::Failed(e.to_string(), None));
+        let (stamp, sha256, parsed) = match polled {
+            Polled::Unchanged | Polled::Changing => return,
+            Polled::Failed(reason, stamp) => {
+                self.last_read = stamp;
                 if forced || reason != self.last_seen {
                     warn!(path = %path.display(), %reason, "config file not reloaded; the policy in force stays");
                     metrics.reload(ReloadResult::error);
@@ -107,13 +140,18 @@ impl Reloader {
                 }
                 return;
             }
+            Polled::Read {
+                stamp,
+                sha256,
+                parsed,
+            } => (stamp, sha256, parsed),
         };
-        let sha256 = sha256_hex(&text);
+        self.last_read = Some(stamp);
         if !forced && sha256 == self.last_seen {
             return;
         }
         self.last_seen = sha256;
-        match Config::parse(&text, ConfigSource::File(path.clone())) {
+        match *parsed {
             Ok(config) => {
                 let changed: Vec<String> =
                     changed_sections(&self.restart_sections, &config.restart_sections);
@@ -139,23 +177,43 @@ impl Reloader {
 /// How long a changed config file must stay the same before it is read as finished.
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// Reads the config file once it has stopped changing. An editor or `>` rewriting it in place
-/// leaves it empty or half-written for a moment, and a policy read then would drop rules; so the
-/// file is read twice, `SETTLE` apart, and an empty file is refused outright. `Ok(None)`: still
-/// changing.
-async fn read_settled(path: &std::path::Path) -> Result<Option<String>, String> {
-    let read = || std::fs::read_to_string(path).map_err(|e| format!("cannot read the file: {e}"));
-    let first = read()?;
-    tokio::time::sleep(SETTLE).await;
-    if read()? != first {
-        return Ok(None);
+/// Looks at the config file (blocking: run it on the blocking pool). A file with the stamp it had
+/// when last read is not read again. Otherwise it is read once it has stopped changing: an editor
+/// or `>` rewriting it in place leaves it empty or half-written for a moment, and a policy read
+/// then would drop rules; so its stamp must be the same `SETTLE` after the read, and an empty
+/// file is refused outright.
+fn poll_file(path: &Path, last_read: Option<&Stamp>) -> Polled {
+    match files::stamp(path) {
+        Ok(stamp) if Some(&stamp) == last_read => return Polled::Unchanged,
+        Ok(_) => {}
+        Err(error) => return Polled::Failed(format!("cannot read the file: {error}"), None),
     }
-    if first.trim().is_empty() {
-        return Err(
+    let (stamp, text) = match files::read(path, files::MAX_CONFIG_BYTES) {
+        Ok((bytes, stamp)) => match String::from_utf8(bytes) {
+            Ok(text) => (stamp, text),
+            Err(e) => {
+                return Polled::Failed(format!("the file is not UTF-8 text: {e}"), Some(stamp))
+            }
+        },
+        Err(error) => return Polled::Failed(format!("cannot read the file: {error}"), None),
+    };
+    std::thread::sleep(SETTLE);
+    if files::stamp(path).ok().as_ref() != Some(&stamp) {
+        return Polled::Changing;
+    }
+    if text.trim().is_empty() {
+        return Polled::Failed(
             "the file is empty (an empty file on reload is taken as one caught mid-write)".into(),
+            Some(stamp),
         );
     }
-    Ok(Some(first))
+    let sha256 = sha256_hex(&text);
+    let parsed = Box::new(Config::parse(&text, ConfigSource::File(path.to_owned())));
+    Polled::Read {
+        stamp,
+        sha256,
+        parsed,
+    }
 }
 
 /// The top-level sections that differ between two configurations, as `[name]`.
@@ -173,6 +231,53 @@ fn changed_sections(old: &toml::Table, new: &toml::Table) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes this thread has read through read(2) and friends so far.
+    fn bytes_read_by_this_thread() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_config_file_is_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms-tag-guard.toml");
+        let mut text = crate::config::DEFAULT_CONFIG.to_owned();
+        text.push_str(&"# padding to half a MiB\n".repeat(20_000));
+        std::fs::write(&path, &text).unwrap();
+        let Polled::Read { stamp, parsed, .. } = poll_file(&path, None) else {
+            panic!("the file is read the first time");
+        };
+        assert!(parsed.is_ok());
+
+        let before = bytes_read_by_this_thread();
+        for _ in 0..20 {
+            assert!(matches!(poll_file(&path, Some(&stamp)), Polled::Unchanged));
+        }
+        let read = bytes_read_by_this_thread() - before;
+        assert!(
+            read < 16 * 1024,
+            "20 polls of an unchanged file read {read} bytes"
+        );
+
+        // The control: a rewrite (same size, same text) is read again.
+        std::fs::write(&path, &text).unwrap();
+        let before = bytes_read_by_this_thread();
+        assert!(matches!(
+            poll_file(&path, Some(&stamp)),
+            Polled::Read { .. }
+        ));
+        let read = bytes_read_by_this_thread() - before;
+        assert!(
+            read >= text.len() as u64,
+            "a changed file is read: {read} bytes"
+        );
+    }
 
     #[test]
     fn reports_the_sections_that_need_a_restart() {

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -21,11 +21,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::config::{sha256_hex, TlsFiles};
+use crate::files::{self, Stamp};
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {detail}")]
     Read { path: String, detail: String },
+    #[error("{0}")]
+    File(String),
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: String },
     #[error("the key in {path} cannot be used: {detail}")]
@@ -34,6 +38,17 @@ pub enum TlsError {
     Mint(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("{path} may be {access} by other users (mode {mode:03o}); the interception CA's key signs certificates clients trust: chmod 600 {path}{hint}")]
+    KeyAccess {
+        path: String,
+        mode: u32,
+        access: &'static str,
+        hint: &'static str,
+    },
+    #[error("{path} is not a CA certificate: {detail}; set ca_cert to the ca.pem `kms-tag-guard ca init` wrote")]
+    NotCa { path: String, detail: String },
+    #[error("{key} is not the private key of the certificate in {cert}; set ca_key to the ca.key written together with that ca.pem")]
+    KeyMismatch { cert: String, key: String },
     #[error("{0} already exists; move it away or choose another --out directory")]
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
@@ -57,11 +72,9 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConf
     Ok(config)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Read {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })
+/// A PEM file: a regular file (never waited on) of at most [`files::MAX_PEM_BYTES`].
+fn read(path: &Path) -> Result<(Vec<u8>, Stamp), TlsError> {
+    files::read(path, files::MAX_PEM_BYTES).map_err(|e| TlsError::File(e.to_string()))
 }
 
 fn certified_key(
@@ -95,8 +108,15 @@ fn certified_key(
 pub struct ListenerCert {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
-    /// SHA-256 of the certificate and key files last loaded (or last found unusable).
-    seen: Mutex<String>,
+    seen: Mutex<Seen>,
+}
+
+/// What the last look at the certificate files found.
+struct Seen {
+    /// SHA-256 of the certificate and key last loaded (or last found unusable).
+    fingerprint: String,
+    /// The files' stamps when last read: while they stay the same, the files are not read again.
+    stamps: Option<(Stamp, Stamp)>,
 }
 
 impl fmt::Debug for ListenerCert {
@@ -109,29 +129,47 @@ impl fmt::Debug for ListenerCert {
 
 impl ListenerCert {
     pub fn load(files: &TlsFiles) -> Result<ListenerCert, TlsError> {
-        let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+        let ((cert, cert_stamp), (key, key_stamp)) = (read(&files.cert)?, read(&files.key)?);
         let certified = certified_key(&cert, &key, files)?;
         Ok(ListenerCert {
             files: files.clone(),
             current: ArcSwap::from_pointee(certified),
-            seen: Mutex::new(fingerprint(&cert, &key)),
+            seen: Mutex::new(Seen {
+                fingerprint: fingerprint(&cert, &key),
+                stamps: Some((cert_stamp, key_stamp)),
+            }),
         })
     }
 
     /// Loads the files again if they changed. `Ok(true)` when a new certificate is in use; on an
-    /// error the previous certificate stays.
-    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let (cert, key) = (read(&self.files.cert)?, read(&self.files.key)?);
-        let print = fingerprint(&cert, &key);
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if *seen == print {
+    /// error the previous certificate stays. Files whose stamps are unchanged are not read, unless
+    /// `forced`. Blocks on file I/O: call it off the runtime that accepts.
+    pub fn reload_if_changed(&self, forced: bool) -> Result<bool, TlsError> {
+        let stamps = (
+            files::stamp(&self.files.cert).map_err(|e| TlsError::File(e.to_string()))?,
+            files::stamp(&self.files.key).map_err(|e| TlsError::File(e.to_string()))?,
+        );
+        let unchanged = |seen: &Seen| seen.stamps.as_ref() == Some(&stamps);
+        if !forced && unchanged(&self.lock_seen()) {
             return Ok(false);
         }
+        let ((cert, cert_stamp), (key, key_stamp)) =
+            (read(&self.files.cert)?, read(&self.files.key)?);
+        let print = fingerprint(&cert, &key);
+        let mut seen = self.lock_seen();
         // Remember the attempt either way: a half-written pair is retried when it changes again.
-        *seen = print;
+        seen.stamps = Some((cert_stamp, key_stamp));
+        if seen.fingerprint == print {
+            return Ok(false);
+        }
+        seen.fingerprint = print;
         let certified = certified_key(&cert, &key, &self.files)?;
         self.current.store(Arc::new(certified));
         Ok(true)
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -153,11 +191,74 @@ const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// Minted leaves are valid from a little before now, for clients with a slow clock.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
+/// How many minted leaves the cache holds unless `[intercept].leaf_cache_size` says otherwise:
+/// every regional, FIPS and dual-stack KMS name of every region several times over, about 8 MiB.
+pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
+
 /// Mints short-lived leaf certificates for intercepted hosts, signed by the interception CA.
+///
+/// Leaves are cached per name in a bounded cache that drops the least recently used leaf when
+/// full, so a client that CONNECTs to ever new names costs at most `capacity` leaves of memory.
+/// Minting (a key generation and a signature) runs on the blocking pool, one at a time, with the
+/// cache unlocked: a handshake whose leaf is cached never waits for a mint.
 pub struct LeafMinter {
     issuer: Issuer<'static, KeyPair>,
     ca: CertificateDer<'static>,
-    cache: Mutex<HashMap<String, (Arc<CertifiedKey>, SystemTime)>>,
+    cache: Mutex<LeafCache>,
+    /// One mint at a time, whichever connection thread asks.
+    minting: tokio::sync::Semaphore,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// Leaves by lowercase host name, each with when it was last used.
+struct LeafCache {
+    entries: HashMap<String, CachedLeaf>,
+    capacity: usize,
+    /// Counts lookups; an entry's `used` is the count when it was last returned.
+    clock: u64,
+}
+
+struct CachedLeaf {
+    leaf: Arc<CertifiedKey>,
+    renew_at: SystemTime,
+    used: u64,
+}
+
+impl LeafCache {
+    fn get(&mut self, host: &str, now: SystemTime) -> Option<Arc<CertifiedKey>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self.entries.get_mut(host)?;
+        if now >= entry.renew_at {
+            return None;
+        }
+        entry.used = clock;
+        Some(Arc::clone(&entry.leaf))
+    }
+
+    /// Inserts a leaf, first dropping the least recently used one when the cache is full.
+    fn insert(&mut self, host: String, leaf: Arc<CertifiedKey>, renew_at: SystemTime) {
+        self.clock += 1;
+        if !self.entries.contains_key(&host) && self.entries.len() >= self.capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        let used = self.clock;
+        self.entries.insert(
+            host,
+            CachedLeaf {
+                leaf,
+                renew_at,
+                used,
+            },
+        );
+    }
 }
 
 impl fmt::Debug for LeafMinter {
@@ -167,9 +268,13 @@ impl fmt::Debug for LeafMinter {
 }
 
 impl LeafMinter {
-    pub fn load(files: &TlsFiles) -> Result<LeafMinter, TlsError> {
-        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?).into_owned();
-        let key_pem = String::from_utf8_lossy(&read(&files.key)?).into_owned();
+    /// Loads the CA with a cache of [`DEFAULT_LEAF_CACHE_SIZE`] leaves, after checking that the
+    /// key is not open to other users (group read allowed with `group_readable`, as a mounted
+    /// Kubernetes Secret needs), that the certificate is a CA, and that the key is its key.
+    pub fn load(files: &TlsFiles, group_readable: bool) -> Result<LeafMinter, TlsError> {
+        check_key_access(&files.key, group_readable)?;
+        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?.0).into_owned();
+        let key_pem = String::from_utf8_lossy(&read(&files.key)?.0).into_owned();
         let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
             path: files.key.display().to_string(),
             detail: e.to_string(),
@@ -183,6 +288,7 @@ impl LeafMinter {
                 path: files.cert.display().to_string(),
                 detail: e.to_string(),
             })?;
+        check_ca(&ca, &key, files)?;
         let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
             path: files.cert.display().to_string(),
             detail: format!("not a CA certificate rcgen can sign with: {e}"),
@@ -190,24 +296,90 @@ impl LeafMinter {
         Ok(LeafMinter {
             issuer,
             ca,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(LeafCache {
+                entries: HashMap::new(),
+                capacity: DEFAULT_LEAF_CACHE_SIZE,
+                clock: 0,
+            }),
+            minting: tokio::sync::Semaphore::new(1),
+            metrics: None,
         })
     }
 
-    /// A certificate for `host`, from the cache while it has more than an hour to live.
+    /// Holds at most `capacity` (at least 1) leaves.
+    pub fn with_capacity(self, capacity: usize) -> LeafMinter {
+        self.lock().capacity = capacity.max(1);
+        self
+    }
+
+    /// Reports the cache's size and the leaves minted to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> LeafMinter {
+        metrics.leaf_cache(self.len());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeafCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many leaves the cache holds.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cached leaf for `host`, while it has more than an hour to live.
+    pub fn cached(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.lock()
+            .get(&host.to_ascii_lowercase(), SystemTime::now())
+    }
+
+    /// A certificate for `host`: the cached one, or one minted now on this thread.
     pub fn leaf_for(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
         let host = host.to_ascii_lowercase();
         let now = SystemTime::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((leaf, renew_at)) = cache.get(&host) {
-            if now < *renew_at {
-                return Ok(Arc::clone(leaf));
-            }
-        }
+        // Minted with the cache unlocked: other handshakes look it up meanwhile.
         let leaf = Arc::new(self.mint(&host, now)?);
         let renew_at = now + LEAF_LIFETIME - LEAF_RENEW_BEFORE;
-        cache.insert(host, (Arc::clone(&leaf), renew_at));
+        let len = {
+            let mut cache = self.lock();
+            cache.insert(host, Arc::clone(&leaf), renew_at);
+            cache.entries.len()
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.leaf_minted();
+            metrics.leaf_cache(len);
+        }
         Ok(leaf)
+    }
+
+    /// A certificate for `host` without blocking the caller's thread: the cached one, or one
+    /// minted on the blocking pool, one mint at a time across the process.
+    pub async fn leaf(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
+        let _one_at_a_time = self
+            .minting
+            .acquire()
+            .await
+            .map_err(|e| TlsError::Mint(e.to_string()))?;
+        // Whoever held the permit before may have minted this very name.
+        if let Some(leaf) = self.cached(host) {
+            return Ok(leaf);
+        }
+        let minter = Arc::clone(self);
+        let host = host.to_owned();
+        tokio::task::spawn_blocking(move || minter.leaf_for(&host))
+            .await
+            .map_err(|e| TlsError::Mint(e.to_string()))?
     }
 
     fn mint(&self, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
@@ -232,11 +404,93 @@ impl LeafMinter {
     }
 }
 
-/// Serves the minted leaf of one tunnel's host, and only to a client whose SNI names that host.
+/// Refuses a key file that users other than its owner may write, or read (group read allowed
+/// with `group_readable`). The mode is that of the file a symlink chain ends at, as it is read.
+fn check_key_access(path: &Path, group_readable: bool) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let mode = metadata.permissions().mode() & 0o777;
+    let (access, hint) = if mode & 0o022 != 0 {
+        ("written", "")
+    } else if mode & 0o004 != 0 {
+        ("read", "")
+    } else if mode & 0o040 != 0 && !group_readable {
+        (
+            "read",
+            " (a Kubernetes Secret mounted with mode 0440 for the pod's fsGroup needs [intercept] ca_key_group_readable = true)",
+        )
+    } else {
+        return Ok(());
+    };
+    Err(TlsError::KeyAccess {
+        path: path.display().to_string(),
+        mode,
+        access,
+        hint,
+    })
+}
+
+/// Checks that `ca` is a CA certificate that may sign certificates, and that `key` is its key;
+/// warns when its name constraints do not keep it to DNS names.
+fn check_ca(ca: &CertificateDer<'_>, key: &KeyPair, files: &TlsFiles) -> Result<(), TlsError> {
+    use rcgen::PublicKeyData;
+    let cert_path = files.cert.display().to_string();
+    let not_ca = |detail: String| TlsError::NotCa {
+        path: cert_path.clone(),
+        detail,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(ca)
+        .map_err(|e| not_ca(format!("it cannot be parsed ({e})")))?;
+    match cert.basic_constraints() {
+        Ok(Some(constraints)) if constraints.value.ca => {}
+        Ok(_) => return Err(not_ca("its basic constraints do not say CA:TRUE".into())),
+        Err(e) => {
+            return Err(not_ca(format!(
+                "its basic constraints are unreadable ({e})"
+            )))
+        }
+    }
+    match cert.key_usage() {
+        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
+            return Err(not_ca("its key usage does not include keyCertSign".into()))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(not_ca(format!("its key usage is unreadable ({e})"))),
+    }
+    if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+        return Err(TlsError::KeyMismatch {
+            cert: cert_path,
+            key: files.key.display().to_string(),
+        });
+    }
+    let excludes_all_ips = cert.name_constraints().ok().flatten().is_some_and(|nc| {
+        let excluded = nc.value.excluded_subtrees.as_deref().unwrap_or_default();
+        let everything = |len: usize| {
+            excluded.iter().any(|subtree| {
+                matches!(subtree.base, x509_parser::extensions::GeneralName::IPAddress(ip)
+                    if ip.len() == len && ip.iter().all(|b| *b == 0))
+            })
+        };
+        everything(8) && everything(32)
+    });
+    if !excludes_all_ips {
+        tracing::warn!(
+            ca_cert = %cert_path,
+            "the interception CA does not exclude every IP address in its name constraints, so a certificate signed with its key could vouch for an IP address; make a new CA with `kms-tag-guard ca init`"
+        );
+    }
+    Ok(())
+}
+
+/// Serves one tunnel's leaf, minted before the handshake goes on, and only to a client whose SNI
+/// names the tunnel's host.
 #[derive(Debug)]
 pub struct TunnelCert {
     pub host: String,
-    pub minter: Arc<LeafMinter>,
+    pub leaf: Arc<CertifiedKey>,
 }
 
 impl ResolvesServerCert for TunnelCert {
@@ -246,13 +500,7 @@ impl ResolvesServerCert for TunnelCert {
             tracing::info!(connect_host = %self.host, sni, "refusing a TLS handshake whose SNI differs from the CONNECT host");
             return None;
         }
-        match self.minter.leaf_for(&self.host) {
-            Ok(leaf) => Some(leaf),
-            Err(error) => {
-                tracing::error!(host = %self.host, %error, "cannot mint a certificate");
-                None
-            }
-        }
+        Some(Arc::clone(&self.leaf))
     }
 }
 
@@ -297,26 +545,60 @@ pub const KMS_REGIONS: &[&str] = &[
     "us-gov-west-1",
 ];
 
-/// The China regions, under `amazonaws.com.cn`.
+/// The China regions, under `amazonaws.com.cn` (dual-stack `api.amazonwebservices.com.cn`).
 pub const KMS_CHINA_REGIONS: &[&str] = &["cn-north-1", "cn-northwest-1"];
+
+/// The regions of the other partitions, with their DNS suffix (see `crate::endpoints`).
+pub const KMS_OTHER_PARTITION_REGIONS: &[(&str, &str)] = &[
+    ("us-iso-east-1", "c2s.ic.gov"),
+    ("us-iso-west-1", "c2s.ic.gov"),
+    ("us-isob-east-1", "sc2s.sgov.gov"),
+    ("eu-isoe-west-1", "cloud.adc-e.uk"),
+    ("us-isof-east-1", "csp.hci.ic.gov"),
+    ("us-isof-south-1", "csp.hci.ic.gov"),
+    ("eusc-de-east-1", "amazonaws.eu"),
+];
 
 /// Every KMS host name the interception CA may sign for.
 pub fn kms_host_names() -> Vec<String> {
     let mut names = Vec::new();
-    for region in KMS_REGIONS {
-        for service in ["kms", "kms-fips"] {
+    for service in crate::endpoints::SERVICE_LABELS {
+        for region in KMS_REGIONS {
             names.push(format!("{service}.{region}.amazonaws.com"));
             names.push(format!("{service}.{region}.api.aws"));
         }
-    }
-    for region in KMS_CHINA_REGIONS {
-        names.push(format!("kms.{region}.amazonaws.com.cn"));
+        for region in KMS_CHINA_REGIONS {
+            names.push(format!("{service}.{region}.amazonaws.com.cn"));
+            names.push(format!("{service}.{region}.api.amazonwebservices.com.cn"));
+        }
+        for (region, suffix) in KMS_OTHER_PARTITION_REGIONS {
+            names.push(format!("{service}.{region}.{suffix}"));
+        }
     }
     names
 }
 
+/// The name constraints of a CA from `ca init`: DNS names of KMS endpoints only; no IP address
+/// (v4 or v6) at all; e-mail addresses only at the reserved name `invalid` (none, in effect).
+/// URI and the other name forms are not used to identify TLS servers.
+pub fn ca_name_constraints() -> NameConstraints {
+    let mut permitted: Vec<GeneralSubtree> = kms_host_names()
+        .into_iter()
+        .map(GeneralSubtree::DnsName)
+        .collect();
+    permitted.push(GeneralSubtree::Rfc822Name("invalid".into()));
+    NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    }
+}
+
 /// `ca init`: writes `ca.pem` and `ca.key` (mode 0600) into `dir`, a new ECDSA P-256 CA whose
-/// name constraints permit only the KMS host names. Refuses to overwrite.
+/// name constraints permit only the KMS host names and exclude every IP address
+/// ([`ca_name_constraints`]). Refuses to overwrite.
 pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca.key");
@@ -344,13 +626,7 @@ pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.name_constraints = Some(NameConstraints {
-        permitted_subtrees: kms_host_names()
-            .into_iter()
-            .map(GeneralSubtree::DnsName)
-            .collect(),
-        excluded_subtrees: Vec::new(),
-    });
+    params.name_constraints = Some(ca_name_constraints());
     let cert = params.self_signed(&key).map_err(mint_error)?;
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
         path: dir.display().to_string(),
@@ -395,11 +671,111 @@ mod tests {
         );
         assert!(matches!(ca_init(dir.path()), Err(TlsError::Exists(_))));
 
-        let minter = LeafMinter::load(&TlsFiles { cert, key }).unwrap();
+        let minter = LeafMinter::load(&TlsFiles { cert, key }, false).unwrap();
         let a = minter.leaf_for("kms.us-east-1.amazonaws.com").unwrap();
         let b = minter.leaf_for("KMS.us-east-1.amazonaws.com").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "leaves are cached per name");
         assert_eq!(a.cert.len(), 2, "leaf and CA");
         assert!(kms_host_names().contains(&"kms.eu-west-1.amazonaws.com".to_owned()));
+    }
+
+    #[test]
+    fn the_key_must_be_private_and_match_a_ca_certificate() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca_init(&dir.path().join("a")).unwrap();
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let chmod =
+            |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        for (mode, group_readable, ok) in [
+            (0o600, false, true),
+            (0o400, false, true),
+            (0o640, false, false),
+            (0o640, true, true),
+            (0o440, true, true),
+            (0o660, true, false),
+            (0o604, true, false),
+            (0o602, true, false),
+            (0o644, true, false),
+        ] {
+            chmod(mode);
+            let result = LeafMinter::load(&files, group_readable);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "mode {mode:o}, group_readable {group_readable}"
+            );
+            if let Err(error) = result {
+                assert!(matches!(error, TlsError::KeyAccess { .. }), "{error}");
+                assert!(error.to_string().contains("chmod 600"), "{error}");
+            }
+        }
+        chmod(0o600);
+
+        // Another CA's key with this certificate.
+        let (_, other_key) = ca_init(&dir.path().join("b")).unwrap();
+        let mismatched = TlsFiles {
+            cert: cert.clone(),
+            key: other_key,
+        };
+        let error = LeafMinter::load(&mismatched, false).unwrap_err();
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
+
+        // A certificate that is not a CA, with its own key.
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::new(vec!["kms.us-east-1.amazonaws.com".to_owned()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap();
+        let leaf_files = TlsFiles {
+            cert: dir.path().join("leaf.pem"),
+            key: dir.path().join("leaf.key"),
+        };
+        std::fs::write(&leaf_files.cert, leaf.pem()).unwrap();
+        write_private(&leaf_files.key, leaf_key.serialize_pem().as_bytes()).unwrap();
+        let error = LeafMinter::load(&leaf_files, false).unwrap_err();
+        assert!(matches!(error, TlsError::NotCa { .. }), "{error}");
+    }
+
+    #[test]
+    fn the_leaf_cache_is_bounded_and_drops_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca_init(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let minter = LeafMinter::load(&TlsFiles { cert, key }, false)
+            .unwrap()
+            .with_capacity(4)
+            .with_metrics(Arc::clone(&metrics));
+        let name = |i: usize| format!("kms.xx-region-{i}.amazonaws.com");
+        let first = minter.leaf_for(&name(0)).unwrap();
+        for i in 1..4 {
+            minter.leaf_for(&name(i)).unwrap();
+        }
+        // Name 0 is used again, so name 1 is now the least recently used.
+        assert!(Arc::ptr_eq(&first, &minter.leaf_for(&name(0)).unwrap()));
+        for i in 4..40 {
+            minter.leaf_for(&name(i)).unwrap();
+            assert!(minter.len() <= 4, "{} leaves after {i} names", minter.len());
+            if i == 4 {
+                assert!(minter.cached(&name(0)).is_some(), "recently used stays");
+                assert!(
+                    minter.cached(&name(1)).is_none(),
+                    "least recently used goes"
+                );
+            }
+        }
+        assert_eq!(minter.len(), 4);
+        let text = metrics.encode();
+        assert!(
+            text.contains("kms_tag_guard_leaf_cache_entries 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kms_tag_guard_leaves_minted_total 40"),
+            "{text}"
+        );
     }
 }

@@ -541,12 +541,14 @@ async fn wait_for_fds(
     }
 }
 
-fn per_connection_bytes(with_kib: u64, before_kib: u64) -> u64 {
-    with_kib.saturating_sub(before_kib) * 1024 / IDLE_CONNECTIONS as u64
+fn per_connection_bytes(with_kib: u64, before_kib: u64, connections: usize) -> u64 {
+    with_kib.saturating_sub(before_kib) * 1024 / connections as u64
 }
 
 /// The proxy runs as a child process so its descriptors and the test's 10,000 client sockets
-/// count against different limits.
+/// count against different limits. The proxy keeps two descriptors per connection in hand
+/// (`max_connections` is lowered to fit its limit), so where its hard limit is below about
+/// 20,300 the test opens as many as that allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     let started = Instant::now();
@@ -558,8 +560,9 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     );
     let fake = FakeKms::start().await;
     let mut opts = ChildOptions::new(&fake.url());
-    // Longer than the test: the connections stay open while they are measured.
-    opts.limits = "header_read_timeout_ms = 25000".into();
+    // Longer than the test: the connections stay open while they are measured; and a budget
+    // above them, so that none is closed to make room (the connection budget tests below cover that).
+    opts.limits = "header_read_timeout_ms = 25000\nmax_connections = 20000".into();
     opts.nofile = Some(65_536);
     let mut proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
         .await
@@ -568,6 +571,11 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     assert!(
         limit >= needed,
         "the proxy may open only {limit} files; it needs {needed}"
+    );
+    let fits = kms_tag_guard::fds::connections_within(limit) as usize;
+    let idle_connections = IDLE_CONNECTIONS.min(fits - 1);
+    eprintln!(
+        "opening {idle_connections} idle connections (the proxy's descriptor limit is {limit})"
     );
 
     // Warm up (lazy initialisation, the upstream pool) before the baseline.
@@ -578,15 +586,15 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
 
     // 10,000 connections that say nothing (the first-byte wait in the accept loop).
     let opening = Instant::now();
-    let mut conns = open_connections(&proxy, fds_before, IDLE_CONNECTIONS).await;
+    let mut conns = open_connections(&proxy, fds_before, idle_connections).await;
     let connect_ms = ms(opening.elapsed());
     let fds = wait_for_fds(&proxy, Duration::from_secs(15), |n| {
-        n >= fds_before + IDLE_CONNECTIONS
+        n >= fds_before + idle_connections
     })
     .await;
     assert!(
-        fds >= fds_before + IDLE_CONNECTIONS,
-        "the proxy accepted only {} of {IDLE_CONNECTIONS} connections in 15 s; stderr:\n{}",
+        fds >= fds_before + idle_connections,
+        "the proxy accepted only {} of {idle_connections} connections in 15 s; stderr:\n{}",
         fds.saturating_sub(fds_before),
         proxy.stderr()
     );
@@ -625,15 +633,15 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     assert_served("after the idle connections closed", &fake, proxy.addr).await;
 
     eprintln!(
-        "MEASURE idle-connections connections={IDLE_CONNECTIONS} rss_before_kib={rss_before} \
+        "MEASURE idle-connections connections={idle_connections} rss_before_kib={rss_before} \
          rss_with_10000_silent_kib={rss_silent} rss_with_10000_partial_head_kib={rss_partial} \
          rss_after_close_kib={rss_after} vm_hwm_kib={peak} \
          per_connection_silent_bytes={} per_connection_partial_head_bytes={} \
          proxy_fds_before={fds_before} proxy_fds_with={fds} proxy_fds_after={fds_after} \
          connect_ms={connect_ms} open_ms={open_ms} new_client_ms_silent={served_silent_ms} \
          new_client_ms_partial={served_partial_ms}",
-        per_connection_bytes(rss_silent, rss_before),
-        per_connection_bytes(rss_partial, rss_before),
+        per_connection_bytes(rss_silent, rss_before, idle_connections),
+        per_connection_bytes(rss_partial, rss_before, idle_connections),
     );
     const GIB_IN_KIB: u64 = 1 << 20;
     for (what, kib) in [
@@ -660,4 +668,241 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
         "MEASURE idle-connections test_total_ms={}",
         ms(started.elapsed())
     );
+}
+
+// ------------------------------------------------------------------------- set-up deadline
+
+/// The first byte and the first request head share one deadline, `header_read_timeout_ms`
+/// from accept: a client that takes most of it to send its first byte, then most of it again
+/// for the rest of the head, is cut off (each stage alone would have passed).
+#[tokio::test]
+async fn the_connection_set_up_is_one_deadline_not_one_per_stage() {
+    let fake = FakeKms::start().await;
+    let timeout = Duration::from_millis(1500);
+    let proxy = start_proxy_with(&fake, limits(ms(timeout) as u64, 10_000)).await;
+    let request =
+        RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes()).to_bytes();
+    let since = Instant::now();
+    let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    // Two thirds of the deadline before the first byte, two thirds again before the rest.
+    tokio::time::sleep(timeout.mul_f64(0.66)).await;
+    conn.write(&request[..1]).await.unwrap();
+    tokio::time::sleep(timeout.mul_f64(0.66)).await;
+    let _ = conn.write(&request[1..]).await;
+    let answer = conn.read_response_within(MARGIN).await;
+    assert!(
+        answer.is_err(),
+        "a set-up of {} ms was served (header_read_timeout_ms = {}): {:?}",
+        ms(since.elapsed()),
+        ms(timeout),
+        answer.map(|r| r.status)
+    );
+    assert!(
+        closed_after(&mut conn, since, MARGIN).await.is_some(),
+        "the connection is still open"
+    );
+    assert_nothing_forwarded("set-up over two stages", &fake).await;
+
+    // The control: the same request within the deadline is served.
+    let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(timeout.mul_f64(0.3)).await;
+    conn.write(&request[..1]).await.unwrap();
+    tokio::time::sleep(timeout.mul_f64(0.3)).await;
+    conn.write(&request[1..]).await.unwrap();
+    assert_eq!(conn.read_response().await.unwrap().status, 200);
+}
+
+// ------------------------------------------------------------------------- connection budget
+
+const LIMIT_METRIC: &str = "kms_tag_guard_connection_limit_total";
+
+/// An Encrypt on `conn`, answered 200.
+async fn encrypt_on(conn: &mut RawConn, fake: &FakeKms) {
+    let request = RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes());
+    conn.write(&request.to_bytes()).await.unwrap();
+    let response = conn.read_response().await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body_str());
+}
+
+/// At `max_connections`, the connection idle the longest is closed to make room (a kept-alive
+/// one after its answer, or one that has said nothing since accept), and one with a request in
+/// flight never is: its answer arrives.
+#[tokio::test]
+async fn at_the_limit_the_oldest_idle_connection_makes_room() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            limits: "max_connections = 4\nheader_read_timeout_ms = 30000".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let step = Duration::from_millis(30);
+    // a: idle since its answer; c: silent since accept; d: idle since its answer, last.
+    let mut a = RawConn::connect(proxy.addr).await.unwrap();
+    encrypt_on(&mut a, &fake).await;
+    tokio::time::sleep(step).await;
+    let mut c = RawConn::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(step).await;
+    let mut d = RawConn::connect(proxy.addr).await.unwrap();
+    encrypt_on(&mut d, &fake).await;
+    // b: a request in flight, the oldest connection of all by then.
+    fake.set_delay(Duration::from_secs(2));
+    let mut b = RawConn::connect(proxy.addr).await.unwrap();
+    let slow = RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes());
+    b.write(&slow.to_bytes()).await.unwrap();
+    fake.wait_for_requests(3, STEP_WAIT).await;
+
+    let mut newcomers = Vec::new();
+    for (evicted, name) in [(&mut a, "a"), (&mut c, "c"), (&mut d, "d")] {
+        newcomers.push(RawConn::connect(proxy.addr).await.unwrap());
+        assert!(
+            evicted.is_closed_within(MARGIN).await,
+            "{name} should have been closed to make room"
+        );
+    }
+    let m = common::ops::scrape(admin).await;
+    assert_eq!(m.count(LIMIT_METRIC, &[("action", "evicted")]), 3.0);
+    assert_eq!(m.count(LIMIT_METRIC, &[("action", "refused")]), 0.0);
+    assert!(m.count("kms_tag_guard_connections_open", &[]) <= 4.0);
+    let answer = b.read_response().await.unwrap();
+    assert_eq!(answer.status, 200, "the request in flight completes");
+    fake.set_delay(Duration::ZERO);
+    // The newest connections were kept: the last one to arrive is served.
+    let mut newest = newcomers.pop().unwrap();
+    encrypt_on(&mut newest, &fake).await;
+}
+
+const STEP_WAIT: Duration = Duration::from_secs(5);
+
+/// When every connection has a request in flight, a new one is closed at once (and counted);
+/// the requests in flight are answered.
+#[tokio::test]
+async fn at_the_limit_with_every_connection_busy_a_new_one_is_refused() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            limits: "max_connections = 2".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    fake.set_delay(Duration::from_secs(2));
+    let request = RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes());
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+        conn.write(&request.to_bytes()).await.unwrap();
+        busy.push(conn);
+    }
+    fake.wait_for_requests(2, STEP_WAIT).await;
+    let refused = raw::try_send(proxy.addr, &request.to_bytes()).await;
+    assert!(refused.is_err(), "{:?}", refused.map(|r| r.status));
+    for conn in &mut busy {
+        assert_eq!(conn.read_response().await.unwrap().status, 200);
+    }
+    assert_eq!(fake.count(), 2, "the refused request reached nobody");
+    let m = common::ops::scrape(proxy.admin_addr.unwrap()).await;
+    assert_eq!(m.count(LIMIT_METRIC, &[("action", "refused")]), 1.0);
+}
+
+/// The real binary under `ulimit -S -n 256`: it raises its soft limit to the hard one and logs
+/// both.
+#[tokio::test]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
+    let hard = child::nofile_limits(std::process::id()).map_or(0, |(_, hard)| hard);
+    if hard <= 256 {
+        eprintln!("SKIPPED the_soft_descriptor_limit_is_raised_to_the_hard_limit: the hard limit here is {hard}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
+         [upstream]\nendpoint = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let mut serve = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 256 && exec \"$0\" serve --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_kms-tag-guard"))
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if log.contains("kms-tag-guard listening") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "not listening:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let limits = child::nofile_limits(serve.id());
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let (soft, hard) = limits.expect("/proc/<pid>/limits");
+    assert_eq!(soft, hard, "the soft limit is raised to the hard one");
+    let line = log
+        .lines()
+        .find(|l| l.contains("file descriptor limit"))
+        .unwrap_or_else(|| panic!("no log line about the limit:\n{log}"));
+    assert!(
+        line.contains("soft_before=256") && line.contains(&format!("soft={hard}")),
+        "{line}"
+    );
+}
+
+/// The issue's case: under a descriptor limit of 1,024, 1,100 connections that never finish
+/// their set-up used to exhaust the descriptors, `accept` failed with EMFILE, and a real client
+/// waited until the idle timeout freed some. Now the budget (lowered to fit the limit) closes
+/// the oldest of them for each newcomer, and the real client is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_cannot_exhaust_the_descriptors() {
+    let own = child::raise_own_nofile(4096);
+    assert!(own >= 2048, "the test process may open only {own} files");
+    let fake = FakeKms::start().await;
+    let mut opts = ChildOptions::new(&fake.url());
+    // Far longer than the test: without the budget, nothing would free a descriptor.
+    opts.limits = "header_read_timeout_ms = 60000".into();
+    opts.nofile = Some(1024);
+    let proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
+        .await
+        .unwrap();
+    assert_eq!(proxy.nofile_limit(), Some(1024));
+    let addr = proxy.addr;
+    let mut silent = Vec::new();
+    while silent.len() < 1100 {
+        let mut batch = JoinSet::new();
+        for _ in 0..100 {
+            batch.spawn(async move { TcpStream::connect(addr).await });
+        }
+        while let Some(joined) = batch.join_next().await {
+            if let Ok(Ok(stream)) = joined {
+                silent.push(stream);
+            }
+        }
+    }
+    assert!(
+        proxy.open_fds() < 1024,
+        "{} descriptors open",
+        proxy.open_fds()
+    );
+    assert_served("after 1,100 half-open connections", &fake, addr).await;
+    let log = proxy.stderr();
+    assert!(log.contains("connection limit reached"), "{log}");
+    assert!(
+        !log.contains("accept failed"),
+        "accept ran out of descriptors:\n{log}"
+    );
+    drop(silent);
 }

@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ops::*;
@@ -426,4 +427,125 @@ async fn a_config_file_read_mid_rewrite_does_not_empty_the_policy() {
         answer.status, 400,
         "an ABAC tag went through after reading an empty file"
     );
+}
+
+/// The real binary: a config file or listener certificate that becomes a FIFO (or too large a
+/// file) is refused with a log line naming it, and the process keeps accepting, answering
+/// `/healthz`, serving requests and obeying SIGTERM. (Reading a FIFO blocks until a writer
+/// comes; read on the thread that accepts, it stopped all of that.)
+#[tokio::test]
+async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
+    let setup = Setup::new().await;
+    let dir = setup.dir.path();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (setup.path("tls.crt"), setup.path("tls.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tls_listener = format!("127.0.0.1:{}", free_port());
+    let mut config = OpsConfig::new(&setup.fake.url(), &setup.audit_path(), POLICY_V1);
+    config.admin = admin.to_string();
+    config.listener = format!(
+        "{tls_listener}\"\ntls_cert = \"{}\"\ntls_key = \"{}",
+        cert_path.display(),
+        key_path.display()
+    );
+    let path = setup.path("kms-tag-guard.toml");
+    std::fs::write(&path, config.render()).unwrap();
+    let mut serve = ServeProcess::spawn(&path, dir);
+    serve.wait_healthy(admin).await;
+
+    let mkfifo = |at: &Path| {
+        let status = std::process::Command::new("mkfifo")
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let wait_for_log = |serve: &ServeProcess, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = serve.stderr();
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let still_serving = |what: &'static str| async move {
+        let health = tokio::time::timeout(Duration::from_secs(5), admin_get(admin, "/healthz"))
+            .await
+            .unwrap_or_else(|_| panic!("/healthz stalled after {what}"));
+        assert_eq!(health.status, 200, "after {what}");
+        let metrics = tokio::time::timeout(Duration::from_secs(5), scrape(admin))
+            .await
+            .unwrap_or_else(|_| panic!("/metrics stalled after {what}"));
+        assert!(
+            metrics.sum(RELOADS) >= 1.0,
+            "after {what}: the refusal is counted"
+        );
+    };
+
+    // The config file: swapped for a FIFO (rename, as a ConfigMap update swaps files), SIGHUP.
+    let fifo = setup.path("config.fifo");
+    mkfifo(&fifo);
+    std::fs::rename(&fifo, &path).unwrap();
+    send_signal(serve.pid, "HUP");
+    wait_for_log(&serve, "is a FIFO (named pipe), not a regular file");
+    still_serving("a FIFO config").await;
+
+    // Too large a config file: refused without being read whole.
+    std::fs::remove_file(&path).unwrap();
+    let mut big = config.render();
+    big.push_str(&"# padding\n".repeat(120_000));
+    std::fs::write(&path, big).unwrap();
+    send_signal(serve.pid, "HUP");
+    wait_for_log(&serve, "more than the 1048576 bytes");
+    still_serving("a 1.2 MB config").await;
+
+    // The listener certificate: swapped for a FIFO, then picked up by SIGHUP.
+    let fifo = setup.path("cert.fifo");
+    mkfifo(&fifo);
+    std::fs::rename(&fifo, &cert_path).unwrap();
+    send_signal(serve.pid, "HUP");
+    wait_for_log(&serve, "listener certificate not reloaded");
+    assert!(
+        serve.stderr().contains("tls.crt is a FIFO"),
+        "{}",
+        serve.stderr()
+    );
+    still_serving("a FIFO certificate").await;
+    // A TLS handshake with the certificate still in use.
+    let tcp = tokio::net::TcpStream::connect(&tls_listener).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake stalled")
+    .expect("the previous certificate is still served");
+
+    send_signal(serve.pid, "TERM");
+    let exited = serve.wait_exit(Duration::from_secs(10)).await;
+    let (status, _) =
+        exited.unwrap_or_else(|| panic!("no exit after SIGTERM:\n{}", serve.stderr()));
+    assert!(status.success(), "{status}:\n{}", serve.stderr());
 }

@@ -99,6 +99,9 @@ impl TestCa {
     fn write_pair(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let key = dir.join(format!("{name}.key"));
         std::fs::write(&key, self.issuer.key().serialize_pem()).unwrap();
+        // The proxy refuses a CA key other users may read.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         (self.write(dir, &format!("{name}.pem")), key)
     }
 
@@ -905,11 +908,21 @@ async fn connect_intercepts_kms_for_the_sdk() {
 #[tokio::test]
 async fn connect_refuses_a_kms_name_without_an_interception_ca() {
     let fake = FakeKms::start().await;
-    // Even listed in tunnel_hosts: KMS traffic is never tunnelled uninspected.
+    // A KMS name in tunnel_hosts is a configuration error: KMS traffic is never tunnelled
+    // uninspected.
+    let refused = kms_tag_guard::Config::parse(
+        &format!("[intercept]\ntunnel_hosts = [\"{KMS_HOST}\"]\n"),
+        kms_tag_guard::config::ConfigSource::BuiltIn,
+    )
+    .expect_err("a KMS name in tunnel_hosts must be refused");
+    assert!(
+        refused.to_string().contains("never tunnelled blind"),
+        "{refused}"
+    );
     let proxy = start_proxy_with(
         &fake,
         ProxyConfig {
-            intercept: format!("tunnel_hosts = [\"{KMS_HOST}\"]"),
+            intercept: "tunnel_hosts = [\"sts.*.amazonaws.com\"]".into(),
             ..ProxyConfig::default()
         },
     )
@@ -970,6 +983,19 @@ async fn connect_refuses_other_hosts_without_connecting_anywhere() {
         format!("{KMS_HOST}:{}", extra.addr.port()),
         // An allowed tunnel host on another port.
         "sts.us-east-1.amazonaws.com:8443".to_owned(),
+        // Ports that are not exactly "443", though some parsers read them as 443.
+        format!("{KMS_HOST}:+443"),
+        format!("{KMS_HOST}:0443"),
+        format!("{KMS_HOST}:65979"),
+        format!("{KMS_HOST}:"),
+        KMS_HOST.to_owned(),
+        "sts.us-east-1.amazonaws.com:+443".to_owned(),
+        "sts.us-east-1.amazonaws.com:65979".to_owned(),
+        // A KMS endpoint allowed_hosts does not list (the default lists no ISO partition).
+        "kms.us-iso-east-1.c2s.ic.gov:443".to_owned(),
+        // What the allowed_hosts glob admits, but is not a KMS endpoint name: no leaf is minted.
+        "kms.notaregion.amazonaws.com:443".to_owned(),
+        "kms.localhost.amazonaws.com:443".to_owned(),
     ] {
         let answer = connect(proxy.addr, &target).await;
         assert_eq!(answer.status, 403, "CONNECT {target}: {}", answer.head);
@@ -1012,6 +1038,332 @@ async fn connect_tunnels_listed_hosts_blind() {
     assert_eq!(echoed, payload);
     assert_eq!(watched.connections(), 1);
     assert_eq!(fake.count(), 0, "a blind tunnel is not KMS traffic");
+}
+
+#[tokio::test]
+async fn a_blind_tunnel_that_cannot_connect_names_the_tunnel_not_kms() {
+    let _port = PORT_443.lock().await;
+    if std::net::TcpStream::connect("127.0.0.1:443").is_ok() {
+        eprintln!("SKIPPED a_blind_tunnel_that_cannot_connect_names_the_tunnel_not_kms: something listens on 127.0.0.1:443");
+        return;
+    }
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: "tunnel_hosts = [\"localhost\"]".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let answer = connect(proxy.addr, "localhost:443").await;
+    assert_eq!(answer.status, 502, "{}{}", answer.head, answer.body);
+    assert!(answer
+        .head
+        .to_ascii_lowercase()
+        .contains("x-kms-tag-guard: tunnel-error"));
+    let message = serde_json::from_str::<Value>(&answer.body).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("could not open the tunnel") && !message.contains("KMS"),
+        "{message}"
+    );
+    assert_eq!(fake.count(), 0);
+}
+
+/// The issue's configuration: a region in allowed_hosts, a tunnel glob over another region's
+/// names. `check` refuses it, and a CONNECT to that region's KMS name is refused without any
+/// outbound connection, whatever the tunnel list says.
+#[tokio::test]
+async fn a_kms_name_outside_allowed_hosts_is_refused_not_tunnelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[upstream]\nallowed_hosts = [\"kms.us-east-1.amazonaws.com\"]\n\
+         [intercept]\ntunnel_hosts = [\"*.us-west-2.amazonaws.com\"]\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("intercept.tunnel_hosts[0]")
+            && stderr.contains("kms.us-west-2.amazonaws.com"),
+        "{stderr}"
+    );
+
+    let _port = PORT_443.lock().await;
+    let (cert, key, _) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            upstream: "allowed_hosts = [\"kms.us-east-1.amazonaws.com\"]".into(),
+            intercept: intercept_section(&cert, &key, "[\"sts.us-west-2.amazonaws.com\"]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let watched = watch_443("127.0.0.1", "a_kms_name_outside_allowed_hosts").await;
+    for target in [
+        "kms.us-west-2.amazonaws.com:443",
+        "kms-fips.us-west-2.amazonaws.com:443",
+        "kms.us-west-2.api.aws:443",
+        "vpce-0a1b2c3d.kms.us-west-2.vpce.amazonaws.com:443",
+    ] {
+        let answer = connect(proxy.addr, target).await;
+        assert_eq!(answer.status, 403, "CONNECT {target}: {}", answer.head);
+        assert!(
+            answer.body.contains("never tunnelled blind"),
+            "CONNECT {target}: {}",
+            answer.body
+        );
+    }
+    if let Some(watched) = &watched {
+        assert_eq!(watched.connections(), 0, "a refused CONNECT opens nothing");
+    }
+    assert_eq!(fake.count(), 0);
+}
+
+/// Echoes `payload` through a blind tunnel and reads it back.
+async fn echo(stream: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
+    stream.write_all(payload).await?;
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "echo timed out"))??;
+    assert_eq!(echoed, payload);
+    Ok(())
+}
+
+/// Whether the peer closes `stream` within `within`.
+async fn closes_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// A blind tunnel lives while bytes move, and is closed after `tunnel_idle_timeout_ms` of
+/// silence either way.
+#[tokio::test]
+async fn a_quiet_blind_tunnel_is_closed_after_its_idle_timeout() {
+    let _port = PORT_443.lock().await;
+    let Some(_watched) = watch_443("127.0.0.1", "a_quiet_blind_tunnel_is_closed").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let idle = Duration::from_millis(800);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: format!(
+                "tunnel_hosts = [\"localhost\"]\ntunnel_idle_timeout_ms = {}",
+                idle.as_millis()
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut tunnel = connect(proxy.addr, "localhost:443").await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    // Three idle timeouts' worth of traffic, a byte every third of one.
+    let started = Instant::now();
+    while started.elapsed() < idle * 3 {
+        echo(&mut tunnel.stream, b"ping")
+            .await
+            .expect("an active tunnel stays open");
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert!(
+        closes_within(&mut tunnel.stream, idle + Duration::from_secs(3)).await,
+        "a blind tunnel quiet for longer than tunnel_idle_timeout_ms is still open"
+    );
+}
+
+/// The real binary: at SIGTERM a blind tunnel is drained like a request in flight. It is kept
+/// while bytes move and closed after a quiet second, before the grace period ends.
+#[tokio::test]
+async fn sigterm_drains_a_blind_tunnel() {
+    let _port = PORT_443.lock().await;
+    let Some(_watched) = watch_443("127.0.0.1", "sigterm_drains_a_blind_tunnel").await else {
+        return;
+    };
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\naddress = \"{listener}\"\n[admin]\naddress = \"{admin}\"\n\
+             [upstream]\nendpoint = \"{}\"\n[intercept]\ntunnel_hosts = [\"localhost\"]\n\
+             [shutdown]\ngrace_ms = 10000\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let mut serve = common::ops::ServeProcess::spawn(&config, dir.path());
+    serve.wait_healthy(admin).await;
+    let mut tunnel = connect(listener, "localhost:443").await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    echo(&mut tunnel.stream, b"before").await.unwrap();
+
+    common::ops::send_signal(serve.pid, "TERM");
+    let deadline = Instant::now() + STEP;
+    while !serve
+        .stderr()
+        .contains("listener closed; waiting for in-flight requests")
+    {
+        assert!(Instant::now() < deadline, "no drain:\n{}", serve.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..4 {
+        echo(&mut tunnel.stream, format!("draining {i}").as_bytes())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the tunnel was cut while draining: {e}\n{}", serve.stderr())
+            });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let exited = serve.wait_exit(Duration::from_secs(8)).await;
+    let (status, _) = exited.unwrap_or_else(|| panic!("no exit:\n{}", serve.stderr()));
+    assert!(status.success(), "{status}\n{}", serve.stderr());
+    assert!(
+        !serve.stderr().contains("grace period over"),
+        "the quiet tunnel was closed before the grace period ended:\n{}",
+        serve.stderr()
+    );
+    assert!(closes_within(&mut tunnel.stream, STEP).await);
+}
+
+/// An HTTP/2 CONNECT tunnel is one stream of its connection: the connection stays while the
+/// tunnel carries requests, however long, and the tunnel's own set-up has its own deadline.
+#[tokio::test]
+async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let idle = Duration::from_millis(1000);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("header_read_timeout_ms = {}", idle.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(tcp(proxy.addr).await),
+    )
+    .await
+    .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("{KMS_HOST}:443"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(connect).await.expect("CONNECT over h2");
+    assert_eq!(response.status(), 200);
+    let tunnel = hyper::upgrade::on(response).await.expect("h2 tunnel");
+    let tls = tls_connect(
+        TokioIo::new(tunnel),
+        KMS_HOST,
+        client_config(&ca_pem, &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake inside the h2 tunnel");
+    let (mut sender, inner) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 inside the tunnel");
+    tokio::spawn(inner);
+    // Four idle timeouts of requests, one every third of an idle timeout.
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < idle * 4 {
+        let raw =
+            RawRequest::signed_kms(KMS_HOST, "TrentService.Encrypt", encrypt_body().as_bytes());
+        let response = tokio::time::timeout(STEP, sender.send_request(to_http(&raw, "/", true)))
+            .await
+            .expect("a request in the tunnel timed out")
+            .unwrap_or_else(|e| panic!("request {sent} after {:?}: {e}", started.elapsed()));
+        assert_eq!(read_answer(response).await.status, 200);
+        sent += 1;
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert_eq!(fake.count(), sent);
+    assert!(
+        !connection.is_finished(),
+        "the h2 connection was closed under its tunnel"
+    );
+}
+
+/// Over HTTP/1.1, the set-up deadline set at accept runs on through the CONNECT head and the
+/// handshake inside the tunnel: each stage within the timeout, together beyond it, fails.
+#[tokio::test]
+async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let timeout = Duration::from_millis(1500);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("header_read_timeout_ms = {}", timeout.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut stream = tcp(proxy.addr).await;
+    tokio::time::sleep(timeout.mul_f64(0.6)).await;
+    let request = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tokio::time::sleep(timeout.mul_f64(0.6)).await;
+    let inside = tls_connect(stream, KMS_HOST, client_config(&ca_pem, &[])).await;
+    let served = match inside {
+        Err(_) => false,
+        Ok(tls) => {
+            let raw =
+                RawRequest::signed_kms(KMS_HOST, "TrentService.Encrypt", encrypt_body().as_bytes());
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("HTTP/1.1 handshake");
+            tokio::spawn(connection);
+            matches!(
+                tokio::time::timeout(STEP, sender.send_request(to_http(&raw, "/", true))).await,
+                Ok(Ok(_))
+            )
+        }
+    };
+    assert!(
+        !served,
+        "a set-up longer than header_read_timeout_ms was served"
+    );
+    assert_eq!(fake.count(), 0);
 }
 
 #[tokio::test]
@@ -1134,6 +1486,97 @@ async fn intercepting_proxy(fake: &FakeKms, dir: &Path) -> (TestProxy, Vec<u8>) 
     (proxy, ca_pem)
 }
 
+/// A client CONNECTing to ever new KMS names: the leaf cache stays at `leaf_cache_size`, the
+/// least recently used leaf goes first, and a name that is not a KMS endpoint name gets no leaf.
+#[tokio::test]
+async fn the_leaf_cache_is_bounded_whatever_names_a_client_connects_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            intercept: format!(
+                "{}\nleaf_cache_size = 4",
+                intercept_section(&cert, &key, "[]")
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let handshake = |host: String| {
+        let ca_pem = ca_pem.clone();
+        async move {
+            let tunnel = connect(proxy.addr, &format!("{host}:443")).await;
+            assert_eq!(tunnel.status, 200, "CONNECT {host}: {}", tunnel.head);
+            let stream = tls_connect(tunnel.stream, &host, client_config(&ca_pem, &[]))
+                .await
+                .unwrap_or_else(|e| panic!("handshake for {host}: {e}"));
+            stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+        }
+    };
+    // Twelve regions the CA from `ca init` covers, three times the cache's size.
+    let names: Vec<String> = [
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "eu-central-1",
+        "eu-north-1",
+        "ap-south-1",
+        "ap-northeast-1",
+        "sa-east-1",
+    ]
+    .iter()
+    .map(|r| format!("kms.{r}.amazonaws.com"))
+    .collect();
+    let first = handshake(names[0].clone()).await;
+    for name in &names[1..] {
+        handshake(name.clone()).await;
+        let scraped = common::ops::scrape(admin).await;
+        let entries = scraped.count("kms_tag_guard_leaf_cache_entries", &[]);
+        assert!(entries <= 4.0, "{entries} leaves cached after {name}");
+    }
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(scraped.count("kms_tag_guard_leaf_cache_entries", &[]), 4.0);
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        12.0
+    );
+
+    // The most recent name is served from the cache; the first was dropped and is minted again.
+    let last = names.last().unwrap().clone();
+    handshake(last).await;
+    let again = handshake(names[0].clone()).await;
+    assert_ne!(first, again, "an evicted leaf is minted anew");
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        13.0
+    );
+
+    // Names the allowed_hosts glob admits but that are no KMS endpoint name: refused, no mint.
+    for host in [
+        "kms.attacker-label.amazonaws.com",
+        "kms.a.amazonaws.com",
+        "kms.123.amazonaws.com",
+    ] {
+        let answer = connect(proxy.addr, &format!("{host}:443")).await;
+        assert_eq!(answer.status, 403, "CONNECT {host}: {}", answer.head);
+    }
+    let scraped = common::ops::scrape(admin).await;
+    assert_eq!(
+        scraped.count("kms_tag_guard_leaves_minted_total", &[]),
+        13.0
+    );
+    assert_eq!(fake.count(), 0);
+}
+
 #[tokio::test]
 async fn connect_tunnel_refuses_an_sni_other_than_the_connect_host() {
     let dir = tempfile::tempdir().unwrap();
@@ -1212,6 +1655,14 @@ async fn connect_tunnel_pins_requests_to_the_connect_host() {
             assert_eq!(
                 answer.header("x-amzn-errortype"),
                 Some("MisdirectedRequest")
+            );
+            assert_eq!(answer.header("x-kms-tag-guard"), Some("host-not-allowed"));
+            let message = answer.json()["message"].as_str().unwrap().to_owned();
+            assert!(
+                message.contains("tunnel")
+                    && message.contains(KMS_HOST)
+                    && !message.contains("allowed_hosts"),
+                "the refusal names the tunnel, not allowed_hosts: {message}"
             );
         }
     }
@@ -1375,10 +1826,13 @@ async fn ca_init_writes_a_name_constrained_ca() {
     );
 
     // The proxy's own minter: a leaf for a KMS name is accepted by a client trusting the CA.
-    let minter = kms_tag_guard::tls::LeafMinter::load(&kms_tag_guard::config::TlsFiles {
-        cert: cert_path.clone(),
-        key: key_path.clone(),
-    })
+    let minter = kms_tag_guard::tls::LeafMinter::load(
+        &kms_tag_guard::config::TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        },
+        false,
+    )
     .unwrap();
     for host in [
         KMS_HOST,
@@ -1420,6 +1874,76 @@ async fn ca_init_writes_a_name_constrained_ca() {
         );
     }
 
+    // Leaves for IP addresses: a client connecting to an address (no SNI, the IP SAN decides)
+    // must refuse them, for IPv4 and IPv6 alike; and an e-mail name rides along with nothing.
+    for ip in [
+        "169.254.169.254",
+        "10.0.0.1",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+    ] {
+        let leaf = mint_leaf(&issuer, &[ip], 43);
+        let error = client_accepts(certified(&leaf, None), &ca_pem, ip)
+            .await
+            .expect_err("the name constraints must exclude every IP address");
+        assert!(
+            format!("{error:?}").contains("NameConstraint"),
+            "{ip} should fail on the name constraints: {error:?}"
+        );
+    }
+    let with_email = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![KMS_HOST.to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::Rfc822Name(
+            "ops@example.com".try_into().unwrap(),
+        ));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    };
+    let error = client_accepts(certified(&with_email, None), &ca_pem, KMS_HOST)
+        .await
+        .expect_err("an e-mail name is not permitted");
+    assert!(format!("{error:?}").contains("NameConstraint"), "{error:?}");
+
+    // The control for the IP exclusion: a CA constrained to the same DNS names but without the
+    // excluded IP ranges (what `ca init` made before) vouches for the metadata address.
+    let dns_only = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "DNS-only constrained CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: kms_tag_guard::tls::kms_host_names()
+                .into_iter()
+                .map(rcgen::GeneralSubtree::DnsName)
+                .collect(),
+            excluded_subtrees: Vec::new(),
+        });
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let metadata = mint_leaf(&dns_only.1, &["169.254.169.254"], 44);
+    client_accepts(
+        certified(&metadata, None),
+        dns_only.0.as_bytes(),
+        "169.254.169.254",
+    )
+    .await
+    .expect("without excluded IP subtrees a DNS-constrained CA vouches for an IP address");
+
     // The control: without name constraints, the same hand-made leaf would be accepted.
     let open = TestCa::new("unconstrained CA");
     let evil = open.leaf(&["evil.example.com"], 42);
@@ -1430,6 +1954,98 @@ async fn ca_init_writes_a_name_constrained_ca() {
     )
     .await
     .expect("an unconstrained CA's leaf is accepted: the rejection above is the constraint");
+}
+
+/// `serve` checks the interception CA before it binds a port: the key private to its owner
+/// (group read only with `ca_key_group_readable`), the certificate a CA, the key its key.
+#[tokio::test]
+async fn serve_refuses_a_ca_key_open_to_others_or_not_matching_the_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = interception_ca(dir.path());
+    let (_, other_key, _) = interception_ca(&dir.path().join("other"));
+    let not_ca = TestCa::new("not used").leaf(&[KMS_HOST], 7);
+    let leaf_cert = dir.path().join("leaf.pem");
+    let leaf_key = dir.path().join("leaf.key");
+    std::fs::write(&leaf_cert, &not_ca.cert_pem).unwrap();
+    std::fs::write(&leaf_key, &not_ca.key_pem).unwrap();
+    std::fs::set_permissions(&leaf_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let serve = |cert: &Path, key: &Path, extra: &str| {
+        let config = dir.path().join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
+                 [upstream]\nendpoint = \"http://127.0.0.1:9\"\n\
+                 [intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\n{extra}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A refused CA exits at once; an accepted one logs that it listens.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let started = Instant::now();
+        loop {
+            use std::io::Read;
+            let n = stderr.read(&mut buf).unwrap_or(0);
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if n == 0 || text.contains("listening") || started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        (text.contains("listening"), status, text)
+    };
+    let chmod =
+        |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+
+    for (mode, extra, refused_with) in [
+        (0o644, "", Some("may be read by other users (mode 644)")),
+        (0o606, "", Some("may be written by other users")),
+        (
+            0o620,
+            "ca_key_group_readable = true",
+            Some("may be written"),
+        ),
+        (0o640, "", Some("ca_key_group_readable = true")),
+        (0o640, "ca_key_group_readable = true", None),
+        (0o600, "", None),
+    ] {
+        chmod(mode);
+        let (listening, status, stderr) = serve(&cert, &key, extra);
+        match refused_with {
+            Some(message) => {
+                assert!(
+                    !listening && !status.success(),
+                    "mode {mode:o} {extra}: {stderr}"
+                );
+                assert!(stderr.contains(message), "mode {mode:o} {extra}: {stderr}");
+            }
+            None => assert!(listening, "mode {mode:o} {extra}: {stderr}"),
+        }
+    }
+    let (listening, _, stderr) = serve(&cert, &other_key, "");
+    assert!(
+        !listening && stderr.contains("is not the private key of the certificate"),
+        "{stderr}"
+    );
+    let (listening, _, stderr) = serve(&leaf_cert, &leaf_key, "");
+    assert!(
+        !listening && stderr.contains("is not a CA certificate"),
+        "{stderr}"
+    );
 }
 
 // ======================================================================== 6. resolver = "dns"

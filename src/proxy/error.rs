@@ -36,6 +36,8 @@ pub enum ProxyError {
     HostNotTunnel { host: String, tunnel: String },
     #[error("kms-tag-guard refused the CONNECT: {0}")]
     ConnectRefused(String),
+    #[error("kms-tag-guard could not open the tunnel: {0}; nothing was sent through it, retry")]
+    TunnelConnect(String),
     #[error("kms-tag-guard could not write the audit record, so the tag change was not forwarded; retry later (operators: check [audit].path)")]
     AuditUnavailable,
     #[error("kms-tag-guard could not reach KMS: {0}; the request was not sent, retry")]
@@ -90,6 +92,7 @@ impl ProxyError {
             ProxyError::ConnectRefused(_) => {
                 (StatusCode::FORBIDDEN, "Forbidden", "connect-refused")
             }
+            ProxyError::TunnelConnect(_) => (StatusCode::BAD_GATEWAY, "BadGateway", "tunnel-error"),
             ProxyError::AuditUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -121,7 +124,8 @@ impl ProxyError {
             ProxyError::AuditUnavailable
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamBroken(_)
-            | ProxyError::UpstreamTimeout(_) => Outcome::error,
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::TunnelConnect(_) => Outcome::error,
             _ => Outcome::deny,
         }
     }
@@ -184,6 +188,7 @@ mod tests {
                 "MisdirectedRequest",
             ),
             (ProxyError::ConnectRefused("x".into()), 403, "Forbidden"),
+            (ProxyError::TunnelConnect("t".into()), 502, "BadGateway"),
             (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
             (ProxyError::UpstreamBroken("b".into()), 502, "BadGateway"),

@@ -1,6 +1,7 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
 mod body;
+mod budget;
 mod connect;
 mod connector;
 mod error;
@@ -110,12 +111,17 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         )),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
     let minter = match &config.intercept.ca {
-        Some(files) => Some(Arc::new(LeafMinter::load(files).map_err(StartError::Tls)?)),
+        Some(files) => Some(Arc::new(
+            LeafMinter::load(files, config.intercept.ca_key_group_readable)
+                .map_err(StartError::Tls)?
+                .with_capacity(config.intercept.leaf_cache_size)
+                .with_metrics(Arc::clone(&metrics)),
+        )),
         None => None,
     };
     let own_addresses = OwnAddresses::default();
-    let metrics = Arc::new(Metrics::new());
     metrics.policy_in_force(&config.sha256);
     let shared = Arc::new(Shared {
         policy: ArcSwap::new(Arc::clone(&config.policy)),
@@ -179,11 +185,16 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     );
     let threads = workers::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
         .map_err(StartError::Threads)?;
+    let budget = Arc::new(budget::Budget::new(
+        connection_limit(config.limits.max_connections),
+        config.limits.header_read_timeout,
+        Arc::clone(&shared.metrics),
+    ));
     // Nothing is spawned until nothing else can fail.
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));
     let task = tokio::spawn(async move {
-        serve::serve(listener, threads, shared, config, stopped).await;
+        serve::serve(listener, threads, shared, config, budget, stopped).await;
         if let Some(admin_task) = admin_task {
             admin_task.abort();
         }
@@ -194,6 +205,26 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         control,
         task,
     })
+}
+
+/// `[limits].max_connections`, lowered to what the file descriptor limit can hold (two per
+/// connection, and a reserve), so that the limit is met before `accept` fails for lack of them.
+fn connection_limit(configured: usize) -> usize {
+    let Ok((soft, _)) = crate::fds::nofile() else {
+        return configured;
+    };
+    let fits = usize::try_from(crate::fds::connections_within(soft)).unwrap_or(usize::MAX);
+    if configured <= fits {
+        return configured;
+    }
+    let lowered = fits.max(1);
+    tracing::warn!(
+        max_connections = configured,
+        lowered_to = lowered,
+        nofile_soft_limit = soft,
+        "[limits].max_connections does not fit the file descriptor limit (two per connection and a reserve); raise the hard RLIMIT_NOFILE (ulimit -Hn, LimitNOFILE=, the container runtime's nofile) or lower max_connections"
+    );
+    lowered
 }
 
 /// How many connections may wait to be accepted: bursts of new connections from many pods

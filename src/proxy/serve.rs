@@ -3,10 +3,12 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::{Method, Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,16 +18,18 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::budget::{Budget, Conn, InFlight, Registration, Socket, Tracked};
 use super::pipeline::{self, Shared};
 use super::workers::ConnectionThreads;
 use crate::config::Config;
 
-/// Where a request came from: the client's address, and for a request inside an intercepted
-/// tunnel, the host the client asked to CONNECT to.
-#[derive(Debug, Clone)]
+/// Where a request came from: the client's address, for a request inside an intercepted tunnel
+/// the host the client asked to CONNECT to, and the connection as the budget sees it.
+#[derive(Clone)]
 pub(crate) struct Origin {
     pub peer: SocketAddr,
     pub tunnel_host: Option<Arc<str>>,
+    pub conn: Arc<Conn>,
 }
 
 // The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
@@ -50,40 +54,9 @@ pub(crate) fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// When a connection last finished a request, and how many it has in flight.
-struct Activity {
-    started: Instant,
-    in_flight: AtomicUsize,
-    /// Milliseconds after `started` that the last request finished; `u64::MAX` before any.
-    last_done_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            started: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_done_ms: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    /// When the connection counts as idle: `idle` after its last request finished, or after it
-    /// opened when it has had none (HTTP/2 preface, TLS and first head included). `None` while
-    /// a request is in flight.
-    fn idle_at(&self, idle: Duration) -> Option<Instant> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        let since_start = match self.last_done_ms.load(Ordering::SeqCst) {
-            u64::MAX => Duration::ZERO,
-            ms => Duration::from_millis(ms),
-        };
-        Some(self.started + since_start + idle)
-    }
-}
-
-/// Serves HTTP on one connection until it closes, it has been idle for `idle`, or `closing`
-/// fires (then it finishes its in-flight requests first).
+/// Serves HTTP on one connection until it closes, it has been idle for `idle`, or it is asked
+/// to close (by shutdown or by the connection budget: then it finishes its in-flight requests
+/// first).
 ///
 /// hyper's own header timeout covers HTTP/1 only, and only once it is reading a head; the idle
 /// deadline here also covers an HTTP/2 preface that stalls and HTTP/2 connections with no
@@ -94,26 +67,32 @@ where
 {
     // Held while the connection lives, so that shutdown waits for it.
     let _open = shared.lifecycle.connections.subscribe();
+    let conn = Arc::clone(&origin.conn);
+    conn.fast_path();
+    let io = Tracked::new(io, Arc::clone(&conn));
     let io = match super::h1::serve(io, &shared, &origin).await {
         super::h1::Ended::Closed => return,
         super::h1::Ended::HandOver(io) => io,
     };
+    conn.server();
     let mut closing = shared.lifecycle.closing.subscribe();
     let idle = shared.limits.header_read_timeout;
     let peer = origin.peer;
-    let activity = Arc::new(Activity::new());
     let service_shared = Arc::clone(&shared);
-    let service_activity = Arc::clone(&activity);
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: Request<Incoming>| {
         let shared = Arc::clone(&service_shared);
         let origin = origin.clone();
-        let activity = Arc::clone(&service_activity);
-        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        let in_flight = origin.conn.begin_request();
+        if request.method() == Method::CONNECT && request.version() == Version::HTTP_2 {
+            // The tunnel is a stream of this connection: it stays busy while the tunnel lives.
+            let tunnel = TunnelHold(Arc::new(origin.conn.begin_request()));
+            request.extensions_mut().insert(tunnel);
+        } else if request.method() != Method::CONNECT {
+            origin.conn.setup_done();
+        }
         async move {
             let response = pipeline::handle(shared, request, origin).await;
-            let done = activity.started.elapsed().as_millis() as u64;
-            activity.last_done_ms.store(done, Ordering::SeqCst);
-            activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(in_flight);
             Ok::<_, Infallible>(response)
         }
     });
@@ -123,9 +102,9 @@ where
     tokio::pin!(connection);
     let mut shutting_down = false;
     loop {
-        let idle_at = activity
-            .idle_at(idle)
-            .unwrap_or_else(|| Instant::now() + idle);
+        let idle_at = conn
+            .idle_instant()
+            .map_or_else(|| Instant::now() + idle, |since| since + idle);
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -137,8 +116,13 @@ where
                 connection.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
+            _ = conn.close_requested(), if !shutting_down => {
+                debug!(%peer, "closing an idle connection to make room ([limits].max_connections)");
+                connection.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
             _ = tokio::time::sleep_until(idle_at.into()) => {
-                if activity.idle_at(idle).is_some_and(|at| at <= Instant::now()) {
+                if conn.idle_instant().is_some_and(|since| since + idle <= Instant::now()) {
                     if shutting_down {
                         // Asked to close politely a whole idle period ago: drop it.
                         return;
@@ -151,6 +135,11 @@ where
         }
     }
 }
+
+/// Put on an HTTP/2 CONNECT request: the stream's tunnel holds it, so the connection counts as
+/// busy (not idle, never closed for room) while any of its tunnels lives.
+#[derive(Clone)]
+pub(crate) struct TunnelHold(#[allow(dead_code)] Arc<InFlight>);
 
 /// Telling connections to wind down, and knowing when they have.
 pub(crate) struct Lifecycle {
@@ -171,18 +160,21 @@ impl Lifecycle {
 }
 
 /// Accepts connections until `stopped`, keeps accepting for the drain delay, then waits up to
-/// the grace period for in-flight requests.
+/// the grace period for in-flight requests. Each accepted connection takes its place in the
+/// budget, or is closed at once when there is none.
 pub(crate) async fn serve(
     listener: TcpListener,
     mut threads: ConnectionThreads,
     shared: Arc<Shared>,
     config: Config,
+    budget: Arc<Budget>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let drain = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain);
     let mut draining = false;
     loop {
+        budget.room().await;
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -194,9 +186,17 @@ pub(crate) async fn serve(
                         continue;
                     }
                 };
+                let Some(registration) = budget.admit(stream.as_raw_fd()) else {
+                    debug!(%peer, "connection refused: every connection has a request in flight ([limits].max_connections)");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let origin = Origin { peer, tunnel_host: None };
-                threads.hand(stream, origin, shared.lifecycle.connections.subscribe());
+                let origin = Origin {
+                    peer,
+                    tunnel_host: None,
+                    conn: Arc::clone(registration.conn()),
+                };
+                threads.hand(stream, origin, registration, shared.lifecycle.connections.subscribe());
             }
             _ = stopped.changed(), if !draining => {
                 draining = true;
@@ -227,35 +227,50 @@ pub(crate) async fn serve(
     info!(unwritten_audit_records = unwritten, "stopped");
 }
 
-/// One accepted TCP connection: wait for its first byte, then TLS if configured, then HTTP.
-/// `_open` is held while it lives, so that shutdown waits for it.
+/// One accepted TCP connection: its first byte, then TLS if configured, then HTTP; the first
+/// byte, the handshake and the first request head (through a CONNECT tunnel's own handshake)
+/// all within one set-up deadline, `header_read_timeout_ms` from accept. `_open` is held while
+/// it lives, so that shutdown waits for it.
 pub(crate) async fn serve_accepted(
     stream: TcpStream,
     origin: Origin,
+    registration: Registration,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     _open: watch::Receiver<()>,
 ) {
-    let mut closing = shared.lifecycle.closing.subscribe();
-    let idle = shared.limits.header_read_timeout;
-    // Waiting for the first byte costs little; hyper's connection state is only built once the
-    // client speaks. A client that never does is dropped after the idle timeout, or at shutdown.
-    let mut first = [0u8; 1];
-    tokio::select! {
-        peeked = tokio::time::timeout(idle, stream.peek(&mut first)) => {
-            if !matches!(peeked, Ok(Ok(n)) if n > 0) {
-                return;
-            }
-        }
-        _ = closing.wait_for(|closed| *closed) => return,
-    }
+    let conn = Arc::clone(&origin.conn);
     let peer = origin.peer;
-    let Some(acceptor) = tls else {
-        return serve_connection(stream, shared, origin).await;
+    let metrics = Arc::clone(&shared.metrics);
+    let serving = async move {
+        let mut closing = shared.lifecycle.closing.subscribe();
+        // Waiting for the first byte costs little; hyper's connection state is only built once
+        // the client speaks. A client that never does is dropped at the set-up deadline, when
+        // the budget needs its place, or at shutdown.
+        let mut first = [0u8; 1];
+        tokio::select! {
+            peeked = stream.peek(&mut first) => {
+                if !matches!(peeked, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+            _ = closing.wait_for(|closed| *closed) => return,
+            _ = origin.conn.close_requested() => return,
+        }
+        let socket = Socket::new(registration, stream);
+        let Some(acceptor) = tls else {
+            return serve_connection(socket, shared, origin).await;
+        };
+        match acceptor.accept(socket).await {
+            Ok(stream) => serve_connection(stream, shared, origin).await,
+            Err(error) => debug!(%peer, %error, "TLS handshake failed"),
+        }
     };
-    match tokio::time::timeout(idle, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_connection(stream, shared, origin).await,
-        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-        Err(_) => debug!(%peer, "TLS handshake timed out"),
+    tokio::select! {
+        () = serving => {}
+        () = conn.setup_expired() => {
+            metrics.setup_timeout();
+            debug!(%peer, "connection closed: its set-up (first byte, TLS, CONNECT, first request head) outlasted header_read_timeout_ms");
+        }
     }
 }

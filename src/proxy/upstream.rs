@@ -220,8 +220,9 @@ fn root_store(config: &UpstreamConfig) -> Result<RootCertStore, UpstreamSetupErr
             path: path.display().to_string(),
             detail,
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_error(e.to_string()))?
+        let (pem, _) = crate::files::read(path, crate::files::MAX_PEM_BYTES)
+            .map_err(|e| ca_error(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
             .map_err(|e| ca_error(e.to_string()))?;
         if certs.is_empty() {

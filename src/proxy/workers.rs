@@ -9,6 +9,7 @@
 //! connections cannot shed them (the same trade nginx makes).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -16,11 +17,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
+use super::budget::Registration;
 use super::pipeline::Shared;
 use super::serve::{serve_accepted, Origin};
 
 /// An accepted connection on its way to a connection thread.
 struct Handed {
+    /// Declared before `stream`: dropped first, so the budget forgets the descriptor before the
+    /// socket is closed.
+    registration: Registration,
     stream: std::net::TcpStream,
     origin: Origin,
     /// Taken at accept, so that shutdown waits for a connection still in a thread's queue.
@@ -58,7 +63,13 @@ impl ConnectionThreads {
     }
 
     /// Gives an accepted connection to the next thread in turn.
-    pub(crate) fn hand(&mut self, stream: TcpStream, origin: Origin, open: watch::Receiver<()>) {
+    pub(crate) fn hand(
+        &mut self,
+        stream: TcpStream,
+        origin: Origin,
+        registration: Registration,
+        open: watch::Receiver<()>,
+    ) {
         let peer = origin.peer;
         // Leaves the listener's epoll; the connection thread registers it with its own.
         let stream = match stream.into_std() {
@@ -67,6 +78,7 @@ impl ConnectionThreads {
         };
         self.next = (self.next + 1) % self.queues.len();
         let handed = Handed {
+            registration,
             stream,
             origin,
             open,
@@ -84,11 +96,14 @@ async fn serve_handed(
     tls: Option<TlsAcceptor>,
 ) {
     while let Some(Handed {
+        registration,
         stream,
         origin,
         open,
     }) = handed.recv().await
     {
+        // The socket is closed if the conversion fails: the budget must not hold its number.
+        registration.forget_fd();
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(error) => {
@@ -96,9 +111,11 @@ async fn serve_handed(
                 continue;
             }
         };
+        registration.set_fd(stream.as_raw_fd());
         tokio::spawn(serve_accepted(
             stream,
             origin,
+            registration,
             Arc::clone(&shared),
             tls.clone(),
             open,
