@@ -230,6 +230,23 @@ async fn workload(fake: FakeKms, proxy: &ChildProxy) -> Needles {
         needles.push((format!("the signature of {what}"), signature_of(auth)));
     }
 
+    // A CONNECT whose target carries user information (credentials, to a URL reader).
+    let connect = format!(
+        "CONNECT {presigned_akid}:{SESSION_TOKEN}@kms.us-east-1.amazonaws.com:443 HTTP/1.1\r\n\
+         Host: kms.us-east-1.amazonaws.com:443\r\n\r\n"
+    );
+    let response = raw::send(proxy.addr, connect.as_bytes()).await;
+    assert!(
+        (400..500).contains(&response.status),
+        "CONNECT with user information: {}",
+        response.body_str()
+    );
+    assert!(
+        !response.body_str().contains(SESSION_TOKEN),
+        "the CONNECT refusal copies the user information: {}",
+        response.body_str()
+    );
+
     // An Encrypt over HTTP/2 (prior knowledge), token and all.
     h2_encrypt(proxy, &host, &mut needles).await;
 

@@ -269,8 +269,9 @@ impl Tunnels {
 /// `443`, spelled so (`:+443`, `:0443`, `:65979` or a missing port are not 443).
 fn connect_target(authority: &http::uri::Authority) -> Result<String, String> {
     if authority.as_str().contains('@') {
+        // Not echoed: user information is credentials.
         return Err(format!(
-            "{authority}: a CONNECT target may not carry user information; send host:{TUNNEL_PORT}"
+            "a CONNECT target may not carry user information (not shown here); send host:{TUNNEL_PORT}"
         ));
     }
     match authority.port() {
@@ -536,5 +537,14 @@ mod tests {
                 assert!(connect_target(&authority).is_err(), "{refused}");
             }
         }
+        // User information is credentials: the refusal does not repeat it.
+        let authority = "AKIDLEAK:secret@kms.us-east-1.amazonaws.com:443"
+            .parse()
+            .unwrap();
+        let message = connect_target(&authority).unwrap_err();
+        assert!(
+            !message.contains("secret") && !message.contains("AKIDLEAK"),
+            "{message}"
+        );
     }
 }
