@@ -122,6 +122,8 @@ pub struct LimitsConfig {
     /// Client connections open at once (lowered at start to fit RLIMIT_NOFILE).
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may wait between requests.
+    pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
 }
 
@@ -443,6 +445,7 @@ fn read_config(
                 usize::try_from(n).unwrap_or(usize::MAX)
             }),
         header_read_timeout: r.millis("header_read_timeout_ms", errors, 10_000),
+        idle_timeout: r.millis("idle_timeout_ms", errors, 120_000),
         body_read_timeout: r.millis("body_read_timeout_ms", errors, 10_000),
     };
     r.finish(errors);

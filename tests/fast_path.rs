@@ -29,6 +29,10 @@ enum Framing {
     LengthThenClose,
     /// No length: the body ends when the stand-in closes.
     UntilClose,
+    /// `100 Continue`, then the answer with a Content-Length, in one write.
+    ContinueThenLength,
+    /// `103 Early Hints` with headers, then the answer, in one write.
+    EarlyHintsThenLength,
 }
 
 const ANSWER_BODY: &str =
@@ -124,6 +128,17 @@ async fn serve(
             Framing::UntilClose => format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nConnection: close\r\n\r\n{ANSWER_BODY}"
             ),
+            Framing::ContinueThenLength | Framing::EarlyHintsThenLength => {
+                let interim = if matches!(framing, Framing::ContinueThenLength) {
+                    "HTTP/1.1 100 Continue\r\n\r\n"
+                } else {
+                    "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nX-Hint: 1\r\n\r\n"
+                };
+                format!(
+                    "{interim}HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-RequestId: raw-{connection}\r\nContent-Length: {}\r\n\r\n{ANSWER_BODY}",
+                    ANSWER_BODY.len()
+                )
+            }
         };
         if stream.write_all(answer.as_bytes()).await.is_err() {
             return;
@@ -340,4 +355,49 @@ async fn a_kms_connection_closed_while_idle_is_replaced() {
     }
     let connections: Vec<usize> = kms.requests().iter().map(|(c, _)| *c).collect();
     assert_eq!(connections, [1, 2, 3]);
+}
+
+/// An interim answer (`100`, or `103` with headers) that arrives in the same read as the final
+/// one is skipped, and the final one relayed at once, on the fast path and on the general
+/// server; a tag change's outcome record says 200, not a timeout.
+#[tokio::test]
+async fn interim_answers_in_the_same_read_as_the_final_one_are_skipped() {
+    for framing in [Framing::ContinueThenLength, Framing::EarlyHintsThenLength] {
+        let kms = RawKms::start(framing).await;
+        let fake = FakeKms::start().await;
+        // A short upstream timeout: waiting for more bytes would show as a 504 within it.
+        let proxy = start_proxy_with(
+            &fake,
+            ProxyConfig {
+                endpoint: Some(kms.url()),
+                upstream: "timeout_ms = 3000".into(),
+                ..ProxyConfig::default()
+            },
+        )
+        .await;
+        let mut expect = allowed_tag_resource(HOST);
+        expect.add_header("Expect", "100-continue");
+        for (path, request) in [
+            ("fast path, Encrypt", encrypt(HOST)),
+            ("fast path, TagResource", allowed_tag_resource(HOST)),
+            ("general server, TagResource", expect),
+        ] {
+            let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+            conn.write(&request.to_bytes()).await.unwrap();
+            let response = conn
+                .read_response_within(Duration::from_secs(2))
+                .await
+                .unwrap_or_else(|e| panic!("{framing:?}, {path}: {e}"));
+            assert_eq!(response.status, 200, "{framing:?}, {path}");
+            assert_eq!(response.body_str(), ANSWER_BODY, "{framing:?}, {path}");
+        }
+        let audit = proxy.wait_for_audit(4).await;
+        let outcomes: Vec<&serde_json::Value> =
+            audit.iter().filter(|r| r["event"] == "outcome").collect();
+        assert_eq!(outcomes.len(), 2, "{framing:?}: {audit:#?}");
+        for outcome in outcomes {
+            assert_eq!(outcome["upstream_status"], 200, "{framing:?}: {outcome}");
+            assert_eq!(outcome["applied"], "yes", "{framing:?}: {outcome}");
+        }
+    }
 }

@@ -37,6 +37,16 @@ fn limits(header_ms: u64, body_ms: u64) -> ProxyConfig {
     }
 }
 
+/// [`limits`] with an idle timeout of its own.
+fn limits_with_idle(header_ms: u64, body_ms: u64, idle_ms: u64) -> ProxyConfig {
+    ProxyConfig {
+        limits: format!(
+            "header_read_timeout_ms = {header_ms}\nbody_read_timeout_ms = {body_ms}\nidle_timeout_ms = {idle_ms}"
+        ),
+        ..ProxyConfig::default()
+    }
+}
+
 fn allowed_tag_body() -> String {
     format!(r#"{{"KeyId":"{KEY}","Tags":[{{"TagKey":"team:owner","TagValue":"payments"}}]}}"#)
 }
@@ -358,13 +368,19 @@ async fn keep_alive_then_idle(
             Some("close".into()),
             "{case}: the proxy did not keep the connection alive"
         );
+        // The hint that lets clients retire the connection before the proxy closes it.
+        assert_eq!(
+            response.header("keep-alive"),
+            Some(format!("timeout={}", idle_timeout.as_secs()).as_str()),
+            "{case}: round {round}"
+        );
     }
     let idle_since = Instant::now();
     let early = idle_timeout.mul_f64(0.75);
     assert!(
         !conn.is_closed_within(early).await,
         "{case}: an idle keep-alive connection was closed after {} ms, well before \
-         header_read_timeout_ms = {}",
+         idle_timeout_ms = {}",
         ms(idle_since.elapsed()),
         ms(idle_timeout)
     );
@@ -372,23 +388,24 @@ async fn keep_alive_then_idle(
     let closed = closed.unwrap_or_else(|| {
         panic!(
             "{case}: an idle keep-alive connection is still open after {} ms \
-             (header_read_timeout_ms = {})",
+             (idle_timeout_ms = {})",
             ms(idle_since.elapsed()),
             ms(idle_timeout)
         )
     });
     eprintln!(
-        "MEASURE keep-alive-idle case={case:?} header_read_timeout_ms={} closed_after_idle_ms={}",
+        "MEASURE keep-alive-idle case={case:?} idle_timeout_ms={} closed_after_idle_ms={}",
         ms(idle_timeout),
         ms(closed)
     );
 }
 
 #[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_read_timeout() {
+    // The header read timeout is shorter: an idle connection outlives it.
     let idle_timeout = Duration::from_millis(2000);
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(&fake, limits(2000, 2000)).await;
+    let proxy = start_proxy_with(&fake, limits_with_idle(800, 2000, 2000)).await;
     let (tag, enc) = (allowed_tag_body(), encrypt_body());
     tokio::join!(
         keep_alive_then_idle(
@@ -444,11 +461,11 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
 }
 
 #[tokio::test]
-async fn an_idle_http2_connection_is_closed_after_header_read_timeout() {
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
     use http_body_util::{BodyExt, Full};
     let idle_timeout = Duration::from_millis(1000);
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(&fake, limits(1000, 1000)).await;
+    let proxy = start_proxy_with(&fake, limits_with_idle(1000, 1000, 1000)).await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -484,7 +501,7 @@ async fn an_idle_http2_connection_is_closed_after_header_read_timeout() {
     let ended = tokio::time::timeout(idle_timeout + MARGIN, &mut conn).await;
     assert!(
         ended.is_ok(),
-        "an idle HTTP/2 connection is still open after {} ms (header_read_timeout_ms = {})",
+        "an idle HTTP/2 connection is still open after {} ms (idle_timeout_ms = {})",
         ms(idle_since.elapsed()),
         ms(idle_timeout)
     );

@@ -76,7 +76,10 @@ where
     };
     conn.server();
     let mut closing = shared.lifecycle.closing.subscribe();
-    let idle = shared.limits.header_read_timeout;
+    // An HTTP/2 connection may wait this long with no stream (its set-up, preface included, is
+    // bounded by the set-up deadline; an HTTP/1.1 one carries one request, within hyper's header
+    // read timeout).
+    let idle = shared.limits.idle_timeout;
     let peer = origin.peer;
     let service_shared = Arc::clone(&shared);
     let service = service_fn(move |mut request: Request<Incoming>| {

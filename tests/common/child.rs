@@ -24,6 +24,10 @@ pub struct ChildOptions {
     pub global_args: Vec<String>,
     /// `RUST_LOG` for the child (unset: the binary's default, info).
     pub rust_log: Option<String>,
+    /// Lines of `[audit]` beyond `path` (e.g. `stall_timeout_ms = 500`).
+    pub audit: String,
+    /// Serve the admin port (on an ephemeral port, read from the listening line).
+    pub admin: bool,
     /// Raise the child's RLIMIT_NOFILE to this (through a `sh -c 'ulimit -n N; exec ...'`
     /// wrapper; if the hard limit forbids it, to the hard limit).
     pub nofile: Option<u64>,
@@ -38,6 +42,8 @@ impl ChildOptions {
             policy: TEST_POLICY.to_owned(),
             global_args: Vec::new(),
             rust_log: None,
+            audit: String::new(),
+            admin: false,
             nofile: None,
         }
     }
@@ -49,6 +55,8 @@ pub struct ChildProxy {
     /// The process id of the proxy itself (the shell wrapper `exec`s it).
     pub pid: u32,
     pub addr: SocketAddr,
+    /// The admin port, when [`ChildOptions::admin`] asked for one.
+    pub admin_addr: Option<SocketAddr>,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
     pub config_path: PathBuf,
@@ -59,11 +67,12 @@ pub struct ChildProxy {
 pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config_path = dir.path().join("kms-tag-guard.toml");
+    let admin = if opts.admin { "127.0.0.1:0" } else { "" };
     let text = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"\"\n\n\
+        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"{admin}\"\n\n\
          [shutdown]\ngrace_ms = 2000\n\n[upstream]\nendpoint = \"{}\"\n\n[limits]\n{}\n\n\
-         [audit]\npath = \"{}\"\n\n{}\n",
-        opts.endpoint, opts.limits, opts.audit_path, opts.policy
+         [audit]\npath = \"{}\"\n{}\n\n{}\n",
+        opts.endpoint, opts.limits, opts.audit_path, opts.audit, opts.policy
     );
     std::fs::write(&config_path, text).expect("write the config");
     let stdout_path = dir.path().join("stdout.log");
@@ -105,10 +114,10 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
     let pid = child.id();
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
+    let (addr, admin_addr) = loop {
         let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
         if let Some(addr) = listening_addr(&log) {
-            break addr;
+            break (addr, admin_addr(&log));
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("kms-tag-guard serve exited early ({status}); stderr:\n{log}");
@@ -124,6 +133,7 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
         child: Some(child),
         pid,
         addr,
+        admin_addr,
         stdout_path,
         stderr_path,
         config_path,
@@ -133,10 +143,19 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
 
 /// The `local_addr` of the "kms-tag-guard listening" line, in the text or the JSON log format.
 fn listening_addr(log: &str) -> Option<SocketAddr> {
+    field_addr(log, "local_addr")
+}
+
+/// The `admin` address of the "kms-tag-guard listening" line.
+fn admin_addr(log: &str) -> Option<SocketAddr> {
+    field_addr(log, "admin")
+}
+
+fn field_addr(log: &str, field: &str) -> Option<SocketAddr> {
     let line = log
         .lines()
         .find(|l| l.contains("kms-tag-guard listening"))?;
-    let after = &line[line.find("local_addr")? + "local_addr".len()..];
+    let after = &line[line.find(field)? + field.len()..];
     let start = after.find(|c: char| c.is_ascii_digit())?;
     let rest = &after[start..];
     let end = rest

@@ -401,6 +401,7 @@ pub(crate) fn parse_response(
     buf: &[u8],
     close_after: bool,
     want_ids: bool,
+    keep_alive_secs: u64,
 ) -> Result<Parsed<ResponseHead>, BadResponse> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut slots);
@@ -490,6 +491,9 @@ pub(crate) fn parse_response(
     }
     if close_after || framing == Framing::UntilClose {
         rewritten.extend_from_slice(b"connection: close\r\n");
+    } else if status >= 200 {
+        // The client's agent retires the connection before the proxy's idle timeout closes it.
+        keep_alive_hint(&mut rewritten, keep_alive_secs);
     }
     rewritten.extend_from_slice(b"\r\n");
     Ok(Parsed::Complete(ResponseHead {
@@ -501,6 +505,14 @@ pub(crate) fn parse_response(
         aws_request_id,
         aws_error_type,
     }))
+}
+
+/// `keep-alive: timeout=N`: how long the proxy keeps an idle connection, so that clients (Node's
+/// agent honours it) stop using it before then.
+pub(crate) fn keep_alive_hint(out: &mut Vec<u8>, secs: u64) {
+    out.extend_from_slice(b"keep-alive: timeout=");
+    out.extend_from_slice(secs.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The head to forward: the client's bytes, without the Connection and Keep-Alive lines.
@@ -748,7 +760,7 @@ mod tests {
     #[test]
     fn answers_are_framed_and_rewritten() {
         let buf = b"HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nContent-Length: 5\r\n\r\nhello";
-        let Ok(Parsed::Complete(head)) = parse_response(buf, false, true) else {
+        let Ok(Parsed::Complete(head)) = parse_response(buf, false, true, 60) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::Length(5));
@@ -756,10 +768,10 @@ mod tests {
         assert_eq!(head.aws_request_id.as_deref(), Some("r1"));
         assert_eq!(
             String::from_utf8(head.rewritten).unwrap(),
-            "HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nContent-Length: 5\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nx-amzn-RequestId: r1\r\nContent-Length: 5\r\nkeep-alive: timeout=60\r\n\r\n"
         );
         let chunked = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let Ok(Parsed::Complete(head)) = parse_response(chunked, true, true) else {
+        let Ok(Parsed::Complete(head)) = parse_response(chunked, true, true, 60) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::Chunked);
@@ -768,15 +780,15 @@ mod tests {
             .ends_with("Transfer-Encoding: chunked\r\nconnection: close\r\n\r\n"));
         // A Connection header cannot take away the headers the body is framed by.
         let named = b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 2\r\n\r\n";
-        let Ok(Parsed::Complete(head)) = parse_response(named, false, false) else {
+        let Ok(Parsed::Complete(head)) = parse_response(named, false, false, 60) else {
             panic!()
         };
         assert_eq!(
             String::from_utf8(head.rewritten).unwrap(),
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nkeep-alive: timeout=60\r\n\r\n"
         );
         let close = b"HTTP/1.0 200 OK\r\n\r\n";
-        let Ok(Parsed::Complete(head)) = parse_response(close, false, true) else {
+        let Ok(Parsed::Complete(head)) = parse_response(close, false, true, 60) else {
             panic!()
         };
         assert_eq!(head.framing, Framing::UntilClose);
@@ -787,7 +799,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
             b"HTTP/1.1 101 Switching\r\n\r\n",
         ] {
-            assert!(parse_response(bad, false, true).is_err());
+            assert!(parse_response(bad, false, true, 60).is_err());
         }
     }
 }

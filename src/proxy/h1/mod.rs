@@ -179,22 +179,36 @@ where
         Ended::HandOver(Rewind::new(self.client, self.buf.freeze()))
     }
 
-    /// Reads the next request head, within the idle timeout (`header_read_timeout_ms` from the
-    /// end of the last request), unless the proxy is shutting down.
+    /// Reads the next request head: the connection may stay idle (no byte of a head yet) for
+    /// `idle_timeout_ms`, and a head, once begun, must be complete within
+    /// `header_read_timeout_ms`; unless the proxy is shutting down. A head is parsed once it has
+    /// ended (or while it is short), not at every read of it, so a head trickled a byte at a time
+    /// costs no more than one sent whole.
     async fn next_head(&mut self) -> Next {
-        let deadline = tokio::time::Instant::now() + self.shared.limits.header_read_timeout;
+        let limits = &self.shared.limits;
+        let now = tokio::time::Instant::now();
+        let mut deadline = if self.buf.is_empty() {
+            now + limits.idle_timeout
+        } else {
+            now + limits.header_read_timeout
+        };
+        // Bytes already searched for the end of the head.
+        let mut searched = 0;
         loop {
             if !self.buf.is_empty() {
-                match parse_request(&self.buf) {
-                    Parsed::Complete(head) => return Next::Head(head),
-                    Parsed::Other => {
-                        return match malformed(&self.buf) {
-                            Some(malformed) => Next::Malformed(malformed),
-                            None => Next::Other,
+                if worth_parsing(&self.buf, searched) {
+                    match parse_request(&self.buf) {
+                        Parsed::Complete(head) => return Next::Head(head),
+                        Parsed::Other => {
+                            return match malformed(&self.buf) {
+                                Some(malformed) => Next::Malformed(malformed),
+                                None => Next::Other,
+                            }
                         }
+                        Parsed::Partial => {}
                     }
-                    Parsed::Partial => {}
                 }
+                searched = self.buf.len();
             } else if *self.closing.borrow() {
                 return Next::Close;
             }
@@ -208,6 +222,10 @@ where
             };
             if !matches!(read, Ok(n) if n > 0) {
                 return Next::Close;
+            }
+            if idle {
+                // A head has begun: it has the header read timeout to arrive whole.
+                deadline = tokio::time::Instant::now() + self.shared.limits.header_read_timeout;
             }
         }
     }
@@ -667,14 +685,18 @@ where
     ) -> Result<head::ResponseHead, ProxyError> {
         let upstream = &self.shared.upstream;
         let timeout = upstream.timeout();
+        let keep_alive_secs = self.shared.limits.idle_timeout.as_secs();
         let timer = &mut self.kms_timer;
         let kms = self.kms.as_mut().expect("connected");
         let reading = async {
             loop {
                 if !kms.buf.is_empty() {
-                    match parse_response(&kms.buf, close_after, want_ids) {
+                    match parse_response(&kms.buf, close_after, want_ids, keep_alive_secs) {
+                        // An interim answer (100, 103): skipped, and what follows it in the
+                        // buffer parsed before anything more is read.
                         Ok(Parsed::Complete(head)) if head.status < 200 => {
-                            kms.buf.advance(head.len)
+                            kms.buf.advance(head.len);
+                            continue;
                         }
                         Ok(Parsed::Complete(head)) => {
                             kms.buf.advance(head.len);
@@ -907,7 +929,8 @@ where
     ) -> Step {
         self.count(handled.operation, handled.outcome, class, started);
         let close = close || self.closing_now();
-        match serialise(handled.response, close).await {
+        let keep_alive_secs = self.shared.limits.idle_timeout.as_secs();
+        match serialise(handled.response, close, keep_alive_secs).await {
             Some(bytes) if self.write_client(&bytes).await.is_ok() && !close => Step::Continue,
             _ => Step::Close,
         }
@@ -928,6 +951,22 @@ where
     fn closing_now(&self) -> bool {
         *self.closing.borrow()
     }
+}
+
+/// Whether a buffered head is worth parsing: it is short (so that nonsense is refused at once),
+/// it has reached the head limit, or the bytes new since `searched` end a head (an empty line,
+/// with or without CR). Parsing only then keeps a trickled head linear.
+fn worth_parsing(buf: &[u8], searched: usize) -> bool {
+    const ALWAYS_BELOW: usize = 1024;
+    if buf.len() < ALWAYS_BELOW || buf.len() >= MAX_HEAD_BYTES {
+        return true;
+    }
+    // An LF up to two bytes before the new ones may end the head with them.
+    let from = searched.saturating_sub(2);
+    memchr::memchr_iter(b'\n', &buf[from..]).any(|at| {
+        let next = &buf[from + at + 1..];
+        next.first() == Some(&b'\n') || next.starts_with(b"\r\n")
+    })
 }
 
 /// KMS's whole answer to a tag change.
@@ -971,7 +1010,11 @@ impl WholeAnswer {
 }
 
 /// An answer of the proxy's own, as HTTP/1.1 bytes.
-async fn serialise(response: Response<ProxyBody>, close: bool) -> Option<Vec<u8>> {
+async fn serialise(
+    response: Response<ProxyBody>,
+    close: bool,
+    keep_alive_secs: u64,
+) -> Option<Vec<u8>> {
     let (parts, body) = response.into_parts();
     let body: Bytes = body.collect().await.ok()?.to_bytes();
     let mut out = Vec::with_capacity(256 + body.len());
@@ -989,6 +1032,8 @@ async fn serialise(response: Response<ProxyBody>, close: bool) -> Option<Vec<u8>
     out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
+    } else {
+        head::keep_alive_hint(&mut out, keep_alive_secs);
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
