@@ -11,14 +11,13 @@
 //! fsync each), in order, and every record accepted into the queue is written before the proxy
 //! exits, within the shutdown grace period.
 //!
-//! Records are bounded (at most [`MAX_RECORD_BYTES`]): long keys and values are cut and marked,
-//! lists of tags and violations keep their first entries and count the rest. U+2028, U+2029 and
-//! U+0085, which some line readers take for line ends, are escaped.
+//! Every line is at most [`MAX_RECORD_BYTES`] (a larger record is written as a summary of it), and
+//! U+2028, U+2029 and U+0085, which some line readers take for line ends, are escaped. What the
+//! records say is `crate::record`'s.
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -30,19 +29,10 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use crate::config::{AuditConfig, AuditPath};
-use crate::inspect::Judgement;
-use crate::kms::Tag;
 use crate::metrics::Metrics;
-use crate::policy::Violation;
 
 /// The largest record the log holds; a larger one is written as a summary.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
-/// How many tags (set or removed) a decision record lists; the rest are counted.
-pub const MAX_RECORDED_TAGS: usize = 50;
-/// The longest key a record shows, in characters (KMS allows 128).
-const MAX_KEY_CHARS: usize = 256;
-/// The longest value a record shows, in characters (KMS allows 256).
-const MAX_VALUE_CHARS: usize = 512;
 /// How many queued records one write takes at most.
 const MAX_BATCH: usize = 64;
 
@@ -462,139 +452,11 @@ pub fn timestamp() -> String {
 }
 
 /// `s`, or its first `max` characters marked as cut, with its length.
-fn bounded(s: &str, max: usize) -> Cow<'_, str> {
+pub(crate) fn bounded(s: &str, max: usize) -> Cow<'_, str> {
     match s.char_indices().nth(max) {
         None => Cow::Borrowed(s),
         Some((at, _)) => Cow::Owned(format!("{}…({} characters)", &s[..at], s.chars().count())),
     }
-}
-
-/// A tag as a record shows it.
-#[derive(Debug, Serialize)]
-pub struct RecordedTag<'a> {
-    pub key: Cow<'a, str>,
-    pub value: Cow<'a, str>,
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
-}
-
-/// The record written before a tag-bearing request is forwarded or answered.
-#[derive(Debug, Serialize)]
-pub struct DecisionRecord<'a> {
-    pub ts: String,
-    pub event: &'static str,
-    pub request_id: &'a str,
-    pub operation: &'a str,
-    pub key_id: Option<Cow<'a, str>>,
-    pub region: Option<&'a str>,
-    pub access_key_id: Option<&'a str>,
-    pub source: Option<SocketAddr>,
-    /// The SDK's `amz-sdk-invocation-id`: the same for every attempt of one call.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub invocation_id: Option<&'a str>,
-    /// The attempt number from `amz-sdk-request`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<u32>,
-    pub set: Vec<RecordedTag<'a>>,
-    pub remove: Vec<Cow<'a, str>>,
-    /// Tags set past the first [`MAX_RECORDED_TAGS`], counted, not listed.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub set_omitted: usize,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub remove_omitted: usize,
-    pub decision: &'static str,
-    pub violations: &'a [Violation],
-    pub dry_run_violations: &'a [Violation],
-    #[serde(skip_serializing_if = "is_zero")]
-    pub violations_omitted: usize,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub dry_run_violations_omitted: usize,
-}
-
-impl<'a> DecisionRecord<'a> {
-    pub fn new(
-        request_id: &'a str,
-        operation: &'a str,
-        source: Option<SocketAddr>,
-        judgement: &'a Judgement,
-    ) -> DecisionRecord<'a> {
-        let change = judgement.change.as_ref();
-        let credential = judgement.credential.as_ref();
-        let set: &[Tag] = change.map_or(&[], |c| &c.set);
-        let remove: &[String] = change.map_or(&[], |c| &c.remove);
-        DecisionRecord {
-            ts: timestamp(),
-            event: "decision",
-            request_id,
-            operation,
-            key_id: judgement
-                .key_id
-                .as_deref()
-                .map(|k| bounded(k, MAX_VALUE_CHARS)),
-            region: credential.and_then(|c| c.region.as_deref()),
-            access_key_id: credential.map(|c| c.access_key_id.as_str()),
-            source,
-            invocation_id: judgement.call.invocation_id.as_deref(),
-            attempt: judgement.call.attempt,
-            set: set
-                .iter()
-                .take(MAX_RECORDED_TAGS)
-                .map(|t| RecordedTag {
-                    key: bounded(&t.key, MAX_KEY_CHARS),
-                    value: bounded(&t.value, MAX_VALUE_CHARS),
-                })
-                .collect(),
-            remove: remove
-                .iter()
-                .take(MAX_RECORDED_TAGS)
-                .map(|k| bounded(k, MAX_KEY_CHARS))
-                .collect(),
-            set_omitted: set.len().saturating_sub(MAX_RECORDED_TAGS),
-            remove_omitted: remove.len().saturating_sub(MAX_RECORDED_TAGS),
-            decision: if judgement.decision.allowed() {
-                "allow"
-            } else {
-                "deny"
-            },
-            violations: &judgement.decision.violations,
-            dry_run_violations: &judgement.decision.dry_run_violations,
-            violations_omitted: judgement.decision.violations_omitted,
-            dry_run_violations_omitted: judgement.decision.dry_run_violations_omitted,
-        }
-    }
-}
-
-/// Whether KMS applied a forwarded change, as far as the proxy can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Applied {
-    /// KMS answered with success.
-    Yes,
-    /// KMS answered with a client error, or the request never reached it whole.
-    No,
-    /// The request reached KMS, and no answer (or a server error) says what it did: KMS may or
-    /// may not have applied the change; `ListResourceTags` tells.
-    Unknown,
-}
-
-/// The record written when the upstream answered a forwarded request, or failed to.
-#[derive(Debug, Serialize)]
-pub struct OutcomeRecord<'a> {
-    pub ts: String,
-    pub event: &'static str,
-    pub request_id: &'a str,
-    pub upstream_status: Option<u16>,
-    pub aws_request_id: Option<&'a str>,
-    /// The KMS error type (`__type`) of an error answer; for a failed forward, the error the proxy
-    /// answered with (`BadGateway`, `GatewayTimeout`).
-    pub aws_error: Option<&'a str>,
-    /// Whether KMS applied the change: `yes`, `no` or `unknown`.
-    pub applied: Applied,
-    pub duration_ms: f64,
-    /// Why the forward failed, when it did.
-    pub error: Option<&'a str>,
 }
 
 #[cfg(test)]

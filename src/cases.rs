@@ -10,12 +10,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 
 use crate::config::Config;
-use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_tag_request_head, classify, request_host};
+use crate::decide::{decision, Head, Rules};
 use crate::kms::operation::TARGET_PREFIX;
-use crate::kms::protocol::check_body;
-use crate::kms::Route;
-use crate::policy::{Decision, UnknownOperations};
+use crate::policy::Decision;
 
 /// One test case.
 #[derive(Debug, Clone)]
@@ -226,67 +223,16 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The decision the proxy would reach for this case.
+/// The decision the proxy would reach for this case: [`crate::decide::decision`] on a `POST /`
+/// with the case's headers and body, against the configuration's rules.
 pub fn decide(config: &Config, case: &Case) -> Decision {
-    decide_request(
-        config,
-        &Method::POST,
-        &Uri::from_static("/"),
-        &case.headers,
-        &case.body,
-    )
-}
-
-/// The decision the proxy reaches for a request, without a network: classification of the head,
-/// `unknown_operations`, the Host, the body's protocol (for operations streamed through), the
-/// tag-request head checks, the body limit, then the strict parse and the policy. A refused
-/// request is a `deny` with rule `request`; an operation that changes no tags, when it passes,
-/// is an empty `allow`.
-pub fn decide_request(
-    config: &Config,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Decision {
-    let policy = &config.policy;
-    let route = match classify(method, uri, headers) {
-        Err(refused) => return Judgement::unreadable(refused.reason).decision,
-        Ok(route) => route,
+    let head = Head {
+        method: &Method::POST,
+        uri: &Uri::from_static("/"),
+        headers: &case.headers,
+        tunnel_host: None,
     };
-    if let Route::Unknown(name) = &route {
-        if policy.unknown_operations == UnknownOperations::Reject {
-            return Decision::unreadable(format!(
-                "X-Amz-Target \"TrentService.{name}\" is not a KMS operation, and [policy].unknown_operations is \"reject\""
-            ));
-        }
-    }
-    match request_host(uri, headers) {
-        Err(reason) => return Judgement::unreadable(reason).decision,
-        Ok(host) if !config.upstream.allows_host(host) => {
-            return Decision::unreadable(format!(
-                "the Host {host:?} is not a KMS endpoint this proxy forwards to"
-            ))
-        }
-        Ok(_) => {}
-    }
-    let Route::Inspect(operation) = route else {
-        // Streamed unread, but watched for another protocol's shape as it passes.
-        return match check_body(body) {
-            Ok(()) => Decision::default(),
-            Err(reason) => Judgement::unreadable(reason).decision,
-        };
-    };
-    if let Err(reason) = check_tag_request_head(headers) {
-        return Judgement::unreadable(reason).decision;
-    }
-    if body.len() as u64 > config.limits.max_body_bytes {
-        return Decision::unreadable(format!(
-            "the body is larger than {} bytes",
-            config.limits.max_body_bytes
-        ));
-    }
-    judge(operation, headers, uri.query(), body, policy, None).decision
+    decision(&head, &case.body, &Rules::of(config))
 }
 
 /// Runs cases against a configuration.

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref(), cli.log_format),
         Command::Check { config } => match load(config.as_deref()) {
             Ok(config) => {
-                println!("ok: {} rules", config.policy.rules.len());
+                println!("ok: {} rules", config.policy.rule_count());
                 ExitCode::SUCCESS
             }
             Err(errors) => config_failure(&errors),

@@ -14,20 +14,31 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
+use crate::audit::AuditLog;
 use crate::config::{sha256_hex, Config, ConfigErrors, ConfigSource};
 use crate::files::{self, Stamp};
+use crate::metrics::Metrics;
 use crate::metrics::ReloadResult;
-use crate::proxy::Shared;
+use crate::policy::Policy;
 use crate::tls::ListenerCert;
 
 /// How often the config file is read for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
+/// What a reload changes: the policy in force, the audit file (reopened), and the metrics that
+/// report both.
+pub(crate) struct Live {
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+}
+
 pub(crate) struct Reloader {
-    shared: Arc<Shared>,
+    shared: Live,
     path: Option<PathBuf>,
     /// What the last read found: the file's hash, or why it could not be read. A poll acts only
     /// when this changes, so a bad file is reported once, not every 5 s.
@@ -57,7 +68,7 @@ enum Polled {
 
 impl Reloader {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        shared: Live,
         config: &Config,
         listener_cert: Option<Arc<ListenerCert>>,
     ) -> Reloader {
@@ -164,7 +175,7 @@ impl Reloader {
                 self.shared.policy.store(Arc::clone(&config.policy));
                 metrics.policy_in_force(&config.sha256);
                 metrics.reload(ReloadResult::success);
-                info!(rules = config.policy.rules.len(), sha256 = %config.sha256, "policy reloaded");
+                info!(rules = config.policy.rule_count(), sha256 = %config.sha256, "policy reloaded");
             }
             Err(errors) => {
                 metrics.reload(ReloadResult::error);

@@ -20,7 +20,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::config::{sha256_hex, TlsFiles};
+use crate::config::{sha256_hex, TlsFiles, DEFAULT_LEAF_CACHE_SIZE};
 use crate::files::{self, Stamp};
 use crate::metrics::Metrics;
 
@@ -190,10 +190,6 @@ const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// Minted leaves are valid from a little before now, for clients with a slow clock.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
-
-/// How many minted leaves the cache holds unless `[intercept].leaf_cache_size` says otherwise:
-/// every regional, FIPS and dual-stack KMS name of every region several times over, about 8 MiB.
-pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
 
 /// Mints short-lived leaf certificates for intercepted hosts, signed by the interception CA.
 ///

@@ -41,9 +41,10 @@ use common::moto::Moto;
 use common::raw::RawConn;
 use common::*;
 use kms_tag_guard::config::ConfigSource;
+use kms_tag_guard::decide::{decision, Head, Rules};
 use kms_tag_guard::fold::skeleton;
 use kms_tag_guard::kms::{Tag, TagChange, TagOperation};
-use kms_tag_guard::policy::Context;
+use kms_tag_guard::policy::{Context, Decision};
 use kms_tag_guard::Config;
 
 // ------------------------------------------------------------------------------------------------
@@ -692,12 +693,21 @@ const READERS: [(&str, Reader); 5] = [
     ("query", query_reader),
 ];
 
+/// The library's one decision on a `POST` with this path, head and body.
+fn decide(config: &Config, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Decision {
+    let head = Head {
+        method: &Method::POST,
+        uri,
+        headers,
+        tunnel_host: None,
+    };
+    decision(&head, body, &Rules::of(config))
+}
+
 /// The forbidden tag changes some reader sees, named by reader.
 fn forbidden_readings(config: &Config, attack: &Attack) -> Vec<(String, TagChange)> {
     let context = Context {
         access_key_id: Some(ACCESS_KEY_ID),
-        region: Some(REGION),
-        source: None,
     };
     let mut out = Vec::new();
     for (name, reader) in READERS {
@@ -804,8 +814,7 @@ proptest! {
             return Ok(());
         };
         let uri: Uri = attack.path.parse().unwrap();
-        let decision =
-            kms_tag_guard::cases::decide_request(&config, &Method::POST, &uri, &headers, &attack.body);
+        let decision = decide(&config, &uri, &headers, &attack.body);
         if !forbidden.is_empty() {
             prop_assert!(
                 !decision.allowed(),
@@ -822,13 +831,7 @@ proptest! {
     ) {
         let config = policy_config();
         let headers = header_map(&attack, "kms.us-east-1.amazonaws.com").unwrap();
-        let decision = kms_tag_guard::cases::decide_request(
-            &config,
-            &Method::POST,
-            &Uri::from_static("/"),
-            &headers,
-            &attack.body,
-        );
+        let decision = decide(&config, &Uri::from_static("/"), &headers, &attack.body);
         let readings: Vec<Vec<Reading>> = READERS.iter().map(|(_, r)| r(&attack)).collect();
         for (i, (name, _)) in READERS.iter().enumerate().skip(1) {
             if *name == "query" {

@@ -21,6 +21,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use kms_tag_guard::config::ConfigSource;
+use kms_tag_guard::decide::{decision, Head, Rules};
 use kms_tag_guard::fold::eq_ignore_case;
 use kms_tag_guard::kms::classify::{check_tag_request_head, classify, request_host};
 use kms_tag_guard::kms::credential::read_credential;
@@ -149,7 +150,13 @@ fn decide_request(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Decision {
-    kms_tag_guard::cases::decide_request(config, method, uri, headers, body)
+    let head = Head {
+        method,
+        uri,
+        headers,
+        tunnel_host: None,
+    };
+    decision(&head, body, &Rules::of(config))
 }
 
 fn target(op: TagOperation) -> String {

@@ -22,11 +22,12 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 use kms_tag_guard::config::ConfigSource;
+use kms_tag_guard::decide::{decision, Head, Rules};
 use kms_tag_guard::kms::classify::classify;
 use kms_tag_guard::kms::operation::TARGET_PREFIX;
 use kms_tag_guard::kms::request::parse_tag_request;
 use kms_tag_guard::kms::{Route, TagChange, TagOperation};
-use kms_tag_guard::policy::{Decision, Mode, REQUEST_RULE};
+use kms_tag_guard::policy::{Decision, REQUEST_RULE};
 use kms_tag_guard::Config;
 
 /// Every rule type and option, enforced; a small body limit so the limit is reachable.
@@ -188,20 +189,20 @@ fn trim(mut value: &[u8]) -> &[u8] {
     value
 }
 
-/// The library's one decision (`kms_tag_guard::cases::decide_request`) on the input's request,
+/// The library's one decision (`kms_tag_guard::decide::decision`) on the input's request,
 /// with the tag operation its head names.
 fn decide(config: &Config, request: &Request) -> (Option<TagOperation>, Decision) {
     let operation = match classify(&request.method, &request.uri, &request.headers) {
         Ok(Route::Inspect(op)) => Some(op),
         _ => None,
     };
-    let decision = kms_tag_guard::cases::decide_request(
-        config,
-        &request.method,
-        &request.uri,
-        &request.headers,
-        request.body,
-    );
+    let head = Head {
+        method: &request.method,
+        uri: &request.uri,
+        headers: &request.headers,
+        tunnel_host: None,
+    };
+    let decision = decision(&head, request.body, &Rules::of(config));
     (operation, decision)
 }
 
@@ -357,13 +358,7 @@ fuzz_target!(|data: &[u8]| {
                 "an allowed {op} whose body the strict parser refuses"
             );
         }
-        let dry_run = config.policy.mode == Mode::DryRun
-            && config
-                .policy
-                .rules
-                .iter()
-                .all(|r| r.mode != Some(Mode::Enforce));
-        if dry_run {
+        if config.policy.enforces_no_rule() {
             assert!(
                 decision.violations.iter().all(|v| &*v.rule == REQUEST_RULE),
                 "a dry-run policy enforced {:?}",

@@ -1,5 +1,6 @@
 //! What the proxy knows of the KMS wire protocol, and nothing about policy.
 
+pub mod answer;
 pub mod classify;
 pub mod credential;
 pub mod operation;

@@ -3,14 +3,16 @@
 //! Pure: no I/O, no async, no HTTP. `evaluate` turns a [`TagChange`] and its [`Context`] into a
 //! [`Decision`] that lists every violation, so one denial tells the caller everything to fix.
 
+mod compile;
 mod rules;
 
-use std::net::SocketAddr;
+pub(crate) use compile::compile;
+
 use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use rules::{KeyMatcher, Rule, RuleKind, ValueMatcher};
+pub use rules::Rule;
 
 use crate::kms::TagChange;
 
@@ -43,21 +45,44 @@ pub const MAX_TAGS_RULE: &str = "max-tags";
 /// The rule id under which an unreadable or ambiguous request is denied.
 pub const REQUEST_RULE: &str = "request";
 
-/// A compiled policy.
+/// A compiled policy: built by [`compile`] from the `[policy]` section, and only so.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub mode: Mode,
-    pub max_tags: usize,
-    pub unknown_operations: UnknownOperations,
-    pub rules: Vec<Rule>,
+    mode: Mode,
+    max_tags: usize,
+    unknown_operations: UnknownOperations,
+    rules: Vec<Rule>,
 }
 
-/// Who asks, from where; everything a rule may look at besides the change itself.
+impl Policy {
+    /// How many `[[policy.rule]]`s it holds.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn max_tags(&self) -> usize {
+        self.max_tags
+    }
+
+    pub fn unknown_operations(&self) -> UnknownOperations {
+        self.unknown_operations
+    }
+
+    /// Whether no violation can deny: dry-run, and no rule enforced on its own.
+    pub fn enforces_no_rule(&self) -> bool {
+        self.mode == Mode::DryRun && self.rules.iter().all(|r| r.mode != Some(Mode::Enforce))
+    }
+}
+
+/// Who asks: everything a rule may look at besides the change itself.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Context<'a> {
+    /// From the SigV4 credential scope (read, not verified: KMS verifies it).
     pub access_key_id: Option<&'a str>,
-    pub region: Option<&'a str>,
-    pub source: Option<SocketAddr>,
 }
 
 /// One broken rule.

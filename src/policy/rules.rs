@@ -12,18 +12,18 @@ use crate::kms::{TagChange, TagOperation};
 /// A rule with its scope.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub id: Arc<str>,
+    pub(super) id: Arc<str>,
     /// Overrides `[policy].mode` for this rule.
-    pub mode: Option<Mode>,
+    pub(super) mode: Option<Mode>,
     /// When not empty, the rule applies only to requests whose KeyId may match.
-    pub key_ids: Vec<KeyGlob>,
+    pub(super) key_ids: Vec<KeyGlob>,
     /// Access key ids the rule does not apply to.
-    pub exempt_principals: Vec<String>,
-    pub kind: RuleKind,
+    pub(super) exempt_principals: Vec<String>,
+    pub(super) kind: RuleKind,
 }
 
 #[derive(Debug, Clone)]
-pub enum RuleKind {
+pub(super) enum RuleKind {
     /// Every key set must start with one of `prefixes` (exact case), unless listed in `exempt_keys`.
     RequiredPrefix {
         prefixes: Vec<String>,
@@ -50,7 +50,7 @@ pub enum RuleKind {
 }
 
 #[derive(Debug, Clone)]
-pub enum KeyMatcher {
+pub(super) enum KeyMatcher {
     /// Compared ignoring case.
     Exact(String),
     /// Matched ignoring case.
@@ -58,14 +58,14 @@ pub enum KeyMatcher {
 }
 
 #[derive(Debug, Clone)]
-pub enum ValueMatcher {
+pub(super) enum ValueMatcher {
     Pattern(Regex),
     Allowed(Vec<String>),
 }
 
 impl Rule {
     /// Whether the rule applies to this request at all.
-    pub fn applies_to(&self, change: &TagChange, context: &Context) -> bool {
+    pub(super) fn applies_to(&self, change: &TagChange, context: &Context) -> bool {
         if let Some(akid) = context.access_key_id {
             if self.exempt_principals.iter().any(|p| p == akid) {
                 return false;
@@ -83,7 +83,7 @@ impl Rule {
 
     /// Adds every violation of this rule to `out`. Messages are built only for the violations
     /// `out` keeps.
-    pub fn check(&self, change: &TagChange, out: &mut Violations) {
+    pub(super) fn check(&self, change: &TagChange, out: &mut Violations) {
         let violation = |key: &str, message: String| Violation {
             rule: self.id.clone(),
             key: Some(shown_key(key)),

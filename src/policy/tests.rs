@@ -219,7 +219,6 @@ exempt_principals = ["AKIDADMIN"]
     assert!(!p.evaluate(&change, &Context::default()).allowed());
     let admin = Context {
         access_key_id: Some("AKIDADMIN"),
-        ..Context::default()
     };
     assert!(p.evaluate(&change, &admin).allowed());
     change.key_id = Some("arn:aws:kms:us-east-1:444455556666:key/k".into());

@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::kms::protocol::BodyCheck;
@@ -13,6 +14,9 @@ use crate::kms::Unreadable;
 use crate::metrics::{Metrics, UpstreamErrorKind};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body the proxy streams from a peer, or one it holds whole.
+pub type ProxyBody = Either<Streamed, Full<Bytes>>;
 
 /// A client's body cut off because it showed another protocol's shape (or carried trailers).
 #[derive(Debug, thiserror::Error)]

@@ -29,49 +29,16 @@ use tokio_rustls::LazyConfigAcceptor;
 use tower_service::Service;
 use tracing::{debug, info};
 
+use super::body::ProxyBody;
 use super::budget::Conn;
-use super::connector::{OwnAddresses, UpstreamResolver};
-use super::error::ProxyError;
-use super::serve::{serve_connection, Origin, TunnelHold};
-use super::Shared;
-use crate::config::{Config, Resolver};
+use super::state::{Origin, Shared, TunnelHold, Tunnels};
+use crate::answer::ProxyError;
 use crate::endpoints::{self, KmsName};
-use crate::glob::HostGlob;
 use crate::metrics::Outcome;
 use crate::tls::{server_config, LeafMinter, TunnelCert};
 
 /// The only port CONNECT may name: KMS and the AWS endpoints worth tunnelling speak HTTPS on 443.
 const TUNNEL_PORT: u16 = 443;
-
-/// What CONNECT needs to know.
-pub(crate) struct Tunnels {
-    minter: Option<Arc<LeafMinter>>,
-    kms_hosts: Vec<HostGlob>,
-    tunnel_hosts: Vec<HostGlob>,
-    resolver: UpstreamResolver,
-    own: OwnAddresses,
-    connect_timeout: Duration,
-    /// `[intercept].tunnel_idle_timeout_ms`.
-    idle_timeout: Duration,
-}
-
-impl Tunnels {
-    pub(crate) fn new(
-        config: &Config,
-        minter: Option<Arc<LeafMinter>>,
-        own: OwnAddresses,
-    ) -> Result<Tunnels, String> {
-        Ok(Tunnels {
-            minter,
-            kms_hosts: config.upstream.allowed_hosts.clone(),
-            tunnel_hosts: config.intercept.tunnel_hosts.clone(),
-            resolver: UpstreamResolver::new(config.upstream.resolver == Resolver::Dns)?,
-            own,
-            connect_timeout: config.upstream.connect_timeout,
-            idle_timeout: config.intercept.tunnel_idle_timeout,
-        })
-    }
-}
 
 /// The answer to a CONNECT and, for the metrics, what became of it.
 pub(crate) async fn handle(
@@ -79,8 +46,11 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     origin: &Origin,
     request_id: &str,
-) -> (Response<super::ProxyBody>, Outcome) {
-    let refuse = |error: ProxyError| (error.clone().into_response(request_id), error.outcome());
+) -> (Response<ProxyBody>, Outcome) {
+    let refuse = |error: ProxyError| {
+        let response = error.clone().into_response(request_id).map(Either::Right);
+        (response, error.outcome())
+    };
     if origin.tunnel_host.is_some() {
         return refuse(ProxyError::ConnectRefused(
             "a CONNECT inside a tunnel".into(),
@@ -296,7 +266,7 @@ fn connect_target(authority: &http::uri::Authority) -> Result<String, String> {
     Ok(host.to_owned())
 }
 
-fn established(request_id: &str) -> Response<super::ProxyBody> {
+fn established(request_id: &str) -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::default()));
     *response.status_mut() = StatusCode::OK;
     if let Ok(id) = http::HeaderValue::from_str(request_id) {
@@ -382,7 +352,8 @@ async fn serve_intercepted(
         tunnel_host: Some(host.into()),
         conn,
     };
-    serve_connection(stream, shared, origin).await;
+    let serve = shared.serve_tunnel;
+    serve(stream, shared, origin).await;
 }
 
 /// The TLS handshake inside an intercepted tunnel: the ClientHello is read first, and a leaf is
@@ -458,8 +429,10 @@ async fn connect_tcp(tunnels: &Tunnels, host: &str, port: u16) -> Result<TcpStre
 
 #[cfg(test)]
 mod tests {
+    use super::super::connector::OwnAddresses;
     use super::*;
-    use crate::config::ConfigSource;
+    use crate::config::{Config, ConfigSource};
+    use crate::glob::HostGlob;
 
     fn tunnels(upstream: &str, intercept: &str) -> Tunnels {
         let text = format!("[upstream]\n{upstream}\n[intercept]\n{intercept}\n");

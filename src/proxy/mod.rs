@@ -1,17 +1,17 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
+mod accept;
 mod body;
 mod budget;
 mod connect;
+mod connection;
 mod connector;
-mod error;
+mod general;
 mod h1;
 mod headers;
-mod pipeline;
 mod rewind;
-mod serve;
+mod state;
 pub mod upstream;
-mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,27 +19,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::{Either, Full};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-pub use error::ProxyError;
+pub use crate::answer::ProxyError;
 
 use crate::admin::{self, AdminState};
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::reload::Reloader;
+use crate::reload::{Live, Reloader};
 use crate::tls::{LeafMinter, ListenerCert};
+pub use body::ProxyBody;
 use connector::OwnAddresses;
-pub(crate) use pipeline::Shared;
+use state::{Lifecycle, Shared, Tunnels};
 use upstream::{Upstream, UpstreamSetupError};
-
-/// A body the proxy streams from a peer, or one it holds whole.
-pub type ProxyBody = Either<body::Streamed, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -124,7 +120,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let own_addresses = OwnAddresses::default();
     metrics.policy_in_force(&config.sha256);
     let shared = Arc::new(Shared {
-        policy: ArcSwap::new(Arc::clone(&config.policy)),
+        policy: Arc::new(ArcSwap::new(Arc::clone(&config.policy))),
         audit: Arc::new(AuditLog::open(&config.audit, Arc::clone(&metrics))?),
         upstream: Upstream::new(
             &config.upstream,
@@ -133,9 +129,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         )?,
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
-        server: serve::http_server(&config),
-        lifecycle: serve::Lifecycle::new(),
-        tunnels: connect::Tunnels::new(&config, minter, own_addresses.clone())
+        server: connection::http_server(&config),
+        lifecycle: Lifecycle::new(),
+        serve_tunnel: connection::serve_tunnel,
+        tunnels: Tunnels::new(&config, minter, own_addresses.clone())
             .map_err(|e| StartError::Upstream(UpstreamSetupError::Resolver(e)))?,
     });
     let listener = bind(config.listener.address).await?;
@@ -161,7 +158,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     };
     let admin_addr = admin.as_ref().map(|(_, address)| *address);
     let admin_text = admin_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
-    info!(%local_addr, admin = %admin_text, config = %config.source, rules = config.policy.rules.len(), "kms-tag-guard listening");
+    info!(%local_addr, admin = %admin_text, config = %config.source, rules = config.policy.rule_count(), "kms-tag-guard listening");
 
     let (stop, stopped) = watch::channel(false);
     let control = Arc::new(Control {
@@ -179,11 +176,15 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         None => None,
     };
     let reloader = Reloader::new(
-        Arc::clone(&shared),
+        Live {
+            policy: Arc::clone(&shared.policy),
+            audit: Arc::clone(&shared.audit),
+            metrics: Arc::clone(&shared.metrics),
+        },
         &config,
         tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
     );
-    let threads = workers::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
+    let threads = accept::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
         .map_err(StartError::Threads)?;
     let budget = Arc::new(budget::Budget::new(
         connection_limit(config.limits.max_connections),
@@ -194,7 +195,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));
     let task = tokio::spawn(async move {
-        serve::serve(listener, threads, shared, config, budget, stopped).await;
+        accept::serve(listener, threads, shared, config, budget, stopped).await;
         if let Some(admin_task) = admin_task {
             admin_task.abort();
         }

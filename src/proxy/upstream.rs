@@ -16,9 +16,9 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::body::ProxyBody;
 use super::connector::{GuardedConnector, OwnAddresses, UpstreamResolver};
-use super::error::ProxyError;
-use super::ProxyBody;
+use crate::answer::ProxyError;
 use crate::config::{Resolver, UpstreamConfig};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 
@@ -52,6 +52,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The settings it was built from.
+    pub(crate) fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
     pub fn new(
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,

@@ -39,9 +39,8 @@ pub(crate) struct RequestHead {
     pub parts: Parts,
     /// Bytes of the head, final empty line included.
     pub len: usize,
+    /// The Content-Length; none declared (and no Transfer-Encoding) is an empty body.
     pub body_len: u64,
-    /// Whether the head declared a Content-Length (tag-bearing requests must).
-    pub has_length: bool,
     /// The client asked to close the connection after this request.
     pub close: bool,
     /// Byte ranges of the Connection and Keep-Alive lines, which are not forwarded.
@@ -102,10 +101,10 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
         headers.append(name, value);
     }
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    let (body_len, has_length) = match (lengths.next(), lengths.next()) {
-        (None, _) => (0, false),
+    let body_len = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
         (Some(v), None) => match digits(v.as_bytes()) {
-            Some(n) => (n, true),
+            Some(n) => n,
             None => return Parsed::Other,
         },
         (Some(_), Some(_)) => return Parsed::Other,
@@ -119,7 +118,6 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed<RequestHead> {
         parts,
         len,
         body_len,
-        has_length,
         close,
         hop_lines,
     })
@@ -550,7 +548,7 @@ mod tests {
         let head = complete(ENCRYPT);
         assert_eq!(head.len, ENCRYPT.len() - 2);
         assert_eq!(head.body_len, 2);
-        assert!(head.has_length && !head.close && head.hop_lines.is_empty());
+        assert!(!head.close && head.hop_lines.is_empty());
         assert_eq!(head.parts.headers["x-amz-target"], "TrentService.Encrypt");
         assert!(matches!(parse_request(&ENCRYPT[..30]), Parsed::Partial));
     }

@@ -1,54 +1,47 @@
 //! The fast path for HTTP/1.1 connections.
 //!
-//! Each client connection gets one connection of its own to KMS, opened at its first request and
-//! reused while both stay open: no pool, no second task, no per-request channel. A request head
-//! in the narrow canonical shape of `head::parse_request` is classified; a pass-through request
-//! is written to KMS as the exact bytes the client sent and KMS's answer is streamed back; a
-//! tag-bearing request is read whole, judged, audited and forwarded the same way.
+//! The request loop: the next head (in the narrow canonical shape of `head::parse_request`),
+//! `decide`, then stream the request's exact bytes to KMS and KMS's answer back (`kms.rs`), or
+//! read a tag change whole, decide with its body, record and forward it, or answer a refusal
+//! (through `record`) and skip its body. Each client connection holds one connection to KMS of
+//! its own: no pool, no second task, no per-request channel.
 //!
-//! Everything else (HTTP/2, CONNECT, chunked or `Expect` requests, heads in any other shape, and
-//! every request the pipeline refuses) is handed, with the bytes read so far, to the general
-//! server for the rest of the connection, so refusals and odd requests are answered by exactly
-//! the code that answered them before this path existed.
+//! A head the general server's parser would refuse is refused here, in the KMS shape. Anything
+//! else outside the canonical shape (HTTP/2, CONNECT, chunked or `Expect` requests, other methods
+//! or versions) is handed, with the bytes read so far, to the general server, which serves one
+//! request of it (an HTTP/2 connection whole).
 
 mod chunked;
 mod head;
+mod kms;
 mod timer;
 
 pub(crate) use head::MAX_HEAD_BYTES;
 
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, Uri};
-use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use self::chunked::ChunkedScanner;
-use self::head::{
-    forwarded_head, lenient_read, malformed, parse_request, parse_response, Framing, Malformed,
-    Parsed, RequestHead,
-};
+use self::head::{lenient_read, malformed, parse_request, Malformed, Parsed, RequestHead};
+use self::kms::{Kms, RelayError};
 use self::timer::LazyTimer;
-use super::error::ProxyError;
-use super::pipeline::{
-    self, forward_target, new_request_id, Handled, KmsAnswer, Shared, MAX_INSPECTED_RESPONSE_BYTES,
-    UNKNOWN_OPERATION,
-};
 use super::rewind::Rewind;
-use super::serve::Origin;
-use super::upstream::DirectStream;
-use super::ProxyBody;
-use crate::inspect::{judge, Judgement};
-use crate::kms::classify::{check_tag_request_head, classify, names_pass_through};
+use super::state::{Origin, Shared};
+use crate::answer::ProxyError;
+use crate::decide::{
+    decide, malformed_head, streamed_body_refused, unreadable_body, Body, Head, Refusal, Rules,
+    Verdict,
+};
 use crate::kms::protocol::BodyCheck;
-use crate::kms::{Route, TagOperation, Unreadable};
-use crate::metrics::{Class, Outcome, UpstreamErrorKind};
-use crate::policy::UnknownOperations;
+use crate::kms::TagOperation;
+use crate::metrics::{Class, Outcome};
+use crate::record::{self, new_request_id, Handled};
 
 /// How much more the read buffers make room for before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -92,7 +85,6 @@ where
                 let _ = connection.client.shutdown().await;
                 return Ended::Closed;
             }
-            Step::HandOver(why) => return connection.hand_over(why),
         }
     }
 }
@@ -110,51 +102,6 @@ enum Next {
 enum Step {
     Continue,
     Close,
-    /// To the general server, for this reason (logged at debug level).
-    HandOver(&'static str),
-}
-
-/// The connection to KMS a client connection holds.
-struct Kms {
-    /// Scheme and authority it was opened to.
-    target: Uri,
-    stream: DirectStream,
-    buf: BytesMut,
-}
-
-impl Kms {
-    /// Whether KMS still holds the connection open: it may have closed it while idle, and a
-    /// request written into a closed connection would fail after the fact.
-    fn still_open(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut scratch = [0u8; 1];
-        let mut read = ReadBuf::new(&mut scratch);
-        matches!(
-            std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut read),
-            Poll::Pending
-        )
-    }
-
-    fn serves(&self, target: &Uri) -> bool {
-        self.target.scheme() == target.scheme() && self.target.authority() == target.authority()
-    }
-}
-
-/// Why a request could not be relayed.
-enum RelayError {
-    /// The client's body broke off before it was complete.
-    Client(std::io::Error),
-    /// The client went away while KMS's answer was relayed: nothing to answer.
-    ClientGone,
-    /// KMS failed before its answer began: answer with this.
-    Kms(ProxyError),
-    /// KMS's answer broke off after it began: the client sees the connection cut.
-    Broken,
-    /// The body showed another protocol's shape; KMS did not receive it whole.
-    Refused(Unreadable),
 }
 
 struct Connection<'a, I> {
@@ -233,55 +180,46 @@ where
     async fn handle(&mut self, head: RequestHead) -> Step {
         let started = Instant::now();
         let shared = Arc::clone(self.shared);
-        let peer = self.origin.peer;
-        let headers = &head.parts.headers;
-        let (operation, tag_operation) =
-            match classify(&head.parts.method, &head.parts.uri, headers) {
-                Ok(Route::Pass(op)) => (op.name(), None),
-                Ok(Route::Inspect(op)) => (op.name(), Some(op)),
-                Ok(Route::Unknown(name)) => match shared.policy.load().unknown_operations {
-                    UnknownOperations::Forward => (UNKNOWN_OPERATION, None),
-                    UnknownOperations::Reject => {
-                        let error = ProxyError::UnknownOperation(name);
-                        let handled = Handled::error(error, UNKNOWN_OPERATION, &new_request_id());
-                        return self.refuse(head, handled, Class::pass, started).await;
-                    }
+        // One policy for the whole request, even if a reload lands meanwhile.
+        let policy = shared.policy.load_full();
+        let rules = shared.rules(&policy);
+        let plan = {
+            let view = self.view(&head);
+            match decide(&view, Body::Unread, &rules) {
+                Verdict::Stream { operation, host } => match shared.upstream.target(host, None) {
+                    Ok(target) => Plan::Stream(operation, target),
+                    Err(answer) => Plan::Refuse(Box::new(Refusal {
+                        answer,
+                        operation,
+                        record: None,
+                    })),
                 },
-                Err(refused) => {
-                    let handled = pipeline::refuse_head(&shared, headers, peer, refused).await;
-                    return self.refuse(head, handled, Class::pass, started).await;
-                }
-            };
-        let tunnel_host = self.origin.tunnel_host.as_deref();
-        let target = match forward_target(&shared.upstream, &head.parts.uri, headers, tunnel_host) {
-            Ok((_, target)) => target,
-            Err(error) => {
-                let (handled, class) = match tag_operation {
-                    None => (
-                        Handled::error(error, operation, &new_request_id()),
-                        Class::pass,
-                    ),
-                    Some(_) => {
-                        let judgement = Judgement::unreadable(&error).about(headers, None);
-                        let request_id = new_request_id();
-                        let handled = pipeline::refuse(
-                            &shared,
-                            &request_id,
-                            operation,
-                            operation,
-                            peer,
-                            (judgement, error),
-                        )
-                        .await;
-                        (handled, Class::inspect)
-                    }
-                };
-                return self.refuse(head, handled, class, started).await;
+                Verdict::ReadBody { operation } => Plan::ReadBody(operation),
+                Verdict::Refuse(refusal) => Plan::Refuse(Box::new(refusal)),
+                Verdict::Judged { .. } => unreachable!("no body was given"),
             }
         };
-        match tag_operation {
-            None => self.pass(head, target, operation, started).await,
-            Some(op) => self.inspect(head, target, op, started).await,
+        match plan {
+            Plan::Stream(operation, target) => self.pass(head, target, operation, started).await,
+            Plan::ReadBody(operation) => self.inspect(head, operation, &rules, started).await,
+            Plan::Refuse(refusal) => {
+                let class = record::class_of(refusal.operation);
+                let handled = record::refusal(&shared.audit, self.origin.peer, *refusal).await;
+                self.refuse(head, handled, class, started).await
+            }
+        }
+    }
+
+    /// The head as `decide` reads it.
+    fn view<'h>(&self, head: &'h RequestHead) -> Head<'h>
+    where
+        Self: 'h,
+    {
+        Head {
+            method: &head.parts.method,
+            uri: &head.parts.uri,
+            headers: &head.parts.headers,
+            tunnel_host: self.origin.tunnel_host.as_deref(),
         }
     }
 
@@ -381,20 +319,10 @@ where
                 self.answer(handled, Class::pass, started, true).await
             }
             // The body showed another protocol's shape: KMS got none of it, or not all of it
-            // (its connection is dropped below). A possible tag change: audited.
+            // (its connection is dropped below). A possible tag change: recorded.
             Err(RelayError::Refused(reason)) => {
-                let target = pipeline::target_text(&head.parts.headers);
-                let request_id = new_request_id();
-                let judgement = Judgement::unreadable(&reason).about(&head.parts.headers, None);
-                let handled = pipeline::refuse(
-                    self.shared,
-                    &request_id,
-                    &target,
-                    operation,
-                    self.origin.peer,
-                    (judgement, ProxyError::from(reason)),
-                )
-                .await;
+                let refusal = streamed_body_refused(&self.view(&head), operation, reason);
+                let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
                 self.answer(handled, Class::pass, started, true).await
             }
             // Forwarded and answered by KMS; only the relay broke off.
@@ -407,61 +335,65 @@ where
         step
     }
 
-    /// A tag-bearing request: read whole, judged, its decision recorded, then refused or
-    /// forwarded; KMS's answer is read whole for the outcome record.
+    /// A tag-bearing request: read whole, decided again with its body, its decision recorded,
+    /// then refused or forwarded; KMS's answer is read whole for the outcome record.
     async fn inspect(
         &mut self,
         head: RequestHead,
-        target: Uri,
         operation: TagOperation,
+        rules: &Rules<'_>,
         started: Instant,
     ) -> Step {
         let shared = Arc::clone(self.shared);
-        let op = operation.name();
-        let parts = &head.parts;
-        if !head.has_length {
-            // No Content-Length and no Transfer-Encoding: an empty body, which the general
-            // server reads as it always has.
-            return Step::HandOver("a tag-changing request without a Content-Length");
-        }
-        let request_id = new_request_id();
         let peer = self.origin.peer;
-        let refused = if head.body_len > shared.limits.max_body_bytes {
-            Some(ProxyError::BodyTooLarge {
-                limit: shared.limits.max_body_bytes,
-            })
-        } else {
-            check_tag_request_head(&parts.headers)
-                .err()
-                .map(ProxyError::from)
-        };
-        if let Some(error) = refused {
-            let judgement = Judgement::unreadable(&error).about(&parts.headers, None);
-            let handled =
-                pipeline::refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
-            return self.refuse(head, handled, Class::inspect, started).await;
-        }
-        // One policy for the whole request, even if a reload lands meanwhile.
-        let policy = shared.policy.load_full();
+        let op = operation.name();
+        // No Content-Length (and, on this path, no Transfer-Encoding): an empty body.
         let end = head.len + head.body_len as usize;
         if let Err(error) = self.read_body(end).await {
-            let judgement = Judgement::unreadable(&error).about(&parts.headers, None);
-            let handled =
-                pipeline::refuse(&shared, &request_id, op, op, peer, (judgement, error)).await;
+            let refusal = unreadable_body(&self.view(&head), operation, error);
+            let handled = record::refusal(&shared.audit, peer, refusal).await;
             return self.answer(handled, Class::inspect, started, true).await;
         }
-        let body = &self.buf[head.len..end];
-        let judgement = judge(operation, &parts.headers, None, body, &policy, Some(peer));
+        let judged = {
+            let view = self.view(&head);
+            match decide(&view, Body::Whole(&self.buf[head.len..end]), rules) {
+                Verdict::Judged {
+                    host, judgement, ..
+                } => Ok((shared.upstream.target(host, None), judgement)),
+                Verdict::Refuse(refusal) => Err(refusal),
+                other => unreachable!("a tag change with its body: {other:?}"),
+            }
+        };
+        let (target, judgement) = match judged {
+            Ok(judged) => judged,
+            Err(refusal) => {
+                self.buf.advance(end);
+                let handled = record::refusal(&shared.audit, peer, refusal).await;
+                return self
+                    .answer(handled, Class::inspect, started, head.close)
+                    .await;
+            }
+        };
+        let request_id = new_request_id();
         if let Err(handled) =
-            pipeline::record_decision(&shared, &request_id, op, peer, &judgement).await
+            record::decision(&shared.audit, &request_id, op, peer, &judgement).await
         {
             self.buf.advance(end);
             return self
                 .answer(handled, Class::inspect, started, head.close)
                 .await;
         }
+        let target = match target {
+            Ok(target) => target,
+            Err(error) => {
+                self.buf.advance(end);
+                record::outcome(&shared.audit, &request_id, started, Err(&error));
+                let handled = Handled::error(error, op, &request_id);
+                return self.answer(handled, Class::inspect, started, true).await;
+            }
+        };
 
-        // The body was checked whole by `judge`.
+        // The body was checked whole by `decide`.
         let result = match self.send_within_timeout(&head, &target, None).await {
             Ok(()) => self.read_answer(head.close).await,
             Err(RelayError::Kms(error)) => Err(error),
@@ -476,7 +408,7 @@ where
         };
         match result {
             Ok(answer) => {
-                pipeline::record_outcome(&shared, &request_id, started, Ok(answer.kms()));
+                record::outcome(&shared.audit, &request_id, started, Ok(answer.kms()));
                 if !answer.reusable {
                     self.kms = None;
                 }
@@ -492,20 +424,20 @@ where
             }
             Err(error) => {
                 self.kms = None;
-                pipeline::record_outcome(&shared, &request_id, started, Err(&error));
+                record::outcome(&shared.audit, &request_id, started, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
         }
     }
 
-    /// Refuses a head the general server's parser would refuse too, in the KMS shape: with a
-    /// `deny` decision record when the head, read as leniently as any reader might, may be a tag
+    /// Refuses a head the general server's parser would refuse too, in the KMS shape: recorded
+    /// as a `deny` decision when the head, read as leniently as any reader might, may be a tag
     /// change. The body is never read; the answer says `Connection: close`.
     async fn refuse_malformed(&mut self, malformed: Malformed) {
         let started = Instant::now();
         let lenient = lenient_read(&self.buf);
-        let error = match malformed {
+        let answer = match malformed {
             Malformed::TooLarge | Malformed::TooManyHeaders => {
                 ProxyError::HeadTooLarge(malformed.to_string())
             }
@@ -513,29 +445,14 @@ where
         };
         let method = lenient.method.unwrap_or(Method::OPTIONS);
         let uri = lenient.uri.unwrap_or_else(|| Uri::from_static("*"));
-        let may_change_tags = match classify(&method, &uri, &lenient.headers) {
-            Ok(Route::Pass(_) | Route::Unknown(_)) => false,
-            Ok(Route::Inspect(_)) => true,
-            Err(refused) => refused.may_change_tags,
+        let view = Head {
+            method: &method,
+            uri: &uri,
+            headers: &lenient.headers,
+            tunnel_host: self.origin.tunnel_host.as_deref(),
         };
-        let request_id = new_request_id();
-        let handled = if may_change_tags {
-            let judgement = Judgement::unreadable(&error).about(&lenient.headers, uri.query());
-            pipeline::refuse(
-                self.shared,
-                &request_id,
-                &pipeline::target_text(&lenient.headers),
-                UNKNOWN_OPERATION,
-                self.origin.peer,
-                (judgement, error),
-            )
-            .await
-        } else {
-            debug!(peer = %self.origin.peer, %error, "malformed request head refused");
-            let operation =
-                names_pass_through(&lenient.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
-            Handled::error(error, operation, &request_id)
-        };
+        let refusal = malformed_head(&view, answer);
+        let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
         self.answer(handled, Class::pass, started, true).await;
     }
 
@@ -569,356 +486,6 @@ where
         Ok(())
     }
 
-    /// The connection to KMS for `target`: the one held, if it serves that target and is still
-    /// open, else a new one.
-    async fn kms_for(&mut self, target: &Uri) -> Result<&mut Kms, ProxyError> {
-        let usable = self
-            .kms
-            .as_mut()
-            .is_some_and(|kms| kms.serves(target) && kms.still_open());
-        if !usable {
-            self.kms = None;
-            let stream = self.shared.upstream.dial(target).await?;
-            self.kms = Some(Kms {
-                target: target.clone(),
-                stream,
-                buf: BytesMut::with_capacity(READ_CHUNK),
-            });
-        }
-        Ok(self.kms.as_mut().expect("just set"))
-    }
-
-    /// [`Self::send`] within `timeout_ms`: a client that stalls mid-body gets 504, as KMS would
-    /// not answer such a request either.
-    async fn send_within_timeout(
-        &mut self,
-        head: &RequestHead,
-        target: &Uri,
-        check: Option<&mut BodyCheck>,
-    ) -> Result<(), RelayError> {
-        let timeout = self.shared.upstream.timeout();
-        match tokio::time::timeout(timeout, self.send(head, target, check)).await {
-            Ok(sent) => sent,
-            Err(_) => {
-                self.shared
-                    .metrics
-                    .upstream_error(UpstreamErrorKind::timeout);
-                Err(RelayError::Kms(ProxyError::UpstreamTimeout(
-                    timeout.as_millis(),
-                )))
-            }
-        }
-    }
-
-    /// Writes the request to KMS: the head as the client sent it (without Connection and
-    /// Keep-Alive lines) and the body as it arrives. With `check`, each piece of the body is
-    /// checked before it is written; a refused piece is never written, and the KMS connection is
-    /// dropped (`RelayError::Refused`), so KMS never receives the request whole.
-    async fn send(
-        &mut self,
-        head: &RequestHead,
-        target: &Uri,
-        mut check: Option<&mut BodyCheck>,
-    ) -> Result<(), RelayError> {
-        let mut left = head.body_len;
-        let buffered = (self.buf.len() - head.len).min(usize::try_from(left).unwrap_or(usize::MAX));
-        if let Some(check) = check.as_deref_mut() {
-            // Usually the whole body: refused before KMS sees a byte of the request.
-            check
-                .feed(&self.buf[head.len..head.len + buffered])
-                .map_err(RelayError::Refused)?;
-        }
-        self.kms_for(target).await.map_err(RelayError::Kms)?;
-        let kms = self.kms.as_mut().expect("connected");
-        let to_kms = |e: std::io::Error| {
-            RelayError::Kms(ProxyError::UpstreamBroken(format!(
-                "writing the request to KMS failed: {e}"
-            )))
-        };
-        if head.hop_lines.is_empty() {
-            // The common case: one write of the bytes exactly as they came.
-            kms.stream
-                .write_all(&self.buf[..head.len + buffered])
-                .await
-                .map_err(to_kms)?;
-        } else {
-            let mut out = forwarded_head(&self.buf[..head.len], &head.hop_lines).to_vec();
-            out.extend_from_slice(&self.buf[head.len..head.len + buffered]);
-            kms.stream.write_all(&out).await.map_err(to_kms)?;
-        }
-        self.buf.advance(head.len + buffered);
-        left -= buffered as u64;
-        while left > 0 {
-            self.buf.reserve(READ_CHUNK);
-            match self.client.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(RelayError::Client(std::io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) => {}
-                Err(error) => return Err(RelayError::Client(error)),
-            }
-            let take = self
-                .buf
-                .len()
-                .min(usize::try_from(left).unwrap_or(usize::MAX));
-            if let Some(check) = check.as_deref_mut() {
-                if let Err(reason) = check.feed(&self.buf[..take]) {
-                    // Part of the body is with KMS: drop the connection before the rest.
-                    self.kms = None;
-                    return Err(RelayError::Refused(reason));
-                }
-            }
-            kms.stream
-                .write_all(&self.buf[..take])
-                .await
-                .map_err(to_kms)?;
-            self.buf.advance(take);
-            left -= take as u64;
-        }
-        kms.stream.flush().await.map_err(to_kms)?;
-        Ok(())
-    }
-
-    /// Reads KMS's answer head within `timeout_ms`, skipping interim answers.
-    async fn answer_head(
-        &mut self,
-        close_after: bool,
-        want_ids: bool,
-    ) -> Result<head::ResponseHead, ProxyError> {
-        let upstream = &self.shared.upstream;
-        let timeout = upstream.timeout();
-        let keep_alive_secs = self.shared.limits.idle_timeout.as_secs();
-        let timer = &mut self.kms_timer;
-        let kms = self.kms.as_mut().expect("connected");
-        let reading = async {
-            loop {
-                if !kms.buf.is_empty() {
-                    match parse_response(&kms.buf, close_after, want_ids, keep_alive_secs) {
-                        // An interim answer (100, 103): skipped, and what follows it in the
-                        // buffer parsed before anything more is read.
-                        Ok(Parsed::Complete(head)) if head.status < 200 => {
-                            kms.buf.advance(head.len);
-                            continue;
-                        }
-                        Ok(Parsed::Complete(head)) => {
-                            kms.buf.advance(head.len);
-                            return Ok(head);
-                        }
-                        Ok(_) => {}
-                        Err(error) => {
-                            return Err(format!("KMS's answer is not valid HTTP/1.1: {error}"))
-                        }
-                    }
-                }
-                kms.buf.reserve(READ_CHUNK);
-                match kms.stream.read_buf(&mut kms.buf).await {
-                    Ok(0) => return Err("KMS closed the connection before answering".to_owned()),
-                    Ok(_) => {}
-                    Err(error) => return Err(format!("reading KMS's answer failed: {error}")),
-                }
-            }
-        };
-        match timer.within(timeout, reading).await {
-            Ok(Ok(head)) => Ok(head),
-            Ok(Err(message)) => {
-                self.shared
-                    .metrics
-                    .upstream_error(UpstreamErrorKind::connect);
-                Err(ProxyError::UpstreamBroken(message))
-            }
-            Err(_) => {
-                self.shared
-                    .metrics
-                    .upstream_error(UpstreamErrorKind::timeout);
-                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
-            }
-        }
-    }
-
-    /// Streams KMS's answer to the client as it arrives.
-    async fn relay_answer(&mut self, close_after: bool) -> Result<Relayed, RelayError> {
-        let answer = self
-            .answer_head(close_after, false)
-            .await
-            .map_err(RelayError::Kms)?;
-        let kms = self.kms.as_mut().expect("connected");
-        let client = &mut self.client;
-        let mut out = answer.rewritten;
-        let broken = |metrics: &crate::metrics::Metrics| {
-            metrics.upstream_error(UpstreamErrorKind::response);
-            RelayError::Broken
-        };
-        let metrics = &self.shared.metrics;
-        match answer.framing {
-            Framing::Empty => client
-                .write_all(&out)
-                .await
-                .map_err(|_| RelayError::ClientGone)?,
-            Framing::Length(length) => {
-                let mut left = length;
-                let take = kms
-                    .buf
-                    .len()
-                    .min(usize::try_from(left).unwrap_or(usize::MAX));
-                out.extend_from_slice(&kms.buf[..take]);
-                kms.buf.advance(take);
-                left -= take as u64;
-                client
-                    .write_all(&out)
-                    .await
-                    .map_err(|_| RelayError::ClientGone)?;
-                while left > 0 {
-                    kms.buf.reserve(READ_CHUNK);
-                    match kms.stream.read_buf(&mut kms.buf).await {
-                        Ok(n) if n > 0 => {}
-                        _ => return Err(broken(metrics)),
-                    }
-                    let take = kms
-                        .buf
-                        .len()
-                        .min(usize::try_from(left).unwrap_or(usize::MAX));
-                    client
-                        .write_all(&kms.buf[..take])
-                        .await
-                        .map_err(|_| RelayError::ClientGone)?;
-                    kms.buf.advance(take);
-                    left -= take as u64;
-                }
-            }
-            Framing::Chunked => {
-                let mut scanner = ChunkedScanner::new();
-                loop {
-                    let (take, done) = scanner.scan(&kms.buf, None).map_err(|_| broken(metrics))?;
-                    out.extend_from_slice(&kms.buf[..take]);
-                    kms.buf.advance(take);
-                    client
-                        .write_all(&out)
-                        .await
-                        .map_err(|_| RelayError::ClientGone)?;
-                    out.clear();
-                    if done {
-                        break;
-                    }
-                    kms.buf.reserve(READ_CHUNK);
-                    match kms.stream.read_buf(&mut kms.buf).await {
-                        Ok(n) if n > 0 => {}
-                        _ => return Err(broken(metrics)),
-                    }
-                }
-            }
-            Framing::UntilClose => {
-                out.extend_from_slice(&kms.buf);
-                kms.buf.clear();
-                client
-                    .write_all(&out)
-                    .await
-                    .map_err(|_| RelayError::ClientGone)?;
-                loop {
-                    kms.buf.reserve(READ_CHUNK);
-                    match kms.stream.read_buf(&mut kms.buf).await {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => return Err(broken(metrics)),
-                    }
-                    client
-                        .write_all(&kms.buf)
-                        .await
-                        .map_err(|_| RelayError::ClientGone)?;
-                    kms.buf.clear();
-                }
-            }
-        }
-        client.flush().await.map_err(|_| RelayError::ClientGone)?;
-        // Bytes after the answer are not an answer to anything: do not reuse the connection.
-        Ok(Relayed {
-            reusable: answer.reusable && kms.buf.is_empty(),
-            until_close: answer.framing == Framing::UntilClose,
-        })
-    }
-
-    /// Reads KMS's answer to a tag change whole (at most `MAX_INSPECTED_RESPONSE_BYTES`, within
-    /// `timeout_ms` for the body as for the head).
-    async fn read_answer(&mut self, close_after: bool) -> Result<WholeAnswer, ProxyError> {
-        let answer = self.answer_head(close_after, true).await?;
-        let timeout = self.shared.upstream.timeout();
-        let timer = &mut self.kms_timer;
-        let kms = self.kms.as_mut().expect("connected");
-        let reading = async {
-            let mut raw = Vec::new();
-            let mut decoded = Vec::new();
-            let mut scanner = ChunkedScanner::new();
-            loop {
-                let done = match answer.framing {
-                    Framing::Empty => true,
-                    Framing::Length(length) => {
-                        let want = usize::try_from(length).unwrap_or(usize::MAX) - raw.len();
-                        let take = kms.buf.len().min(want);
-                        raw.extend_from_slice(&kms.buf[..take]);
-                        kms.buf.advance(take);
-                        raw.len() as u64 == length
-                    }
-                    Framing::Chunked => {
-                        let (take, done) = scanner
-                            .scan(&kms.buf, Some(&mut decoded))
-                            .map_err(|e| e.to_string())?;
-                        raw.extend_from_slice(&kms.buf[..take]);
-                        kms.buf.advance(take);
-                        done
-                    }
-                    Framing::UntilClose => {
-                        raw.extend_from_slice(&kms.buf);
-                        kms.buf.clear();
-                        false
-                    }
-                };
-                if done {
-                    return Ok((raw, decoded));
-                }
-                if raw.len() > MAX_INSPECTED_RESPONSE_BYTES {
-                    return Err("length limit exceeded".to_owned());
-                }
-                kms.buf.reserve(READ_CHUNK);
-                match kms.stream.read_buf(&mut kms.buf).await {
-                    Ok(0) if answer.framing == Framing::UntilClose => return Ok((raw, decoded)),
-                    Ok(0) => return Err("the connection closed".to_owned()),
-                    Ok(_) => {}
-                    Err(error) => return Err(error.to_string()),
-                }
-            }
-        };
-        let (raw_body, decoded) = match timer.within(timeout, reading).await {
-            Ok(Ok(bodies)) => bodies,
-            Ok(Err(message)) => {
-                self.shared
-                    .metrics
-                    .upstream_error(UpstreamErrorKind::response);
-                return Err(ProxyError::UpstreamBroken(format!(
-                    "the answer from KMS broke off: {message}"
-                )));
-            }
-            Err(_) => {
-                self.shared
-                    .metrics
-                    .upstream_error(UpstreamErrorKind::response);
-                return Err(ProxyError::UpstreamTimeout(timeout.as_millis()));
-            }
-        };
-        let reusable = answer.reusable && kms.buf.is_empty();
-        let decoded = if answer.framing == Framing::Chunked {
-            decoded
-        } else {
-            Vec::new()
-        };
-        Ok(WholeAnswer {
-            status: answer.status,
-            aws_request_id: answer.aws_request_id,
-            aws_error_type: answer.aws_error_type,
-            head: answer.rewritten,
-            raw_body,
-            decoded,
-            reusable,
-            until_close: answer.framing == Framing::UntilClose,
-        })
-    }
-
     /// Answers a request the proxy answers itself.
     async fn answer(
         &mut self,
@@ -942,10 +509,7 @@ where
     }
 
     fn count(&self, operation: &'static str, outcome: Outcome, class: Class, started: Instant) {
-        let seconds = started.elapsed().as_secs_f64();
-        self.shared
-            .metrics
-            .request(operation, outcome, class, seconds);
+        record::finished(&self.shared.metrics, operation, outcome, class, started);
     }
 
     fn closing_now(&self) -> bool {
@@ -969,49 +533,17 @@ fn worth_parsing(buf: &[u8], searched: usize) -> bool {
     })
 }
 
-/// KMS's whole answer to a tag change.
-struct WholeAnswer {
-    status: u16,
-    aws_request_id: Option<String>,
-    aws_error_type: Option<String>,
-    /// The head for the client.
-    head: Vec<u8>,
-    /// The body as KMS framed it, relayed as it is.
-    raw_body: Vec<u8>,
-    /// The body without chunked framing, when it had it.
-    decoded: Vec<u8>,
-    reusable: bool,
-    /// The body ended with the KMS connection; the client's connection ends too.
-    until_close: bool,
-}
-
-/// What became of a streamed answer.
-struct Relayed {
-    /// The connection to KMS can carry another request.
-    reusable: bool,
-    /// The body ended with the KMS connection; the client's connection ends too.
-    until_close: bool,
-}
-
-impl WholeAnswer {
-    fn kms(&self) -> KmsAnswer<'_> {
-        let body = if self.decoded.is_empty() {
-            &self.raw_body
-        } else {
-            &self.decoded
-        };
-        KmsAnswer {
-            status: self.status,
-            aws_request_id: self.aws_request_id.clone(),
-            aws_error_header: self.aws_error_type.clone(),
-            body,
-        }
-    }
+/// The plan for a request, once decided: owned, so that the head can move on.
+enum Plan {
+    Stream(&'static str, Uri),
+    ReadBody(TagOperation),
+    /// Boxed: refusals are rare, and the plan of every request would carry its size.
+    Refuse(Box<Refusal>),
 }
 
 /// An answer of the proxy's own, as HTTP/1.1 bytes.
 async fn serialise(
-    response: Response<ProxyBody>,
+    response: Response<Full<Bytes>>,
     close: bool,
     keep_alive_secs: u64,
 ) -> Option<Vec<u8>> {

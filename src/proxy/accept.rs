@@ -1,5 +1,6 @@
-//! Connection threads: the listener hands each accepted connection to one of a few threads, and
-//! that thread serves it for its whole life on a single-threaded runtime with its own epoll.
+//! Accepting connections: the listener admits each one into the connection budget and hands it
+//! to one of a few connection threads, which serves it for its whole life on a single-threaded
+//! runtime with its own epoll.
 //!
 //! This is the worker model of nginx and HAProxy. Unlike tokio's work-stealing runtime, it never
 //! wakes one worker to steal what another just received; on the same connections that gave
@@ -11,15 +12,85 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
-use super::budget::Registration;
-use super::pipeline::Shared;
-use super::serve::{serve_accepted, Origin};
+use super::budget::{Budget, Registration};
+use super::connection::serve_accepted;
+use super::state::{Origin, Shared};
+use crate::config::Config;
+
+/// Accepts connections until `stopped`, keeps accepting for the drain delay, then waits up to
+/// the grace period for in-flight requests. Each accepted connection takes its place in the
+/// budget, or is closed at once when there is none.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    mut threads: ConnectionThreads,
+    shared: Arc<Shared>,
+    config: Config,
+    budget: Arc<Budget>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
+    let mut draining = false;
+    loop {
+        budget.room().await;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Some(registration) = budget.admit(stream.as_raw_fd()) else {
+                    debug!(%peer, "connection refused: every connection has a request in flight ([limits].max_connections)");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let origin = Origin {
+                    peer,
+                    tunnel_host: None,
+                    conn: Arc::clone(registration.conn()),
+                };
+                threads.hand(stream, origin, registration, shared.lifecycle.connections.subscribe());
+            }
+            _ = stopped.changed(), if !draining => {
+                draining = true;
+                info!(drain_delay_ms = config.shutdown.drain_delay.as_millis() as u64, "draining: /readyz now fails");
+                drain.as_mut().reset(tokio::time::Instant::now() + config.shutdown.drain_delay);
+            }
+            _ = &mut drain, if draining => break,
+        }
+    }
+    drop(listener);
+    let lifecycle = &shared.lifecycle;
+    let _ = lifecycle.closing.send(true);
+    info!(
+        grace_ms = config.shutdown.grace.as_millis() as u64,
+        "listener closed; waiting for in-flight requests"
+    );
+    if tokio::time::timeout(config.shutdown.grace, lifecycle.connections.closed())
+        .await
+        .is_err()
+    {
+        warn!("grace period over; closing the remaining connections");
+    }
+    // Ends the connection threads, and with them whatever the grace period did not finish.
+    drop(threads);
+    // Every record accepted into the audit queue is written before the process exits (unless
+    // its sink is stalled for a whole grace period more).
+    let unwritten = shared.audit.close(config.shutdown.grace).await;
+    info!(unwritten_audit_records = unwritten, "stopped");
+}
 
 /// An accepted connection on its way to a connection thread.
 struct Handed {

@@ -1,12 +1,10 @@
-//! Every answer the proxy makes itself, mapped to its KMS-shaped response in one place.
+//! Every answer the proxy makes itself, mapped to its KMS-shaped response in one table.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 
-use super::ProxyBody;
-use crate::audit::Applied;
 use crate::kms::classify::CONTENT_TYPE as AMZ_JSON;
 use crate::kms::Unreadable;
 use crate::metrics::Outcome;
@@ -109,15 +107,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether a tag change answered this way may have been applied by KMS: only when it was
-    /// sent and no answer says what became of it.
-    pub fn applied(&self) -> Applied {
-        match self {
-            ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) => Applied::Unknown,
-            _ => Applied::No,
-        }
-    }
-
     /// What the metrics call a request answered this way.
     pub fn outcome(&self) -> Outcome {
         match self {
@@ -132,12 +121,12 @@ impl ProxyError {
 
     /// The KMS-shaped response: awsJson 1.1 body with `__type` and `message`, the request id, and
     /// `x-kms-tag-guard` so nobody mistakes it for an answer from KMS.
-    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
         let (status, error_type, kind) = self.shape();
         let body = serde_json::json!({ "__type": error_type, "message": self.to_string() });
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(
+        let mut response = Response::new(Full::new(Bytes::from(
             serde_json::to_vec(&body).expect("serialisable"),
-        ))));
+        )));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(AMZ_JSON));

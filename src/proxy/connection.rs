@@ -1,11 +1,13 @@
-//! Accepting connections and serving HTTP on them: plain, behind the listener's TLS, or inside an
-//! intercepted CONNECT tunnel. Every request on any of them goes through the same pipeline.
+//! Serving HTTP on one connection: plain, behind the listener's TLS, or inside an intercepted
+//! CONNECT tunnel. HTTP/1.1 heads go to the fast path ([`super::h1`]) first; what it hands over,
+//! HTTP/2 and CONNECT go to hyper's server and [`super::general`]. Every request on any of them is
+//! decided by [`crate::decide`] and recorded by [`crate::record`].
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{Method, Request, Version};
 use hyper::body::Incoming;
@@ -13,24 +15,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use super::budget::{Budget, Conn, InFlight, Registration, Socket, Tracked};
-use super::pipeline::{self, Shared};
-use super::workers::ConnectionThreads;
+use super::budget::{Registration, Socket, Tracked};
+use super::general;
+use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
 use crate::config::Config;
-
-/// Where a request came from: the client's address, for a request inside an intercepted tunnel
-/// the host the client asked to CONNECT to, and the connection as the budget sees it.
-#[derive(Clone)]
-pub(crate) struct Origin {
-    pub peer: SocketAddr,
-    pub tunnel_host: Option<Arc<str>>,
-    pub conn: Arc<Conn>,
-}
 
 // The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
 // fast path and in hyper.
@@ -94,7 +87,7 @@ where
             origin.conn.setup_done();
         }
         async move {
-            let response = pipeline::handle(shared, request, origin).await;
+            let response = general::handle(shared, request, origin).await;
             drop(in_flight);
             Ok::<_, Infallible>(response)
         }
@@ -137,97 +130,6 @@ where
             }
         }
     }
-}
-
-/// Put on an HTTP/2 CONNECT request: the stream's tunnel holds it, so the connection counts as
-/// busy (not idle, never closed for room) while any of its tunnels lives.
-#[derive(Clone)]
-pub(crate) struct TunnelHold(#[allow(dead_code)] Arc<InFlight>);
-
-/// Telling connections to wind down, and knowing when they have.
-pub(crate) struct Lifecycle {
-    /// Set when the listener closes, after the drain delay: connections finish what is in
-    /// flight and close.
-    pub closing: watch::Sender<bool>,
-    /// Every open connection holds a receiver; shutdown waits until none is left.
-    pub connections: watch::Sender<()>,
-}
-
-impl Lifecycle {
-    pub(crate) fn new() -> Lifecycle {
-        Lifecycle {
-            closing: watch::channel(false).0,
-            connections: watch::channel(()).0,
-        }
-    }
-}
-
-/// Accepts connections until `stopped`, keeps accepting for the drain delay, then waits up to
-/// the grace period for in-flight requests. Each accepted connection takes its place in the
-/// budget, or is closed at once when there is none.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    mut threads: ConnectionThreads,
-    shared: Arc<Shared>,
-    config: Config,
-    budget: Arc<Budget>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let drain = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(drain);
-    let mut draining = false;
-    loop {
-        budget.room().await;
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(registration) = budget.admit(stream.as_raw_fd()) else {
-                    debug!(%peer, "connection refused: every connection has a request in flight ([limits].max_connections)");
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let origin = Origin {
-                    peer,
-                    tunnel_host: None,
-                    conn: Arc::clone(registration.conn()),
-                };
-                threads.hand(stream, origin, registration, shared.lifecycle.connections.subscribe());
-            }
-            _ = stopped.changed(), if !draining => {
-                draining = true;
-                info!(drain_delay_ms = config.shutdown.drain_delay.as_millis() as u64, "draining: /readyz now fails");
-                drain.as_mut().reset(tokio::time::Instant::now() + config.shutdown.drain_delay);
-            }
-            _ = &mut drain, if draining => break,
-        }
-    }
-    drop(listener);
-    let lifecycle = &shared.lifecycle;
-    let _ = lifecycle.closing.send(true);
-    info!(
-        grace_ms = config.shutdown.grace.as_millis() as u64,
-        "listener closed; waiting for in-flight requests"
-    );
-    if tokio::time::timeout(config.shutdown.grace, lifecycle.connections.closed())
-        .await
-        .is_err()
-    {
-        warn!("grace period over; closing the remaining connections");
-    }
-    // Ends the connection threads, and with them whatever the grace period did not finish.
-    drop(threads);
-    // Every record accepted into the audit queue is written before the process exits (unless
-    // its sink is stalled for a whole grace period more).
-    let unwritten = shared.audit.close(config.shutdown.grace).await;
-    info!(unwritten_audit_records = unwritten, "stopped");
 }
 
 /// One accepted TCP connection: its first byte, then TLS if configured, then HTTP; the first
@@ -276,4 +178,13 @@ pub(crate) async fn serve_accepted(
             debug!(%peer, "connection closed: its set-up (first byte, TLS, CONNECT, first request head) outlasted header_read_timeout_ms");
         }
     }
+}
+
+/// Serves the connection inside an intercepted tunnel (the [`Shared::serve_tunnel`] hook).
+pub(crate) fn serve_tunnel(
+    io: InterceptedStream,
+    shared: Arc<Shared>,
+    origin: Origin,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(serve_connection(io, shared, origin))
 }

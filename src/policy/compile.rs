@@ -1,0 +1,307 @@
+//! The `[policy]` section of the configuration, compiled: every rule checked and built once
+//! (regexes compiled, forbidden keys folded), every mistake reported with its key path.
+
+use std::collections::HashSet;
+
+use regex::{Regex, RegexBuilder};
+
+use super::rules::{KeyMatcher, Rule, RuleKind, ValueMatcher};
+use super::{Mode, Policy, UnknownOperations, MAX_TAGS_RULE, REQUEST_RULE};
+use crate::fold::fold;
+use crate::glob::KeyGlob;
+use crate::toml_reader::{Errors, Reader};
+
+/// Compiles the `[policy]` section `r` reads.
+pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
+    let mode = match r.string("mode", errors) {
+        None => Mode::Enforce,
+        Some(s) => Mode::parse(s).unwrap_or_else(|| {
+            errors.push(
+                "policy.mode",
+                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
+            );
+            Mode::Enforce
+        }),
+    };
+    let max_tags = r.integer("max_tags", errors, 1).unwrap_or(50) as usize;
+    // Secure by default: an operation the proxy does not know is one it cannot judge.
+    let unknown_operations = match r.string("unknown_operations", errors) {
+        None | Some("reject") => UnknownOperations::Reject,
+        Some("forward") => UnknownOperations::Forward,
+        Some(s) => {
+            errors.push(
+                "policy.unknown_operations",
+                format!("{s:?} is not allowed; use \"reject\" (the default) or \"forward\""),
+            );
+            UnknownOperations::Reject
+        }
+    };
+    let mut rules = Vec::new();
+    if let Some(value) = r.get("rule") {
+        match value.as_array() {
+            None => errors.push(
+                "policy.rule",
+                "expected [[policy.rule]] tables, one per rule",
+            ),
+            Some(items) => {
+                let mut ids = HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("policy.rule[{i}]");
+                    let Some(table) = item.as_table() else {
+                        errors.push(&path, "expected a table ([[policy.rule]])");
+                        continue;
+                    };
+                    let mut rr = Reader::new(table, &path);
+                    let rule = read_rule(&mut rr, errors, &mut ids);
+                    rr.finish(errors);
+                    rules.extend(rule);
+                }
+            }
+        }
+    }
+    Policy {
+        mode,
+        max_tags,
+        unknown_operations,
+        rules,
+    }
+}
+
+fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> Option<Rule> {
+    let id = r.string("id", errors);
+    match id {
+        None if !r.has("id") => {
+            errors.push(&r.key_path("id"), "every rule needs an id");
+        }
+        Some(id) if !valid_rule_id(id) => errors.push(
+            &r.key_path("id"),
+            format!("{id:?}: use letters, digits, '-', '_', '.' or ':' (it shows in metrics)"),
+        ),
+        Some(id) if id == MAX_TAGS_RULE || id == REQUEST_RULE => errors.push(
+            &r.key_path("id"),
+            format!("{id:?} is reserved for the proxy's own denials; choose another id"),
+        ),
+        Some(id) if !ids.insert(id.to_owned()) => errors.push(
+            &r.key_path("id"),
+            format!("{id:?} is used by an earlier rule; rule ids must be unique"),
+        ),
+        _ => {}
+    }
+    let mode = r.string("mode", errors).and_then(|s| {
+        let m = Mode::parse(s);
+        if m.is_none() {
+            errors.push(
+                &r.key_path("mode"),
+                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
+            );
+        }
+        m
+    });
+    let key_ids = r
+        .strings("key_ids", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            KeyGlob::new(g)
+                .map_err(|e| errors.push(&format!("{}[{i}]", r.key_path("key_ids")), e))
+                .ok()
+        })
+        .collect();
+    let exempt_principals: Vec<String> = r
+        .strings("exempt_principals", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                Some(p.to_owned())
+            } else {
+                errors.push(
+                    &format!("{}[{i}]", r.key_path("exempt_principals")),
+                    format!("{p:?} is not an access key id such as \"AKIAIOSFODNN7EXAMPLE\""),
+                );
+                None
+            }
+        })
+        .collect();
+    let kind = match r.string("type", errors) {
+        None => {
+            if !r.has("type") {
+                errors.push(
+                    &r.key_path("type"),
+                    "every rule needs a type: required-prefix, forbidden-key, value-pattern or required-key",
+                );
+            }
+            None
+        }
+        Some("required-prefix") => read_required_prefix(r, errors),
+        Some("forbidden-key") => read_forbidden_key(r, errors),
+        Some("value-pattern") => read_value_pattern(r, errors),
+        Some("required-key") => read_required_key(r, errors),
+        Some(other) => {
+            errors.push(
+                &r.key_path("type"),
+                format!("{other:?} is not a rule type; use required-prefix, forbidden-key, value-pattern or required-key"),
+            );
+            None
+        }
+    };
+    Some(Rule {
+        id: id?.into(),
+        mode,
+        key_ids,
+        exempt_principals,
+        kind: kind?,
+    })
+}
+
+fn valid_rule_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A required, non-empty list of non-empty strings.
+fn non_empty_strings(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
+    let path = r.key_path(key);
+    let Some(items) = r.strings(key, errors) else {
+        if !r.has(key) {
+            errors.push(&path, "is required for this rule type");
+        }
+        return None;
+    };
+    if items.is_empty() {
+        errors.push(&path, "may not be empty");
+        return None;
+    }
+    if let Some(i) = items.iter().position(|s| s.is_empty()) {
+        errors.push(&format!("{path}[{i}]"), "may not be an empty string");
+        return None;
+    }
+    Some(items.into_iter().map(str::to_owned).collect())
+}
+
+fn regex(path: &str, pattern: &str, ignore_case: bool, errors: &mut Errors) -> Option<Regex> {
+    RegexBuilder::new(pattern)
+        .case_insensitive(ignore_case)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| {
+            let detail = e.to_string().replace('\n', " ");
+            errors.push(path, format!("invalid regex {pattern:?}: {detail}"));
+        })
+        .ok()
+}
+
+fn read_required_prefix(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let prefixes = non_empty_strings(r, "prefixes", errors);
+    let exempt_keys = r
+        .strings("exempt_keys", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    Some(RuleKind::RequiredPrefix {
+        prefixes: prefixes?,
+        exempt_keys,
+    })
+}
+
+fn read_forbidden_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let keys: Vec<String> = r
+        .strings("keys", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let patterns_path = r.key_path("patterns");
+    let patterns: Vec<Option<Regex>> = r
+        .strings("patterns", errors)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| regex(&format!("{patterns_path}[{i}]"), p, true, errors))
+        .collect();
+    if keys.is_empty() && patterns.is_empty() {
+        errors.push(
+            &r.key_path("keys"),
+            "a forbidden-key rule needs `keys`, `patterns` or both",
+        );
+    }
+    let (mut on_set, mut on_remove) = (true, true);
+    let on_path = r.key_path("on");
+    if let Some(on) = r.strings("on", errors) {
+        on_set = on.contains(&"set");
+        on_remove = on.contains(&"remove");
+        if on.is_empty() || on.iter().any(|o| !matches!(*o, "set" | "remove")) {
+            errors.push(
+                &on_path,
+                "use [\"set\"], [\"remove\"] or [\"set\", \"remove\"]",
+            );
+        }
+    }
+    let patterns: Option<Vec<Regex>> = patterns.into_iter().collect();
+    Some(RuleKind::ForbiddenKey {
+        folded_keys: keys.iter().map(|k| fold(k)).collect(),
+        keys,
+        patterns: patterns?,
+        on_set,
+        on_remove,
+    })
+}
+
+fn read_value_pattern(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let key = match (r.string("key", errors), r.string("key_pattern", errors)) {
+        (Some(k), None) if !k.is_empty() => Some(KeyMatcher::Exact(k.to_owned())),
+        (None, Some(p)) => {
+            regex(&r.key_path("key_pattern"), p, true, errors).map(KeyMatcher::Pattern)
+        }
+        (Some(_), Some(_)) => {
+            errors.push(&r.key_path("key"), "set `key` or `key_pattern`, not both");
+            None
+        }
+        _ => {
+            errors.push(
+                &r.key_path("key"),
+                "a value-pattern rule needs `key` (a tag key) or `key_pattern` (a regex)",
+            );
+            None
+        }
+    };
+    let pattern = r.string("pattern", errors);
+    let allowed = r.strings("allowed", errors);
+    let value = match (pattern, allowed) {
+        (Some(p), None) => {
+            regex(&r.key_path("pattern"), p, false, errors).map(ValueMatcher::Pattern)
+        }
+        (None, Some(list)) => Some(ValueMatcher::Allowed(
+            list.into_iter().map(str::to_owned).collect(),
+        )),
+        (Some(_), Some(_)) => {
+            errors.push(
+                &r.key_path("pattern"),
+                "set `pattern` or `allowed`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            errors.push(
+                &r.key_path("pattern"),
+                "a value-pattern rule needs `pattern` (a regex) or `allowed` (a list of values)",
+            );
+            None
+        }
+    };
+    Some(RuleKind::ValuePattern {
+        key: key?,
+        value: value?,
+    })
+}
+
+fn read_required_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    Some(RuleKind::RequiredKey {
+        keys: non_empty_strings(r, "keys", errors)?,
+    })
+}

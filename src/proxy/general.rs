@@ -1,0 +1,361 @@
+//! The general server's service (hyper): every request the fast path does not take (HTTP/2,
+//! CONNECT, chunked or `Expect` requests, other methods or versions) goes through the same
+//! `decide` and `record` as on the fast path, with hyper's bodies.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, Version};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tracing::warn;
+
+use super::body::{ProxyBody, Streamed};
+use super::connect;
+use super::headers::strip_hop_by_hop;
+use super::state::{Origin, Shared};
+use super::upstream::error_chain;
+use crate::answer::ProxyError;
+use crate::decide::{
+    decide, streamed_body_refused, unreadable_body, Body, Head, Judgement, Rules, Verdict,
+};
+use crate::kms::answer::{KmsAnswer, MAX_ANSWER_BYTES};
+use crate::kms::{TagOperation, Unreadable};
+use crate::metrics::{Class, Outcome, UpstreamErrorKind};
+use crate::record::{self, new_request_id, Handled};
+
+/// The metrics label of a CONNECT request.
+const CONNECT_OPERATION: &str = "CONNECT";
+
+/// An answer of the proxy's own, as the general server sends it.
+fn own(handled: Handled) -> Response<ProxyBody> {
+    handled.response.map(Either::Right)
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    origin: Origin,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    if request.method() == Method::CONNECT {
+        let request_id = new_request_id();
+        let (response, outcome) =
+            connect::handle(Arc::clone(&shared), request, &origin, &request_id).await;
+        record::finished(
+            &shared.metrics,
+            CONNECT_OPERATION,
+            outcome,
+            Class::pass,
+            started,
+        );
+        return response;
+    }
+    let peer = origin.peer;
+    // One policy for the whole request, even if a reload lands meanwhile.
+    let policy = shared.policy.load_full();
+    let rules = shared.rules(&policy);
+    let (parts, body) = request.into_parts();
+    let head = Head {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        tunnel_host: origin.tunnel_host.as_deref(),
+    };
+    let (response, operation, outcome, class) = match decide(&head, Body::Unread, &rules) {
+        Verdict::Stream { operation, host } => {
+            let host = host.to_owned();
+            let handled = pass_through(&shared, parts, body, &host, operation, peer).await;
+            (handled.0, operation, handled.1, Class::pass)
+        }
+        Verdict::ReadBody { operation } => {
+            let tunnel_host = origin.tunnel_host.clone();
+            let handled = inspect(
+                &shared,
+                parts,
+                body,
+                operation,
+                peer,
+                tunnel_host.as_deref(),
+                &rules,
+            )
+            .await;
+            (handled.0, operation.name(), handled.1, Class::inspect)
+        }
+        Verdict::Refuse(refusal) => {
+            let class = record::class_of(refusal.operation);
+            let handled = record::refusal(&shared.audit, peer, refusal).await;
+            let (operation, outcome) = (handled.operation, handled.outcome);
+            (own(handled), operation, outcome, class)
+        }
+        Verdict::Judged { .. } => unreachable!("no body was given"),
+    };
+    record::finished(&shared.metrics, operation, outcome, class, started);
+    response
+}
+
+/// A request that changes no tags: streamed both ways, never buffered, never parsed. Its body is
+/// only watched, as it passes, for another protocol's shape; a body that shows one is cut off
+/// before its end, so KMS never receives it whole, and the refusal is recorded.
+async fn pass_through(
+    shared: &Shared,
+    mut parts: Parts,
+    body: Incoming,
+    host: &str,
+    operation: &'static str,
+    peer: SocketAddr,
+) -> (Response<ProxyBody>, Outcome) {
+    if let Err(error) = prepare_forward(shared, &mut parts, host) {
+        let outcome = error.outcome();
+        return (
+            own(Handled::error(error, operation, &new_request_id())),
+            outcome,
+        );
+    }
+    let refusal = Arc::new(OnceLock::new());
+    let body = Streamed::from_client(body, Arc::clone(&refusal));
+    // Cheap clones of what a record of a refusal made after the head has gone on needs.
+    let head_copy = record_headers(&parts.headers);
+    let (method, uri) = (parts.method.clone(), parts.uri.clone());
+    let sent = shared
+        .upstream
+        .send(Request::from_parts(parts, Either::Left(body)))
+        .await;
+    if let Some(reason) = refusal.get() {
+        let head = Head {
+            method: &method,
+            uri: &uri,
+            headers: &head_copy,
+            tunnel_host: None,
+        };
+        let refused = streamed_body_refused(&head, operation, reason.clone());
+        let handled = record::refusal(&shared.audit, peer, refused).await;
+        let outcome = handled.outcome;
+        return (own(handled), outcome);
+    }
+    match sent {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = Streamed::from_upstream(body, Arc::clone(&shared.metrics));
+            (
+                Response::from_parts(parts, Either::Left(body)),
+                Outcome::pass,
+            )
+        }
+        Err(error) => {
+            let request_id = new_request_id();
+            warn!(%request_id, %error, "forwarding failed");
+            let outcome = error.outcome();
+            (own(Handled::error(error, operation, &request_id)), outcome)
+        }
+    }
+}
+
+/// The headers a refusal's record reads (the target, the credential, the SDK call), copied
+/// cheaply (a `HeaderValue` clone shares its bytes).
+fn record_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::new();
+    for name in [
+        "x-amz-target",
+        "authorization",
+        "amz-sdk-invocation-id",
+        "amz-sdk-request",
+    ] {
+        if let Some(value) = headers.get(name) {
+            copy.insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+    copy
+}
+
+/// Points a request at the upstream without touching what the client signed: the Host header,
+/// the other headers and the body stay as they are; only hop-by-hop headers go.
+fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<(), ProxyError> {
+    let target = shared.upstream.target(host, parts.uri.path_and_query())?;
+    if !parts.headers.contains_key(HOST) {
+        // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
+        let value = HeaderValue::from_str(host).map_err(|_| {
+            ProxyError::Unreadable("the request authority is not a header value".into())
+        })?;
+        parts.headers.insert(HOST, value);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.uri = target;
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+/// A tag-bearing request: read it whole, decide again with its body, record the decision, then
+/// deny it or forward the original bytes.
+async fn inspect(
+    shared: &Arc<Shared>,
+    mut parts: Parts,
+    body: Incoming,
+    operation: TagOperation,
+    peer: SocketAddr,
+    tunnel_host: Option<&str>,
+    rules: &Rules<'_>,
+) -> (Response<ProxyBody>, Outcome) {
+    let started = Instant::now();
+    let bytes = match read_body(body, shared).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let head = Head {
+                method: &parts.method,
+                uri: &parts.uri,
+                headers: &parts.headers,
+                tunnel_host: None,
+            };
+            let handled = record::refusal(
+                &shared.audit,
+                peer,
+                unreadable_body(&head, operation, error),
+            )
+            .await;
+            let outcome = handled.outcome;
+            return (own(handled), outcome);
+        }
+    };
+    let head = Head {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        tunnel_host,
+    };
+    let (host, judgement): (String, Judgement) = match decide(&head, Body::Whole(&bytes), rules) {
+        Verdict::Judged {
+            host, judgement, ..
+        } => (host.to_owned(), judgement),
+        Verdict::Refuse(refusal) => {
+            let handled = record::refusal(&shared.audit, peer, refusal).await;
+            let outcome = handled.outcome;
+            return (own(handled), outcome);
+        }
+        other => unreachable!("a tag change with its body: {other:?}"),
+    };
+    let request_id = new_request_id();
+    let op = operation.name();
+    if let Err(handled) = record::decision(&shared.audit, &request_id, op, peer, &judgement).await {
+        let outcome = handled.outcome;
+        return (own(handled), outcome);
+    }
+    if let Err(error) = prepare_forward(shared, &mut parts, &host) {
+        record::outcome(&shared.audit, &request_id, started, Err(&error));
+        let outcome = error.outcome();
+        return (own(Handled::error(error, op, &request_id)), outcome);
+    }
+    // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
+    // may already be applying before its outcome is recorded.
+    let forward = tokio::spawn(forward_inspected(
+        Arc::clone(shared),
+        parts,
+        bytes,
+        request_id.clone(),
+        started,
+    ));
+    match forward.await {
+        Ok(Ok(response)) => (response, Outcome::allow),
+        Ok(Err(error)) => {
+            let outcome = error.outcome();
+            (own(Handled::error(error, op, &request_id)), outcome)
+        }
+        Err(error) => {
+            warn!(%request_id, %error, "forwarding task failed");
+            let error = ProxyError::UpstreamBroken("internal error while forwarding".into());
+            let outcome = error.outcome();
+            (own(Handled::error(error, op, &request_id)), outcome)
+        }
+    }
+}
+
+/// Reads a tag-bearing body under `max_body_bytes` and `body_read_timeout_ms` (a declared
+/// length over the limit was refused by `decide`).
+async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, ProxyError> {
+    let limits = &shared.limits;
+    let limit = limits.max_body_bytes;
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout(
+            limits.body_read_timeout.as_millis(),
+        )),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(error)) => Err(ProxyError::Unreadable(format!(
+            "the request body could not be read: {}",
+            error_chain(error.as_ref())
+        ))),
+        Ok(Ok(collected)) if collected.trailers().is_some() => {
+            Err(ProxyError::Unreadable(Unreadable::Trailers.to_string()))
+        }
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Forwards an allowed tag change, records its outcome, and relays KMS's answer.
+async fn forward_inspected(
+    shared: Arc<Shared>,
+    parts: Parts,
+    body: Bytes,
+    request_id: String,
+    started: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let request = Request::from_parts(parts, Either::Right(Full::new(body)));
+    let upstream = &shared.upstream;
+    let result = match upstream.send(request).await {
+        Ok(response) => {
+            let answer = read_response(response, upstream.timeout()).await;
+            if answer.is_err() {
+                shared.metrics.upstream_error(UpstreamErrorKind::response);
+            }
+            answer
+        }
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok((parts, body)) => {
+            let header = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let answer = KmsAnswer {
+                status: parts.status.as_u16(),
+                aws_request_id: header("x-amzn-requestid"),
+                aws_error_header: header("x-amzn-errortype"),
+                body: &body,
+            };
+            record::outcome(&shared.audit, &request_id, started, Ok(answer));
+            Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
+        }
+        Err(error) => {
+            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            Err(error)
+        }
+    }
+}
+
+/// Reads KMS's answer to a tag-bearing request whole, so its outcome can be recorded.
+async fn read_response(
+    response: Response<Incoming>,
+    timeout: Duration,
+) -> Result<(http::response::Parts, Bytes), ProxyError> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let limited = Limited::new(body, MAX_ANSWER_BYTES);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
+        Ok(Err(error)) => Err(ProxyError::UpstreamBroken(format!(
+            "the answer from KMS broke off: {}",
+            error_chain(error.as_ref())
+        ))),
+        Ok(Ok(collected)) => Ok((parts, collected.to_bytes())),
+    }
+}
