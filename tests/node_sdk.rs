@@ -1,9 +1,10 @@
 //! The AWS SDK for JavaScript v3 (`@aws-sdk/client-kms`, pinned by tests/js/package-lock.json)
 //! through the proxy to the fake KMS, which verifies every signature: deployment modes A (plain
 //! HTTP endpoint), B (the TLS listener) and C (HTTPS_PROXY-style CONNECT with `hpagent`) over
-//! HTTP/1.1; what the SDK retries; and `NodeHttp2Handler` straight to the fake over h2 (TLS and
-//! prior knowledge). `NodeHttp2Handler` through the proxy (modes A, B and C) is written but
-//! ignored until the proxy forwards h2 (issue 12).
+//! HTTP/1.1; what the SDK retries; connection hygiene on one kept-alive socket (early refusals,
+//! idle gaps and the keep-alive hint; issue 11); and `NodeHttp2Handler` straight to the fake over
+//! h2 (TLS and prior knowledge). `NodeHttp2Handler` through the proxy (modes A, B and C) is
+//! written but ignored until the proxy forwards h2 (issue 12).
 //!
 //! One `node tests/js/kms-driver.mjs` process runs a list of scenarios and prints one JSON line
 //! per call (see tests/js/README.md). The npm packages are installed on first use under the
@@ -739,6 +740,308 @@ async fn the_sdk_retries_the_proxys_502_and_504_and_broken_sockets() {
     assert_eq!(closed["code"], "ECONNRESET", "{closed:#}");
     assert_eq!(closed["attempts"], 3, "{closed:#}");
     assert_eq!(closer.accepted.load(Ordering::SeqCst), 3);
+}
+
+// ======================================================================== connection hygiene
+
+/// The proxy's request count for this operation and decision.
+async fn requests_counted(proxy: &TestProxy, operation: &str, decision: &str) -> f64 {
+    let admin = proxy.admin_addr.expect("the proxy's admin port");
+    scrape(admin).await.count(
+        REQUESTS,
+        &[("operation", operation), ("decision", decision)],
+    )
+}
+
+/// A response header the driver reported for a call (`headers`, names in lower case).
+fn response_header<'a>(result: &'a Value, name: &str) -> Option<&'a str> {
+    result["headers"][name].as_str()
+}
+
+/// The answer kept the connection open: no `Connection: close`, and the idle hint
+/// `keep-alive: timeout=<idle_timeout_ms / 1000>`.
+#[track_caller]
+fn assert_kept_alive(result: &Value, idle_secs: u64) {
+    assert_eq!(response_header(result, "connection"), None, "{result:#}");
+    assert_eq!(
+        response_header(result, "keep-alive"),
+        Some(format!("timeout={idle_secs}").as_str()),
+        "{result:#}"
+    );
+}
+
+/// How many connections the call's agent had opened when the call ended.
+#[track_caller]
+fn sockets(result: &Value) -> u64 {
+    result["sockets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no socket count: {result:#}"))
+}
+
+/// Early refusals on one kept-alive agent with a single socket and no retries (issue 11):
+/// a TagResource larger than `max_body_bytes` gets 413 with `Connection: close`, so the agent
+/// retires that socket and the next call opens another; a CreateKey refused for its
+/// Content-Type, and one refused for a Content-Encoding, get 400 with the keep-alive hint, and
+/// the proxy skips their bodies, so the next calls reuse the same socket. Every call after a
+/// refusal succeeds at its first attempt, and only those reach KMS.
+///
+/// The SDK never sends a wrong Content-Type or a Content-Encoding on its own (KMS operations do
+/// not compress requests): the driver sets them with a build-step middleware before signing, as
+/// a user's middleware could. Raw-socket coverage of these refusals is in tests/front_door.rs.
+///
+/// Checked against the behaviour issue 11 describes, put back in `refuse` for a trial run (the
+/// answer without `Connection: close`, the body unread, then the connection closed): the agent
+/// kept the socket, and the call right after each refusal (`encrypt-after-413`,
+/// `create-content-encoding`) failed with `ECONNRESET` ("socket hang up", no response) in 3 runs
+/// of 3; the first assertion to fail here is the 413's `Connection: close`. With the body left
+/// unread on a connection kept open instead, its bytes were read as the start of the next head
+/// and those two calls were refused 400 (the head is not valid HTTP/1.1).
+#[tokio::test]
+async fn early_refusals_do_not_break_the_next_call_on_a_reused_socket() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            limits: "max_body_bytes = 2048".into(),
+            admin: true,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let settings = client(json!({
+        "endpoint": proxy.url(),
+        "maxAttempts": 1,
+        "keepAlive": true,
+        "maxSockets": 1,
+    }));
+    let long_value = "v".repeat(200);
+    let many_tags: Vec<(String, &str)> = (0..50)
+        .map(|i| (format!("team:app{i}"), long_value.as_str()))
+        .collect();
+    let many_tags: Vec<(&str, &str)> = many_tags.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    // Under max_body_bytes, so that the proxy skips it rather than closing.
+    let description = "d".repeat(1500);
+    let create = json!({"Description": description, "Tags": tags(&[("team:owner", "payments")])});
+    let encrypt = json!({"KeyId": KEY_ID, "Plaintext": {"$utf8": PLAINTEXT}});
+    let calls = json!([
+        {"id": "encrypt-first", "op": "Encrypt", "input": encrypt},
+        {"id": "tag-too-large", "op": "TagResource",
+         "input": {"KeyId": KEY_ID, "Tags": tags(&many_tags)}},
+        {"id": "encrypt-after-413", "op": "Encrypt", "input": encrypt},
+        {"id": "create-content-type", "op": "CreateKey", "input": create,
+         "headers": {"content-type": "application/json"}},
+        {"id": "create-content-encoding", "op": "CreateKey", "input": create,
+         "headers": {"content-encoding": "gzip"}},
+        {"id": "encrypt-after-400s", "op": "Encrypt", "input": encrypt},
+        {"id": "tag-allowed", "op": "TagResource",
+         "input": {"KeyId": KEY_ID, "Tags": tags(&[("team:app", "ledger")])}},
+    ]);
+    let results = run_driver(
+        json!([scenario("early-refusals", settings, calls, false)]),
+        &[],
+    )
+    .await;
+    let idle_secs = 120; // the default idle_timeout_ms
+
+    let encrypt_first = call(&results, "encrypt-first");
+    assert_ok(encrypt_first, 1);
+    assert_kept_alive(encrypt_first, idle_secs);
+    assert_eq!(sockets(encrypt_first), 1);
+
+    // 413 with Connection: close, its body never read: the agent retires the socket.
+    let too_large = call(&results, "tag-too-large");
+    assert_eq!(too_large["ok"], false, "{too_large:#}");
+    assert_eq!(too_large["status"], 413, "{too_large:#}");
+    assert_eq!(too_large["error"], "TagException", "{too_large:#}");
+    assert_eq!(too_large["fault"], "client", "{too_large:#}");
+    assert_eq!(too_large["attempts"], 1, "{too_large:#}");
+    assert_eq!(
+        response_header(too_large, "connection"),
+        Some("close"),
+        "{too_large:#}"
+    );
+    assert_eq!(response_header(too_large, "keep-alive"), None);
+    assert_eq!(sockets(too_large), 1);
+
+    let after_413 = call(&results, "encrypt-after-413");
+    assert_ok(after_413, 1);
+    assert_eq!(
+        sockets(after_413),
+        2,
+        "a new socket after Connection: close"
+    );
+
+    // 400s before the body was read: the body is skipped, the connection kept.
+    for id in ["create-content-type", "create-content-encoding"] {
+        let refused = call(&results, id);
+        assert_eq!(refused["ok"], false, "{refused:#}");
+        assert_eq!(refused["status"], 400, "{refused:#}");
+        assert_eq!(refused["error"], "TagException", "{refused:#}");
+        assert_eq!(refused["attempts"], 1, "{refused:#}");
+        assert_kept_alive(refused, idle_secs);
+        assert_eq!(sockets(refused), 2, "the same socket: {refused:#}");
+    }
+    assert!(
+        call(&results, "create-content-type")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("application/json")),
+        "{:#}",
+        call(&results, "create-content-type")
+    );
+    assert!(
+        call(&results, "create-content-encoding")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gzip")),
+        "{:#}",
+        call(&results, "create-content-encoding")
+    );
+    for id in ["encrypt-after-400s", "tag-allowed"] {
+        let r = call(&results, id);
+        assert_ok(r, 1);
+        assert_kept_alive(r, idle_secs);
+        assert_eq!(
+            sockets(r),
+            2,
+            "the same socket after two skipped bodies: {r:#}"
+        );
+    }
+
+    // Only the successful calls reached KMS, and the proxy counted each refusal once.
+    let ops: Vec<String> = verified_requests(&fake, &proxy.addr.to_string())
+        .iter()
+        .map(|r| r.operation().unwrap().to_owned())
+        .collect();
+    assert_eq!(ops, ["Encrypt", "Encrypt", "Encrypt", "TagResource"]);
+    assert_eq!(requests_counted(&proxy, "Encrypt", "pass").await, 3.0);
+    assert_eq!(requests_counted(&proxy, "TagResource", "deny").await, 1.0);
+    assert_eq!(requests_counted(&proxy, "TagResource", "allow").await, 1.0);
+    assert_eq!(requests_counted(&proxy, "CreateKey", "deny").await, 1.0);
+    assert_eq!(requests_counted(&proxy, "unknown", "deny").await, 1.0);
+}
+
+/// One driver run of [`idle_gaps_do_not_break_calls_on_one_agent`]: an agent with or without a
+/// `timeout`, and for each of its Encrypt calls the gap (ms) before it and how many connections
+/// the agent should have opened by its end.
+struct IdleRun {
+    name: String,
+    agent_timeout: bool,
+    gaps: Vec<(u64, u64)>,
+}
+
+/// Idle gaps on kept-alive agents with a single socket each and no retries (issue 11), with
+/// `idle_timeout_ms = 3000`: every answer says `keep-alive: timeout=3`, and every call succeeds
+/// at its first attempt, whatever the gap before it.
+///
+/// Node's `http.Agent` retires a free socket one second before the hint (here after 2 s), but
+/// only if the agent has a `timeout` of its own: the hint can only shorten it
+/// (`Agent.prototype.keepSocketAlive`, Node 20). So:
+///
+/// - an agent with a `timeout` (any value over the hint): a 1.5 s gap reuses the socket; after
+///   2.5 s (the proxy would still hold it), 3.5 s and 4.5 s it has been retired and a new one is
+///   opened. Three more such agents make calls right as the proxy closes their idle socket
+///   (gaps of 2990 to 3012 ms, in steps of 2 ms): each opens a new socket and succeeds.
+/// - the agent `NodeHttpHandler` builds by default (`keepAlive`, no `timeout`): the hint is
+///   ignored, a 2.5 s gap reuses the socket, and after 3.5 s (the proxy closed it at 3 s, Node saw
+///   the FIN) a new one is opened. Such an agent races the proxy's close: swept over gaps of
+///   2994 to 3009 ms in six processes like those below, it failed 1 of 30, 5 of 36 and 5 of 36
+///   calls in three runs, with `ECONNRESET` ("socket hang up"); the agent with a timeout failed
+///   0 of 36. That race is not asserted (it is a race); deploy/README.md tells Node users to give
+///   their agent a timeout.
+///
+/// Checked with the hint removed from the proxy for a trial run (its check here skipped): the
+/// agent with a timeout kept its socket past 2.5 s, failing the socket counts, and in one of two
+/// runs one of the 12 calls at the close failed with `ECONNRESET`.
+#[tokio::test]
+async fn idle_gaps_do_not_break_calls_on_one_agent() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            limits: "idle_timeout_ms = 3000".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let one_socket = |agent_timeout: bool| {
+        let mut settings = client(json!({
+            "endpoint": proxy.url(),
+            "maxAttempts": 1,
+            "keepAlive": true,
+            "maxSockets": 1,
+        }));
+        if agent_timeout {
+            settings["agentTimeoutMs"] = json!(60_000);
+        }
+        settings
+    };
+    let mut runs = vec![
+        IdleRun {
+            name: "agent-timeout".into(),
+            agent_timeout: true,
+            gaps: vec![
+                (0, 1),
+                (1500, 1),
+                (2500, 2),
+                (3500, 3),
+                (4500, 4),
+                (1500, 4),
+            ],
+        },
+        IdleRun {
+            name: "default-agent".into(),
+            agent_timeout: false,
+            gaps: vec![(0, 1), (1500, 1), (2500, 1), (3500, 2)],
+        },
+    ];
+    for k in 0..3 {
+        let gaps = (0..4).map(|i| 2990 + 2 * k + 6 * i);
+        runs.push(IdleRun {
+            name: format!("at-the-close-{k}"),
+            agent_timeout: true,
+            gaps: std::iter::once((0, 1)).chain(gaps.zip(2..)).collect(),
+        });
+    }
+    let started = Instant::now();
+    // All at once, each with its own agent and driver process, to keep the test short (~15 s).
+    let handles: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            let calls: Value = run
+                .gaps
+                .iter()
+                .enumerate()
+                .map(|(i, (gap, _))| {
+                    json!({"id": format!("encrypt-{i}"), "op": "Encrypt", "delayMs": gap,
+                           "input": {"KeyId": KEY_ID, "Plaintext": {"$utf8": PLAINTEXT}}})
+                })
+                .collect();
+            let settings = one_socket(run.agent_timeout);
+            let scenarios = json!([scenario(&run.name, settings, calls, false)]);
+            tokio::spawn(run_driver(scenarios, &[]))
+        })
+        .collect();
+    let mut total = 0;
+    for (IdleRun { name, gaps, .. }, handle) in runs.iter().zip(handles) {
+        let results = handle.await.unwrap();
+        assert_eq!(results.len(), gaps.len(), "{name}");
+        for (i, (gap, expected)) in gaps.iter().enumerate() {
+            let r = call(&results, &format!("encrypt-{i}"));
+            assert_ok(r, 1);
+            assert_kept_alive(r, 3);
+            assert_eq!(
+                sockets(r),
+                *expected,
+                "{name}: after a gap of {gap} ms: {r:#}\nall: {results:#?}"
+            );
+        }
+        total += results.len();
+    }
+    assert_eq!(fake.count(), total);
+    eprintln!(
+        "idle gaps: {total} calls on {} agents, every one at its first attempt; {:.1} s",
+        runs.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 // ======================================================================== HTTP/2

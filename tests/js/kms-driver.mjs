@@ -12,6 +12,9 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { Duplex } from "node:stream";
+import { setTimeout as sleep } from "node:timers/promises";
+import http from "node:http";
+import https from "node:https";
 import net from "node:net";
 import tls from "node:tls";
 
@@ -120,12 +123,24 @@ class ConnectTunnel extends Duplex {
   }
 }
 
-// The request handler for a scenario's client settings, and what to destroy afterwards.
+// Counts the connections an agent opens (for a proxy agent: its tunnels) in `counter.sockets`.
+function counted(agent, counter) {
+  const createConnection = agent.createConnection;
+  agent.createConnection = function (...args) {
+    counter.sockets++;
+    return createConnection.apply(this, args);
+  };
+  return agent;
+}
+
+// The request handler for a scenario's client settings, what to destroy afterwards, and the
+// count of connections its agents opened (null for http2, which has no agent).
 async function requestHandler(client) {
   const handler = client.handler ?? "http1";
   const proxy = client.proxy;
   const keepAlive = client.keepAlive ?? true;
   const timeouts = { requestTimeout: client.requestTimeoutMs ?? 10000, connectionTimeout: 5000 };
+  const counter = { sockets: 0 };
   if (handler === "http2") {
     const options = { ...timeouts, disableConcurrentStreams: client.disableConcurrentStreams };
     if (proxy) {
@@ -140,11 +155,23 @@ async function requestHandler(client) {
           }),
       };
     }
-    return { handler: new NodeHttp2Handler(options), agent: null };
+    return { handler: new NodeHttp2Handler(options), agents: [], counter: null };
   }
   if (handler !== "http1") fail(`unknown handler ${JSON.stringify(handler)}`);
-  if (!proxy) return { handler: new NodeHttpHandler(timeouts), agent: null };
+  // What NodeHttpHandler would build itself (keepAlive, maxSockets 50), and an agent `timeout`
+  // only when asked for: Node applies a server's `Keep-Alive: timeout=N` hint only to an agent
+  // that has one (it can only shorten it).
   const agentOptions = { keepAlive, maxSockets: client.maxSockets ?? 50 };
+  if (client.agentTimeoutMs !== undefined) agentOptions.timeout = client.agentTimeoutMs;
+  if (!proxy) {
+    const httpAgent = counted(new http.Agent(agentOptions), counter);
+    const httpsAgent = counted(new https.Agent(agentOptions), counter);
+    return {
+      handler: new NodeHttpHandler({ ...timeouts, httpAgent, httpsAgent }),
+      agents: [httpAgent, httpsAgent],
+      counter,
+    };
+  }
   let agent;
   switch (proxy.agent ?? "hpagent") {
     case "hpagent": {
@@ -162,12 +189,44 @@ async function requestHandler(client) {
     default:
       fail(`unknown proxy agent ${JSON.stringify(proxy.agent)}`);
   }
-  return { handler: new NodeHttpHandler({ ...timeouts, httpsAgent: agent }), agent };
+  counted(agent, counter);
+  return { handler: new NodeHttpHandler({ ...timeouts, httpsAgent: agent }), agents: [agent], counter };
 }
 
 // ------------------------------------------------------------------------------ calls
 
-async function runCall(scenario, client, call, id, outputs) {
+// Request headers set (a string) or removed (null) after the SDK built the request and before
+// it is signed: what a user's middleware could do.
+function setHeaders(command, headers) {
+  command.middlewareStack.add(
+    (next) => (args) => {
+      const request = args.request;
+      for (const [name, value] of Object.entries(headers)) {
+        for (const key of Object.keys(request.headers)) {
+          if (key.toLowerCase() === name.toLowerCase()) delete request.headers[key];
+        }
+        if (value !== null) request.headers[name] = value;
+      }
+      return next(args);
+    },
+    { step: "build", priority: "low", name: "kmsDriverSetHeaders" },
+  );
+}
+
+// Keeps the headers of each HTTP response the command gets (the last attempt's win) in
+// `seen.headers`, before the SDK deserialises it, errors included.
+function keepResponseHeaders(command, seen) {
+  command.middlewareStack.add(
+    (next) => async (args) => {
+      const result = await next(args);
+      seen.headers = { ...(result?.response?.headers ?? {}) };
+      return result;
+    },
+    { step: "deserialize", priority: "low", name: "kmsDriverResponseHeaders" },
+  );
+}
+
+async function runCall(scenario, client, call, id, outputs, counter) {
   const Command = kms[`${call.op}Command`];
   const base = { scenario: scenario.name, id, operation: call.op };
   if (typeof Command !== "function") {
@@ -179,12 +238,19 @@ async function runCall(scenario, client, call, id, outputs) {
   } catch (error) {
     return { ...base, ok: false, error: "DriverError", message: error.message };
   }
+  const command = new Command(input);
+  if (call.headers) setHeaders(command, call.headers);
+  const seen = { headers: null };
+  keepResponseHeaders(command, seen);
+  // After the call: the response's headers, the connections opened so far.
+  const transport = () => ({ headers: seen.headers, sockets: counter?.sockets ?? null });
   try {
-    const output = await client.send(new Command(input));
+    const output = await client.send(command);
     outputs.set(id, output);
     const meta = output.$metadata ?? {};
     return {
       ...base,
+      ...transport(),
       ok: true,
       status: meta.httpStatusCode ?? null,
       requestId: meta.requestId ?? null,
@@ -196,6 +262,7 @@ async function runCall(scenario, client, call, id, outputs) {
     const meta = error?.$metadata ?? {};
     return {
       ...base,
+      ...transport(),
       ok: false,
       error: error?.name ?? String(error),
       fault: error?.$fault ?? null,
@@ -211,7 +278,7 @@ async function runCall(scenario, client, call, id, outputs) {
 
 async function runScenario(scenario) {
   const settings = scenario.client ?? {};
-  const { handler, agent } = await requestHandler(settings);
+  const { handler, agents, counter } = await requestHandler(settings);
   const config = {
     region: settings.region ?? "us-east-1",
     credentials: settings.credentials,
@@ -231,7 +298,8 @@ async function runScenario(scenario) {
   }
   let count = 0;
   const run = async ([call, id]) => {
-    emit(await runCall(scenario, client, call, id, outputs));
+    if (call.delayMs) await sleep(call.delayMs);
+    emit(await runCall(scenario, client, call, id, outputs, counter));
     count++;
   };
   try {
@@ -239,7 +307,7 @@ async function runScenario(scenario) {
     else for (const c of calls) await run(c);
   } finally {
     client.destroy();
-    agent?.destroy();
+    for (const agent of agents) agent.destroy();
   }
   return count;
 }
