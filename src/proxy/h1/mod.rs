@@ -6,8 +6,9 @@
 //! (through `record`) and skip its body. Each client connection holds one connection to KMS of
 //! its own: no pool, no second task, no per-request channel.
 //!
-//! A head the general server's parser would refuse is refused here, in the KMS shape. Anything
-//! else outside the canonical shape (HTTP/2, CONNECT, chunked or `Expect` requests, other methods
+//! A head the general server's parser would refuse is refused here, in the KMS shape, and so is
+//! every request `decide` refuses by its head: answered here, its body skipped, and the
+//! connection serves on. Anything else outside the canonical shape (HTTP/2, CONNECT, chunked or `Expect` requests, other methods
 //! or versions) is handed, with the bytes read so far, to the general server, which serves one
 //! request of it (an HTTP/2 connection whole).
 
