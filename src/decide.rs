@@ -175,7 +175,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
     };
     let (operation, tag_operation) = match route {
         Route::Pass(op) => (op.name(), None),
-        Route::Inspect(op) => (op.name(), Some(op)),
+        Route::Judge(op) => (op.name(), Some(op)),
         Route::Unknown(name) => match rules.policy.unknown_operations() {
             UnknownOperations::Forward => (UNKNOWN_OPERATION, None),
             UnknownOperations::Reject => {
@@ -315,7 +315,7 @@ pub fn unreadable_body(head: &Head, operation: TagOperation, answer: ProxyError)
 pub fn malformed_head(head: &Head, answer: ProxyError) -> Refusal {
     let may_change_tags = match classify(head.method, head.uri, head.headers) {
         Ok(Route::Pass(_) | Route::Unknown(_)) => false,
-        Ok(Route::Inspect(_)) => true,
+        Ok(Route::Judge(_)) => true,
         Err(refused) => refused.may_change_tags,
     };
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());

@@ -28,7 +28,9 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Class {
+    /// Streamed through unread.
     pass,
+    /// A tag change, read whole and judged (`Route::Judge`). The label keeps its published name.
     inspect,
 }
 

@@ -1140,7 +1140,7 @@ proptest! {
         }
         let target = headers.get("x-amz-target").map(|v| v.as_bytes().to_vec());
         match &route {
-            Ok(Route::Inspect(op)) => {
+            Ok(Route::Judge(op)) => {
                 prop_assert_eq!(target, Some(self::target(*op).into_bytes()));
             }
             Ok(Route::Pass(op)) => {
@@ -1178,7 +1178,7 @@ proptest! {
         let route = classify(&Method::POST, &root, &headers);
         if spelled == target(op) {
             prop_assert!(
-                matches!(route, Ok(Route::Inspect(o)) if o == op)
+                matches!(route, Ok(Route::Judge(o)) if o == op)
                     || matches!(route, Err(ref e) if !matches!(e.reason, Unreadable::TargetSpelling(_))),
                 "{spelled:?}: {route:?}"
             );
@@ -1289,7 +1289,7 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         seen += 1;
         let data = std::fs::read(&path).unwrap();
         let (method, uri, headers, body) = read_fuzz_input(&data);
-        if let Ok(Route::Inspect(op)) = classify(&method, &uri, &headers) {
+        if let Ok(Route::Judge(op)) = classify(&method, &uri, &headers) {
             assert_eq!(
                 headers.get("x-amz-target").map(HeaderValue::as_bytes),
                 Some(target(op).as_bytes()),
@@ -1307,7 +1307,7 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         for config in [&*DEFAULT, &*STRICT] {
             let decision = decide_request(config, &method, &uri, &headers, body);
             if decision.allowed() {
-                if let Ok(Route::Inspect(op)) = classify(&method, &uri, &headers) {
+                if let Ok(Route::Judge(op)) = classify(&method, &uri, &headers) {
                     assert!(
                         parse_tag_request(op, body).is_ok(),
                         "{}: allowed but unreadable",

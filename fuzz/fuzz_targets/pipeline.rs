@@ -193,7 +193,7 @@ fn trim(mut value: &[u8]) -> &[u8] {
 /// with the tag operation its head names.
 fn decide(config: &Config, request: &Request) -> (Option<TagOperation>, Decision) {
     let operation = match classify(&request.method, &request.uri, &request.headers) {
-        Ok(Route::Inspect(op)) => Some(op),
+        Ok(Route::Judge(op)) => Some(op),
         _ => None,
     };
     let head = Head {
@@ -335,7 +335,7 @@ fuzz_target!(|data: &[u8]| {
         .headers
         .get("x-amz-target")
         .map(HeaderValue::as_bytes);
-    if let Ok(Route::Inspect(op)) = classify(&request.method, &request.uri, &request.headers) {
+    if let Ok(Route::Judge(op)) = classify(&request.method, &request.uri, &request.headers) {
         let exact = format!("{TARGET_PREFIX}{}", op.name());
         assert_eq!(
             target,

@@ -18,8 +18,8 @@ use super::operation::{Operation, TagOperation, TARGET_PREFIX};
 pub enum Route {
     /// A model operation that changes no tags: streamed through untouched.
     Pass(Operation),
-    /// A tag-bearing operation: read, parsed and judged.
-    Inspect(TagOperation),
+    /// A tag-bearing operation: read whole, parsed and judged by the policy.
+    Judge(TagOperation),
     /// `TrentService.<Name>` in the canonical shape, for a name outside the model that cannot
     /// name a tag-changing operation; `[policy].unknown_operations` decides.
     Unknown(String),
@@ -154,7 +154,7 @@ fn route(headers: &HeaderMap) -> Result<Route, Unreadable> {
         .map_err(|_| Unreadable::TargetNotText)?;
     match read_target(target) {
         Target::Known(op) => Ok(match op.tag_operation() {
-            Some(tag_op) => Route::Inspect(tag_op),
+            Some(tag_op) => Route::Judge(tag_op),
             None => Route::Pass(op),
         }),
         Target::Unknown(name) => Ok(Route::Unknown(name.to_owned())),
@@ -372,11 +372,11 @@ mod tests {
         );
         assert_eq!(
             route("TrentService.TagResource"),
-            Ok(Route::Inspect(TagOperation::TagResource))
+            Ok(Route::Judge(TagOperation::TagResource))
         );
         assert_eq!(
             route("TrentService.CreateKey"),
-            Ok(Route::Inspect(TagOperation::CreateKey))
+            Ok(Route::Judge(TagOperation::CreateKey))
         );
     }
 

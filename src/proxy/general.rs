@@ -74,7 +74,7 @@ pub(crate) async fn handle(
         }
         Verdict::ReadBody { operation } => {
             let tunnel_host = origin.tunnel_host.clone();
-            let handled = inspect(
+            let handled = tag_change(
                 &shared,
                 parts,
                 body,
@@ -192,7 +192,7 @@ fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<(),
 
 /// A tag-bearing request: read it whole, decide again with its body, record the decision, then
 /// deny it or forward the original bytes.
-async fn inspect(
+async fn tag_change(
     shared: &Arc<Shared>,
     mut parts: Parts,
     body: Incoming,
@@ -251,7 +251,7 @@ async fn inspect(
     }
     // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
     // may already be applying before its outcome is recorded.
-    let forward = tokio::spawn(forward_inspected(
+    let forward = tokio::spawn(forward_tag_change(
         Arc::clone(shared),
         parts,
         bytes,
@@ -298,7 +298,7 @@ async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, ProxyError>
 }
 
 /// Forwards an allowed tag change, records its outcome, and relays KMS's answer.
-async fn forward_inspected(
+async fn forward_tag_change(
     shared: Arc<Shared>,
     parts: Parts,
     body: Bytes,

@@ -202,7 +202,7 @@ where
         };
         match plan {
             Plan::Stream(operation, target) => self.pass(head, target, operation, started).await,
-            Plan::ReadBody(operation) => self.inspect(head, operation, &rules, started).await,
+            Plan::ReadBody(operation) => self.tag_change(head, operation, &rules, started).await,
             Plan::Refuse(refusal) => {
                 let class = record::class_of(refusal.operation);
                 let handled = record::refusal(&shared.audit, self.origin.peer, *refusal).await;
@@ -338,7 +338,7 @@ where
 
     /// A tag-bearing request: read whole, decided again with its body, its decision recorded,
     /// then refused or forwarded; KMS's answer is read whole for the outcome record.
-    async fn inspect(
+    async fn tag_change(
         &mut self,
         head: RequestHead,
         operation: TagOperation,
