@@ -595,34 +595,7 @@ async fn http2_prior_knowledge_uses_the_authority_as_host() {
 /// A `POST /` ListKeys signed the way NodeHttp2Handler signs: `:authority` (value
 /// `signed_authority`) among the SignedHeaders, no `host`.
 fn signed_with_authority(signed_authority: &str, uri: &str) -> http::Request<Full<bytes::Bytes>> {
-    let body = b"{}".to_vec();
-    let amz_date = sigv4::amz_date_now();
-    let authorization = sigv4::sign_headers(
-        "POST",
-        "/",
-        &[
-            (":authority", signed_authority),
-            ("content-type", "application/x-amz-json-1.1"),
-            ("x-amz-date", &amz_date),
-            ("x-amz-target", "TrentService.ListKeys"),
-        ],
-        &body,
-        ACCESS_KEY_ID,
-        SECRET_KEY,
-        REGION,
-        "kms",
-    );
-    assert!(
-        authorization.contains("SignedHeaders=:authority;content-type;x-amz-date;x-amz-target,"),
-        "{authorization}"
-    );
-    http::Request::post(uri)
-        .header("content-type", "application/x-amz-json-1.1")
-        .header("x-amz-target", "TrentService.ListKeys")
-        .header("x-amz-date", &amz_date)
-        .header("authorization", &authorization)
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap()
+    sigv4::signed_over_authority(signed_authority, uri, "ListKeys", b"{}")
 }
 
 #[tokio::test]

@@ -1175,21 +1175,18 @@ async fn h2_through_the_proxy(mode: Mode) {
 
 /// Mode A with `NodeHttp2Handler`: h2 with prior knowledge to the plain listener.
 #[tokio::test]
-#[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_a_node_http2_handler_through_the_proxy() {
     h2_through_the_proxy(Mode::A).await;
 }
 
 /// Mode B with `NodeHttp2Handler`: h2 to the TLS listener.
 #[tokio::test]
-#[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_b_node_http2_handler_through_the_proxy() {
     h2_through_the_proxy(Mode::B).await;
 }
 
 /// Mode C with `NodeHttp2Handler`: h2 inside an intercepted CONNECT tunnel.
 #[tokio::test]
-#[ignore = "needs h2 forwarding, issue 12"]
 async fn mode_c_node_http2_handler_through_the_proxy() {
     h2_through_the_proxy(Mode::C).await;
 }

@@ -764,10 +764,10 @@ async fn upstream_tls_with_ca_file_over_http1() {
     assert_audited_allow_and_deny(&proxy).await;
 }
 
-/// With a fixed endpoint the proxy speaks HTTP/1.1 even to an upstream that offers h2: over h2
-/// the :authority would be the endpoint it dials, not the Host the client signed, and an h2
-/// server may judge (or verify) the request by :authority. Without an endpoint the two agree and
-/// h2 is used (see the CONNECT test with no endpoint).
+/// A request signed over `host` goes to KMS as HTTP/1.1 even when the upstream offers h2: over
+/// h2 the :authority would be the target the proxy dials (the endpoint, or `<host>:443`), not the
+/// Host the client signed, and an h2 server may judge (or verify) the request by :authority.
+/// Only a request signed over `:authority` goes as h2 (the tests below).
 #[tokio::test]
 async fn upstream_tls_keeps_http1_to_a_fixed_endpoint_even_when_h2_is_offered() {
     let ca = TestCa::new("upstream test CA");
@@ -853,6 +853,195 @@ async fn upstream_tls_with_an_unknown_issuer_is_a_502() {
         0,
         "no request may complete over an untrusted TLS connection"
     );
+}
+
+/// An h2 connection to the proxy's plain listener, with prior knowledge (mode A).
+async fn h2_to(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// One request signed over `:authority` (as NodeHttp2Handler signs), answered.
+async fn over_authority(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: &str,
+    operation: &str,
+    body: &str,
+) -> Answer {
+    let request = sigv4::signed_over_authority(
+        authority,
+        &format!("http://{authority}/"),
+        operation,
+        body.as_bytes(),
+    );
+    let response = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .expect("h2 response timed out")
+        .expect("h2 response");
+    read_answer(response).await
+}
+
+/// A request whose signature covers `:authority` only verifies where `:authority` arrives as
+/// signed: the proxy sends it to KMS as h2 (ALPN h2 over TLS; prior knowledge to a plain
+/// endpoint) with the `:authority` the client sent, and adds no Host.
+#[tokio::test]
+async fn a_request_signed_over_authority_reaches_kms_as_h2_with_its_authority() {
+    let ca = TestCa::new("upstream test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let tls = tls_fake(&ca, &[b"h2", b"http/1.1"]).await;
+    let plain = FakeKms::start().await;
+    for (fake, what) in [(&tls, "TLS, ALPN h2"), (&plain, "plain, prior knowledge")] {
+        let proxy = proxy_to_tls_fake_or_plain(fake, &ca_file).await;
+        let authority = proxy.addr.to_string();
+        let mut h2 = h2_to(proxy.addr).await;
+        let encrypt = over_authority(&mut h2, &authority, "Encrypt", &encrypt_body()).await;
+        assert_eq!(encrypt.status, 200, "{what}: {:?}", encrypt.body);
+        let allowed = tag_body(&[("team:owner", "payments")]);
+        let tagged = over_authority(&mut h2, &authority, "TagResource", &allowed).await;
+        assert_eq!(tagged.status, 200, "{what}: {:?}", tagged.body);
+        let denied = tag_body(&[("Project", "x")]);
+        let refused = over_authority(&mut h2, &authority, "TagResource", &denied).await;
+        assert_eq!(refused.status, 400, "{what}: {:?}", refused.body);
+        assert_eq!(refused.json()["__type"], "TagException", "{what}");
+        // Multiplexed: many at once on the client's connection, and on the proxy's to KMS.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let mut h2 = h2.clone();
+            let authority = authority.clone();
+            calls.spawn(async move {
+                over_authority(&mut h2, &authority, "Encrypt", &encrypt_body()).await
+            });
+        }
+        while let Some(answer) = calls.join_next().await {
+            let answer = answer.unwrap();
+            assert_eq!(answer.status, 200, "{what}: {:?}", answer.body);
+        }
+
+        let requests = fake.requests();
+        let operations: Vec<_> = requests.iter().map(|r| r.operation()).collect();
+        assert_eq!(operations.len(), 22, "{what}: {operations:?}");
+        assert_eq!(
+            operations[..2],
+            [Some("Encrypt"), Some("TagResource")],
+            "{what}"
+        );
+        for request in &requests {
+            assert_eq!(request.version, Version::HTTP_2, "{what}");
+            assert_eq!(
+                request.uri.authority().map(|a| a.as_str()),
+                Some(authority.as_str()),
+                "{what}: :authority as the client sent it"
+            );
+            assert_eq!(request.header("host"), None, "{what}: nothing added");
+            assert!(request.verified().signs(":authority"), "{what}");
+        }
+        assert_audited_allow_and_deny(&proxy).await;
+        fake.clear();
+    }
+}
+
+/// `proxy_to_tls_fake` for a TLS fake, or a proxy in front of a plain one.
+async fn proxy_to_tls_fake_or_plain(fake: &FakeKms, ca_file: &Path) -> TestProxy {
+    if fake.url().starts_with("https://") {
+        proxy_to_tls_fake(fake, format!("ca_file = \"{}\"", ca_file.display())).await
+    } else {
+        start_proxy(fake).await
+    }
+}
+
+/// A plain-HTTP upstream that speaks only HTTP/1.1: every connection gets a 400 and is closed.
+/// Returns its URL and how many connections it has had.
+async fn http1_only_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (url, connections)
+}
+
+/// An upstream that will not speak h2 (TLS without ALPN h2, or a plain endpoint that answers
+/// HTTP/1.1 to the h2 preface) never gets a request signed over `:authority`, which it could
+/// only fail as a bad signature: the client gets a KMS-shaped 400 (not retried) that says which
+/// setting to change, and an allowed tag change is recorded as not applied.
+#[tokio::test]
+async fn an_upstream_without_h2_gets_nothing_and_the_client_is_told_which_setting_to_change() {
+    let ca = TestCa::new("upstream test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let http1 = tls_fake(&ca, &[b"http/1.1"]).await;
+    let no_alpn = tls_fake(&ca, &[]).await;
+    let (plain_url, plain_connections) = http1_only_upstream().await;
+    let proxies = [
+        (
+            proxy_to_tls_fake_or_plain(&http1, &ca_file).await,
+            "ALPN h2",
+            "ALPN http/1.1",
+        ),
+        (
+            proxy_to_tls_fake_or_plain(&no_alpn, &ca_file).await,
+            "ALPN h2",
+            "no ALPN",
+        ),
+        (
+            start_proxy_to(&plain_url, ProxyConfig::default()).await,
+            "prior knowledge",
+            "plain HTTP/1.1",
+        ),
+    ];
+    for (proxy, says, what) in &proxies {
+        let authority = proxy.addr.to_string();
+        let mut h2 = h2_to(proxy.addr).await;
+        let allowed = tag_body(&[("team:owner", "payments")]);
+        for (operation, body) in [("Encrypt", encrypt_body()), ("TagResource", allowed)] {
+            let answer = over_authority(&mut h2, &authority, operation, &body).await;
+            assert_eq!(answer.status, 400, "{what} {operation}: {:?}", answer.body);
+            assert_eq!(
+                answer
+                    .headers
+                    .get("x-kms-tag-guard")
+                    .map(|v| v.to_str().unwrap()),
+                Some("upstream-no-h2"),
+                "{what} {operation}"
+            );
+            let body = answer.json();
+            assert_eq!(body["__type"], "UnsupportedHttpVersion", "{what}");
+            let message = body["message"].as_str().unwrap();
+            for needle in [":authority", *says, "NodeHttpHandler", "nothing was sent"] {
+                assert!(
+                    message.contains(needle),
+                    "{what}: {needle:?} not in {message}"
+                );
+            }
+        }
+        let records = proxy.wait_for_audit(2).await;
+        let outcome = records
+            .iter()
+            .find(|r| r["event"] == "outcome")
+            .unwrap_or_else(|| panic!("{what}: no outcome record in {records:#?}"));
+        assert_eq!(outcome["applied"], "no", "{what}: {outcome}");
+    }
+    assert_eq!(http1.count() + no_alpn.count(), 0, "nothing reached KMS");
+    // The plain endpoint was asked for h2 (its connection opened) but never saw a request it
+    // could read: it answered the preface with a 400.
+    assert!(plain_connections.load(Ordering::SeqCst) >= 1);
 }
 
 // ======================================================================== 3. CONNECT
@@ -1449,12 +1638,8 @@ async fn connect_intercepts_and_originates_tls_to_the_host_without_an_endpoint()
     let requests = encrypt_tag_and_deny(&client, &fake).await;
     for request in &requests {
         assert_eq!(request.header("host"), Some("localhost"));
-        assert_eq!(request.version, Version::HTTP_2, "the fake offers h2");
-        eprintln!(
-            "no endpoint, h2 upstream: :authority = {:?}, host = {:?}",
-            request.uri.authority().map(|a| a.to_string()),
-            request.header("host")
-        );
+        // The fake offers h2, but the SDK signed `host`: HTTP/1.1 carries it as signed.
+        assert_eq!(request.version, Version::HTTP_11, "signed over host");
     }
     assert_audited_allow_and_deny(&proxy).await;
 

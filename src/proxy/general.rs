@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, Version};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tracing::warn;
@@ -24,6 +25,7 @@ use crate::decide::{
     decide, streamed_body_refused, unreadable_body, Body, Head, Judgement, Rules, Verdict,
 };
 use crate::kms::answer::{KmsAnswer, MAX_ANSWER_BYTES};
+use crate::kms::credential::signs_authority;
 use crate::kms::{TagOperation, Unreadable};
 use crate::metrics::{Class, Outcome, UpstreamErrorKind};
 use crate::record::{self, new_request_id, Handled};
@@ -109,22 +111,27 @@ async fn pass_through(
     operation: &'static str,
     peer: SocketAddr,
 ) -> (Response<ProxyBody>, Outcome) {
-    if let Err(error) = prepare_forward(shared, &mut parts, host) {
-        let outcome = error.outcome();
-        return (
-            own(Handled::error(error, operation, &new_request_id())),
-            outcome,
-        );
-    }
+    let forward = match prepare_forward(shared, &mut parts, host) {
+        Ok(forward) => forward,
+        Err(error) => {
+            let outcome = error.outcome();
+            return (
+                own(Handled::error(error, operation, &new_request_id())),
+                outcome,
+            );
+        }
+    };
     let refusal = Arc::new(OnceLock::new());
     let body = Streamed::from_client(body, Arc::clone(&refusal));
     // Cheap clones of what a record of a refusal made after the head has gone on needs.
     let head_copy = record_headers(&parts.headers);
     let (method, uri) = (parts.method.clone(), parts.uri.clone());
-    let sent = shared
-        .upstream
-        .send(Request::from_parts(parts, Either::Left(body)))
-        .await;
+    let sent = send(
+        shared,
+        Request::from_parts(parts, Either::Left(body)),
+        &forward,
+    )
+    .await;
     if let Some(reason) = refusal.get() {
         let head = Head {
             method: &method,
@@ -173,10 +180,49 @@ fn record_headers(headers: &HeaderMap) -> HeaderMap {
     copy
 }
 
-/// Points a request at the upstream without touching what the client signed: the Host header,
-/// the other headers and the body stay as they are; only hop-by-hop headers go.
-fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<(), ProxyError> {
+/// How a request goes to KMS.
+enum Forward {
+    /// As HTTP/1.1, its Host as signed.
+    Http1,
+    /// As HTTP/2 over a connection to `dial`: the signature covers `:authority`.
+    Http2 { dial: Uri },
+}
+
+/// Points a request at the upstream without touching what the client signed: the Host header
+/// (or, for a request signed over `:authority`, the `:authority`), the other headers and the
+/// body stay as they are; only hop-by-hop headers go.
+fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<Forward, ProxyError> {
     let target = shared.upstream.target(host, parts.uri.path_and_query())?;
+    strip_hop_by_hop(&mut parts.headers);
+    if parts.version == Version::HTTP_2 && signs_authority(&parts.headers, parts.uri.query()) {
+        // Only HTTP/2 carries `:authority`: KMS gets the one the client sent, as it sent it.
+        let unreadable =
+            |e: http::Error| ProxyError::Unreadable(format!("the request target: {e}"));
+        let authority = match parts.uri.authority() {
+            Some(authority) => authority.clone(),
+            None => Authority::try_from(host)
+                .map_err(|e| ProxyError::Unreadable(format!("the request authority: {e}")))?,
+        };
+        let scheme = target.scheme().cloned().unwrap_or(Scheme::HTTPS);
+        let dial = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(
+                target
+                    .authority()
+                    .cloned()
+                    .unwrap_or_else(|| authority.clone()),
+            )
+            .path_and_query("/")
+            .build()
+            .map_err(unreadable)?;
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(target.path_and_query().map_or("/", |p| p.as_str()))
+            .build()
+            .map_err(unreadable)?;
+        return Ok(Forward::Http2 { dial });
+    }
     if !parts.headers.contains_key(HOST) {
         // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.
         let value = HeaderValue::from_str(host).map_err(|_| {
@@ -184,10 +230,21 @@ fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<(),
         })?;
         parts.headers.insert(HOST, value);
     }
-    strip_hop_by_hop(&mut parts.headers);
     parts.uri = target;
     parts.version = Version::HTTP_11;
-    Ok(())
+    Ok(Forward::Http1)
+}
+
+/// Sends a prepared request the way [`prepare_forward`] chose.
+async fn send(
+    shared: &Shared,
+    request: Request<ProxyBody>,
+    forward: &Forward,
+) -> Result<Response<Incoming>, ProxyError> {
+    match forward {
+        Forward::Http1 => shared.upstream.send(request).await,
+        Forward::Http2 { dial } => shared.upstream.send_h2(request, dial).await,
+    }
 }
 
 /// A tag-bearing request: read it whole, decide again with its body, record the decision, then
@@ -244,16 +301,20 @@ async fn tag_change(
         let outcome = handled.outcome;
         return (own(handled), outcome);
     }
-    if let Err(error) = prepare_forward(shared, &mut parts, &host) {
-        record::outcome(&shared.audit, &request_id, started, Err(&error));
-        let outcome = error.outcome();
-        return (own(Handled::error(error, op, &request_id)), outcome);
-    }
+    let forward = match prepare_forward(shared, &mut parts, &host) {
+        Ok(forward) => forward,
+        Err(error) => {
+            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            let outcome = error.outcome();
+            return (own(Handled::error(error, op, &request_id)), outcome);
+        }
+    };
     // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
     // may already be applying before its outcome is recorded.
     let forward = tokio::spawn(forward_tag_change(
         Arc::clone(shared),
         parts,
+        forward,
         bytes,
         request_id.clone(),
         started,
@@ -301,13 +362,14 @@ async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, ProxyError>
 async fn forward_tag_change(
     shared: Arc<Shared>,
     parts: Parts,
+    forward: Forward,
     body: Bytes,
     request_id: String,
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let request = Request::from_parts(parts, Either::Right(Full::new(body)));
     let upstream = &shared.upstream;
-    let result = match upstream.send(request).await {
+    let result = match send(&shared, request, &forward).await {
         Ok(response) => {
             let answer = read_response(response, upstream.timeout()).await;
             if answer.is_err() {

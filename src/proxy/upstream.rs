@@ -1,13 +1,15 @@
 //! The connection to KMS: where a request goes, a pooled client over rustls, and timeouts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
@@ -40,10 +42,16 @@ pub enum UpstreamSetupError {
 /// A connection of its own to KMS, which the fast HTTP/1.1 path speaks over directly.
 pub(crate) type DirectStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
+/// How many destinations the HTTP/2 connections are kept for at once.
+const MAX_H2_DESTINATIONS: usize = 64;
+
 pub struct Upstream {
+    /// HTTP/1.1 only: a request goes to KMS in the version whose headers carry what it signed.
     client: Client<HttpsConnector<GuardedConnector>, ProxyBody>,
     /// HTTP/1.1 only (ALPN), for the fast path's own connections.
     direct: HttpsConnector<GuardedConnector>,
+    /// For requests signed over `:authority`.
+    h2: H2Connections,
     metrics: Arc<Metrics>,
     endpoint: Option<(Scheme, Authority)>,
     /// `<endpoint>/`, the target of every KMS request when an endpoint is set.
@@ -80,19 +88,24 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(GuardedConnector::new(http.clone(), own.clone()));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        let h2 = H2Connections {
+            // Offers http/1.1 too, so that a server without h2 picks it (instead of failing the
+            // handshake) and the proxy can say what the matter is.
+            connector: hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(GuardedConnector::new(http.clone(), own.clone())),
+            open: Mutex::new(HashMap::new()),
+        };
+        // HTTP/1.1 only: hyper would take an HTTP/2 :authority from the URI it dials (the
+        // endpoint, with its port), not from the Host the client signed, and an h2 server may
+        // judge the request by :authority. HTTP/1.1 sends the signed Host as it is.
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1();
-        let connector = GuardedConnector::new(http, own);
-        // HTTP/2 carries the host in :authority, which hyper takes from the URI it dials. With a
-        // fixed endpoint that is the endpoint, not the Host the client signed, and an h2 server
-        // may judge the request by :authority; HTTP/1.1 sends the signed Host as it is.
-        let https = if config.endpoint.is_some() {
-            builder.wrap_connector(connector)
-        } else {
-            builder.enable_http2().wrap_connector(connector)
-        };
+            .enable_http1()
+            .wrap_connector(GuardedConnector::new(http, own));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -119,6 +132,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             direct,
+            h2,
             metrics,
             endpoint,
             endpoint_root,
@@ -185,6 +199,116 @@ impl Upstream {
         }
     }
 
+    /// Sends a request signed over `:authority` to KMS as HTTP/2, `:authority` exactly as the
+    /// client sent it (`request`'s URI carries it), over a connection to `dial` (the target's
+    /// scheme and authority): TLS with ALPN `h2`, or HTTP/2 with prior knowledge for an
+    /// `http://` endpoint. An upstream that will not speak HTTP/2 gets nothing, and the client
+    /// an answer that says which setting to change. Waits at most `timeout_ms` for the answer's
+    /// head, connecting included.
+    pub async fn send_h2(
+        &self,
+        request: Request<ProxyBody>,
+        dial: &Uri,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, self.h2_exchange(request, dial)).await {
+            Err(_) => {
+                self.metrics.upstream_error(UpstreamErrorKind::timeout);
+                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
+            }
+            Ok(result) => result,
+        }
+    }
+
+    async fn h2_exchange(
+        &self,
+        mut request: Request<ProxyBody>,
+        dial: &Uri,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        // A pooled connection that closed before the request went out is replaced once; a
+        // request that went out is never sent again.
+        for pooled in [true, false] {
+            let (mut sender, fresh) = match self.h2.pooled(dial).filter(|_| pooled) {
+                Some(sender) => (sender, false),
+                None => (self.h2_connect(dial).await?, true),
+            };
+            if sender.ready().await.is_err() {
+                self.h2.forget(dial);
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => {
+                        self.h2.forget(dial);
+                        request = unsent;
+                    }
+                    _ => {
+                        let error = error.into_error();
+                        return Err(self.h2_failed(&error, dial, fresh));
+                    }
+                },
+            }
+        }
+        self.metrics.upstream_error(UpstreamErrorKind::connect);
+        Err(ProxyError::UpstreamConnect(
+            "a new HTTP/2 connection to KMS closed before it could carry the request".into(),
+        ))
+    }
+
+    /// What a failed HTTP/2 exchange tells the client. A request refused on a connection opened
+    /// for it with prior knowledge (no ALPN to ask first) means the upstream does not speak
+    /// HTTP/2.
+    fn h2_failed(&self, error: &hyper::Error, dial: &Uri, fresh: bool) -> ProxyError {
+        if client_body_failed(error) {
+            return ProxyError::Unreadable(format!(
+                "the request body broke off before it was complete ({}); KMS received no complete request",
+                error_chain(error)
+            ));
+        }
+        self.metrics.upstream_error(UpstreamErrorKind::connect);
+        if fresh && dial.scheme() == Some(&Scheme::HTTP) && !error.is_timeout() {
+            return ProxyError::UpstreamNoH2(format!(
+                "{} did not answer HTTP/2 with prior knowledge ({})",
+                origin(dial),
+                error_chain(error)
+            ));
+        }
+        ProxyError::UpstreamBroken(error_chain(error))
+    }
+
+    /// A new HTTP/2 connection to `dial`, kept for the requests after this one.
+    async fn h2_connect(&self, dial: &Uri) -> Result<SendRequest<ProxyBody>, ProxyError> {
+        let mut connector = self.h2.connector.clone();
+        let stream = connector.call(dial.clone()).await.map_err(|e| {
+            self.metrics.upstream_error(UpstreamErrorKind::connect);
+            ProxyError::UpstreamConnect(error_chain(e.as_ref()))
+        })?;
+        if matches!(stream, MaybeHttpsStream::Https(_)) && !stream.connected().is_negotiated_h2() {
+            self.metrics.upstream_error(UpstreamErrorKind::connect);
+            return Err(ProxyError::UpstreamNoH2(format!(
+                "{} did not agree to HTTP/2 in its TLS handshake (ALPN h2)",
+                origin(dial)
+            )));
+        }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(stream)
+            .await
+            .map_err(|e| {
+                self.metrics.upstream_error(UpstreamErrorKind::connect);
+                ProxyError::UpstreamConnect(error_chain(&e))
+            })?;
+        let shown = origin(dial);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(upstream = %shown, %error, "HTTP/2 connection to KMS ended");
+            }
+        });
+        self.h2.keep(dial, sender.clone());
+        Ok(sender)
+    }
+
     /// Opens a connection of its own to the target's scheme and authority (TLS with ALPN
     /// `http/1.1` for https), within `timeout_ms`.
     pub(crate) async fn dial(&self, target: &Uri) -> Result<DirectStream, ProxyError> {
@@ -209,6 +333,48 @@ impl Upstream {
 
     pub fn timeout(&self) -> Duration {
         self.config.timeout
+    }
+}
+
+/// The HTTP/2 connections to KMS, for requests whose signature covers `:authority`: one per
+/// destination, shared by every connection thread, multiplexed, replaced once closed.
+struct H2Connections {
+    /// ALPN `h2` and `http/1.1`; only a connection that agreed to `h2` is used.
+    connector: HttpsConnector<GuardedConnector>,
+    open: Mutex<HashMap<Uri, SendRequest<ProxyBody>>>,
+}
+
+impl H2Connections {
+    fn pooled(&self, dial: &Uri) -> Option<SendRequest<ProxyBody>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(dial).filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn keep(&self, dial: &Uri, sender: SendRequest<ProxyBody>) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= MAX_H2_DESTINATIONS && !open.contains_key(dial) {
+            open.retain(|_, s| !s.is_closed());
+            if open.len() >= MAX_H2_DESTINATIONS {
+                // Dropping a sender ends its connection once its streams are done.
+                if let Some(any) = open.keys().next().cloned() {
+                    open.remove(&any);
+                }
+            }
+        }
+        open.insert(dial.clone(), sender);
+    }
+
+    fn forget(&self, dial: &Uri) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(dial);
+    }
+}
+
+/// `scheme://authority` of a target, for messages.
+fn origin(uri: &Uri) -> String {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => uri.to_string(),
     }
 }
 

@@ -583,3 +583,45 @@ pub fn sign_headers(
     let sig = signature(secret, date, region, service, &sts);
     format!("{ALGORITHM} Credential={access_key_id}/{scope}, SignedHeaders={line}, Signature={sig}")
 }
+
+/// A `POST /` KMS request (`TrentService.<operation>`, JSON `body`) to `uri`, signed the way the
+/// AWS SDK for JavaScript v3's `NodeHttp2Handler` signs: `:authority` (value `authority`)
+/// among the SignedHeaders, no `host`. Sent over h2 to a URI whose authority is `authority`, the
+/// signature verifies only where `:authority` arrives as it was signed.
+pub fn signed_over_authority(
+    authority: &str,
+    uri: &str,
+    operation: &str,
+    body: &[u8],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let amz_date = amz_date_now();
+    let target = format!("TrentService.{operation}");
+    let authorization = sign_headers(
+        "POST",
+        "/",
+        &[
+            (":authority", authority),
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-date", &amz_date),
+            ("x-amz-target", &target),
+        ],
+        body,
+        super::ACCESS_KEY_ID,
+        super::SECRET_KEY,
+        super::REGION,
+        "kms",
+    );
+    assert!(
+        authorization.contains("SignedHeaders=:authority;content-type;x-amz-date;x-amz-target,"),
+        "{authorization}"
+    );
+    http::Request::post(uri)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", target)
+        .header("x-amz-date", &amz_date)
+        .header("authorization", &authorization)
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))
+        .unwrap()
+}
