@@ -83,7 +83,9 @@ fn a_stalled_sink_refuses_tag_changes_and_never_delays_pass_through() {
             let body = large_allowed_tag_body(n);
             let request =
                 RawRequest::signed_kms(&host, "TrentService.TagResource", body.as_bytes());
+            let sent = Instant::now();
             let response = raw::send(proxy.addr, &request.to_bytes()).await;
+            let took = sent.elapsed();
             let id = response
                 .header("x-amzn-requestid")
                 .unwrap_or_default()
@@ -93,6 +95,10 @@ fn a_stalled_sink_refuses_tag_changes_and_never_delays_pass_through() {
                 200 => {}
                 503 => {
                     assert_eq!(response.json()["__type"], "ServiceUnavailable");
+                    eprintln!(
+                        "MEASURE tag-change-refused-during-stall ms={}",
+                        took.as_millis()
+                    );
                     refused += 1;
                     if refused == 4 {
                         break;
