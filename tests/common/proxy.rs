@@ -10,39 +10,9 @@ use serde_json::Value;
 
 use super::FakeKms;
 
-/// The policy most tests run against.
-pub const TEST_POLICY: &str = r#"
-[policy]
-max_tags = 5
-
-[[policy.rule]]
-id = "org-prefix"
-type = "required-prefix"
-prefixes = ["team:", "app:", "cost:"]
-
-[[policy.rule]]
-id = "abac-keys"
-type = "forbidden-key"
-keys = ["Project", "Environment"]
-patterns = ["^abac[-:]"]
-
-[[policy.rule]]
-id = "cost-center"
-type = "value-pattern"
-key = "cost:center"
-pattern = "^[0-9]{4}$"
-
-[[policy.rule]]
-id = "tier"
-type = "value-pattern"
-key = "app:tier"
-allowed = ["gold", "silver"]
-
-[[policy.rule]]
-id = "owner-on-create"
-type = "required-key"
-keys = ["team:owner"]
-"#;
+/// The policy most tests run against (`tests/fixtures/policy.toml`, which the policy unit tests,
+/// the property tests and the fuzz target load too).
+pub const TEST_POLICY: &str = include_str!("../fixtures/policy.toml");
 
 /// The sections of a test configuration; each is the body of its TOML section.
 pub struct ProxyConfig {
