@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::child::{self, spawn_proxy, ChildOptions, ChildProxy};
+use common::child::{self, start_child, ChildOptions, ChildProxy};
 use common::raw::{self, RawConn, RawRequest, TrickleEnd};
 use common::*;
 use serde_json::Value;
@@ -579,11 +579,9 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     let mut opts = ChildOptions::new(&fake.url());
     // Longer than the test: the connections stay open while they are measured; and a budget
     // above them, so that none is closed to make room (the connection budget tests below cover that).
-    opts.limits = "header_read_timeout_ms = 25000\nmax_connections = 20000".into();
+    opts.config.limits = "header_read_timeout_ms = 25000\nmax_connections = 20000".into();
     opts.nofile = Some(65_536);
-    let mut proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    let mut proxy = start_child(opts).await;
     let limit = proxy.nofile_limit().unwrap_or(0);
     assert!(
         limit >= needed,
@@ -837,36 +835,12 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
         eprintln!("SKIPPED the_soft_descriptor_limit_is_raised_to_the_hard_limit: the hard limit here is {hard}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
-         [upstream]\nendpoint = \"http://127.0.0.1:9\"\n",
-    )
-    .unwrap();
-    let stderr_path = dir.path().join("stderr.log");
-    let mut serve = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -S -n 256 && exec \"$0\" serve --config \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_kms-tag-guard"))
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let log = loop {
-        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if log.contains("kms-tag-guard listening") {
-            break log;
-        }
-        assert!(Instant::now() < deadline, "not listening:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let limits = child::nofile_limits(serve.id());
-    let _ = serve.kill();
-    let _ = serve.wait();
+    let mut opts = ChildOptions::new("http://127.0.0.1:9");
+    opts.soft_nofile = Some(256);
+    let proxy = start_child(opts).await;
+    let log = proxy.stderr();
+    let limits = child::nofile_limits(proxy.pid);
+    drop(proxy);
     let (soft, hard) = limits.expect("/proc/<pid>/limits");
     assert_eq!(soft, hard, "the soft limit is raised to the hard one");
     let line = log
@@ -890,11 +864,9 @@ async fn half_open_connections_cannot_exhaust_the_descriptors() {
     let fake = FakeKms::start().await;
     let mut opts = ChildOptions::new(&fake.url());
     // Far longer than the test: without the budget, nothing would free a descriptor.
-    opts.limits = "header_read_timeout_ms = 60000".into();
+    opts.config.limits = "header_read_timeout_ms = 60000".into();
     opts.nofile = Some(1024);
-    let proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    let proxy = start_child(opts).await;
     assert_eq!(proxy.nofile_limit(), Some(1024));
     let addr = proxy.addr;
     let mut silent = Vec::new();

@@ -13,7 +13,7 @@ use aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_kms::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, Tag};
-use common::child::{spawn_proxy, ChildOptions, ChildProxy};
+use common::child::{start_child, ChildOptions, ChildProxy};
 use common::fake_kms::base64_encode;
 use common::raw::{self, RawRequest};
 use common::*;
@@ -396,10 +396,8 @@ async fn run(global_args: &[&str], rust_log: &str) -> (Vec<String>, String, Stri
     let mut opts = ChildOptions::new(&fake.url());
     opts.global_args = global_args.iter().map(|s| s.to_string()).collect();
     opts.rust_log = Some(rust_log.to_owned());
-    opts.limits = "body_read_timeout_ms = 5000".into();
-    let mut proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    opts.config.limits = "body_read_timeout_ms = 5000".into();
+    let mut proxy = start_child(opts).await;
     let needles = workload(fake, &proxy).await;
     let (status, proxy) = tokio::task::spawn_blocking(move || (proxy.stop(), proxy))
         .await

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::Tag;
+use common::child::{start_child, ChildOptions};
 use common::ops::*;
 use common::*;
 use serde_json::Value;
@@ -171,7 +172,7 @@ async fn metrics_count_a_mixed_workload_exactly() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
-    let mut config = OpsConfig::new(&fake.url(), &audit_path, proxy::TEST_POLICY);
+    let mut config = ProxyConfig::with_admin(&fake.url(), &audit_path, TEST_POLICY);
     config.upstream = "timeout_ms = 500".into();
     let config_path = dir.path().join("kms-tag-guard.toml");
     std::fs::write(&config_path, config.render()).unwrap();
@@ -290,7 +291,7 @@ async fn metrics_count_a_mixed_workload_exactly() {
 
     // A 421 needs a proxy without a fixed endpoint: it checks the Host against allowed_hosts.
     let dir_b = tempfile::tempdir().unwrap();
-    let config_b = OpsConfig::new("", &dir_b.path().join("audit.log"), proxy::TEST_POLICY);
+    let config_b = ProxyConfig::with_admin("", &dir_b.path().join("audit.log"), TEST_POLICY);
     let path_b = dir_b.path().join("kms-tag-guard.toml");
     std::fs::write(&path_b, config_b.render()).unwrap();
     let b = start_from_file(&path_b).await;
@@ -507,16 +508,9 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.log");
     let rotated = dir.path().join("audit.log.1");
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = OpsConfig::new(&fake.url(), &audit, proxy::TEST_POLICY);
-    config.listener = format!("127.0.0.1:{port}");
-    config.admin = format!("127.0.0.1:{admin_port}");
-    let config_path = dir.path().join("kms-tag-guard.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let mut serve = ServeProcess::spawn(&config_path, dir.path());
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    serve.wait_healthy(admin).await;
+    let config = ProxyConfig::with_admin(&fake.url(), &audit, TEST_POLICY);
+    let mut serve = start_child(ChildOptions::with_config(config)).await;
+    let (addr, admin) = (serve.addr, serve.admin());
 
     async fn change(addr: SocketAddr, value: String) -> String {
         let response = call(addr, "TagResource", &tag_body(&[("team:phase", &value)])).await;
@@ -541,7 +535,7 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::rename(&audit, &rotated).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    send_signal(serve.pid, "HUP");
+    serve.signal("HUP");
     // The reopen creates a new file at the configured path.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !audit.exists() {
@@ -567,7 +561,7 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
         "{}",
         m.text
     );
-    send_signal(serve.pid, "TERM");
+    serve.signal("TERM");
     let (status, _) = serve
         .wait_exit(Duration::from_secs(10))
         .await

@@ -3,6 +3,11 @@
 //! aws-sdk-kms client builder that needs no aws-config, moto as a second upstream (`moto`), and
 //! the installer of such third-party test programs (`deps`).
 //!
+//! A proxy under test is configured with [`ProxyConfig`] (the one builder of configuration text,
+//! with the test policy of `tests/fixtures/policy.toml`) and started in process
+//! ([`start_proxy_with`], or from a file: `ops::start_from_file`) or as the real binary
+//! (`child::spawn_proxy`, the one launcher of a child process).
+//!
 //! Use from a test file with `mod common;`.
 #![allow(dead_code, unused_imports)]
 
@@ -19,7 +24,8 @@ use std::time::Duration;
 
 pub use fake_kms::{FakeKms, Hook, Progress, Recorded};
 pub use proxy::{
-    start_proxy, start_proxy_to, start_proxy_with, ProxyConfig, TestProxy, TEST_POLICY,
+    start_proxy, start_proxy_to, start_proxy_with, try_start_proxy_to, ProxyConfig, TestProxy,
+    TEST_POLICY,
 };
 pub use raw::{RawConn, RawRequest, RawResponse};
 pub use sigv4::VerifiedCredential;
