@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::child::{self, start_child, ChildOptions, ChildProxy};
 use common::raw::{self, RawConn, RawRequest, TrickleEnd};
+use common::sentinel::assert_nothing_forwarded;
 use common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -27,8 +28,6 @@ const ENCRYPT: &str = "TrentService.Encrypt";
 const TRICKLE: Duration = Duration::from_millis(200);
 /// How late a timeout may fire and still pass.
 const MARGIN: Duration = Duration::from_secs(3);
-/// How long to wait before checking that nothing reached the upstream.
-const SETTLE: Duration = Duration::from_millis(200);
 
 fn limits(header_ms: u64, body_ms: u64) -> ProxyConfig {
     ProxyConfig {
@@ -57,22 +56,6 @@ fn encrypt_body() -> String {
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
-}
-
-/// Nothing reached the upstream: no request, not even a head.
-async fn assert_nothing_forwarded(case: &str, fake: &FakeKms) {
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(
-        fake.count(),
-        0,
-        "{case}: the request reached the upstream: {:#?}",
-        fake.requests()
-    );
-    assert!(
-        fake.progress().is_empty(),
-        "{case}: the upstream saw a request head: {:?}",
-        fake.progress()
-    );
 }
 
 /// A signed Encrypt on a new connection gets 200 from the fake within 5 s.
@@ -160,7 +143,7 @@ async fn a_trickled_request_head_is_cut_off_after_header_read_timeout() {
         trickle_head("TagResource head", proxy.addr, tag, header_timeout),
         trickle_head("Encrypt head", proxy.addr, enc, header_timeout),
     );
-    assert_nothing_forwarded("trickled heads", &fake).await;
+    assert_nothing_forwarded("trickled heads", &fake, proxy.addr).await;
     assert_served("after trickled heads", &fake, proxy.addr).await;
 }
 
@@ -194,7 +177,7 @@ async fn a_connection_stalled_inside_the_http2_preface_is_closed() {
         ms(header_timeout),
         still_open.join("; ")
     );
-    assert_nothing_forwarded("stalled preface", &fake).await;
+    assert_nothing_forwarded("stalled preface", &fake, proxy.addr).await;
 }
 
 // ------------------------------------------------------------------------- slow request bodies
@@ -329,7 +312,7 @@ async fn a_trickled_tag_bearing_body_gets_408_after_body_read_timeout() {
         audit.iter().all(|r| r["event"] != "outcome"),
         "an outcome record means something was forwarded: {audit:#?}"
     );
-    assert_nothing_forwarded("trickled bodies", &fake).await;
+    assert_nothing_forwarded("trickled bodies", &fake, proxy.addr).await;
     assert_served("after trickled bodies", &fake, proxy.addr).await;
 }
 
@@ -349,6 +332,7 @@ async fn keep_alive_then_idle(
     let mut conn = RawConn::connect(addr).await.unwrap();
     for round in 0..2 {
         if round == 1 {
+            // Deliberate: the client idles half the idle timeout, which the test is about.
             tokio::time::sleep(idle_timeout / 2).await;
         }
         let request = RawRequest::signed_kms(&fake.host(), target, body.as_bytes());
@@ -456,7 +440,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
         ms(idle_timeout),
         ms(closed)
     );
-    assert_nothing_forwarded("silent connection", &fake).await;
+    assert_nothing_forwarded("silent connection", &fake, proxy.addr).await;
     assert_served("after a silent connection", &fake, proxy.addr).await;
 }
 
@@ -595,6 +579,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
 
     // Warm up (lazy initialisation, the upstream pool) before the baseline.
     assert_served("warm-up", &fake, proxy.addr).await;
+    // Deliberate: a quiet moment before the baseline figures (a measurement, not a wait).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let fds_before = proxy.open_fds();
     let rss_before = proxy.rss_kib().expect("VmRSS");
@@ -614,6 +599,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
         proxy.stderr()
     );
     let open_ms = ms(opening.elapsed());
+    // Deliberate: the RSS settles before it is measured (a figure, not a condition).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_silent = proxy.rss_kib().expect("VmRSS");
     let serving = Instant::now();
@@ -624,6 +610,8 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     for conn in &mut conns {
         conn.write_all(PARTIAL_HEAD).await.expect("partial head");
     }
+    // Deliberate: time for the proxy to read 10,000 partial heads before the RSS figure; nothing
+    // outside the proxy says it has (a measurement, not a wait for a condition).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let rss_partial = proxy.rss_kib().expect("VmRSS");
     let serving = Instant::now();
@@ -642,6 +630,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
         "the proxy still holds {} descriptors after the clients closed ({fds_before} before)",
         fds_after
     );
+    // Deliberate: the RSS settles before it is measured (a figure, not a condition).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = proxy.rss_kib().expect("VmRSS");
     let peak = proxy.peak_rss_kib().unwrap_or(0);
@@ -699,7 +688,8 @@ async fn the_connection_set_up_is_one_deadline_not_one_per_stage() {
         RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes()).to_bytes();
     let since = Instant::now();
     let mut conn = RawConn::connect(proxy.addr).await.unwrap();
-    // Two thirds of the deadline before the first byte, two thirds again before the rest.
+    // Deliberate, the test's subject: two thirds of the deadline before the first byte, two
+    // thirds again before the rest.
     tokio::time::sleep(timeout.mul_f64(0.66)).await;
     conn.write(&request[..1]).await.unwrap();
     tokio::time::sleep(timeout.mul_f64(0.66)).await;
@@ -716,10 +706,11 @@ async fn the_connection_set_up_is_one_deadline_not_one_per_stage() {
         closed_after(&mut conn, since, MARGIN).await.is_some(),
         "the connection is still open"
     );
-    assert_nothing_forwarded("set-up over two stages", &fake).await;
+    assert_nothing_forwarded("set-up over two stages", &fake, proxy.addr).await;
 
     // The control: the same request within the deadline is served.
     let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    // Deliberate: each stage takes a third of the deadline, together within it.
     tokio::time::sleep(timeout.mul_f64(0.3)).await;
     conn.write(&request[..1]).await.unwrap();
     tokio::time::sleep(timeout.mul_f64(0.3)).await;
@@ -755,6 +746,7 @@ async fn at_the_limit_the_oldest_idle_connection_makes_room() {
     )
     .await;
     let admin = proxy.admin_addr.unwrap();
+    // Deliberate pauses between the connections, so that their idle ages differ.
     let step = Duration::from_millis(30);
     // a: idle since its answer; c: silent since accept; d: idle since its answer, last.
     let mut a = RawConn::connect(proxy.addr).await.unwrap();

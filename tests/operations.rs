@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -522,19 +522,32 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
     }
     // A writer that keeps going while the file is moved and the signal lands.
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn({
-        let stop = Arc::clone(&stop);
+        let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
         async move {
             let mut sent = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 sent.push(change(addr, format!("during-{}", sent.len())).await);
+                written.fetch_add(1, Ordering::SeqCst);
             }
             sent
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waits until the writer has had five more changes answered.
+    let five_more = || {
+        let target = written.load(Ordering::SeqCst) + 5;
+        let written = Arc::clone(&written);
+        async move {
+            let done = poll_until(Duration::from_secs(5), || {
+                written.load(Ordering::SeqCst) >= target
+            });
+            assert!(done.await, "the writer stalled");
+        }
+    };
+    five_more().await;
     std::fs::rename(&audit, &rotated).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    five_more().await;
     serve.signal("HUP");
     // The reopen creates a new file at the configured path.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -542,7 +555,7 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
         assert!(Instant::now() < deadline, "no new audit file after SIGHUP");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    five_more().await;
     stop.store(true, Ordering::SeqCst);
     let during = writer.await.unwrap();
     for i in 0..10 {
@@ -759,6 +772,7 @@ async fn breaks_off_mid_answer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                     )
                     .await;
                 let _ = stream.flush().await;
+                // Deliberate: the partial answer goes out on its own before the hang-up.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             });
         }

@@ -176,7 +176,8 @@ async fn an_invalid_policy_keeps_the_old_one_and_is_counted_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Past the second poll, which saw the same invalid file.
+    // Deliberate, the test's subject: past the second 5 s poll, which saw the same invalid file
+    // (a poll that changes nothing leaves no trace to wait for).
     tokio::time::sleep_until((proxy.started + Duration::from_millis(10_700)).into()).await;
     let m = scrape(proxy.admin_addr).await;
     assert_eq!(
@@ -249,7 +250,9 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     conn_a.write(&a_bytes[..a_split]).await.unwrap();
     conn_b.write(&b_bytes[..b_split]).await.unwrap();
     conn_c.write(&c_bytes[..c_split]).await.unwrap();
-    // Generous time for the proxy to parse the heads of A and B and enter `inspect`.
+    // Deliberate: generous time for the proxy to parse the heads of A and B and judge them by
+    // the policy in force; nothing outside the proxy shows that it has, so there is no
+    // condition to poll.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     write_atomic(&path, &setup.config(POLICY_V2));

@@ -168,8 +168,16 @@ async fn a_second_sigterm_during_a_long_drain_exits_at_once() {
         assert!(Instant::now() < deadline, "first SIGTERM not handled");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The first signal is handled; give the second-signal watcher a moment to be in place.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first signal is handled, and the watcher for a second one is in place (the signal
+    // handlers are registered once, before serving, so the second signal is not missed).
+    assert!(
+        poll_until(Duration::from_secs(2), || process
+            .stderr()
+            .contains("a second signal exits at once"))
+        .await,
+        "{}",
+        process.stderr()
+    );
     assert!(!process.has_exited(), "still draining");
     process.signal("TERM");
     let second = Instant::now();

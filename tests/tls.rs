@@ -22,6 +22,7 @@ use aws_sdk_kms::types::Tag;
 use bytes::Bytes;
 use common::child::{start_child, try_spawn_proxy, ChildOptions};
 use common::ops::{encrypt_body, free_port, tag_body};
+use common::sentinel::seen_besides_sentinels;
 use common::*;
 use http::{HeaderMap, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -622,6 +623,19 @@ async fn wait_for_leaf(
     }
 }
 
+/// Calls `reload()` and waits (up to 2 s) until it has run. A reload handles the listener
+/// certificate first, then reopens the audit log (`src/reload.rs`), so with the audit file moved
+/// away, a new one at its path shows the certificate step is done.
+async fn reload_and_wait(proxy: &TestProxy) {
+    let moved = proxy.audit_path.with_extension("moved");
+    std::fs::rename(&proxy.audit_path, &moved).expect("move the audit file away");
+    proxy.proxy.reload();
+    assert!(
+        poll_until(Duration::from_secs(2), || proxy.audit_path.exists()).await,
+        "reload() not handled in 2 s"
+    );
+}
+
 #[tokio::test]
 async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_ignored() {
     let ca = TestCa::new("listener test CA");
@@ -649,8 +663,7 @@ async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_igno
         &cert_path,
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
     );
-    proxy.proxy.reload();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reload_and_wait(&proxy).await;
     for _ in 0..3 {
         assert_eq!(
             presented_leaf(proxy.addr, ca_pem).await.unwrap(),
@@ -661,8 +674,7 @@ async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_igno
     // A key that does not match the certificate is as broken.
     let c = ca.leaf(&["localhost"], 12);
     install(&cert_path, &key_path, &c.cert_pem, &a.key_pem);
-    proxy.proxy.reload();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reload_and_wait(&proxy).await;
     assert_eq!(
         presented_leaf(proxy.addr, ca_pem).await.unwrap(),
         b.cert_der,
@@ -995,12 +1007,14 @@ async fn connect_refuses_other_hosts_without_connecting_anywhere() {
         let body: Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(body["__type"], "Forbidden", "CONNECT {target}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once a sentinel sent after the refusals has reached the fake, a connection the proxy
+    // opened for one of them would have been counted.
+    let (forwarded, _) = seen_besides_sentinels("refused CONNECTs", &fake, proxy.addr).await;
     if let Some(watched) = &watched {
         assert_eq!(watched.connections(), 0, "a refused CONNECT opens nothing");
     }
     assert_eq!(extra.connections(), 0, "a refused CONNECT opens nothing");
-    assert_eq!(fake.count(), 0);
+    assert!(forwarded.is_empty(), "{forwarded:#?}");
 }
 
 #[tokio::test]
@@ -1174,6 +1188,7 @@ async fn a_quiet_blind_tunnel_is_closed_after_its_idle_timeout() {
         echo(&mut tunnel.stream, b"ping")
             .await
             .expect("an active tunnel stays open");
+        // Deliberate pacing, the test's subject: traffic every third of the idle timeout.
         tokio::time::sleep(idle / 3).await;
     }
     assert!(
@@ -1214,6 +1229,7 @@ async fn sigterm_drains_a_blind_tunnel() {
             .unwrap_or_else(|e| {
                 panic!("the tunnel was cut while draining: {e}\n{}", serve.stderr())
             });
+        // Deliberate pacing: bytes keep moving through the drain, which the test is about.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let exited = serve.wait_exit(Duration::from_secs(8)).await;
@@ -1282,6 +1298,7 @@ async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
             .unwrap_or_else(|e| panic!("request {sent} after {:?}: {e}", started.elapsed()));
         assert_eq!(read_answer(response).await.status, 200);
         sent += 1;
+        // Deliberate pacing, the test's subject: a request every third of the idle timeout.
         tokio::time::sleep(idle / 3).await;
     }
     assert_eq!(fake.count(), sent);
@@ -1309,6 +1326,7 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
     )
     .await;
     let mut stream = tcp(proxy.addr).await;
+    // Deliberate, the test's subject: each stage takes 60% of the set-up deadline.
     tokio::time::sleep(timeout.mul_f64(0.6)).await;
     let request = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1323,6 +1341,7 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
         "{}",
         String::from_utf8_lossy(&head)
     );
+    // Deliberate: the second stage's 60%.
     tokio::time::sleep(timeout.mul_f64(0.6)).await;
     let inside = tls_connect(stream, KMS_HOST, client_config(&ca_pem, &[])).await;
     let served = match inside {

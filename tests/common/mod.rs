@@ -18,6 +18,7 @@ pub mod moto;
 pub mod ops;
 pub mod proxy;
 pub mod raw;
+pub mod sentinel;
 pub mod sigv4;
 
 use std::time::Duration;
@@ -175,6 +176,20 @@ pub fn kms_client_opts(endpoint_url: &str, opts: ClientOptions) -> aws_sdk_kms::
         .timeout_config(timeouts.build())
         .build();
     aws_sdk_kms::Client::from_conf(config)
+}
+
+/// Checks `done` every 10 ms until it holds or `timeout` has passed; whether it held.
+pub async fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The display chain of an SDK error (`DisplayErrorContext`-like), for assertion messages.
