@@ -274,6 +274,15 @@ fn signed(target: &'static str, body: String) -> impl FnOnce(&str) -> Vec<u8> {
     move |host| RawRequest::signed_kms(host, target, body.as_bytes()).to_bytes()
 }
 
+/// The allowed TagResource body, signed over exactly `Host` (the fake's) and then `headers`.
+fn signed_over(headers: Vec<(&'static str, &'static str)>) -> impl FnOnce(&str) -> Vec<u8> {
+    move |host| {
+        let mut all = vec![("Host", host)];
+        all.extend(headers);
+        signed_request(&all, allowed_tag_body().as_bytes()).to_bytes()
+    }
+}
+
 // ---- JSON ambiguities ----
 
 #[tokio::test]
@@ -573,21 +582,13 @@ async fn two_target_headers_are_rejected() {
         ),
         ("TagResource twice", TAG_RESOURCE, TAG_RESOURCE),
     ] {
-        let body = allowed_tag_body();
         refused(
             case,
-            move |host| {
-                signed_request(
-                    &[
-                        ("Host", host),
-                        ("Content-Type", "application/x-amz-json-1.1"),
-                        ("X-Amz-Target", first),
-                        ("X-Amz-Target", second),
-                    ],
-                    body.as_bytes(),
-                )
-                .to_bytes()
-            },
+            signed_over(vec![
+                ("Content-Type", "application/x-amz-json-1.1"),
+                ("X-Amz-Target", first),
+                ("X-Amz-Target", second),
+            ]),
             REJECT,
         )
         .await;
@@ -596,21 +597,13 @@ async fn two_target_headers_are_rejected() {
 
 #[tokio::test]
 async fn two_host_headers_are_rejected() {
-    let body = allowed_tag_body();
     refused(
         "two Host headers",
-        move |host| {
-            signed_request(
-                &[
-                    ("Host", host),
-                    ("Host", "kms.eu-west-1.amazonaws.com"),
-                    ("Content-Type", "application/x-amz-json-1.1"),
-                    ("X-Amz-Target", TAG_RESOURCE),
-                ],
-                body.as_bytes(),
-            )
-            .to_bytes()
-        },
+        signed_over(vec![
+            ("Host", "kms.eu-west-1.amazonaws.com"),
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("X-Amz-Target", TAG_RESOURCE),
+        ]),
         REJECT,
     )
     .await;
@@ -646,21 +639,13 @@ async fn two_authorization_headers_are_rejected() {
 
 #[tokio::test]
 async fn two_content_type_headers_are_rejected() {
-    let body = allowed_tag_body();
     refused(
         "two Content-Type headers",
-        move |host| {
-            signed_request(
-                &[
-                    ("Host", host),
-                    ("Content-Type", "application/x-amz-json-1.1"),
-                    ("Content-Type", "application/x-amz-json-1.1"),
-                    ("X-Amz-Target", TAG_RESOURCE),
-                ],
-                body.as_bytes(),
-            )
-            .to_bytes()
-        },
+        signed_over(vec![
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("X-Amz-Target", TAG_RESOURCE),
+        ]),
         REJECT,
     )
     .await;
@@ -668,22 +653,14 @@ async fn two_content_type_headers_are_rejected() {
 
 #[tokio::test]
 async fn two_content_encoding_headers_are_rejected() {
-    let body = allowed_tag_body();
     refused(
         "two Content-Encoding: identity headers",
-        move |host| {
-            signed_request(
-                &[
-                    ("Host", host),
-                    ("Content-Type", "application/x-amz-json-1.1"),
-                    ("Content-Encoding", "identity"),
-                    ("Content-Encoding", "identity"),
-                    ("X-Amz-Target", TAG_RESOURCE),
-                ],
-                body.as_bytes(),
-            )
-            .to_bytes()
-        },
+        signed_over(vec![
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("Content-Encoding", "identity"),
+            ("Content-Encoding", "identity"),
+            ("X-Amz-Target", TAG_RESOURCE),
+        ]),
         REJECT,
     )
     .await;

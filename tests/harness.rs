@@ -7,14 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, Tag};
+use aws_sdk_kms::types::DataKeySpec;
 use common::fake_kms::{base64_decode, base64_encode};
 use common::*;
 use http_body_util::Full;
-
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().tag_key(k).tag_value(v).build().unwrap()
-}
 
 const KEY: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_kms::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, Tag};
+use aws_sdk_kms::types::DataKeySpec;
 use common::child::{start_child, ChildOptions, ChildProxy};
 use common::fake_kms::base64_encode;
 use common::raw::{self, RawRequest};
@@ -46,10 +46,6 @@ impl Intercept for CaptureAuthorization {
         }
         Ok(())
     }
-}
-
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().tag_key(k).tag_value(v).build().unwrap()
 }
 
 /// The hex signature of an `Authorization: AWS4-HMAC-SHA256 ..., Signature=<hex>` value.

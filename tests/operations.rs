@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::Tag;
 use common::child::{start_child, ChildOptions};
 use common::ops::*;
 use common::*;
@@ -31,14 +30,6 @@ const UPSTREAM_ERRORS: &str = "kms_tag_guard_upstream_errors_total";
 const AUDIT_FAILURES: &str = "kms_tag_guard_audit_write_failures_total";
 const POLICY_INFO: &str = "kms_tag_guard_policy_info";
 const RELOADS: &str = "kms_tag_guard_policy_reloads_total";
-
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder()
-        .tag_key(key)
-        .tag_value(value)
-        .build()
-        .unwrap()
-}
 
 /// Asserts `kms_tag_guard_requests_total` holds exactly these series and values.
 fn assert_requests(m: &Scrape, expected: &[(&str, &str, u32)]) {
@@ -786,12 +777,10 @@ async fn breaks_off_mid_answer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_broken_off_mid_body_is_never_relayed_as_whole() {
     let (upstream, server) = breaks_off_mid_answer().await;
-    let unused = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &unused,
+    let proxy = start_proxy_to(
+        &format!("http://{upstream}"),
         ProxyConfig {
             admin: true,
-            endpoint: Some(format!("http://{upstream}")),
             ..ProxyConfig::default()
         },
     )
@@ -864,12 +853,10 @@ async fn an_answer_broken_off_mid_body_is_never_relayed_as_whole() {
 #[tokio::test]
 async fn a_pass_through_answer_broken_off_mid_body_is_counted() {
     let (upstream, _server) = breaks_off_mid_answer().await;
-    let unused = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &unused,
+    let proxy = start_proxy_to(
+        &format!("http://{upstream}"),
         ProxyConfig {
             admin: true,
-            endpoint: Some(format!("http://{upstream}")),
             ..ProxyConfig::default()
         },
     )

@@ -16,9 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::Tag;
 use bytes::Bytes;
 use common::child::{start_child, try_spawn_proxy, ChildOptions};
 use common::ops::{encrypt_body, free_port, tag_body};
@@ -397,34 +395,6 @@ async fn watch_443(ip: &str, test: &str) -> Option<Watched> {
 
 // ------------------------------------------------------------------------ SDK helpers
 
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder()
-        .tag_key(key)
-        .tag_value(value)
-        .build()
-        .unwrap()
-}
-
-fn assert_tag_exception<E, R>(
-    result: Result<R, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
-    rule: &str,
-) where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    let error = result.expect_err("the proxy must deny");
-    let status = error.raw_response().map(|r| r.status().as_u16());
-    assert_eq!(status, Some(400), "{}", error_chain(&error));
-    assert_eq!(
-        error.code(),
-        Some("TagException"),
-        "{}",
-        error_chain(&error)
-    );
-    let message = error.message().unwrap_or_default();
-    assert!(message.contains(rule), "{rule} not in {message}");
-}
-
 /// Encrypt, an allowed TagResource and a denied one through `client`; the fake must get exactly
 /// the first two, both verifying. Returns what the fake recorded.
 async fn encrypt_tag_and_deny(client: &aws_sdk_kms::Client, fake: &FakeKms) -> Vec<Recorded> {
@@ -450,7 +420,7 @@ async fn encrypt_tag_and_deny(client: &aws_sdk_kms::Client, fake: &FakeKms) -> V
             .tags(tag("Project", "x"))
             .send()
             .await,
-        "abac-keys",
+        &["abac-keys"],
     );
     let requests = fake.requests();
     let operations: Vec<_> = requests.iter().map(|r| r.operation()).collect();

@@ -192,6 +192,48 @@ pub async fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bo
     }
 }
 
+/// A tag for the SDK's requests.
+pub fn tag(key: &str, value: &str) -> aws_sdk_kms::types::Tag {
+    aws_sdk_kms::types::Tag::builder()
+        .tag_key(key)
+        .tag_value(value)
+        .build()
+        .unwrap()
+}
+
+/// [`tag`] for each (key, value).
+pub fn tags(pairs: &[(&str, &str)]) -> Vec<aws_sdk_kms::types::Tag> {
+    pairs.iter().map(|(k, v)| tag(k, v)).collect()
+}
+
+/// A denial as the SDK sees it: a modeled TagException (400) whose message names each of
+/// `rules` (`rule <id>`).
+pub fn assert_tag_exception<E, R>(
+    result: Result<R, aws_sdk_kms::error::SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+    rules: &[&str],
+) where
+    E: aws_sdk_kms::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let error = result.expect_err("the proxy must deny");
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(400), "{}", error_chain(&error));
+    assert_eq!(
+        error.code(),
+        Some("TagException"),
+        "{}",
+        error_chain(&error)
+    );
+    let message = error.message().unwrap_or_default().to_owned();
+    for rule in rules {
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{rule} not in {message}"
+        );
+    }
+}
+
 /// The display chain of an SDK error (`DisplayErrorContext`-like), for assertion messages.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
