@@ -32,6 +32,19 @@ pub async fn scrape(admin: SocketAddr) -> Scrape {
     Scrape::parse(&response.body_str())
 }
 
+/// Scrapes `/metrics` until `done` holds of the exposition (a counter the proxy bumps after the
+/// client already has its answer), for up to 5 s; the last scrape either way.
+pub async fn scrape_when(admin: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let m = scrape(admin).await;
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// One sample line: `name{labels} value`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
