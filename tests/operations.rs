@@ -628,6 +628,22 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
 
 /// KMS restarts on the same port: the requests in flight at that moment fail with a retryable
 /// 502, requests after the restart succeed on new connections, with no proxy restart.
+/// `n` concurrent requests to `addr`, Encrypts and allowed TagResources (`team:<label>`) in turn.
+fn encrypts_and_tag_changes(addr: SocketAddr, label: &str, n: usize) -> JoinSet<RawResponse> {
+    let mut requests = JoinSet::new();
+    for i in 0..n {
+        let key = format!("team:{label}");
+        requests.spawn(async move {
+            if i % 2 == 0 {
+                call(addr, "Encrypt", &encrypt_body()).await
+            } else {
+                call(addr, "TagResource", &tag_body(&[(&key, &i.to_string())])).await
+            }
+        });
+    }
+    requests
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_restart_costs_only_the_requests_in_flight() {
     let fake = FakeKms::start().await;
@@ -652,22 +668,7 @@ async fn an_upstream_restart_costs_only_the_requests_in_flight() {
 
     // Six requests in flight (KMS holds them) when KMS goes away.
     fake.set_delay(Duration::from_secs(5));
-    let mut in_flight = JoinSet::new();
-    for i in 0..6 {
-        let addr = proxy.addr;
-        in_flight.spawn(async move {
-            if i % 2 == 0 {
-                call(addr, "Encrypt", &encrypt_body()).await
-            } else {
-                call(
-                    addr,
-                    "TagResource",
-                    &tag_body(&[("team:inflight", &i.to_string())]),
-                )
-                .await
-            }
-        });
-    }
+    let mut in_flight = encrypts_and_tag_changes(proxy.addr, "inflight", 6);
     fake.wait_for_requests(8 + 6, Duration::from_secs(5)).await;
     fake.shutdown().await;
     let mut failed = 0;
@@ -685,22 +686,7 @@ async fn an_upstream_restart_costs_only_the_requests_in_flight() {
     assert_eq!(down.status, 502, "{}", down.body_str());
 
     let fake = FakeKms::start_on(upstream).await;
-    let mut after = JoinSet::new();
-    for i in 0..20 {
-        let addr = proxy.addr;
-        after.spawn(async move {
-            if i % 2 == 0 {
-                call(addr, "Encrypt", &encrypt_body()).await
-            } else {
-                call(
-                    addr,
-                    "TagResource",
-                    &tag_body(&[("team:after", &i.to_string())]),
-                )
-                .await
-            }
-        });
-    }
+    let mut after = encrypts_and_tag_changes(proxy.addr, "after", 20);
     while let Some(response) = after.join_next().await {
         let response = response.unwrap();
         assert_eq!(response.status, 200, "{}", response.body_str());
