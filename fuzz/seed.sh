@@ -21,7 +21,7 @@ for old in out.glob("seed-*"):
 HOST = "kms.us-east-1.amazonaws.com"
 CT = "application/x-amz-json-1.1"
 KEY = "1234abcd-12ab-34cd-56ef-1234567890ab"
-MAX_BODY = 2048  # padded bodies are cut to this: seeds stay small, still over ALL_RULES' limit
+MAX_BODY = 2048  # padded bodies are cut to this: seeds stay small, still over the limit of tests/fixtures/all-rules.toml
 seeds = {}
 
 def seed(headers, body, request_line=None):

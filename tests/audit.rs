@@ -8,20 +8,11 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::operation::RequestId;
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::Tag;
 use common::proxy::read_audit;
 use common::*;
 use serde_json::Value;
 
 const KEY: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
-
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder()
-        .tag_key(key)
-        .tag_value(value)
-        .build()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn the_decision_is_written_before_kms_receives_the_request() {

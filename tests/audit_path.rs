@@ -69,9 +69,9 @@ fn a_stalled_sink_refuses_tag_changes_and_never_delays_pass_through() {
         .open(&fifo)
         .unwrap();
     let mut opts = ChildOptions::new(&fake.url());
-    opts.audit_path = fifo.display().to_string();
-    opts.audit = "stall_timeout_ms = 500\nqueue_capacity = 16".into();
-    opts.admin = true;
+    opts.config.audit_path = Some(fifo.clone());
+    opts.config.audit = "stall_timeout_ms = 500\nqueue_capacity = 16".into();
+    opts.config.admin = true;
     let mut proxy = spawn_proxy(&opts);
     let admin = proxy.admin_addr.expect("admin port");
 

@@ -779,11 +779,11 @@ fn header_map(attack: &Attack, host: &str) -> Option<HeaderMap> {
 }
 
 fn policy_config() -> Config {
-    let text = format!(
-        "[upstream]\nendpoint = \"http://127.0.0.1:1\"\n{}",
-        common::TEST_POLICY
-    );
-    Config::parse(&text, ConfigSource::BuiltIn).unwrap()
+    let config = common::ProxyConfig {
+        endpoint: Some("http://127.0.0.1:1".into()),
+        ..common::ProxyConfig::default()
+    };
+    Config::parse(&config.render(), ConfigSource::BuiltIn).unwrap()
 }
 
 fn samples<T: std::fmt::Debug>(strategy: impl Strategy<Value = T>, n: usize) -> Vec<T> {

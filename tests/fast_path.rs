@@ -8,6 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ struct RawKms {
     addr: SocketAddr,
     /// (connection number, the request's exact bytes)
     requests: Log,
+    /// How many connections the stand-in has closed (or lost).
+    closed: Arc<AtomicUsize>,
 }
 
 impl RawKms {
@@ -53,15 +56,28 @@ impl RawKms {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = Arc::clone(&requests);
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (recorded, counted) = (Arc::clone(&requests), Arc::clone(&closed));
         tokio::spawn(async move {
             let mut connection = 0;
             while let Ok((stream, _)) = listener.accept().await {
                 connection += 1;
-                tokio::spawn(serve(stream, connection, framing, Arc::clone(&recorded)));
+                let (recorded, counted) = (Arc::clone(&recorded), Arc::clone(&counted));
+                tokio::spawn(async move {
+                    serve(stream, connection, framing, recorded).await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
-        RawKms { addr, requests }
+        RawKms {
+            addr,
+            requests,
+            closed,
+        }
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     fn url(&self) -> String {
@@ -347,11 +363,11 @@ async fn a_kms_connection_closed_while_idle_is_replaced() {
     let kms = RawKms::start(Framing::LengthThenClose).await;
     let (_fake, proxy) = proxy_in_front_of(&kms).await;
     let mut conn = RawConn::connect(proxy.addr).await.unwrap();
-    for _ in 0..3 {
+    for round in 1..=3 {
         conn.write(&encrypt(HOST).to_bytes()).await.unwrap();
         assert_eq!(conn.read_response().await.unwrap().status, 200);
-        // Let the stand-in's close arrive before the next request.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The stand-in has closed its end before the next request.
+        assert!(poll_until(Duration::from_secs(5), || kms.closed() >= round).await);
     }
     let connections: Vec<usize> = kms.requests().iter().map(|(c, _)| *c).collect();
     assert_eq!(connections, [1, 2, 3]);

@@ -7,14 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, Tag};
+use aws_sdk_kms::types::DataKeySpec;
 use common::fake_kms::{base64_decode, base64_encode};
 use common::*;
 use http_body_util::Full;
-
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().tag_key(k).tag_value(v).build().unwrap()
-}
 
 const KEY: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
 
@@ -436,6 +432,7 @@ async fn hook_runs_before_the_answer() {
         let hook_done = hook_done.clone();
         let seen = seen.clone();
         fake.set_hook(Arc::new(move |r: &Recorded| {
+            // Deliberate: a slow hook, so that an answer sent before it finished would show.
             std::thread::sleep(Duration::from_millis(100));
             seen.lock().unwrap().push(r.target.clone());
             hook_done.store(true, Ordering::SeqCst);
@@ -531,6 +528,7 @@ async fn streaming_progress_is_visible_before_the_body_completes() {
     assert_eq!(chunks[0].2, 10);
     assert!(!chunks[0].3);
 
+    // Deliberate: a gap between the two parts of the body, which the timestamps must show.
     tokio::time::sleep(Duration::from_millis(50)).await;
     conn.write(rest).await.unwrap();
     let resp = conn.read_response().await.unwrap();

@@ -12,8 +12,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::child::{self, spawn_proxy, ChildOptions, ChildProxy};
+use common::child::{self, start_child, ChildOptions, ChildProxy};
 use common::raw::{self, RawConn, RawRequest, TrickleEnd};
+use common::sentinel::assert_nothing_forwarded;
 use common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -27,8 +28,6 @@ const ENCRYPT: &str = "TrentService.Encrypt";
 const TRICKLE: Duration = Duration::from_millis(200);
 /// How late a timeout may fire and still pass.
 const MARGIN: Duration = Duration::from_secs(3);
-/// How long to wait before checking that nothing reached the upstream.
-const SETTLE: Duration = Duration::from_millis(200);
 
 fn limits(header_ms: u64, body_ms: u64) -> ProxyConfig {
     ProxyConfig {
@@ -57,22 +56,6 @@ fn encrypt_body() -> String {
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
-}
-
-/// Nothing reached the upstream: no request, not even a head.
-async fn assert_nothing_forwarded(case: &str, fake: &FakeKms) {
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(
-        fake.count(),
-        0,
-        "{case}: the request reached the upstream: {:#?}",
-        fake.requests()
-    );
-    assert!(
-        fake.progress().is_empty(),
-        "{case}: the upstream saw a request head: {:?}",
-        fake.progress()
-    );
 }
 
 /// A signed Encrypt on a new connection gets 200 from the fake within 5 s.
@@ -160,7 +143,7 @@ async fn a_trickled_request_head_is_cut_off_after_header_read_timeout() {
         trickle_head("TagResource head", proxy.addr, tag, header_timeout),
         trickle_head("Encrypt head", proxy.addr, enc, header_timeout),
     );
-    assert_nothing_forwarded("trickled heads", &fake).await;
+    assert_nothing_forwarded("trickled heads", &fake, proxy.addr).await;
     assert_served("after trickled heads", &fake, proxy.addr).await;
 }
 
@@ -194,7 +177,7 @@ async fn a_connection_stalled_inside_the_http2_preface_is_closed() {
         ms(header_timeout),
         still_open.join("; ")
     );
-    assert_nothing_forwarded("stalled preface", &fake).await;
+    assert_nothing_forwarded("stalled preface", &fake, proxy.addr).await;
 }
 
 // ------------------------------------------------------------------------- slow request bodies
@@ -329,7 +312,7 @@ async fn a_trickled_tag_bearing_body_gets_408_after_body_read_timeout() {
         audit.iter().all(|r| r["event"] != "outcome"),
         "an outcome record means something was forwarded: {audit:#?}"
     );
-    assert_nothing_forwarded("trickled bodies", &fake).await;
+    assert_nothing_forwarded("trickled bodies", &fake, proxy.addr).await;
     assert_served("after trickled bodies", &fake, proxy.addr).await;
 }
 
@@ -349,6 +332,7 @@ async fn keep_alive_then_idle(
     let mut conn = RawConn::connect(addr).await.unwrap();
     for round in 0..2 {
         if round == 1 {
+            // Deliberate: the client idles half the idle timeout, which the test is about.
             tokio::time::sleep(idle_timeout / 2).await;
         }
         let request = RawRequest::signed_kms(&fake.host(), target, body.as_bytes());
@@ -456,7 +440,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
         ms(idle_timeout),
         ms(closed)
     );
-    assert_nothing_forwarded("silent connection", &fake).await;
+    assert_nothing_forwarded("silent connection", &fake, proxy.addr).await;
     assert_served("after a silent connection", &fake, proxy.addr).await;
 }
 
@@ -579,11 +563,9 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     let mut opts = ChildOptions::new(&fake.url());
     // Longer than the test: the connections stay open while they are measured; and a budget
     // above them, so that none is closed to make room (the connection budget tests below cover that).
-    opts.limits = "header_read_timeout_ms = 25000\nmax_connections = 20000".into();
+    opts.config.limits = "header_read_timeout_ms = 25000\nmax_connections = 20000".into();
     opts.nofile = Some(65_536);
-    let mut proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    let mut proxy = start_child(opts).await;
     let limit = proxy.nofile_limit().unwrap_or(0);
     assert!(
         limit >= needed,
@@ -597,6 +579,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
 
     // Warm up (lazy initialisation, the upstream pool) before the baseline.
     assert_served("warm-up", &fake, proxy.addr).await;
+    // Deliberate: a quiet moment before the baseline figures (a measurement, not a wait).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let fds_before = proxy.open_fds();
     let rss_before = proxy.rss_kib().expect("VmRSS");
@@ -616,6 +599,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
         proxy.stderr()
     );
     let open_ms = ms(opening.elapsed());
+    // Deliberate: the RSS settles before it is measured (a figure, not a condition).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_silent = proxy.rss_kib().expect("VmRSS");
     let serving = Instant::now();
@@ -626,6 +610,8 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
     for conn in &mut conns {
         conn.write_all(PARTIAL_HEAD).await.expect("partial head");
     }
+    // Deliberate: time for the proxy to read 10,000 partial heads before the RSS figure; nothing
+    // outside the proxy says it has (a measurement, not a wait for a condition).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let rss_partial = proxy.rss_kib().expect("VmRSS");
     let serving = Instant::now();
@@ -644,6 +630,7 @@ async fn ten_thousand_idle_connections_do_not_stop_a_new_client() {
         "the proxy still holds {} descriptors after the clients closed ({fds_before} before)",
         fds_after
     );
+    // Deliberate: the RSS settles before it is measured (a figure, not a condition).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = proxy.rss_kib().expect("VmRSS");
     let peak = proxy.peak_rss_kib().unwrap_or(0);
@@ -701,7 +688,8 @@ async fn the_connection_set_up_is_one_deadline_not_one_per_stage() {
         RawRequest::signed_kms(&fake.host(), ENCRYPT, encrypt_body().as_bytes()).to_bytes();
     let since = Instant::now();
     let mut conn = RawConn::connect(proxy.addr).await.unwrap();
-    // Two thirds of the deadline before the first byte, two thirds again before the rest.
+    // Deliberate, the test's subject: two thirds of the deadline before the first byte, two
+    // thirds again before the rest.
     tokio::time::sleep(timeout.mul_f64(0.66)).await;
     conn.write(&request[..1]).await.unwrap();
     tokio::time::sleep(timeout.mul_f64(0.66)).await;
@@ -718,10 +706,11 @@ async fn the_connection_set_up_is_one_deadline_not_one_per_stage() {
         closed_after(&mut conn, since, MARGIN).await.is_some(),
         "the connection is still open"
     );
-    assert_nothing_forwarded("set-up over two stages", &fake).await;
+    assert_nothing_forwarded("set-up over two stages", &fake, proxy.addr).await;
 
     // The control: the same request within the deadline is served.
     let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    // Deliberate: each stage takes a third of the deadline, together within it.
     tokio::time::sleep(timeout.mul_f64(0.3)).await;
     conn.write(&request[..1]).await.unwrap();
     tokio::time::sleep(timeout.mul_f64(0.3)).await;
@@ -757,6 +746,7 @@ async fn at_the_limit_the_oldest_idle_connection_makes_room() {
     )
     .await;
     let admin = proxy.admin_addr.unwrap();
+    // Deliberate pauses between the connections, so that their idle ages differ.
     let step = Duration::from_millis(30);
     // a: idle since its answer; c: silent since accept; d: idle since its answer, last.
     let mut a = RawConn::connect(proxy.addr).await.unwrap();
@@ -837,36 +827,12 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
         eprintln!("SKIPPED the_soft_descriptor_limit_is_raised_to_the_hard_limit: the hard limit here is {hard}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
-         [upstream]\nendpoint = \"http://127.0.0.1:9\"\n",
-    )
-    .unwrap();
-    let stderr_path = dir.path().join("stderr.log");
-    let mut serve = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -S -n 256 && exec \"$0\" serve --config \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_kms-tag-guard"))
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let log = loop {
-        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if log.contains("kms-tag-guard listening") {
-            break log;
-        }
-        assert!(Instant::now() < deadline, "not listening:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let limits = child::nofile_limits(serve.id());
-    let _ = serve.kill();
-    let _ = serve.wait();
+    let mut opts = ChildOptions::new("http://127.0.0.1:9");
+    opts.soft_nofile = Some(256);
+    let proxy = start_child(opts).await;
+    let log = proxy.stderr();
+    let limits = child::nofile_limits(proxy.pid);
+    drop(proxy);
     let (soft, hard) = limits.expect("/proc/<pid>/limits");
     assert_eq!(soft, hard, "the soft limit is raised to the hard one");
     let line = log
@@ -890,11 +856,9 @@ async fn half_open_connections_cannot_exhaust_the_descriptors() {
     let fake = FakeKms::start().await;
     let mut opts = ChildOptions::new(&fake.url());
     // Far longer than the test: without the budget, nothing would free a descriptor.
-    opts.limits = "header_read_timeout_ms = 60000".into();
+    opts.config.limits = "header_read_timeout_ms = 60000".into();
     opts.nofile = Some(1024);
-    let proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    let proxy = start_child(opts).await;
     assert_eq!(proxy.nofile_limit(), Some(1024));
     let addr = proxy.addr;
     let mut silent = Vec::new();

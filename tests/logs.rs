@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_kms::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, Tag};
-use common::child::{spawn_proxy, ChildOptions, ChildProxy};
+use aws_sdk_kms::types::DataKeySpec;
+use common::child::{start_child, ChildOptions, ChildProxy};
 use common::fake_kms::base64_encode;
 use common::raw::{self, RawRequest};
 use common::*;
@@ -46,10 +46,6 @@ impl Intercept for CaptureAuthorization {
         }
         Ok(())
     }
-}
-
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().tag_key(k).tag_value(v).build().unwrap()
 }
 
 /// The hex signature of an `Authorization: AWS4-HMAC-SHA256 ..., Signature=<hex>` value.
@@ -396,10 +392,8 @@ async fn run(global_args: &[&str], rust_log: &str) -> (Vec<String>, String, Stri
     let mut opts = ChildOptions::new(&fake.url());
     opts.global_args = global_args.iter().map(|s| s.to_string()).collect();
     opts.rust_log = Some(rust_log.to_owned());
-    opts.limits = "body_read_timeout_ms = 5000".into();
-    let mut proxy = tokio::task::spawn_blocking(move || spawn_proxy(&opts))
-        .await
-        .unwrap();
+    opts.config.limits = "body_read_timeout_ms = 5000".into();
+    let mut proxy = start_child(opts).await;
     let needles = workload(fake, &proxy).await;
     let (status, proxy) = tokio::task::spawn_blocking(move || (proxy.stop(), proxy))
         .await

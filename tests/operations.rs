@@ -9,13 +9,13 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::Tag;
+use common::child::{start_child, ChildOptions};
 use common::ops::*;
 use common::*;
 use serde_json::Value;
@@ -30,14 +30,6 @@ const UPSTREAM_ERRORS: &str = "kms_tag_guard_upstream_errors_total";
 const AUDIT_FAILURES: &str = "kms_tag_guard_audit_write_failures_total";
 const POLICY_INFO: &str = "kms_tag_guard_policy_info";
 const RELOADS: &str = "kms_tag_guard_policy_reloads_total";
-
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder()
-        .tag_key(key)
-        .tag_value(value)
-        .build()
-        .unwrap()
-}
 
 /// Asserts `kms_tag_guard_requests_total` holds exactly these series and values.
 fn assert_requests(m: &Scrape, expected: &[(&str, &str, u32)]) {
@@ -171,7 +163,7 @@ async fn metrics_count_a_mixed_workload_exactly() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
-    let mut config = OpsConfig::new(&fake.url(), &audit_path, proxy::TEST_POLICY);
+    let mut config = ProxyConfig::with_admin(&fake.url(), &audit_path, TEST_POLICY);
     config.upstream = "timeout_ms = 500".into();
     let config_path = dir.path().join("kms-tag-guard.toml");
     std::fs::write(&config_path, config.render()).unwrap();
@@ -290,7 +282,7 @@ async fn metrics_count_a_mixed_workload_exactly() {
 
     // A 421 needs a proxy without a fixed endpoint: it checks the Host against allowed_hosts.
     let dir_b = tempfile::tempdir().unwrap();
-    let config_b = OpsConfig::new("", &dir_b.path().join("audit.log"), proxy::TEST_POLICY);
+    let config_b = ProxyConfig::with_admin("", &dir_b.path().join("audit.log"), TEST_POLICY);
     let path_b = dir_b.path().join("kms-tag-guard.toml");
     std::fs::write(&path_b, config_b.render()).unwrap();
     let b = start_from_file(&path_b).await;
@@ -337,7 +329,12 @@ async fn audit_write_failures_are_counted() {
     let pass = call(closed.addr, "Encrypt", &encrypt_body()).await;
     assert_eq!(pass.status, 200, "{}", pass.body_str());
     assert_eq!(fake.count(), 1, "no tag change reached KMS unaudited");
-    let m = scrape(closed.admin_addr.unwrap()).await;
+    // The pass-through request is counted once its answer has gone out.
+    let m = scrape_when(closed.admin_addr.unwrap(), |m| {
+        m.get(REQUESTS, &[("operation", "Encrypt"), ("decision", "pass")])
+            .is_some()
+    })
+    .await;
     assert_eq!(m.get(AUDIT_FAILURES, &[]), Some(2.0), "{}", m.text);
     assert_requests(&m, &[("TagResource", "error", 2), ("Encrypt", "pass", 1)]);
 
@@ -507,16 +504,9 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.log");
     let rotated = dir.path().join("audit.log.1");
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = OpsConfig::new(&fake.url(), &audit, proxy::TEST_POLICY);
-    config.listener = format!("127.0.0.1:{port}");
-    config.admin = format!("127.0.0.1:{admin_port}");
-    let config_path = dir.path().join("kms-tag-guard.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let mut serve = ServeProcess::spawn(&config_path, dir.path());
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    serve.wait_healthy(admin).await;
+    let config = ProxyConfig::with_admin(&fake.url(), &audit, TEST_POLICY);
+    let mut serve = start_child(ChildOptions::with_config(config)).await;
+    let (addr, admin) = (serve.addr, serve.admin());
 
     async fn change(addr: SocketAddr, value: String) -> String {
         let response = call(addr, "TagResource", &tag_body(&[("team:phase", &value)])).await;
@@ -528,27 +518,40 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
     }
     // A writer that keeps going while the file is moved and the signal lands.
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn({
-        let stop = Arc::clone(&stop);
+        let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
         async move {
             let mut sent = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 sent.push(change(addr, format!("during-{}", sent.len())).await);
+                written.fetch_add(1, Ordering::SeqCst);
             }
             sent
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waits until the writer has had five more changes answered.
+    let five_more = || {
+        let target = written.load(Ordering::SeqCst) + 5;
+        let written = Arc::clone(&written);
+        async move {
+            let done = poll_until(Duration::from_secs(5), || {
+                written.load(Ordering::SeqCst) >= target
+            });
+            assert!(done.await, "the writer stalled");
+        }
+    };
+    five_more().await;
     std::fs::rename(&audit, &rotated).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    send_signal(serve.pid, "HUP");
+    five_more().await;
+    serve.signal("HUP");
     // The reopen creates a new file at the configured path.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !audit.exists() {
         assert!(Instant::now() < deadline, "no new audit file after SIGHUP");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    five_more().await;
     stop.store(true, Ordering::SeqCst);
     let during = writer.await.unwrap();
     for i in 0..10 {
@@ -567,7 +570,7 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
         "{}",
         m.text
     );
-    send_signal(serve.pid, "TERM");
+    serve.signal("TERM");
     let (status, _) = serve
         .wait_exit(Duration::from_secs(10))
         .await
@@ -625,6 +628,22 @@ async fn sighup_reopens_the_audit_file_so_logrotate_loses_nothing() {
 
 /// KMS restarts on the same port: the requests in flight at that moment fail with a retryable
 /// 502, requests after the restart succeed on new connections, with no proxy restart.
+/// `n` concurrent requests to `addr`, Encrypts and allowed TagResources (`team:<label>`) in turn.
+fn encrypts_and_tag_changes(addr: SocketAddr, label: &str, n: usize) -> JoinSet<RawResponse> {
+    let mut requests = JoinSet::new();
+    for i in 0..n {
+        let key = format!("team:{label}");
+        requests.spawn(async move {
+            if i % 2 == 0 {
+                call(addr, "Encrypt", &encrypt_body()).await
+            } else {
+                call(addr, "TagResource", &tag_body(&[(&key, &i.to_string())])).await
+            }
+        });
+    }
+    requests
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_restart_costs_only_the_requests_in_flight() {
     let fake = FakeKms::start().await;
@@ -649,22 +668,7 @@ async fn an_upstream_restart_costs_only_the_requests_in_flight() {
 
     // Six requests in flight (KMS holds them) when KMS goes away.
     fake.set_delay(Duration::from_secs(5));
-    let mut in_flight = JoinSet::new();
-    for i in 0..6 {
-        let addr = proxy.addr;
-        in_flight.spawn(async move {
-            if i % 2 == 0 {
-                call(addr, "Encrypt", &encrypt_body()).await
-            } else {
-                call(
-                    addr,
-                    "TagResource",
-                    &tag_body(&[("team:inflight", &i.to_string())]),
-                )
-                .await
-            }
-        });
-    }
+    let mut in_flight = encrypts_and_tag_changes(proxy.addr, "inflight", 6);
     fake.wait_for_requests(8 + 6, Duration::from_secs(5)).await;
     fake.shutdown().await;
     let mut failed = 0;
@@ -682,22 +686,7 @@ async fn an_upstream_restart_costs_only_the_requests_in_flight() {
     assert_eq!(down.status, 502, "{}", down.body_str());
 
     let fake = FakeKms::start_on(upstream).await;
-    let mut after = JoinSet::new();
-    for i in 0..20 {
-        let addr = proxy.addr;
-        after.spawn(async move {
-            if i % 2 == 0 {
-                call(addr, "Encrypt", &encrypt_body()).await
-            } else {
-                call(
-                    addr,
-                    "TagResource",
-                    &tag_body(&[("team:after", &i.to_string())]),
-                )
-                .await
-            }
-        });
-    }
+    let mut after = encrypts_and_tag_changes(proxy.addr, "after", 20);
     while let Some(response) = after.join_next().await {
         let response = response.unwrap();
         assert_eq!(response.status, 200, "{}", response.body_str());
@@ -765,6 +754,7 @@ async fn breaks_off_mid_answer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                     )
                     .await;
                 let _ = stream.flush().await;
+                // Deliberate: the partial answer goes out on its own before the hang-up.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             });
         }
@@ -778,12 +768,10 @@ async fn breaks_off_mid_answer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_broken_off_mid_body_is_never_relayed_as_whole() {
     let (upstream, server) = breaks_off_mid_answer().await;
-    let unused = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &unused,
+    let proxy = start_proxy_to(
+        &format!("http://{upstream}"),
         ProxyConfig {
             admin: true,
-            endpoint: Some(format!("http://{upstream}")),
             ..ProxyConfig::default()
         },
     )
@@ -856,12 +844,10 @@ async fn an_answer_broken_off_mid_body_is_never_relayed_as_whole() {
 #[tokio::test]
 async fn a_pass_through_answer_broken_off_mid_body_is_counted() {
     let (upstream, _server) = breaks_off_mid_answer().await;
-    let unused = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &unused,
+    let proxy = start_proxy_to(
+        &format!("http://{upstream}"),
         ProxyConfig {
             admin: true,
-            endpoint: Some(format!("http://{upstream}")),
             ..ProxyConfig::default()
         },
     )

@@ -20,7 +20,6 @@ use proptest::sample::{select, subsequence, Index};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use kms_tag_guard::config::ConfigSource;
 use kms_tag_guard::decide::{decision, Head, Rules};
 use kms_tag_guard::fold::eq_ignore_case;
 use kms_tag_guard::kms::classify::{check_tag_request_head, classify, request_host};
@@ -55,68 +54,17 @@ fn config_scaled(factor: u32) -> ProptestConfig {
 // ------------------------------------------------------------------------------------------------
 // Configurations and the pipeline
 
-/// A policy with every rule type and option, with forbidden keys whose letters Java folds from
-/// non-ASCII characters (`ſ` → s, `K` → k, `ı`/`İ` → i).
-const ALL_RULES: &str = r#"
-[policy]
-mode = "enforce"
-max_tags = 4
-unknown_operations = "reject"
+#[path = "common/fuzz_pipeline.rs"]
+mod fuzz_pipeline;
 
-[[policy.rule]]
-id = "prod-prefix"
-type = "required-prefix"
-prefixes = ["team:", "app:"]
-exempt_keys = ["Name"]
-key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+use fuzz_pipeline::read_fuzz_input;
 
-[[policy.rule]]
-id = "reserved"
-type = "forbidden-key"
-keys = ["Kind", "Sensitivity", "Risk", "Skill"]
-patterns = ["^sec[-:]", "^iam[-:]"]
-exempt_principals = ["AKIAEXEMPT"]
-
-[[policy.rule]]
-id = "no-new-legacy"
-type = "forbidden-key"
-patterns = ["^legacy[-:_]"]
-on = ["set"]
-
-[[policy.rule]]
-id = "keep-compliance"
-type = "forbidden-key"
-keys = ["app:compliance"]
-on = ["remove"]
-
-[[policy.rule]]
-id = "env-values"
-type = "value-pattern"
-key_pattern = "^app:env(ironment)?$"
-allowed = ["dev", "staging", "prod"]
-
-[[policy.rule]]
-id = "team-names"
-type = "value-pattern"
-key_pattern = "^team:"
-pattern = "^[a-z][a-z0-9-]{1,38}$"
-
-[[policy.rule]]
-id = "ticket-format"
-type = "value-pattern"
-key = "app:ticket"
-pattern = "^[A-Z][A-Z0-9]+-[0-9]+$"
-mode = "dry-run"
-
-[[policy.rule]]
-id = "owner-and-env"
-type = "required-key"
-keys = ["team:owner", "app:env"]
-"#;
-
-static DEFAULT: LazyLock<Config> = LazyLock::new(|| Config::built_in().expect("built-in config"));
-static STRICT: LazyLock<Config> =
-    LazyLock::new(|| Config::parse(ALL_RULES, ConfigSource::BuiltIn).expect("ALL_RULES parses"));
+/// The fuzz target's configurations: the built-in one, every rule type and option
+/// (`tests/fixtures/all-rules.toml`, with forbidden keys whose letters Java folds from non-ASCII
+/// characters: `ſ` → s, `K` → k, `ı`/`İ` → i), and the test policy in dry-run.
+static CONFIGS: LazyLock<[Config; 3]> = LazyLock::new(fuzz_pipeline::configs);
+static DEFAULT: LazyLock<&Config> = LazyLock::new(|| &CONFIGS[0]);
+static STRICT: LazyLock<&Config> = LazyLock::new(|| &CONFIGS[1]);
 
 const HOST: &str = "kms.us-east-1.amazonaws.com";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -1224,58 +1172,19 @@ fn non_ascii_target_letters_are_refused() {
 // ------------------------------------------------------------------------------------------------
 // The fuzz seeds
 
-/// A fuzz input of `fuzz/fuzz_targets/pipeline.rs`: an optional `METHOD URI` line, header lines,
-/// an empty line, the body (the same reading as the fuzz target's `split`).
-fn read_fuzz_input(data: &[u8]) -> (Method, Uri, HeaderMap, &[u8]) {
-    let (head, body) = match data.windows(2).position(|w| w == b"\n\n") {
-        Some(i) => (&data[..i], &data[i + 2..]),
-        None => match data.windows(4).position(|w| w == b"\r\n\r\n") {
-            Some(i) => (&data[..i], &data[i + 4..]),
-            None => (data, &[][..]),
-        },
-    };
-    let (mut method, mut uri, mut headers) =
-        (Method::POST, Uri::from_static("/"), HeaderMap::new());
-    for (i, line) in head.split(|&b| b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let space = line.iter().position(|&b| b == b' ');
-        let colon = line.iter().position(|&b| b == b':');
-        if i == 0 && space.is_some_and(|s| colon.is_none_or(|c| s < c)) {
-            let mut parts = line.split(|&b| b == b' ');
-            let m = parts.next().and_then(|m| Method::from_bytes(m).ok());
-            let u = parts.next().and_then(|u| Uri::try_from(u).ok());
-            if let (Some(m), Some(u)) = (m, u) {
-                (method, uri) = (m, u);
-            }
-            continue;
-        }
-        let Some(colon) = colon else { continue };
-        // HTTP's optional whitespace around a value: spaces and tabs only.
-        let mut value = &line[colon + 1..];
-        while let [b' ' | b'\t', rest @ ..] = value {
-            value = rest;
-        }
-        while let [rest @ .., b' ' | b'\t'] = value {
-            value = rest;
-        }
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(value),
-        ) {
-            headers.append(name, value);
-        }
-    }
-    (method, uri, headers, body)
-}
-
 /// Every committed fuzz seed (`fuzz/seed.sh`, and minimised crashes kept as regressions) goes
-/// through the checks the fuzz target makes, so `cargo test` replays them without cargo-fuzz.
+/// through the checks the fuzz target makes (`tests/common/fuzz_pipeline.rs`, under the same
+/// three configurations), and the strict parser's agreement with serde_json as property (c)
+/// checks it, so `cargo test` replays them without cargo-fuzz.
 #[test]
 fn the_fuzz_seeds_pass_the_pipeline_checks() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/pipeline");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return; // no fuzz directory in this checkout
-    };
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "the committed fuzz seeds are missing ({}: {e}); fuzz/seed.sh writes them",
+            dir.display()
+        )
+    });
     let mut seen = 0;
     for entry in entries {
         let path = entry.unwrap().path();
@@ -1288,31 +1197,14 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         }
         seen += 1;
         let data = std::fs::read(&path).unwrap();
-        let (method, uri, headers, body) = read_fuzz_input(&data);
-        if let Ok(Route::Judge(op)) = classify(&method, &uri, &headers) {
-            assert_eq!(
-                headers.get("x-amz-target").map(HeaderValue::as_bytes),
-                Some(target(op).as_bytes()),
-                "{}",
-                path.display()
-            );
+        if let Err(failed) = fuzz_pipeline::check(&data, &*CONFIGS) {
+            panic!("{}: {failed}", path.display());
         }
+        let (_, _, _, body) = read_fuzz_input(&data);
         for op in TagOperation::ALL {
             if let Ok(change) = parse_tag_request(op, body) {
                 if let Err(e) = check_agreement(op, body, &change) {
                     panic!("{}: {op}: {e}", path.display());
-                }
-            }
-        }
-        for config in [&*DEFAULT, &*STRICT] {
-            let decision = decide_request(config, &method, &uri, &headers, body);
-            if decision.allowed() {
-                if let Ok(Route::Judge(op)) = classify(&method, &uri, &headers) {
-                    assert!(
-                        parse_tag_request(op, body).is_ok(),
-                        "{}: allowed but unreadable",
-                        path.display()
-                    );
                 }
             }
         }

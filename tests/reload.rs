@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::child::{start_child, ChildOptions, ChildProxy};
 use common::ops::*;
 use common::*;
 use serde_json::Value;
@@ -60,7 +61,11 @@ impl Setup {
     }
 
     fn config(&self, policy: &str) -> String {
-        OpsConfig::new(&self.fake.url(), &self.audit_path(), policy).render()
+        self.proxy_config(policy).render()
+    }
+
+    fn proxy_config(&self, policy: &str) -> ProxyConfig {
+        ProxyConfig::with_admin(&self.fake.url(), &self.audit_path(), policy)
     }
 
     fn audit_path(&self) -> PathBuf {
@@ -171,7 +176,8 @@ async fn an_invalid_policy_keeps_the_old_one_and_is_counted_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Past the second poll, which saw the same invalid file.
+    // Deliberate, the test's subject: past the second 5 s poll, which saw the same invalid file
+    // (a poll that changes nothing leaves no trace to wait for).
     tokio::time::sleep_until((proxy.started + Duration::from_millis(10_700)).into()).await;
     let m = scrape(proxy.admin_addr).await;
     assert_eq!(
@@ -244,7 +250,9 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     conn_a.write(&a_bytes[..a_split]).await.unwrap();
     conn_b.write(&b_bytes[..b_split]).await.unwrap();
     conn_c.write(&c_bytes[..c_split]).await.unwrap();
-    // Generous time for the proxy to parse the heads of A and B and enter `inspect`.
+    // Deliberate: generous time for the proxy to parse the heads of A and B and judge them by
+    // the policy in force; nothing outside the proxy shows that it has, so there is no
+    // condition to poll.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     write_atomic(&path, &setup.config(POLICY_V2));
@@ -351,7 +359,7 @@ async fn reload_applies_a_change_at_once_and_reopens_the_audit_file() {
     assert_eq!(team_x(&proxy, "before").await, 200);
 
     // V2, and a [limits] change that only a restart applies.
-    let mut changed = OpsConfig::new(&setup.fake.url(), &setup.audit_path(), POLICY_V2);
+    let mut changed = setup.proxy_config(POLICY_V2);
     changed.limits = "max_body_bytes = 16".into();
     write_atomic(&path, &changed.render());
     proxy.proxy.reload();
@@ -436,7 +444,6 @@ async fn a_config_file_read_mid_rewrite_does_not_empty_the_policy() {
 #[tokio::test]
 async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     let setup = Setup::new().await;
-    let dir = setup.dir.path();
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -445,19 +452,15 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     let (cert_path, key_path) = (setup.path("tls.crt"), setup.path("tls.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let tls_listener = format!("127.0.0.1:{}", free_port());
-    let mut config = OpsConfig::new(&setup.fake.url(), &setup.audit_path(), POLICY_V1);
-    config.admin = admin.to_string();
+    let mut config = setup.proxy_config(POLICY_V1);
     config.listener = format!(
-        "{tls_listener}\"\ntls_cert = \"{}\"\ntls_key = \"{}",
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert_path.display(),
         key_path.display()
     );
-    let path = setup.path("kms-tag-guard.toml");
-    std::fs::write(&path, config.render()).unwrap();
-    let mut serve = ServeProcess::spawn(&path, dir);
-    serve.wait_healthy(admin).await;
+    let mut serve = start_child(ChildOptions::with_config(config.clone())).await;
+    let (tls_listener, admin) = (serve.addr, serve.admin());
+    let path = serve.config_path.clone();
 
     let mkfifo = |at: &Path| {
         let status = std::process::Command::new("mkfifo")
@@ -466,7 +469,7 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
             .unwrap();
         assert!(status.success());
     };
-    let wait_for_log = |serve: &ServeProcess, needle: &str| {
+    let wait_for_log = |serve: &ChildProxy, needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = serve.stderr();
@@ -498,7 +501,7 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     let fifo = setup.path("config.fifo");
     mkfifo(&fifo);
     std::fs::rename(&fifo, &path).unwrap();
-    send_signal(serve.pid, "HUP");
+    serve.signal("HUP");
     wait_for_log(&serve, "is a FIFO (named pipe), not a regular file");
     still_serving("a FIFO config").await;
 
@@ -507,7 +510,7 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     let mut big = config.render();
     big.push_str(&"# padding\n".repeat(120_000));
     std::fs::write(&path, big).unwrap();
-    send_signal(serve.pid, "HUP");
+    serve.signal("HUP");
     wait_for_log(&serve, "more than the 1048576 bytes");
     still_serving("a 1.2 MB config").await;
 
@@ -515,7 +518,7 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     let fifo = setup.path("cert.fifo");
     mkfifo(&fifo);
     std::fs::rename(&fifo, &cert_path).unwrap();
-    send_signal(serve.pid, "HUP");
+    serve.signal("HUP");
     wait_for_log(&serve, "listener certificate not reloaded");
     assert!(
         serve.stderr().contains("tls.crt is a FIFO"),
@@ -543,7 +546,7 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
     .expect("TLS handshake stalled")
     .expect("the previous certificate is still served");
 
-    send_signal(serve.pid, "TERM");
+    serve.signal("TERM");
     let exited = serve.wait_exit(Duration::from_secs(10)).await;
     let (status, _) =
         exited.unwrap_or_else(|| panic!("no exit after SIGTERM:\n{}", serve.stderr()));

@@ -10,27 +10,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::child::{start_child, ChildOptions, ChildProxy};
 use common::ops::*;
 use common::*;
 use tokio::task::JoinSet;
 
-/// A `serve` process on fixed ports in front of `fake`, with `[shutdown]` as given.
-async fn serve(
-    fake: &FakeKms,
-    dir: &Path,
-    shutdown: &str,
-) -> (ServeProcess, SocketAddr, SocketAddr) {
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = OpsConfig::new(&fake.url(), &dir.join("audit.log"), proxy::TEST_POLICY);
-    config.listener = format!("127.0.0.1:{port}");
-    config.admin = format!("127.0.0.1:{admin_port}");
+/// A `serve` process in front of `fake`, with `[shutdown]` as given.
+async fn serve(fake: &FakeKms, dir: &Path, shutdown: &str) -> (ChildProxy, SocketAddr, SocketAddr) {
+    let mut config = ProxyConfig::with_admin(&fake.url(), &dir.join("audit.log"), TEST_POLICY);
     config.shutdown = shutdown.into();
-    let config_path = dir.join("kms-tag-guard.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let mut process = ServeProcess::spawn(&config_path, dir);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    process.wait_healthy(admin).await;
+    let process = start_child(ChildOptions::with_config(config)).await;
+    let (addr, admin) = (process.addr, process.admin());
     (process, addr, admin)
 }
 
@@ -71,7 +61,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     }
     fake.wait_for_requests(50, Duration::from_secs(10)).await;
 
-    send_signal(process.pid, "TERM");
+    process.signal("TERM");
     let signalled = Instant::now();
     // /readyz fails at once, before any in-flight request is done; /healthz still answers.
     loop {
@@ -172,19 +162,24 @@ async fn a_second_sigterm_during_a_long_drain_exits_at_once() {
     });
     fake.wait_for_requests(1, Duration::from_secs(5)).await;
 
-    send_signal(process.pid, "TERM");
+    process.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(2);
     while admin_get(admin, "/readyz").await.status != 503 {
         assert!(Instant::now() < deadline, "first SIGTERM not handled");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The first signal is handled; give the second-signal watcher a moment to be in place.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first signal is handled, and the watcher for a second one is in place (the signal
+    // handlers are registered once, before serving, so the second signal is not missed).
     assert!(
-        process.child.try_wait().unwrap().is_none(),
-        "still draining"
+        poll_until(Duration::from_secs(2), || process
+            .stderr()
+            .contains("a second signal exits at once"))
+        .await,
+        "{}",
+        process.stderr()
     );
-    send_signal(process.pid, "TERM");
+    assert!(!process.has_exited(), "still draining");
+    process.signal("TERM");
     let second = Instant::now();
     let (status, _) = process
         .wait_exit(Duration::from_secs(5))

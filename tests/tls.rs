@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::Tag;
 use bytes::Bytes;
+use common::child::{start_child, try_spawn_proxy, ChildOptions};
 use common::ops::{encrypt_body, free_port, tag_body};
+use common::sentinel::seen_besides_sentinels;
 use common::*;
 use http::{HeaderMap, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -395,34 +395,6 @@ async fn watch_443(ip: &str, test: &str) -> Option<Watched> {
 
 // ------------------------------------------------------------------------ SDK helpers
 
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder()
-        .tag_key(key)
-        .tag_value(value)
-        .build()
-        .unwrap()
-}
-
-fn assert_tag_exception<E, R>(
-    result: Result<R, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
-    rule: &str,
-) where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    let error = result.expect_err("the proxy must deny");
-    let status = error.raw_response().map(|r| r.status().as_u16());
-    assert_eq!(status, Some(400), "{}", error_chain(&error));
-    assert_eq!(
-        error.code(),
-        Some("TagException"),
-        "{}",
-        error_chain(&error)
-    );
-    let message = error.message().unwrap_or_default();
-    assert!(message.contains(rule), "{rule} not in {message}");
-}
-
 /// Encrypt, an allowed TagResource and a denied one through `client`; the fake must get exactly
 /// the first two, both verifying. Returns what the fake recorded.
 async fn encrypt_tag_and_deny(client: &aws_sdk_kms::Client, fake: &FakeKms) -> Vec<Recorded> {
@@ -448,7 +420,7 @@ async fn encrypt_tag_and_deny(client: &aws_sdk_kms::Client, fake: &FakeKms) -> V
             .tags(tag("Project", "x"))
             .send()
             .await,
-        "abac-keys",
+        &["abac-keys"],
     );
     let requests = fake.requests();
     let operations: Vec<_> = requests.iter().map(|r| r.operation()).collect();
@@ -621,6 +593,19 @@ async fn wait_for_leaf(
     }
 }
 
+/// Calls `reload()` and waits (up to 2 s) until it has run. A reload handles the listener
+/// certificate first, then reopens the audit log (`src/reload.rs`), so with the audit file moved
+/// away, a new one at its path shows the certificate step is done.
+async fn reload_and_wait(proxy: &TestProxy) {
+    let moved = proxy.audit_path.with_extension("moved");
+    std::fs::rename(&proxy.audit_path, &moved).expect("move the audit file away");
+    proxy.proxy.reload();
+    assert!(
+        poll_until(Duration::from_secs(2), || proxy.audit_path.exists()).await,
+        "reload() not handled in 2 s"
+    );
+}
+
 #[tokio::test]
 async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_ignored() {
     let ca = TestCa::new("listener test CA");
@@ -648,8 +633,7 @@ async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_igno
         &cert_path,
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
     );
-    proxy.proxy.reload();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reload_and_wait(&proxy).await;
     for _ in 0..3 {
         assert_eq!(
             presented_leaf(proxy.addr, ca_pem).await.unwrap(),
@@ -660,8 +644,7 @@ async fn tls_listener_certificate_is_replaced_on_reload_and_a_broken_one_is_igno
     // A key that does not match the certificate is as broken.
     let c = ca.leaf(&["localhost"], 12);
     install(&cert_path, &key_path, &c.cert_pem, &a.key_pem);
-    proxy.proxy.reload();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reload_and_wait(&proxy).await;
     assert_eq!(
         presented_leaf(proxy.addr, ca_pem).await.unwrap(),
         b.cert_der,
@@ -830,19 +813,11 @@ async fn upstream_tls_with_an_unknown_issuer_is_a_502() {
     eprintln!("audit outcome of the failed forward: {outcome:?}");
 
     // No ca_file: the system roots alone do not know the test CA.
-    let text = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
-         [upstream]\nendpoint = \"{}\"\n[audit]\npath = \"{}\"\n{TEST_POLICY}",
-        fake.url(),
-        dir.path().join("audit.log").display()
-    );
-    let config = kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
-        .unwrap_or_else(|e| panic!("{e}"));
-    match kms_tag_guard::start(config).await {
+    match try_start_proxy_to(&fake.url(), ProxyConfig::default()).await {
         Ok(bare) => {
-            let answer = common::ops::call(bare.local_addr(), "Encrypt", &encrypt_body()).await;
+            let answer = common::ops::call(bare.addr, "Encrypt", &encrypt_body()).await;
             check(answer, "no ca_file");
-            bare.shutdown();
+            bare.proxy.shutdown();
         }
         Err(e) => eprintln!(
             "SKIPPED the no-ca_file case: this machine has no system roots, so the proxy refuses to start ({e})"
@@ -1191,12 +1166,14 @@ async fn connect_refuses_other_hosts_without_connecting_anywhere() {
         let body: Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(body["__type"], "Forbidden", "CONNECT {target}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once a sentinel sent after the refusals has reached the fake, a connection the proxy
+    // opened for one of them would have been counted.
+    let (forwarded, _) = seen_besides_sentinels("refused CONNECTs", &fake, proxy.addr).await;
     if let Some(watched) = &watched {
         assert_eq!(watched.connections(), 0, "a refused CONNECT opens nothing");
     }
     assert_eq!(extra.connections(), 0, "a refused CONNECT opens nothing");
-    assert_eq!(fake.count(), 0);
+    assert!(forwarded.is_empty(), "{forwarded:#?}");
 }
 
 #[tokio::test]
@@ -1370,6 +1347,7 @@ async fn a_quiet_blind_tunnel_is_closed_after_its_idle_timeout() {
         echo(&mut tunnel.stream, b"ping")
             .await
             .expect("an active tunnel stays open");
+        // Deliberate pacing, the test's subject: traffic every third of the idle timeout.
         tokio::time::sleep(idle / 3).await;
     }
     assert!(
@@ -1387,27 +1365,15 @@ async fn sigterm_drains_a_blind_tunnel() {
         return;
     };
     let fake = FakeKms::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listener]\naddress = \"{listener}\"\n[admin]\naddress = \"{admin}\"\n\
-             [upstream]\nendpoint = \"{}\"\n[intercept]\ntunnel_hosts = [\"localhost\"]\n\
-             [shutdown]\ngrace_ms = 10000\n",
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let mut serve = common::ops::ServeProcess::spawn(&config, dir.path());
-    serve.wait_healthy(admin).await;
-    let mut tunnel = connect(listener, "localhost:443").await;
+    let mut opts = ChildOptions::new(&fake.url());
+    opts.config.intercept = "tunnel_hosts = [\"localhost\"]".into();
+    opts.config.shutdown = "grace_ms = 10000".into();
+    let mut serve = start_child(opts).await;
+    let mut tunnel = connect(serve.addr, "localhost:443").await;
     assert_eq!(tunnel.status, 200, "{}", tunnel.head);
     echo(&mut tunnel.stream, b"before").await.unwrap();
 
-    common::ops::send_signal(serve.pid, "TERM");
+    serve.signal("TERM");
     let deadline = Instant::now() + STEP;
     while !serve
         .stderr()
@@ -1422,6 +1388,7 @@ async fn sigterm_drains_a_blind_tunnel() {
             .unwrap_or_else(|e| {
                 panic!("the tunnel was cut while draining: {e}\n{}", serve.stderr())
             });
+        // Deliberate pacing: bytes keep moving through the drain, which the test is about.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let exited = serve.wait_exit(Duration::from_secs(8)).await;
@@ -1490,6 +1457,7 @@ async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
             .unwrap_or_else(|e| panic!("request {sent} after {:?}: {e}", started.elapsed()));
         assert_eq!(read_answer(response).await.status, 200);
         sent += 1;
+        // Deliberate pacing, the test's subject: a request every third of the idle timeout.
         tokio::time::sleep(idle / 3).await;
     }
     assert_eq!(fake.count(), sent);
@@ -1517,6 +1485,7 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
     )
     .await;
     let mut stream = tcp(proxy.addr).await;
+    // Deliberate, the test's subject: each stage takes 60% of the set-up deadline.
     tokio::time::sleep(timeout.mul_f64(0.6)).await;
     let request = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1531,6 +1500,7 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
         "{}",
         String::from_utf8_lossy(&head)
     );
+    // Deliberate: the second stage's 60%.
     tokio::time::sleep(timeout.mul_f64(0.6)).await;
     let inside = tls_connect(stream, KMS_HOST, client_config(&ca_pem, &[])).await;
     let served = match inside {
@@ -1559,18 +1529,13 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
 async fn connect_into_its_own_listener_is_refused_as_a_loop() {
     let _port = PORT_443.lock().await;
     let fake = FakeKms::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[listener]\naddress = \"127.0.0.1:443\"\n[admin]\naddress = \"\"\n\
-         [upstream]\nendpoint = \"{}\"\n[intercept]\ntunnel_hosts = [\"localhost\"]\n\
-         [audit]\npath = \"{}\"\n{TEST_POLICY}",
-        fake.url(),
-        dir.path().join("audit.log").display()
-    );
-    let config = kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let proxy = match kms_tag_guard::start(config).await {
-        Ok(proxy) => proxy,
+    let config = ProxyConfig {
+        listener_address: Some("127.0.0.1:443".into()),
+        intercept: "tunnel_hosts = [\"localhost\"]".into(),
+        ..ProxyConfig::default()
+    };
+    let proxy = match try_start_proxy_to(&fake.url(), config).await {
+        Ok(proxy) => proxy.proxy,
         Err(e) => {
             eprintln!("SKIPPED connect_into_its_own_listener_is_refused_as_a_loop: {e}");
             return;
@@ -1879,22 +1844,17 @@ async fn connect_tunnel_pins_requests_to_the_connect_host() {
 
 #[tokio::test]
 async fn an_endpoint_that_is_the_proxy_itself_is_a_quick_502() {
-    let dir = tempfile::tempdir().unwrap();
     // The port was free a moment ago; try another if someone takes it in between.
     let mut attempt = 0;
     let proxy = loop {
         attempt += 1;
         let port = free_port();
-        let text = format!(
-            "[listener]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"\"\n\
-             [upstream]\nendpoint = \"http://127.0.0.1:{port}\"\ntimeout_ms = 10000\n\
-             [audit]\npath = \"{}\"\n{TEST_POLICY}",
-            dir.path().join("audit.log").display()
-        );
-        let config =
-            kms_tag_guard::Config::parse(&text, kms_tag_guard::config::ConfigSource::BuiltIn)
-                .unwrap_or_else(|e| panic!("{e}"));
-        match kms_tag_guard::start(config).await {
+        let config = ProxyConfig {
+            listener_address: Some(format!("127.0.0.1:{port}")),
+            upstream: "timeout_ms = 10000".into(),
+            ..ProxyConfig::default()
+        };
+        match try_start_proxy_to(&format!("http://127.0.0.1:{port}"), config).await {
             Ok(proxy) => break proxy,
             Err(e @ kms_tag_guard::StartError::Bind { .. }) if attempt < 3 => {
                 eprintln!("retrying with another port: {e}")
@@ -1902,7 +1862,7 @@ async fn an_endpoint_that_is_the_proxy_itself_is_a_quick_502() {
             Err(e) => panic!("cannot start the proxy: {e}"),
         }
     };
-    let addr = proxy.local_addr();
+    let addr = proxy.addr;
     for (operation, body) in [
         ("Encrypt", encrypt_body()),
         ("TagResource", tag_body(&[("team:owner", "payments")])),
@@ -1921,18 +1881,17 @@ async fn an_endpoint_that_is_the_proxy_itself_is_a_quick_502() {
         );
     }
     // The allowed TagResource was recorded as allowed, then as failed upstream.
-    let deadline = Instant::now() + STEP;
-    let outcome = loop {
-        let audit = common::proxy::read_audit(&dir.path().join("audit.log"));
-        if let Some(outcome) = audit.into_iter().find(|r| r["event"] == "outcome") {
-            break outcome;
-        }
-        assert!(Instant::now() < deadline, "no outcome record");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let outcome = proxy
+        .wait_for_audit(2)
+        .await
+        .into_iter()
+        .find(|r| r["event"] == "outcome")
+        .expect("no outcome record");
     assert_eq!(outcome["aws_error"], "BadGateway", "{outcome}");
-    proxy.shutdown();
-    tokio::time::timeout(STEP, proxy.wait()).await.unwrap();
+    proxy.proxy.shutdown();
+    tokio::time::timeout(STEP, proxy.proxy.wait())
+        .await
+        .unwrap();
 }
 
 // ======================================================================== 5. ca init
@@ -2156,42 +2115,18 @@ async fn serve_refuses_a_ca_key_open_to_others_or_not_matching_the_certificate()
     std::fs::write(&leaf_key, &not_ca.key_pem).unwrap();
     std::fs::set_permissions(&leaf_key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
+    // A refused CA exits at once; an accepted one logs that it listens.
     let serve = |cert: &Path, key: &Path, extra: &str| {
-        let config = dir.path().join("serve.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
-                 [upstream]\nendpoint = \"http://127.0.0.1:9\"\n\
-                 [intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\n{extra}\n",
-                cert.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A refused CA exits at once; an accepted one logs that it listens.
-        let mut stderr = child.stderr.take().unwrap();
-        let mut text = String::new();
-        let mut buf = [0u8; 4096];
-        let started = Instant::now();
-        loop {
-            use std::io::Read;
-            let n = stderr.read(&mut buf).unwrap_or(0);
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if n == 0 || text.contains("listening") || started.elapsed() > Duration::from_secs(20) {
-                break;
-            }
+        let mut opts = ChildOptions::new("http://127.0.0.1:9");
+        opts.config.intercept = format!(
+            "ca_cert = \"{}\"\nca_key = \"{}\"\n{extra}",
+            cert.display(),
+            key.display()
+        );
+        match try_spawn_proxy(&opts) {
+            Ok(proxy) => (true, None, proxy.stderr()),
+            Err((status, stderr)) => (false, Some(status), stderr),
         }
-        let _ = child.kill();
-        let status = child.wait().unwrap();
-        (text.contains("listening"), status, text)
     };
     let chmod =
         |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -2213,7 +2148,7 @@ async fn serve_refuses_a_ca_key_open_to_others_or_not_matching_the_certificate()
         match refused_with {
             Some(message) => {
                 assert!(
-                    !listening && !status.success(),
+                    !listening && status.is_some_and(|s| !s.success()),
                     "mode {mode:o} {extra}: {stderr}"
                 );
                 assert!(stderr.contains(message), "mode {mode:o} {extra}: {stderr}");

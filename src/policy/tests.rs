@@ -2,39 +2,8 @@ use super::*;
 use crate::config::{Config, ConfigSource};
 use crate::kms::{Tag, TagOperation};
 
-const POLICY: &str = r#"
-[policy]
-max_tags = 3
-
-[[policy.rule]]
-id = "org-prefix"
-type = "required-prefix"
-prefixes = ["team:", "app:", "cost:"]
-exempt_keys = ["Name"]
-
-[[policy.rule]]
-id = "abac-keys"
-type = "forbidden-key"
-keys = ["Project", "Environment"]
-patterns = ["^abac[-:]"]
-
-[[policy.rule]]
-id = "cost-center"
-type = "value-pattern"
-key = "cost:center"
-pattern = "^[0-9]{4}$"
-
-[[policy.rule]]
-id = "tier"
-type = "value-pattern"
-key_pattern = "^app:tier$"
-allowed = ["gold", "silver"]
-
-[[policy.rule]]
-id = "owner-on-create"
-type = "required-key"
-keys = ["team:owner"]
-"#;
+/// The test policy the integration tests, the property tests and the fuzz target share.
+const POLICY: &str = include_str!("../../tests/fixtures/policy.toml");
 
 fn policy(text: &str) -> Arc<Policy> {
     Config::parse(text, ConfigSource::BuiltIn).unwrap().policy
@@ -114,6 +83,8 @@ fn each_rule_type_allows_and_denies() {
                     ("team:b", "2"),
                     ("team:c", "3"),
                     ("team:d", "4"),
+                    ("team:e", "5"),
+                    ("team:f", "6"),
                 ],
             ),
             &["max-tags"],
@@ -170,8 +141,7 @@ on = ["set"]
 
 #[test]
 fn dry_run_records_instead_of_denying() {
-    let global =
-        policy(&format!("{POLICY}\n").replace("max_tags = 3", "max_tags = 3\nmode = \"dry-run\""));
+    let global = policy(&POLICY.replace("[policy]\n", "[policy]\nmode = \"dry-run\"\n"));
     let d = global.evaluate(
         &set(TagOperation::TagResource, &[("Project", "x")]),
         &Context::default(),

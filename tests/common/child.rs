@@ -1,50 +1,52 @@
 //! The real `kms-tag-guard serve` binary as a child process, with its standard output and
-//! standard error captured to files, for tests that need a separate process (file-descriptor
-//! budgets, memory figures) or the process's real log output.
+//! standard error captured to files: the one launcher for tests that need a separate process
+//! (signals, file-descriptor budgets, memory figures) or the process's real log output. Its
+//! configuration file is rendered by [`ProxyConfig`], like the in-process proxy's.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::proxy::TEST_POLICY;
+use super::proxy::ProxyConfig;
 
 /// How to run the child.
 #[derive(Debug, Clone)]
 pub struct ChildOptions {
-    /// The upstream `endpoint` (a fake KMS's URL).
-    pub endpoint: String,
-    /// Body of `[limits]`.
-    pub limits: String,
-    /// `[audit].path`: `"-"` (standard output, the default) or a file.
-    pub audit_path: String,
-    /// `[policy]` and its rules.
-    pub policy: String,
+    /// The configuration file; `audit_path` unset means standard output (`"-"`). The listener
+    /// and admin addresses are read from the child's "listening" log line, so ephemeral ports
+    /// (the default) work.
+    pub config: ProxyConfig,
     /// Arguments before `serve` (e.g. `--log-format json`).
     pub global_args: Vec<String>,
     /// `RUST_LOG` for the child (unset: the binary's default, info).
     pub rust_log: Option<String>,
-    /// Lines of `[audit]` beyond `path` (e.g. `stall_timeout_ms = 500`).
-    pub audit: String,
-    /// Serve the admin port (on an ephemeral port, read from the listening line).
-    pub admin: bool,
     /// Raise the child's RLIMIT_NOFILE to this (through a `sh -c 'ulimit -n N; exec ...'`
     /// wrapper; if the hard limit forbids it, to the hard limit).
     pub nofile: Option<u64>,
+    /// Set only the child's soft RLIMIT_NOFILE to this (`ulimit -S -n N`).
+    pub soft_nofile: Option<u64>,
 }
 
 impl ChildOptions {
+    /// The test policy in front of `endpoint`, audit records on standard output, no admin port,
+    /// `grace_ms = 2000`.
     pub fn new(endpoint: &str) -> ChildOptions {
+        ChildOptions::with_config(ProxyConfig {
+            endpoint: Some(endpoint.to_owned()),
+            shutdown: "grace_ms = 2000".to_owned(),
+            ..ProxyConfig::default()
+        })
+    }
+
+    /// The child runs on this configuration, with its default environment.
+    pub fn with_config(config: ProxyConfig) -> ChildOptions {
         ChildOptions {
-            endpoint: endpoint.to_owned(),
-            limits: String::new(),
-            audit_path: "-".to_owned(),
-            policy: TEST_POLICY.to_owned(),
+            config,
             global_args: Vec::new(),
             rust_log: None,
-            audit: String::new(),
-            admin: false,
             nofile: None,
+            soft_nofile: None,
         }
     }
 }
@@ -55,26 +57,36 @@ pub struct ChildProxy {
     /// The process id of the proxy itself (the shell wrapper `exec`s it).
     pub pid: u32,
     pub addr: SocketAddr,
-    /// The admin port, when [`ChildOptions::admin`] asked for one.
+    /// The admin port, when [`ProxyConfig::admin`] asked for one.
     pub admin_addr: Option<SocketAddr>,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
+    /// The configuration file the child was started with (a test may rewrite it, then signal).
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// Starts the binary and waits (up to 20 s) for its "listening" log line, which names the port.
+/// Starts the binary and waits (up to 20 s) for its "listening" log line, which names the port;
+/// panics if it exits first.
 pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
+    try_spawn_proxy(opts).unwrap_or_else(|(status, stderr)| {
+        panic!("kms-tag-guard serve exited early ({status}); stderr:\n{stderr}")
+    })
+}
+
+/// [`spawn_proxy`] off the async runtime (the fake KMS of the calling test runs on it).
+pub async fn start_child(opts: ChildOptions) -> ChildProxy {
+    tokio::task::spawn_blocking(move || spawn_proxy(&opts))
+        .await
+        .expect("spawn_proxy")
+}
+
+/// Like [`spawn_proxy`], but a child that exits before it listens (e.g. it refuses its
+/// configuration) is an `Err` with its exit status and standard error.
+pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, String)> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config_path = dir.path().join("kms-tag-guard.toml");
-    let admin = if opts.admin { "127.0.0.1:0" } else { "" };
-    let text = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"{admin}\"\n\n\
-         [shutdown]\ngrace_ms = 2000\n\n[upstream]\nendpoint = \"{}\"\n\n[limits]\n{}\n\n\
-         [audit]\npath = \"{}\"\n{}\n\n{}\n",
-        opts.endpoint, opts.limits, opts.audit_path, opts.audit, opts.policy
-    );
-    std::fs::write(&config_path, text).expect("write the config");
+    std::fs::write(&config_path, opts.config.render()).expect("write the config");
     let stdout_path = dir.path().join("stdout.log");
     let stderr_path = dir.path().join("stderr.log");
     let stdout = std::fs::File::create(&stdout_path).expect("stdout file");
@@ -85,18 +97,24 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
     args.push("serve".into());
     args.push("--config".into());
     args.push(config_path.display().to_string());
-    let mut command = match opts.nofile {
+    let ulimit = match (opts.nofile, opts.soft_nofile) {
+        (None, None) => None,
+        (Some(n), None) => Some(format!(
+            "ulimit -n {n} 2>/dev/null || ulimit -n \"$(ulimit -Hn)\""
+        )),
+        (None, Some(n)) => Some(format!("ulimit -S -n {n}")),
+        (Some(_), Some(_)) => panic!("set nofile or soft_nofile, not both"),
+    };
+    let mut command = match ulimit {
         None => {
             let mut c = Command::new(bin);
             c.args(&args);
             c
         }
-        Some(n) => {
+        Some(ulimit) => {
             let mut c = Command::new("sh");
             c.arg("-c")
-                .arg(format!(
-                    "ulimit -n {n} 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$@\""
-                ))
+                .arg(format!("{ulimit} && exec \"$0\" \"$@\""))
                 .arg(bin)
                 .args(&args);
             c
@@ -120,7 +138,7 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
             break (addr, admin_addr(&log));
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("kms-tag-guard serve exited early ({status}); stderr:\n{log}");
+            return Err((status, read_lossy(&stderr_path)));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -129,7 +147,7 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    ChildProxy {
+    Ok(ChildProxy {
         child: Some(child),
         pid,
         addr,
@@ -138,7 +156,7 @@ pub fn spawn_proxy(opts: &ChildOptions) -> ChildProxy {
         stderr_path,
         config_path,
         _dir: dir,
-    }
+    })
 }
 
 /// The `local_addr` of the "kms-tag-guard listening" line, in the text or the JSON log format.
@@ -199,12 +217,44 @@ impl ChildProxy {
         nofile_limits(self.pid).map(|(soft, _)| soft)
     }
 
+    /// The admin port (panics if [`ProxyConfig::admin`] did not ask for one).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin_addr.expect("the config enables the admin port")
+    }
+
+    /// Sends a signal (`"TERM"`, `"HUP"`, `"INT"`) to the proxy.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid, signal);
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().expect("wait for the child").is_some(),
+            None => true,
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit: its status and how long that took.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some((status, started.elapsed()));
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits (up to 15 s) for the process to exit; kills it after that.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
+        self.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -217,6 +267,16 @@ impl ChildProxy {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Sends a signal (`"TERM"`, `"HUP"`, `"INT"`) with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
 }
 
 impl Drop for ChildProxy {

@@ -3,6 +3,11 @@
 //! aws-sdk-kms client builder that needs no aws-config, moto as a second upstream (`moto`), and
 //! the installer of such third-party test programs (`deps`).
 //!
+//! A proxy under test is configured with [`ProxyConfig`] (the one builder of configuration text,
+//! with the test policy of `tests/fixtures/policy.toml`) and started in process
+//! ([`start_proxy_with`], or from a file: `ops::start_from_file`) or as the real binary
+//! (`child::spawn_proxy`, the one launcher of a child process).
+//!
 //! Use from a test file with `mod common;`.
 #![allow(dead_code, unused_imports)]
 
@@ -13,13 +18,15 @@ pub mod moto;
 pub mod ops;
 pub mod proxy;
 pub mod raw;
+pub mod sentinel;
 pub mod sigv4;
 
 use std::time::Duration;
 
 pub use fake_kms::{FakeKms, Hook, Progress, Recorded};
 pub use proxy::{
-    start_proxy, start_proxy_to, start_proxy_with, ProxyConfig, TestProxy, TEST_POLICY,
+    start_proxy, start_proxy_to, start_proxy_with, try_start_proxy_to, ProxyConfig, TestProxy,
+    TEST_POLICY,
 };
 pub use raw::{RawConn, RawRequest, RawResponse};
 pub use sigv4::VerifiedCredential;
@@ -169,6 +176,62 @@ pub fn kms_client_opts(endpoint_url: &str, opts: ClientOptions) -> aws_sdk_kms::
         .timeout_config(timeouts.build())
         .build();
     aws_sdk_kms::Client::from_conf(config)
+}
+
+/// Checks `done` every 10 ms until it holds or `timeout` has passed; whether it held.
+pub async fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A tag for the SDK's requests.
+pub fn tag(key: &str, value: &str) -> aws_sdk_kms::types::Tag {
+    aws_sdk_kms::types::Tag::builder()
+        .tag_key(key)
+        .tag_value(value)
+        .build()
+        .unwrap()
+}
+
+/// [`tag`] for each (key, value).
+pub fn tags(pairs: &[(&str, &str)]) -> Vec<aws_sdk_kms::types::Tag> {
+    pairs.iter().map(|(k, v)| tag(k, v)).collect()
+}
+
+/// A denial as the SDK sees it: a modeled TagException (400) whose message names each of
+/// `rules` (`rule <id>`).
+pub fn assert_tag_exception<E, R>(
+    result: Result<R, aws_sdk_kms::error::SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+    rules: &[&str],
+) where
+    E: aws_sdk_kms::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let error = result.expect_err("the proxy must deny");
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(400), "{}", error_chain(&error));
+    assert_eq!(
+        error.code(),
+        Some("TagException"),
+        "{}",
+        error_chain(&error)
+    );
+    let message = error.message().unwrap_or_default().to_owned();
+    for rule in rules {
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{rule} not in {message}"
+        );
+    }
 }
 
 /// The display chain of an SDK error (`DisplayErrorContext`-like), for assertion messages.

@@ -1,12 +1,11 @@
 //! Helpers for the operations tests: admin-port requests and a small OpenMetrics parser, proxies
-//! started from a configuration FILE (so the live reload has a file to read), atomic file
-//! replacement, free ports, and the real binary as a child process with fixed ports.
+//! started in process from a configuration FILE (so the live reload has a file to read; the text
+//! comes from [`super::ProxyConfig`]), atomic file replacement, and signed KMS requests.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kms_tag_guard::{Config, RunningProxy};
 
@@ -31,6 +30,19 @@ pub async fn scrape(admin: SocketAddr) -> Scrape {
     let response = admin_get(admin, "/metrics").await;
     assert_eq!(response.status, 200, "{}", response.body_str());
     Scrape::parse(&response.body_str())
+}
+
+/// Scrapes `/metrics` until `done` holds of the exposition (a counter the proxy bumps after the
+/// client already has its answer), for up to 5 s; the last scrape either way.
+pub async fn scrape_when(admin: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let m = scrape(admin).await;
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// One sample line: `name{labels} value`.
@@ -212,63 +224,6 @@ pub fn sha256_file(path: &Path) -> String {
 
 // ------------------------------------------------------------------ configuration files
 
-/// A whole configuration file; each field is the body of its section.
-#[derive(Debug, Clone)]
-pub struct OpsConfig {
-    pub listener: String,
-    pub admin: String,
-    pub endpoint: String,
-    /// `[upstream]` beyond `endpoint`.
-    pub upstream: String,
-    pub limits: String,
-    pub audit_path: PathBuf,
-    /// `[audit]` beyond `path`.
-    pub audit: String,
-    pub shutdown: String,
-    /// `[policy]` and its rules.
-    pub policy: String,
-}
-
-impl OpsConfig {
-    /// Listener and admin port on `127.0.0.1:0`, the upstream at `endpoint`.
-    pub fn new(endpoint: &str, audit_path: &Path, policy: &str) -> OpsConfig {
-        OpsConfig {
-            listener: "127.0.0.1:0".into(),
-            admin: "127.0.0.1:0".into(),
-            endpoint: endpoint.into(),
-            upstream: String::new(),
-            limits: String::new(),
-            audit_path: audit_path.to_owned(),
-            audit: String::new(),
-            shutdown: String::new(),
-            policy: policy.into(),
-        }
-    }
-
-    /// The file text; an empty `endpoint` is left out (requests go to `https://<Host>:443`).
-    pub fn render(&self) -> String {
-        let endpoint = if self.endpoint.is_empty() {
-            String::new()
-        } else {
-            format!("endpoint = \"{}\"", self.endpoint)
-        };
-        format!(
-            "[listener]\naddress = \"{}\"\n\n[admin]\naddress = \"{}\"\n\n\
-             [upstream]\n{}\n{}\n\n[limits]\n{}\n\n\
-             [audit]\npath = \"{}\"\n{}\n\n[shutdown]\n{}\n\n{}\n",
-            self.listener,
-            self.admin,
-            endpoint,
-            self.upstream,
-            self.limits,
-            self.audit_path.display(),
-            self.audit,
-            self.shutdown,
-            self.policy
-        )
-    }
-}
-
 /// Replaces a file the way careful tools do: write a sibling, then rename it over the target,
 /// so a reader never sees half a file.
 pub fn write_atomic(path: &Path, text: &str) {
@@ -321,109 +276,14 @@ pub async fn start_from_file(config_path: &Path) -> FileProxy {
     }
 }
 
-// ------------------------------------------------------------------------ child process
-
-/// A port that was free a moment ago (bound to port 0, then released).
+/// A port that was free a moment ago (bound to port 0, then released), for a listener whose
+/// address must be known before it starts.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind port 0")
         .local_addr()
         .expect("address")
         .port()
-}
-
-/// Sends a signal (`"TERM"`, `"HUP"`, `"INT"`) with kill(1).
-pub fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid}: {status}");
-}
-
-/// `kms-tag-guard serve --config FILE`, standard output and error to files in `log_dir`.
-pub struct ServeProcess {
-    pub child: Child,
-    pub pid: u32,
-    pub stderr_path: PathBuf,
-}
-
-impl ServeProcess {
-    pub fn spawn(config_path: &Path, log_dir: &Path) -> ServeProcess {
-        let stdout_path = log_dir.join("serve.stdout");
-        let stderr_path = log_dir.join("serve.stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config_path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                std::fs::File::create(stdout_path).expect("stdout file"),
-            ))
-            .stderr(Stdio::from(
-                std::fs::File::create(&stderr_path).expect("stderr file"),
-            ))
-            .spawn()
-            .expect("spawn kms-tag-guard serve");
-        ServeProcess {
-            pid: child.id(),
-            child,
-            stderr_path,
-        }
-    }
-
-    pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
-    }
-
-    /// Waits (up to 20 s) until `/healthz` on `admin` answers 200.
-    pub async fn wait_healthy(&mut self, admin: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = try_admin_get(admin, "/healthz").await {
-                if response.status == 200 {
-                    return;
-                }
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("serve exited early ({status}):\n{}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve not healthy within 20 s:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits up to `timeout` for the process to exit: its status and how long that took.
-    pub async fn wait_exit(
-        &mut self,
-        timeout: Duration,
-    ) -> Option<(std::process::ExitStatus, Duration)> {
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some((status, started.elapsed()));
-            }
-            if started.elapsed() > timeout {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // ------------------------------------------------------------------------ KMS requests

@@ -1,7 +1,7 @@
 //! Starts the real proxy in process, on an ephemeral port, in front of a [`FakeKms`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kms_tag_guard::config::ConfigSource;
@@ -10,52 +10,26 @@ use serde_json::Value;
 
 use super::FakeKms;
 
-/// The policy most tests run against.
-pub const TEST_POLICY: &str = r#"
-[policy]
-max_tags = 5
+/// The policy most tests run against (`tests/fixtures/policy.toml`, which the policy unit tests,
+/// the property tests and the fuzz target load too).
+pub const TEST_POLICY: &str = include_str!("../fixtures/policy.toml");
 
-[[policy.rule]]
-id = "org-prefix"
-type = "required-prefix"
-prefixes = ["team:", "app:", "cost:"]
-
-[[policy.rule]]
-id = "abac-keys"
-type = "forbidden-key"
-keys = ["Project", "Environment"]
-patterns = ["^abac[-:]"]
-
-[[policy.rule]]
-id = "cost-center"
-type = "value-pattern"
-key = "cost:center"
-pattern = "^[0-9]{4}$"
-
-[[policy.rule]]
-id = "tier"
-type = "value-pattern"
-key = "app:tier"
-allowed = ["gold", "silver"]
-
-[[policy.rule]]
-id = "owner-on-create"
-type = "required-key"
-keys = ["team:owner"]
-"#;
-
-/// The sections of a test configuration; each is the body of its TOML section.
+/// A test configuration, the one builder of configuration text for the in-process proxy
+/// ([`start_proxy_with`]), a proxy started from a file ([`super::ops::start_from_file`]) and the
+/// real binary ([`super::child::spawn_proxy`]). Each string is the body of its TOML section.
+#[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// Body of `[upstream]` beyond `endpoint` (e.g. `timeout_ms = 300`).
     pub upstream: String,
-    /// `endpoint`: the fake's URL unless set.
+    /// `endpoint`: the upstream's URL when the proxy is started in front of one, unless set.
     pub endpoint: Option<String>,
     /// No `endpoint` at all: requests go to `https://<Host>:443` for allowed hosts.
     pub without_endpoint: bool,
     pub limits: String,
     /// Body of `[audit]` beyond `path` (e.g. `fail_closed = false`).
     pub audit: String,
-    /// The audit file; a fresh file in a temporary directory unless set.
+    /// The audit file; unless set, a fresh file in a temporary directory for the in-process
+    /// proxy, standard output (`-`) for the real binary.
     pub audit_path: Option<PathBuf>,
     /// `[policy]` and its rules.
     pub policy: String,
@@ -87,6 +61,47 @@ impl Default for ProxyConfig {
             listener: String::new(),
             intercept: String::new(),
         }
+    }
+}
+
+impl ProxyConfig {
+    /// The test policy in front of `endpoint` (`""`: none, requests go to `https://<Host>:443`),
+    /// audit records to `audit_path`, and an admin port.
+    pub fn with_admin(endpoint: &str, audit_path: &Path, policy: &str) -> ProxyConfig {
+        ProxyConfig {
+            endpoint: Some(endpoint.to_owned()),
+            without_endpoint: endpoint.is_empty(),
+            audit_path: Some(audit_path.to_owned()),
+            policy: policy.to_owned(),
+            admin: true,
+            ..ProxyConfig::default()
+        }
+    }
+
+    /// The configuration file text.
+    pub fn render(&self) -> String {
+        let endpoint = match (&self.endpoint, self.without_endpoint) {
+            (Some(url), false) => format!("endpoint = \"{url}\""),
+            _ => String::new(),
+        };
+        let admin = if self.admin { "127.0.0.1:0" } else { "" };
+        let listener_address = self.listener_address.as_deref().unwrap_or("127.0.0.1:0");
+        let audit_path = self
+            .audit_path
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |path| path.display().to_string());
+        format!(
+            "[listener]\naddress = \"{listener_address}\"\n{}\n\n[admin]\naddress = \"{admin}\"\n\n\
+             [shutdown]\n{}\n\n[upstream]\n{endpoint}\n{}\n\n[intercept]\n{}\n\n[limits]\n{}\n\n\
+             [audit]\npath = \"{audit_path}\"\n{}\n\n{}\n",
+            self.listener,
+            self.shutdown,
+            self.upstream,
+            self.intercept,
+            self.limits,
+            self.audit,
+            self.policy
+        )
     }
 }
 
@@ -144,45 +159,34 @@ pub async fn start_proxy_with(fake: &FakeKms, config: ProxyConfig) -> TestProxy 
 /// Starts the proxy with `endpoint = upstream` (unless `config` says otherwise), for upstreams
 /// other than a [`FakeKms`] (e.g. [`super::moto::Moto`]).
 pub async fn start_proxy_to(upstream: &str, config: ProxyConfig) -> TestProxy {
+    try_start_proxy_to(upstream, config)
+        .await
+        .expect("proxy starts")
+}
+
+/// Like [`start_proxy_to`], for tests that expect the start to fail (e.g. a port it may not
+/// bind): the error instead of a panic.
+pub async fn try_start_proxy_to(
+    upstream: &str,
+    mut config: ProxyConfig,
+) -> Result<TestProxy, kms_tag_guard::StartError> {
     let dir = tempfile::tempdir().unwrap();
+    config.endpoint.get_or_insert_with(|| upstream.to_owned());
     let audit_path = config
         .audit_path
-        .clone()
-        .unwrap_or_else(|| dir.path().join("audit.log"));
-    let endpoint = if config.without_endpoint {
-        String::new()
-    } else {
-        let url = config
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| upstream.to_owned());
-        format!("endpoint = \"{url}\"")
-    };
-    let admin = if config.admin { "127.0.0.1:0" } else { "" };
-    let listener_address = config.listener_address.as_deref().unwrap_or("127.0.0.1:0");
-    let text = format!(
-        "[listener]\naddress = \"{listener_address}\"\n{}\n\n[admin]\naddress = \"{admin}\"\n\n\
-         [shutdown]\n{}\n\n[upstream]\n{endpoint}\n{}\n\n[intercept]\n{}\n\n[limits]\n{}\n\n\
-         [audit]\npath = \"{}\"\n{}\n\n{}\n",
-        config.listener,
-        config.shutdown,
-        config.upstream,
-        config.intercept,
-        config.limits,
-        audit_path.display(),
-        config.audit,
-        config.policy
-    );
+        .get_or_insert_with(|| dir.path().join("audit.log"))
+        .clone();
+    let text = config.render();
     let parsed = Config::parse(&text, ConfigSource::BuiltIn)
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-    let proxy = kms_tag_guard::start(parsed).await.expect("proxy starts");
+    let proxy = kms_tag_guard::start(parsed).await?;
     let addr = proxy.local_addr();
     let admin_addr = proxy.admin_addr();
-    TestProxy {
+    Ok(TestProxy {
         proxy,
         addr,
         admin_addr,
         audit_path,
         _dir: dir,
-    }
+    })
 }
