@@ -410,9 +410,9 @@ INCLUSIVE = ("pipeline::handle", "pipeline::pass_through", "pipeline::inspect",
              "do_epoll_wait", "malloc", "_int_free")
 
 
-def profile_report(out):
+def profile_report(out, upstream="plain"):
     print()
-    print("Per request, plain upstream (perf stat on the proxy's processes while wrk ran; perf "
+    print(f"Per request, {upstream} upstream (perf stat on the proxy's processes while wrk ran; perf "
           "itself slows the proxies, so req/s here is lower than in the table):")
     print()
     syscalls = ("recvfrom", "sendto", "read", "write", "readv", "writev", "recvmsg", "sendmsg",

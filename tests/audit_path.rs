@@ -312,6 +312,12 @@ async fn thousands_of_forbidden_tags_make_a_bounded_answer_and_record() {
     let audit = proxy.wait_for_audit(1).await;
     let line = std::fs::read_to_string(&proxy.audit_path).unwrap();
     assert!(line.len() < 64 * 1024, "record of {} bytes", line.len());
+    eprintln!(
+        "MEASURE request={} answer={} record={} (bytes)",
+        body.len(),
+        response.body.len(),
+        line.len()
+    );
     let record = &audit[0];
     assert_eq!(record["decision"], "deny");
     assert_eq!(record["set"].as_array().unwrap().len(), 50);

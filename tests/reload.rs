@@ -381,13 +381,15 @@ async fn reload_applies_a_change_at_once_and_reopens_the_audit_file() {
     let audit = setup.audit_path();
     let rotated = setup.path("audit.log.1");
     std::fs::rename(&audit, &rotated).unwrap();
-    let before = proxy::read_audit(&rotated).len();
     proxy.proxy.reload();
     let deadline = Instant::now() + Duration::from_secs(2);
     while !audit.exists() {
         assert!(Instant::now() < deadline, "the audit file was not reopened");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Records queued before the reopen (an outcome is queued, not waited for) went to the
+    // old file; nothing after it does.
+    let before = proxy::read_audit(&rotated).len();
     let after = call(
         proxy.addr,
         "TagResource",
@@ -395,6 +397,8 @@ async fn reload_applies_a_change_at_once_and_reopens_the_audit_file() {
     )
     .await;
     assert_eq!(after.status, 200);
+    // The decision and the outcome (queued, not waited for: it may come a moment later).
+    assert!(poll_until(Duration::from_secs(5), || proxy::read_audit(&audit).len() >= 2).await);
     assert_eq!(proxy::read_audit(&rotated).len(), before);
     let fresh = proxy::read_audit(&audit);
     assert_eq!(fresh.len(), 2, "{fresh:#?}");
