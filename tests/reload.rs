@@ -398,7 +398,11 @@ async fn reload_applies_a_change_at_once_and_reopens_the_audit_file() {
     .await;
     assert_eq!(after.status, 200);
     // The decision and the outcome (queued, not waited for: it may come a moment later).
-    assert!(poll_until(Duration::from_secs(5), || proxy::read_audit(&audit).len() >= 2).await);
+    assert!(
+        poll_until(Duration::from_secs(5), || proxy::read_audit(&audit).len()
+            >= 2)
+        .await
+    );
     assert_eq!(proxy::read_audit(&rotated).len(), before);
     let fresh = proxy::read_audit(&audit);
     assert_eq!(fresh.len(), 2, "{fresh:#?}");
