@@ -15,7 +15,6 @@
 //! U+2028, U+2029 and U+0085, which some line readers take for line ends, are escaped. What the
 //! records say is `crate::record`'s.
 
-use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,6 +29,7 @@ use tracing::{error, info};
 
 use crate::config::{AuditConfig, AuditPath};
 use crate::metrics::Metrics;
+use crate::text::bounded;
 
 /// The largest record the log holds; a larger one is written as a summary.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -198,7 +198,12 @@ impl AuditLog {
     fn writing_for(&self) -> Option<Duration> {
         match self.state.writing_since_ms.load(Ordering::SeqCst) {
             0 => None,
-            since => Some(self.state.epoch.elapsed() - Duration::from_millis(since)),
+            since => Some(
+                self.state
+                    .epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
         }
     }
 
@@ -244,7 +249,9 @@ impl AuditLog {
                 if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     let _ = thread.join();
                 }
-                return 0;
+                // Records queued after the writer ended (none, unless a connection outlived
+                // the grace period) are not written.
+                return self.state.queued.load(Ordering::SeqCst);
             }
             if tokio::time::Instant::now() >= deadline {
                 let left = self.state.queued.load(Ordering::SeqCst);
@@ -272,8 +279,14 @@ impl Writer {
     fn run(mut self, jobs: Receiver<Job>) {
         let mut lines = Vec::with_capacity(16 * 1024);
         let mut waiting = Vec::new();
-        let mut count = 0;
-        while let Ok(first) = jobs.recv() {
+        let mut stopping = false;
+        // After `Stop`, what is still in the queue (a request that finished meanwhile) is
+        // written too; the writer ends once the queue is empty.
+        while let Some(first) = if stopping {
+            jobs.try_recv().ok()
+        } else {
+            jobs.recv().ok()
+        } {
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(job) = next.take() {
@@ -282,35 +295,31 @@ impl Writer {
                     Job::Record(line, done) => {
                         lines.extend_from_slice(&line);
                         waiting.push(done);
-                        count += 1;
                     }
                     Job::Reopen(done) => {
-                        self.flush(&mut lines, &mut waiting, &mut count);
+                        self.flush(&mut lines, &mut waiting);
                         let reopened = open_sink(&self.path).map(|sink| self.sink = sink);
                         let _ = done.send(reopened.map_err(|e| e.to_string()));
                     }
-                    Job::Stop => {
-                        self.flush(&mut lines, &mut waiting, &mut count);
-                        return;
-                    }
+                    Job::Stop => stopping = true,
                 }
                 if taken < MAX_BATCH {
                     next = jobs.try_recv().ok();
                 }
             }
-            self.flush(&mut lines, &mut waiting, &mut count);
+            self.flush(&mut lines, &mut waiting);
         }
-        self.flush(&mut lines, &mut waiting, &mut count);
     }
 
-    /// Writes the batch in one write, flushes or fsyncs it, and tells whoever waits.
+    /// Writes the batch in one write, flushes or fsyncs it, and tells whoever waits (one entry
+    /// of `waiting` per record).
     fn flush(
         &mut self,
         lines: &mut Vec<u8>,
         waiting: &mut Vec<Option<oneshot::Sender<Result<(), String>>>>,
-        count: &mut usize,
     ) {
-        if *count == 0 {
+        let count = waiting.len();
+        if count == 0 {
             return;
         }
         let since = self.state.epoch.elapsed().as_millis().max(1) as u64;
@@ -330,8 +339,8 @@ impl Writer {
                 }),
             };
         self.state.writing_since_ms.store(0, Ordering::SeqCst);
-        self.state.queued.fetch_sub(*count, Ordering::SeqCst);
-        self.metrics.audit_queued(-(*count as i64));
+        self.state.queued.fetch_sub(count, Ordering::SeqCst);
+        self.metrics.audit_queued(-(count as i64));
         match &result {
             Ok(()) => {
                 if self.state.stalled.swap(false, Ordering::SeqCst) {
@@ -343,11 +352,11 @@ impl Writer {
                 }
             }
             Err(e) => {
-                for _ in 0..*count {
+                for _ in 0..count {
                     self.metrics.audit_write_failure();
                 }
                 if !self.state.failing.swap(true, Ordering::SeqCst) {
-                    error!(error = %e, records = *count, "audit records could not be written; tag changes are refused (503) while this lasts (with fail_closed)");
+                    error!(error = %e, records = count, "audit records could not be written; tag changes are refused (503) while this lasts (with fail_closed)");
                 }
             }
         }
@@ -356,7 +365,6 @@ impl Writer {
             let _ = done.send(result.clone());
         }
         lines.clear();
-        *count = 0;
     }
 }
 
@@ -451,14 +459,6 @@ pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// `s`, or its first `max` characters marked as cut, with its length.
-pub(crate) fn bounded(s: &str, max: usize) -> Cow<'_, str> {
-    match s.char_indices().nth(max) {
-        None => Cow::Borrowed(s),
-        Some((at, _)) => Cow::Owned(format!("{}…({} characters)", &s[..at], s.chars().count())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,16 +523,6 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(value["summarised"], true);
         assert_eq!(value["remove_listed_in_summary"], 2000);
-    }
-
-    #[test]
-    fn long_keys_are_cut_and_marked() {
-        let long = "k".repeat(1000);
-        assert_eq!(
-            bounded(&long, 256).chars().count(),
-            256 + "…(1000 characters)".chars().count()
-        );
-        assert_eq!(bounded("short", 256), "short");
     }
 
     #[test]

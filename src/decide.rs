@@ -151,14 +151,16 @@ impl Judgement {
         }
     }
 
-    /// Adds what the head says about the request's sender (credential scope, SDK call). A
-    /// credential that cannot be read is left out.
-    pub fn about(mut self, headers: &HeaderMap, query: Option<&str>) -> Judgement {
-        if self.credential.is_none() {
-            self.credential = read_credential(headers, query).ok().flatten();
+    /// A request refused before its change could be read, with what its headers say about the
+    /// sender (credential scope, SDK call). A credential that cannot be read is left out, and
+    /// the query is never read: a request with one is refused by `classify` before any judging,
+    /// and what a refused request's query says is not copied into its record.
+    pub fn refused(reason: impl std::fmt::Display, headers: &HeaderMap) -> Judgement {
+        Judgement {
+            credential: read_credential(headers, None).ok().flatten(),
+            call: SdkCall::read(headers),
+            ..Judgement::unreadable(reason)
         }
-        self.call = SdkCall::read(headers);
-        self
     }
 
     /// Whether the change may be forwarded.
@@ -190,17 +192,14 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
     let host = match host(head, rules.upstream) {
         Ok(host) => host,
         Err(answer) => {
-            let record = tag_operation.map(|op| {
-                (
-                    Judgement::unreadable(&answer).about(head.headers, None),
-                    op.name().to_owned(),
-                )
-            });
-            return Verdict::Refuse(Refusal {
-                answer,
-                operation,
-                record,
-            });
+            return Verdict::Refuse(match tag_operation {
+                Some(op) => refused_tag_change(head, op, answer),
+                None => Refusal {
+                    answer,
+                    operation,
+                    record: None,
+                },
+            })
         }
     };
     let Some(op) = tag_operation else {
@@ -213,15 +212,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
         }
         return Verdict::Stream { operation, host };
     };
-    let query = head.uri.query();
-    let refuse = |answer: ProxyError| {
-        let judgement = Judgement::unreadable(&answer).about(head.headers, query);
-        Verdict::Refuse(Refusal {
-            answer,
-            operation,
-            record: Some((judgement, operation.to_owned())),
-        })
-    };
+    let refuse = |answer| Verdict::Refuse(refused_tag_change(head, op, answer));
     if let Err(reason) = check_tag_request_head(head.headers) {
         return refuse(ProxyError::from(reason));
     }
@@ -243,7 +234,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
     Verdict::Judged {
         operation: op,
         host,
-        judgement: judge(op, head.headers, query, bytes, rules.policy),
+        judgement: judge(op, head.headers, head.uri.query(), bytes, rules.policy),
     }
 }
 
@@ -279,7 +270,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 fn refused_head(head: &Head, refused: Refused) -> Refusal {
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = refused.may_change_tags.then(|| {
-        let judgement = Judgement::unreadable(&refused.reason).about(head.headers, None);
+        let judgement = Judgement::refused(&refused.reason, head.headers);
         (judgement, target_text(head.headers))
     });
     Refusal {
@@ -292,7 +283,7 @@ fn refused_head(head: &Head, refused: Refused) -> Refusal {
 /// The refusal of a body streamed through that showed another protocol's shape (or trailers):
 /// always recorded, as a possible tag change.
 pub fn streamed_body_refused(head: &Head, operation: &'static str, reason: Unreadable) -> Refusal {
-    let judgement = Judgement::unreadable(&reason).about(head.headers, None);
+    let judgement = Judgement::refused(&reason, head.headers);
     Refusal {
         answer: ProxyError::from(reason),
         operation,
@@ -300,9 +291,10 @@ pub fn streamed_body_refused(head: &Head, operation: &'static str, reason: Unrea
     }
 }
 
-/// The refusal of a tag change whose body could not be read (too large, too slow, broken off).
-pub fn unreadable_body(head: &Head, operation: TagOperation, answer: ProxyError) -> Refusal {
-    let judgement = Judgement::unreadable(&answer).about(head.headers, head.uri.query());
+/// The refusal of a tag change before it could be judged: by its head or host, or because its
+/// body could not be read (too large, too slow, broken off). Always recorded.
+pub fn refused_tag_change(head: &Head, operation: TagOperation, answer: ProxyError) -> Refusal {
+    let judgement = Judgement::refused(&answer, head.headers);
     Refusal {
         answer,
         operation: operation.name(),
@@ -320,7 +312,7 @@ pub fn malformed_head(head: &Head, answer: ProxyError) -> Refusal {
     };
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = may_change_tags.then(|| {
-        let judgement = Judgement::unreadable(&answer).about(head.headers, head.uri.query());
+        let judgement = Judgement::refused(&answer, head.headers);
         (judgement, target_text(head.headers))
     });
     Refusal {

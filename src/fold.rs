@@ -35,6 +35,11 @@ pub fn eq_ignore_case(a: &str, b: &str) -> bool {
     fold(a) == fold(b)
 }
 
+/// Whether [`skeleton`] drops an ASCII byte: whitespace and controls (vertical tab included).
+pub fn dropped_ascii(b: u8) -> bool {
+    b.is_ascii_whitespace() || b.is_ascii_control()
+}
+
 /// The skeleton of a name: what is left of it for the most lenient reader. Compatibility forms
 /// are decomposed (NFKD: fullwidth `Ｔ` → `T`, `ﬆ` → `st`, `é` → `e` + accent), then marks
 /// (accents), whitespace, controls, format characters (zero-width space, BOM, bidi controls) and
@@ -45,7 +50,7 @@ pub fn skeleton(name: &str) -> String {
         // NFKD and the fold are plain lower-casing on ASCII.
         return name
             .bytes()
-            .filter(|b| !b.is_ascii_whitespace() && !b.is_ascii_control() && *b != 0x0b)
+            .filter(|b| !dropped_ascii(*b))
             .map(|b| char::from(b.to_ascii_lowercase()))
             .collect();
     }

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod reload;
+mod text;
 pub mod tls;
 pub mod toml_reader;
 

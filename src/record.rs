@@ -13,12 +13,13 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::answer::ProxyError;
-use crate::audit::{bounded, timestamp, AuditError, AuditLog};
+use crate::audit::{timestamp, AuditError, AuditLog};
 use crate::decide::{Judgement, Refusal};
 use crate::kms::answer::KmsAnswer;
 use crate::kms::Tag;
 use crate::metrics::{Class, Metrics, Outcome};
 use crate::policy::Violation;
+use crate::text::bounded;
 
 /// How many tags (set or removed) a decision record lists; the rest are counted.
 pub const MAX_RECORDED_TAGS: usize = 50;
@@ -154,7 +155,10 @@ pub fn outcome(
             )
         }
         Err(error) => {
-            warn!(%request_id, %error, "forwarding a tag change failed");
+            // Not forwarded because the audit log stalls: that is logged once per stall.
+            if *error != ProxyError::AuditUnavailable {
+                warn!(%request_id, %error, "forwarding a tag change failed");
+            }
             let (_, error_type, _) = error.shape();
             (
                 None,

@@ -60,23 +60,16 @@ pub fn read_credential(
 /// Whether the request's signature covers the HTTP/2 pseudo-header `:authority` (the AWS SDK for
 /// JavaScript v3's `NodeHttp2Handler` signs it instead of `host`): such a request can only reach
 /// KMS as HTTP/2, with `:authority` as received. Read leniently: any `SignedHeaders` parameter
-/// (or `X-Amz-SignedHeaders` query parameter) that lists `:authority` counts.
-pub fn signs_authority(headers: &HeaderMap, query: Option<&str>) -> bool {
+/// that lists `:authority` counts. (A query-signed request never gets this far: `classify`
+/// refuses every query string.)
+pub fn signs_authority(headers: &HeaderMap) -> bool {
     let lists = |signed: &str| signed.split(';').any(|h| h.trim() == ":authority");
-    let in_header = headers.get_all(AUTHORIZATION).iter().any(|value| {
+    headers.get_all(AUTHORIZATION).iter().any(|value| {
         String::from_utf8_lossy(value.as_bytes())
             .split([',', ' '])
             .filter_map(|param| param.trim().strip_prefix("SignedHeaders="))
             .any(lists)
-    });
-    let in_query = query.is_some_and(|q| {
-        q.split('&').any(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            percent_decode(name).is_some_and(|n| n.eq_ignore_ascii_case("X-Amz-SignedHeaders"))
-                && percent_decode(value).is_some_and(|v| lists(&v))
-        })
-    });
-    in_header || in_query
+    })
 }
 
 fn credential_from_header(value: &str) -> Result<Credential, CredentialError> {
@@ -337,29 +330,18 @@ mod tests {
     }
 
     #[test]
-    fn a_signed_authority_is_seen_in_the_header_or_the_query() {
+    fn a_signed_authority_is_seen_in_the_header() {
         let signed = |list: &str| {
             headers(&format!(
                 "AWS4-HMAC-SHA256 Credential=AKID/20261128/us-east-1/kms/aws4_request, SignedHeaders={list}, Signature=ab"
             ))
         };
-        assert!(signs_authority(
-            &signed(":authority;content-type;x-amz-date"),
-            None
-        ));
-        assert!(signs_authority(&signed("content-type;:authority"), None));
-        assert!(!signs_authority(
-            &signed("content-type;host;x-amz-date"),
-            None
-        ));
-        assert!(!signs_authority(&signed("authority;host"), None));
-        assert!(!signs_authority(
-            &HeaderMap::new(),
-            Some("X-Amz-SignedHeaders=host")
-        ));
-        assert!(signs_authority(
-            &HeaderMap::new(),
-            Some("X-Amz-SignedHeaders=%3Aauthority%3Bhost")
-        ));
+        assert!(signs_authority(&signed(
+            ":authority;content-type;x-amz-date"
+        )));
+        assert!(signs_authority(&signed("content-type;:authority")));
+        assert!(!signs_authority(&signed("content-type;host;x-amz-date")));
+        assert!(!signs_authority(&signed("authority;host")));
+        assert!(!signs_authority(&HeaderMap::new()));
     }
 }

@@ -20,9 +20,9 @@
 
 use super::classify::Unreadable;
 
-/// The streaming check of one request body. Feed it every chunk in order, then [`finish`].
-///
-/// [`finish`]: BodyCheck::finish
+/// The streaming check of one request body. Feed it every chunk in order: a chunk is refused
+/// as soon as the body shows another protocol's shape (nothing at the end can be found that was
+/// not found before it, so there is no end check).
 #[derive(Debug, Clone, Default)]
 pub struct BodyCheck {
     /// Whether a byte other than JSON whitespace has been seen.
@@ -103,12 +103,6 @@ impl BodyCheck {
             chunk = &chunk[1..];
             self.step(byte)?;
         }
-        Ok(())
-    }
-
-    /// The body ended. Nothing can be found at the end that was not found before it, so this
-    /// only exists to make the contract explicit.
-    pub fn finish(&self) -> Result<(), Unreadable> {
         Ok(())
     }
 
@@ -204,9 +198,7 @@ fn first_char(bytes: &[u8]) -> char {
 
 /// Checks a whole body at once.
 pub fn check_body(body: &[u8]) -> Result<(), Unreadable> {
-    let mut check = BodyCheck::new();
-    check.feed(body)?;
-    check.finish()
+    BodyCheck::new().feed(body)
 }
 
 #[cfg(test)]

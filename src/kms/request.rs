@@ -152,7 +152,7 @@ fn look_alike_of_guarded(name: &str) -> Option<&'static str> {
         // cannot have its skeleton (it only drops whitespace and controls, and lower-cases).
         let kept = name
             .bytes()
-            .filter(|b| !b.is_ascii_whitespace() && !b.is_ascii_control() && *b != 0x0b)
+            .filter(|b| !crate::fold::dropped_ascii(*b))
             .count();
         if !(4..=8).contains(&kept) {
             return None;

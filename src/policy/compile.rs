@@ -13,16 +13,7 @@ use crate::toml_reader::{Errors, Reader};
 
 /// Compiles the `[policy]` section `r` reads.
 pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
-    let mode = match r.string("mode", errors) {
-        None => Mode::Enforce,
-        Some(s) => Mode::parse(s).unwrap_or_else(|| {
-            errors.push(
-                "policy.mode",
-                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
-            );
-            Mode::Enforce
-        }),
-    };
+    let mode = read_mode(r, errors).unwrap_or(Mode::Enforce);
     let max_tags = r.integer("max_tags", errors, 1).unwrap_or(50) as usize;
     // Secure by default: an operation the proxy does not know is one it cannot judge.
     let unknown_operations = match r.string("unknown_operations", errors) {
@@ -67,6 +58,19 @@ pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
     }
 }
 
+/// The `mode` key of the table `r` reads: `None` when it is absent or not a mode (reported).
+fn read_mode(r: &mut Reader, errors: &mut Errors) -> Option<Mode> {
+    let s = r.string("mode", errors)?;
+    let mode = Mode::parse(s);
+    if mode.is_none() {
+        errors.push(
+            &r.key_path("mode"),
+            format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
+        );
+    }
+    mode
+}
+
 fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> Option<Rule> {
     let id = r.string("id", errors);
     match id {
@@ -87,16 +91,7 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         ),
         _ => {}
     }
-    let mode = r.string("mode", errors).and_then(|s| {
-        let m = Mode::parse(s);
-        if m.is_none() {
-            errors.push(
-                &r.key_path("mode"),
-                format!("{s:?} is not a mode; use \"enforce\" or \"dry-run\""),
-            );
-        }
-        m
-    });
+    let mode = read_mode(r, errors);
     let key_ids = r
         .strings("key_ids", errors)
         .unwrap_or_default()

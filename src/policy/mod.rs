@@ -119,18 +119,12 @@ const SHOWN_CHARS: usize = 256;
 /// A tag key or value as a violation shows it: at most [`SHOWN_CHARS`] characters, and a longer
 /// one marked as cut, with its length.
 pub(crate) fn shown_key(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_CHARS) {
-        None => s.to_owned(),
-        Some((at, _)) => format!("{}…({} characters)", &s[..at], s.chars().count()),
-    }
+    crate::text::bounded(s, SHOWN_CHARS).into_owned()
 }
 
 /// [`shown_key`], quoted like `{:?}`.
 pub(crate) fn quoted(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_CHARS) {
-        None => format!("{s:?}"),
-        Some((at, _)) => format!("{:?}…({} characters)", &s[..at], s.chars().count()),
-    }
+    crate::text::bounded_quoted(s, SHOWN_CHARS)
 }
 
 /// Violations as they are found, kept up to a bound.

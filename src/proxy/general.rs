@@ -22,7 +22,7 @@ use super::state::{Origin, Shared};
 use super::upstream::error_chain;
 use crate::answer::ProxyError;
 use crate::decide::{
-    decide, streamed_body_refused, unreadable_body, Body, Head, Judgement, Rules, Verdict,
+    decide, refused_tag_change, streamed_body_refused, Body, Head, Judgement, Rules, Verdict,
 };
 use crate::kms::answer::{KmsAnswer, MAX_ANSWER_BYTES};
 use crate::kms::credential::signs_authority;
@@ -192,9 +192,9 @@ enum Forward {
 /// (or, for a request signed over `:authority`, the `:authority`), the other headers and the
 /// body stay as they are; only hop-by-hop headers go.
 fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<Forward, ProxyError> {
-    let target = shared.upstream.target(host, parts.uri.path_and_query())?;
+    let target = shared.upstream.target(host)?;
     strip_hop_by_hop(&mut parts.headers);
-    if parts.version == Version::HTTP_2 && signs_authority(&parts.headers, parts.uri.query()) {
+    if parts.version == Version::HTTP_2 && signs_authority(&parts.headers) {
         // Only HTTP/2 carries `:authority`: KMS gets the one the client sent, as it sent it.
         let unreadable =
             |e: http::Error| ProxyError::Unreadable(format!("the request target: {e}"));
@@ -271,7 +271,7 @@ async fn tag_change(
             let handled = record::refusal(
                 &shared.audit,
                 peer,
-                unreadable_body(&head, operation, error),
+                refused_tag_change(&head, operation, error),
             )
             .await;
             let outcome = handled.outcome;

@@ -53,7 +53,6 @@ pub struct Upstream {
     /// For requests signed over `:authority`.
     h2: H2Connections,
     metrics: Arc<Metrics>,
-    endpoint: Option<(Scheme, Authority)>,
     /// `<endpoint>/`, the target of every KMS request when an endpoint is set.
     endpoint_root: Option<Uri>,
     config: UpstreamConfig,
@@ -111,60 +110,36 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(https);
-        let endpoint = config.endpoint.as_ref().map(|uri| {
-            (
-                uri.scheme()
-                    .cloned()
-                    .expect("validated endpoint has a scheme"),
-                uri.authority()
-                    .cloned()
-                    .expect("validated endpoint has a host"),
-            )
-        });
-        let endpoint_root = endpoint.as_ref().map(|(scheme, authority)| {
-            Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority.clone())
-                .path_and_query("/")
-                .build()
-                .expect("a validated endpoint makes a URI")
+        // Validated: an endpoint has a scheme and a host.
+        let endpoint_root = config.endpoint.as_ref().map(|uri| {
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            Uri::from_parts(parts).expect("a validated endpoint makes a URI")
         });
         Ok(Upstream {
             client,
             direct,
             h2,
             metrics,
-            endpoint,
             endpoint_root,
             config: config.clone(),
         })
     }
 
-    /// The upstream URI for a request addressed to `host`: the fixed endpoint, or
-    /// `https://<host>:443` when the host is an allowed KMS name.
-    pub fn target(&self, host: &str, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
-        if !self.config.allows_host(host) {
-            return Err(ProxyError::HostNotAllowed(host.to_owned()));
-        }
-        if let (Some(root), None | Some("/")) =
-            (&self.endpoint_root, path.map(PathAndQuery::as_str))
-        {
+    /// The upstream URI for a request `decide` let through to `host` (a host `allowed_hosts`
+    /// admits: the check is `decide`'s, made once): the fixed endpoint, or `https://<host>:443/`.
+    /// The path is always `/`, the only one `classify` lets through.
+    pub fn target(&self, host: &str) -> Result<Uri, ProxyError> {
+        if let Some(root) = &self.endpoint_root {
             return Ok(root.clone());
         }
-        let (scheme, authority) = match &self.endpoint {
-            Some((scheme, authority)) => (scheme.clone(), authority.clone()),
-            None => {
-                let name = crate::glob::host_name(host);
-                let authority = Authority::try_from(format!("{name}:443"))
-                    .map_err(|_| ProxyError::HostNotAllowed(host.to_owned()))?;
-                (Scheme::HTTPS, authority)
-            }
-        };
-        let path = path.map_or("/", PathAndQuery::as_str);
+        let name = crate::glob::host_name(host);
+        let authority = Authority::try_from(format!("{name}:443"))
+            .map_err(|_| ProxyError::HostNotAllowed(host.to_owned()))?;
         Uri::builder()
-            .scheme(scheme)
+            .scheme(Scheme::HTTPS)
             .authority(authority)
-            .path_and_query(path)
+            .path_and_query("/")
             .build()
             .map_err(|e| ProxyError::Unreadable(format!("request target: {e}")))
     }
@@ -448,17 +423,12 @@ mod tests {
         let config = crate::Config::parse("", crate::config::ConfigSource::BuiltIn).unwrap();
         let upstream =
             Upstream::new(&config.upstream, Arc::default(), OwnAddresses::default()).unwrap();
-        let path: PathAndQuery = "/".parse().unwrap();
         assert_eq!(
-            upstream
-                .target("kms.eu-west-1.amazonaws.com", Some(&path))
-                .unwrap(),
+            upstream.target("kms.eu-west-1.amazonaws.com").unwrap(),
             "https://kms.eu-west-1.amazonaws.com:443/"
         );
-        assert_eq!(
-            upstream.target("evil.example.com", Some(&path)),
-            Err(ProxyError::HostNotAllowed("evil.example.com".into()))
-        );
+        // Which hosts are let through is `decide`'s check, made once.
+        assert!(!config.upstream.allows_host("evil.example.com"));
         let config = crate::Config::parse(
             "[upstream]\nendpoint = \"http://127.0.0.1:4566\"",
             crate::config::ConfigSource::BuiltIn,
@@ -467,7 +437,7 @@ mod tests {
         let upstream =
             Upstream::new(&config.upstream, Arc::default(), OwnAddresses::default()).unwrap();
         assert_eq!(
-            upstream.target("anything:1", Some(&path)).unwrap(),
+            upstream.target("anything:1").unwrap(),
             "http://127.0.0.1:4566/"
         );
     }

@@ -36,7 +36,7 @@ use super::rewind::Rewind;
 use super::state::{Origin, Shared};
 use crate::answer::ProxyError;
 use crate::decide::{
-    decide, malformed_head, streamed_body_refused, unreadable_body, Body, Head, Refusal, Rules,
+    decide, malformed_head, refused_tag_change, streamed_body_refused, Body, Head, Refusal, Rules,
     Verdict,
 };
 use crate::kms::protocol::BodyCheck;
@@ -181,13 +181,14 @@ where
     async fn handle(&mut self, head: RequestHead) -> Step {
         let started = Instant::now();
         let shared = Arc::clone(self.shared);
-        // One policy for the whole request, even if a reload lands meanwhile.
-        let policy = shared.policy.load_full();
-        let rules = shared.rules(&policy);
+        // A borrowed look at the policy decides by the head; only a tag change keeps the policy
+        // (one for the whole request, even if a reload lands meanwhile), so a request streamed
+        // through never touches the policy's reference count.
+        let policy = shared.policy.load();
         let plan = {
             let view = self.view(&head);
-            match decide(&view, Body::Unread, &rules) {
-                Verdict::Stream { operation, host } => match shared.upstream.target(host, None) {
+            match decide(&view, Body::Unread, &shared.rules(&policy)) {
+                Verdict::Stream { operation, host } => match shared.upstream.target(host) {
                     Ok(target) => Plan::Stream(operation, target),
                     Err(answer) => Plan::Refuse(Box::new(Refusal {
                         answer,
@@ -201,9 +202,17 @@ where
             }
         };
         match plan {
-            Plan::Stream(operation, target) => self.pass(head, target, operation, started).await,
-            Plan::ReadBody(operation) => self.tag_change(head, operation, &rules, started).await,
+            Plan::Stream(operation, target) => {
+                drop(policy);
+                self.pass(head, target, operation, started).await
+            }
+            Plan::ReadBody(operation) => {
+                let policy = arc_swap::Guard::into_inner(policy);
+                let rules = shared.rules(&policy);
+                self.tag_change(head, operation, &rules, started).await
+            }
             Plan::Refuse(refusal) => {
+                drop(policy);
                 let class = record::class_of(refusal.operation);
                 let handled = record::refusal(&shared.audit, self.origin.peer, *refusal).await;
                 self.refuse(head, handled, class, started).await
@@ -351,7 +360,7 @@ where
         // No Content-Length (and, on this path, no Transfer-Encoding): an empty body.
         let end = head.len + head.body_len as usize;
         if let Err(error) = self.read_body(end).await {
-            let refusal = unreadable_body(&self.view(&head), operation, error);
+            let refusal = refused_tag_change(&self.view(&head), operation, error);
             let handled = record::refusal(&shared.audit, peer, refusal).await;
             return self.answer(handled, Class::inspect, started, true).await;
         }
@@ -360,7 +369,7 @@ where
             match decide(&view, Body::Whole(&self.buf[head.len..end]), rules) {
                 Verdict::Judged {
                     host, judgement, ..
-                } => Ok((shared.upstream.target(host, None), judgement)),
+                } => Ok((shared.upstream.target(host), judgement)),
                 Verdict::Refuse(refusal) => Err(refusal),
                 other => unreachable!("a tag change with its body: {other:?}"),
             }

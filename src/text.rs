@@ -1,0 +1,44 @@
+//! Text as answers, records and logs show it: cut to a bound, and marked as cut with its
+//! length, so that a request with enormous keys or values makes a bounded answer and record.
+
+use std::borrow::Cow;
+
+/// Where `s` is cut to show at most `max` characters: the part shown and the whole length in
+/// characters; `None` when `s` is short enough to show whole.
+fn cut(s: &str, max: usize) -> Option<(&str, usize)> {
+    let (at, _) = s.char_indices().nth(max)?;
+    Some((&s[..at], s.chars().count()))
+}
+
+/// `s`, or its first `max` characters marked as cut, with its length.
+pub fn bounded(s: &str, max: usize) -> Cow<'_, str> {
+    match cut(s, max) {
+        None => Cow::Borrowed(s),
+        Some((shown, chars)) => Cow::Owned(format!("{shown}…({chars} characters)")),
+    }
+}
+
+/// [`bounded`], the part shown quoted like `{:?}`.
+pub fn bounded_quoted(s: &str, max: usize) -> String {
+    match cut(s, max) {
+        None => format!("{s:?}"),
+        Some((shown, chars)) => format!("{shown:?}…({chars} characters)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_keys_are_cut_and_marked() {
+        let long = "k".repeat(1000);
+        assert_eq!(
+            bounded(&long, 256).chars().count(),
+            256 + "…(1000 characters)".chars().count()
+        );
+        assert_eq!(bounded("short", 256), "short");
+        assert_eq!(bounded_quoted("short", 256), "\"short\"");
+        assert_eq!(bounded_quoted(&long, 3), "\"kkk\"…(1000 characters)");
+    }
+}
