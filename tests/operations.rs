@@ -264,6 +264,7 @@ async fn metrics_count_a_mixed_workload_exactly() {
     );
 
     // The audit log agrees: 6 decisions (3 allow incl. the timed-out one, 3 deny), 3 outcomes.
+    proxy::settled_audit(&audit_path).await;
     let decisions = records(&audit_path, "decision");
     let allow = decisions
         .iter()
@@ -401,7 +402,9 @@ async fn tag_storm(addr: SocketAddr, writers: usize, per_writer: usize) -> Vec<(
 
 /// Checks the audit file against what was sent: every line one JSON object, one decision per
 /// request with the right verdict, one outcome per allowed request, nothing else.
-fn check_audit_file(path: &std::path::Path, sent: &[(String, bool)]) {
+async fn check_audit_file(path: &std::path::Path, sent: &[(String, bool)]) {
+    // Outcome records are queued after the answer goes out.
+    proxy::settled_audit(path).await;
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.ends_with('\n'), "the last record is a whole line");
     let mut decisions: BTreeMap<String, (String, bool)> = BTreeMap::new();
@@ -457,7 +460,7 @@ async fn sixty_four_concurrent_writers_lose_and_mangle_no_audit_record() {
     let sent = tag_storm(proxy.addr, 64, 10).await;
     let elapsed = started.elapsed();
     assert_eq!(sent.len(), 640);
-    check_audit_file(&proxy.audit_path, &sent);
+    check_audit_file(&proxy.audit_path, &sent).await;
     let forwarded: BTreeSet<String> = fake
         .requests()
         .iter()
@@ -492,7 +495,7 @@ async fn concurrent_writers_with_fsync_lose_no_audit_record() {
     let started = Instant::now();
     let sent = tag_storm(proxy.addr, 32, 4).await;
     let elapsed = started.elapsed();
-    check_audit_file(&proxy.audit_path, &sent);
+    check_audit_file(&proxy.audit_path, &sent).await;
     eprintln!("figure: 32 writers x 4 tag changes with fsync = true in {elapsed:?}");
 }
 
@@ -703,7 +706,8 @@ async fn an_upstream_restart_costs_only_the_requests_in_flight() {
     assert_eq!(m.series(UPSTREAM_ERRORS).len(), 1, "{}", m.text);
     // The failed tag changes have outcome records naming the failure.
     let outcomes: Vec<Value> = proxy
-        .audit()
+        .settled_audit()
+        .await
         .into_iter()
         .filter(|r| r["event"] == "outcome" && r["upstream_status"].is_null())
         .collect();

@@ -279,7 +279,7 @@ async fn assert_nothing_smuggled(case: &str, fake: &FakeKms, proxy: &TestProxy, 
             "{case}: the upstream saw the head of an unexpected request: {progress:?}"
         );
     }
-    assert_tag_changes_were_inspected(case, &recorded, &proxy.audit());
+    assert_tag_changes_were_inspected(case, &recorded, &proxy.settled_audit().await);
 }
 
 /// Every tag-bearing request the upstream received has its own `allow` decision record with the

@@ -124,6 +124,11 @@ impl TestProxy {
         read_audit(&self.audit_path)
     }
 
+    /// Every audit record, once each `allow` decision has its outcome ([`settled_audit`]).
+    pub async fn settled_audit(&self) -> Vec<Value> {
+        settled_audit(&self.audit_path).await
+    }
+
     /// Waits (up to 5 s) until the audit log holds at least `n` records.
     pub async fn wait_for_audit(&self, n: usize) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -134,6 +139,29 @@ impl TestProxy {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The audit records once every `allow` decision has its outcome record, waiting up to 5 s
+/// (an outcome is queued after the answer has gone out, so a client can see the answer before
+/// the record is written); after the deadline, what there is.
+pub async fn settled_audit(path: &std::path::Path) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = read_audit(path);
+        let outcomes: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["event"] == "outcome")
+            .map(|r| &r["request_id"])
+            .collect();
+        let settled = records
+            .iter()
+            .filter(|r| r["event"] == "decision" && r["decision"] == "allow")
+            .all(|r| outcomes.contains(&&r["request_id"]));
+        if settled || tokio::time::Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
