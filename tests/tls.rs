@@ -1525,6 +1525,143 @@ async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
     assert_eq!(fake.count(), 0);
 }
 
+/// Writes `bytes` (a CONNECT head, after whatever precedes it) and reads the answer's head.
+async fn connect_head(stream: &mut TcpStream, bytes: &[u8]) -> String {
+    stream.write_all(bytes).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "closed before the answer"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The handshake inside an intercepted tunnel has a deadline whatever came before the CONNECT:
+/// a request first (the connection's set-up deadline is over by then), or empty lines before the
+/// request line (which HTTP/1.1 parsers skip, so the scan for the first head must skip them
+/// too). A client that then says nothing is closed; before, it held the connection for ever,
+/// and the connection budget could not close it.
+#[tokio::test]
+async fn a_tunnel_handshake_has_a_deadline_whatever_came_before_the_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let timeout = Duration::from_millis(1000);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("header_read_timeout_ms = {}", timeout.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let connect = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
+
+    let mut after_request = RawConn::connect(proxy.addr).await.unwrap();
+    let encrypt = RawRequest::signed_kms(
+        &fake.host(),
+        "TrentService.Encrypt",
+        encrypt_body().as_bytes(),
+    );
+    after_request.write(&encrypt.to_bytes()).await.unwrap();
+    assert_eq!(after_request.read_response().await.unwrap().status, 200);
+    // Past the set-up deadline of the connection, which the request ended.
+    tokio::time::sleep(timeout).await;
+    let mut after_request = after_request.stream;
+    let head = connect_head(&mut after_request, connect.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let started = Instant::now();
+    assert!(
+        closes_within(&mut after_request, timeout + STEP).await,
+        "a tunnel whose client never starts its handshake is held open"
+    );
+    assert!(
+        started.elapsed() >= timeout.mul_f64(0.9),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut behind_empty_lines = tcp(proxy.addr).await;
+    let head = connect_head(
+        &mut behind_empty_lines,
+        format!("\r\n\r\n{connect}").as_bytes(),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        closes_within(&mut behind_empty_lines, timeout + STEP).await,
+        "a tunnel opened behind empty lines is held open"
+    );
+    assert_eq!(fake.count(), 1);
+}
+
+/// Each CONNECT stream of an HTTP/2 connection takes a place of its own in the connection
+/// budget (a blind tunnel opens a connection of its own): one HTTP/2 connection cannot hold more
+/// tunnels than `max_connections` allows; at the limit the quiet ones make room.
+#[tokio::test]
+async fn http2_connect_tunnels_take_places_in_the_connection_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = interception_ca(dir.path());
+    let fake = FakeKms::start().await;
+    let max = 4;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            intercept: intercept_section(&cert, &key, "[]"),
+            limits: format!("max_connections = {max}\nheader_read_timeout_ms = 30000"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(tcp(proxy.addr).await),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let opened = 8;
+    let mut tunnels = Vec::new();
+    for _ in 0..opened {
+        let connect = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{KMS_HOST}:443"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = h2.send_request(connect).await.expect("CONNECT over h2");
+        assert_eq!(response.status(), 200);
+        tunnels.push(hyper::upgrade::on(response).await.expect("h2 tunnel"));
+    }
+    let m = common::ops::scrape(proxy.admin_addr.unwrap()).await;
+    let open = m.get("kms_tag_guard_connections_open", &[]);
+    assert_eq!(open, Some(max as f64), "{}", m.text);
+    // The outer connection and the newest tunnels hold the places; the oldest tunnels (quiet,
+    // in their set-up) were closed to make room.
+    assert_eq!(
+        m.count(
+            "kms_tag_guard_connection_limit_total",
+            &[("action", "evicted")]
+        ),
+        (opened - (max - 1)) as f64,
+        "{}",
+        m.text
+    );
+    let mut first = TokioIo::new(tunnels.remove(0));
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(STEP, first.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest tunnel is still open: {read:?}"
+    );
+}
+
 #[tokio::test]
 async fn connect_into_its_own_listener_is_refused_as_a_loop() {
     let _port = PORT_443.lock().await;

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::budget::{Budget, Registration};
+use super::budget::Registration;
 use super::connection::serve_accepted;
 use super::state::{Origin, Shared};
 use crate::config::Config;
@@ -32,9 +32,9 @@ pub(crate) async fn serve(
     mut threads: ConnectionThreads,
     shared: Arc<Shared>,
     config: Config,
-    budget: Arc<Budget>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let budget = Arc::clone(&shared.budget);
     let drain = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain);
     let mut draining = false;

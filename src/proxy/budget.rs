@@ -233,25 +233,6 @@ impl Budget {
 }
 
 impl Conn {
-    /// A connection the budget does not hold: an HTTP/2 CONNECT tunnel, whose TCP connection is
-    /// the outer one's. It has a set-up deadline of its own.
-    pub(crate) fn detached(setup_timeout: Duration) -> Arc<Conn> {
-        let epoch = Instant::now();
-        Arc::new(Conn {
-            slot: usize::MAX,
-            epoch,
-            opened_ms: 0,
-            mode: AtomicU8::new(MODE_SETUP),
-            in_flight: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            closing: AtomicBool::new(false),
-            close: Notify::new(),
-            fd: Mutex::new(-1),
-            setup_deadline: epoch + setup_timeout,
-            setup_done: AtomicBool::new(false),
-        })
-    }
-
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -279,17 +260,21 @@ impl Conn {
         }
         let mode = self.mode.load(Ordering::SeqCst);
         if mode == MODE_SETUP || mode == MODE_FAST {
-            // The fast path and the set-up stages read EOF, as if the client had closed.
-            let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
-            if *fd >= 0 {
-                // SAFETY: `shutdown(2)` on a descriptor touches no memory of this process.
-                // The descriptor is still this connection's socket: the lock is held, and
-                // `forget_fd` (which takes it) runs before the socket is closed.
-                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
-            }
+            self.shut_read();
         }
         self.close.notify_waiters();
         true
+    }
+
+    /// The fast path and the set-up stages read EOF, as if the client had closed.
+    fn shut_read(&self) {
+        let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        if *fd >= 0 {
+            // SAFETY: `shutdown(2)` on a descriptor touches no memory of this process.
+            // The descriptor is still this connection's socket: the lock is held, and
+            // `forget_fd` (which takes it) runs before the socket is closed.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        }
     }
 
     /// Whether it has been asked to close.
@@ -316,6 +301,11 @@ impl Conn {
     pub(crate) fn fast_path(&self) {
         self.in_flight.store(0, Ordering::SeqCst);
         self.mode.store(MODE_FAST, Ordering::SeqCst);
+        // Asked to close while another stage served it (the general server, before a CONNECT
+        // was intercepted): the fast path is told as it would have been.
+        if self.closing() {
+            self.shut_read();
+        }
     }
 
     /// The general server serves it from now on (busy while it has requests in flight).
@@ -520,6 +510,10 @@ impl<I> Tracked<I> {
             return;
         };
         for &b in bytes {
+            // Empty lines before the request line: skipped, as httparse and hyper skip them.
+            if scan.seen == 0 && (b == b'\r' || b == b'\n') {
+                continue;
+            }
             if scan.seen < scan.start.len() {
                 scan.start[scan.seen] = b;
             }
@@ -641,7 +635,9 @@ mod tests {
     #[test]
     fn the_first_head_ends_the_set_up_unless_it_is_a_connect() {
         let scanned = |chunks: &[&[u8]]| {
-            let conn = Conn::detached(Duration::from_secs(1));
+            let budget = budget(1);
+            let place = budget.admit(-1).unwrap();
+            let conn = Arc::clone(place.conn());
             let mut tracked = Tracked::new((), Arc::clone(&conn));
             for chunk in chunks {
                 tracked.scan(chunk);
@@ -659,5 +655,12 @@ mod tests {
         assert!(!scanned(&[b"POST / HTTP/1.1\r\nHost: x\r\n"]));
         assert!(!scanned(&[b"CONNECT kms:443 HTTP/1.1\r\n\r\n"]));
         assert!(!scanned(&[b"CONN", b"ECT kms:443 HTTP/1.1\r\n", b"\r\n"]));
+        // Empty lines before a request line are skipped, as HTTP/1.1 parsers skip them.
+        assert!(!scanned(&[b"\r\nCONNECT kms:443 HTTP/1.1\r\n\r\n"]));
+        assert!(!scanned(&[
+            b"\r\n\n\r",
+            b"\nCONNECT kms:443 HTTP/1.1\r\n\r\n"
+        ]));
+        assert!(scanned(&[b"\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\n\r\n"]));
     }
 }

@@ -30,7 +30,7 @@ use tower_service::Service;
 use tracing::{debug, info};
 
 use super::body::ProxyBody;
-use super::budget::Conn;
+use super::budget::{Conn, Registration};
 use super::state::{Origin, Shared, TunnelHold, Tunnels};
 use crate::answer::ProxyError;
 use crate::endpoints::{self, KmsName};
@@ -73,7 +73,10 @@ pub(crate) async fn handle(
                     "{host} is a KMS host, and KMS traffic is only tunnelled when it can be inspected ([intercept] ca_cert/ca_key)"
                 )));
             };
-            let conn = tunnel_conn(&shared, &request, origin);
+            let conn = match tunnel_conn(&shared, &request, origin) {
+                Ok(conn) => conn,
+                Err(error) => return refuse(error),
+            };
             intercept(shared, request, origin.peer, host, minter, conn);
             info!(%request_id, peer = %origin.peer, %authority, "CONNECT intercepted");
             return (established(request_id), Outcome::pass);
@@ -81,13 +84,17 @@ pub(crate) async fn handle(
         Route::Refuse(message) => return refuse(ProxyError::ConnectRefused(message)),
         Route::Blind => {}
     }
-    // Connect before answering 200, so a failure is a clear 502 rather than a dead tunnel.
+    // Its place in the budget first, then the connection: before answering 200, so a failure
+    // is a clear 502 rather than a dead tunnel.
+    let tunnel = match tunnel_conn(&shared, &request, origin) {
+        Ok(tunnel) => tunnel,
+        Err(error) => return refuse(error),
+    };
     let target = match connect_tcp(tunnels, &host, TUNNEL_PORT).await {
         Ok(target) => target,
         Err(message) => return refuse(ProxyError::TunnelConnect(message)),
     };
     let peer = origin.peer;
-    let tunnel = tunnel_conn(&shared, &request, origin);
     tokio::spawn(blind(shared, request, peer, target, tunnel));
     info!(%request_id, %peer, %authority, "CONNECT tunnelled blind");
     (established(request_id), Outcome::pass)
@@ -107,7 +114,12 @@ async fn blind(
     target: TcpStream,
     tunnel: TunnelConn,
 ) {
-    let TunnelConn { conn, hold, open } = tunnel;
+    let TunnelConn {
+        conn,
+        hold,
+        place,
+        open,
+    } = tunnel;
     let upgraded = tokio::select! {
         upgraded = hyper::upgrade::on(request) => match upgraded {
             Ok(upgraded) => upgraded,
@@ -155,7 +167,7 @@ async fn blind(
             }
         }
     }
-    drop((hold, open));
+    drop((hold, place, open));
 }
 
 /// A side of a blind tunnel; each read that moves bytes marks the tunnel active.
@@ -277,27 +289,44 @@ fn established(request_id: &str) -> Response<ProxyBody> {
 
 /// What a tunnel is, as the connection budget and the set-up deadline see it: over HTTP/1.1,
 /// the client connection itself (the deadline set at accept goes on through the handshake inside
-/// and the first request head); over HTTP/2, one stream of it, with a deadline of its own from
-/// now, while the outer connection counts as busy through the [`TunnelHold`] on the request.
+/// and the first request head); over HTTP/2, one stream of it with a place of its own in the
+/// budget (it may hold a connection of its own: a blind tunnel's, or KMS's), and so a deadline
+/// of its own from now, while the outer connection counts as busy through the [`TunnelHold`] on
+/// the request.
 struct TunnelConn {
     conn: Arc<Conn>,
     hold: Option<TunnelHold>,
+    /// An HTTP/2 tunnel's place in the budget, held while the tunnel lives.
+    place: Option<Registration>,
     /// Held while the tunnel lives, so that shutdown waits for it.
     open: watch::Receiver<()>,
 }
 
-fn tunnel_conn(shared: &Shared, request: &Request<Incoming>, origin: &Origin) -> TunnelConn {
+/// `Err` when an HTTP/2 tunnel finds no place in the budget (every connection busy).
+fn tunnel_conn(
+    shared: &Shared,
+    request: &Request<Incoming>,
+    origin: &Origin,
+) -> Result<TunnelConn, ProxyError> {
     let hold = request.extensions().get::<TunnelHold>().cloned();
-    let conn = if hold.is_some() {
-        Conn::detached(shared.limits.header_read_timeout)
-    } else {
-        Arc::clone(&origin.conn)
+    let (conn, place) = match hold {
+        None => (Arc::clone(&origin.conn), None),
+        Some(_) => {
+            // No descriptor of its own to shut down: asked to close, it ends its stream.
+            let place = shared.budget.admit(-1).ok_or_else(|| {
+                ProxyError::TunnelConnect(
+                    "the connection limit ([limits].max_connections) is reached and every connection has a request in flight".into(),
+                )
+            })?;
+            (Arc::clone(place.conn()), Some(place))
+        }
     };
-    TunnelConn {
+    Ok(TunnelConn {
         conn,
         hold,
+        place,
         open: shared.lifecycle.connections.subscribe(),
-    }
+    })
 }
 
 /// Terminates the tunnel's TLS with a leaf for `host` and serves the requests inside; the
@@ -311,7 +340,12 @@ fn intercept(
     tunnel: TunnelConn,
 ) {
     tokio::spawn(async move {
-        let TunnelConn { conn, hold, open } = tunnel;
+        let TunnelConn {
+            conn,
+            hold,
+            place,
+            open,
+        } = tunnel;
         let metrics = Arc::clone(&shared.metrics);
         let serving = serve_intercepted(shared, request, peer, host, minter, Arc::clone(&conn));
         tokio::select! {
@@ -320,8 +354,11 @@ fn intercept(
                 metrics.setup_timeout();
                 debug!(%peer, "tunnel closed: its set-up (handshake inside, first request head) outlasted header_read_timeout_ms");
             }
+            () = conn.close_requested() => {
+                debug!(%peer, "intercepted tunnel closed to make room ([limits].max_connections)");
+            }
         }
-        drop((hold, open));
+        drop((hold, place, open));
     });
 }
 
@@ -333,17 +370,30 @@ async fn serve_intercepted(
     minter: Arc<LeafMinter>,
     conn: Arc<Conn>,
 ) {
-    let upgraded = match hyper::upgrade::on(request).await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            debug!(%peer, %error, "CONNECT upgrade failed");
-            return;
+    // The handshake inside has `header_read_timeout_ms` of its own: the connection's set-up
+    // deadline is over when the CONNECT follows another request.
+    let handshake = async {
+        let upgraded = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                debug!(%peer, %error, "CONNECT upgrade failed");
+                return None;
+            }
+        };
+        match tunnel_handshake(TokioIo::new(upgraded), &host, &minter).await {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
+                None
+            }
         }
     };
-    let stream = match tunnel_handshake(TokioIo::new(upgraded), &host, &minter).await {
-        Ok(stream) => stream,
-        Err(error) => {
-            info!(%peer, %host, %error, "TLS handshake inside the tunnel failed");
+    let stream = match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return,
+        Err(_) => {
+            shared.metrics.setup_timeout();
+            debug!(%peer, "tunnel closed: the TLS handshake inside outlasted header_read_timeout_ms");
             return;
         }
     };

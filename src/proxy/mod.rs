@@ -119,6 +119,11 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     };
     let own_addresses = OwnAddresses::default();
     metrics.policy_in_force(&config.sha256);
+    let budget = Arc::new(budget::Budget::new(
+        connection_limit(config.limits.max_connections),
+        config.limits.header_read_timeout,
+        Arc::clone(&metrics),
+    ));
     let shared = Arc::new(Shared {
         policy: Arc::new(ArcSwap::new(Arc::clone(&config.policy))),
         audit: Arc::new(AuditLog::open(&config.audit, Arc::clone(&metrics))?),
@@ -128,6 +133,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             own_addresses.clone(),
         )?,
         limits: config.limits.clone(),
+        budget,
         metrics: Arc::clone(&metrics),
         server: connection::http_server(&config),
         lifecycle: Lifecycle::new(),
@@ -186,16 +192,11 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     );
     let threads = accept::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
         .map_err(StartError::Threads)?;
-    let budget = Arc::new(budget::Budget::new(
-        connection_limit(config.limits.max_connections),
-        config.limits.header_read_timeout,
-        Arc::clone(&shared.metrics),
-    ));
     // Nothing is spawned until nothing else can fail.
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));
     let task = tokio::spawn(async move {
-        accept::serve(listener, threads, shared, config, budget, stopped).await;
+        accept::serve(listener, threads, shared, config, stopped).await;
         if let Some(admin_task) = admin_task {
             admin_task.abort();
         }

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
-use super::budget::{Conn, InFlight};
+use super::budget::{Budget, Conn, InFlight};
 use super::connector::{OwnAddresses, UpstreamResolver};
 use super::upstream::Upstream;
 use crate::audit::AuditLog;
@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub upstream: Upstream,
     pub limits: LimitsConfig,
+    /// The open connections (and HTTP/2 CONNECT tunnels) and `[limits].max_connections`.
+    pub budget: Arc<Budget>,
     pub metrics: Arc<Metrics>,
     /// HTTP/1.1 + h2 settings of the general server, for every connection handed to it.
     pub server: auto::Builder<TokioExecutor>,
