@@ -116,7 +116,7 @@ struct Seen {
     /// SHA-256 of the certificate and key last loaded (or last found unusable).
     fingerprint: String,
     /// The files' stamps when last read: while they stay the same, the files are not read again.
-    stamps: Option<(Stamp, Stamp)>,
+    stamps: (Stamp, Stamp),
 }
 
 impl fmt::Debug for ListenerCert {
@@ -136,7 +136,7 @@ impl ListenerCert {
             current: ArcSwap::from_pointee(certified),
             seen: Mutex::new(Seen {
                 fingerprint: fingerprint(&cert, &key),
-                stamps: Some((cert_stamp, key_stamp)),
+                stamps: (cert_stamp, key_stamp),
             }),
         })
     }
@@ -149,7 +149,7 @@ impl ListenerCert {
             files::stamp(&self.files.cert).map_err(|e| TlsError::File(e.to_string()))?,
             files::stamp(&self.files.key).map_err(|e| TlsError::File(e.to_string()))?,
         );
-        let unchanged = |seen: &Seen| seen.stamps.as_ref() == Some(&stamps);
+        let unchanged = |seen: &Seen| seen.stamps == stamps;
         if !forced && unchanged(&self.lock_seen()) {
             return Ok(false);
         }
@@ -158,7 +158,7 @@ impl ListenerCert {
         let print = fingerprint(&cert, &key);
         let mut seen = self.lock_seen();
         // Remember the attempt either way: a half-written pair is retried when it changes again.
-        seen.stamps = Some((cert_stamp, key_stamp));
+        seen.stamps = (cert_stamp, key_stamp);
         if seen.fingerprint == print {
             return Ok(false);
         }
@@ -202,7 +202,7 @@ pub struct LeafMinter {
     ca: CertificateDer<'static>,
     cache: Mutex<LeafCache>,
     /// One mint at a time, whichever connection thread asks.
-    minting: tokio::sync::Semaphore,
+    minting: Arc<tokio::sync::Semaphore>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -297,7 +297,7 @@ impl LeafMinter {
                 capacity: DEFAULT_LEAF_CACHE_SIZE,
                 clock: 0,
             }),
-            minting: tokio::sync::Semaphore::new(1),
+            minting: Arc::new(tokio::sync::Semaphore::new(1)),
             metrics: None,
         })
     }
@@ -362,9 +362,8 @@ impl LeafMinter {
         if let Some(leaf) = self.cached(host) {
             return Ok(leaf);
         }
-        let _one_at_a_time = self
-            .minting
-            .acquire()
+        let one_at_a_time = Arc::clone(&self.minting)
+            .acquire_owned()
             .await
             .map_err(|e| TlsError::Mint(e.to_string()))?;
         // Whoever held the permit before may have minted this very name.
@@ -373,9 +372,15 @@ impl LeafMinter {
         }
         let minter = Arc::clone(self);
         let host = host.to_owned();
-        tokio::task::spawn_blocking(move || minter.leaf_for(&host))
-            .await
-            .map_err(|e| TlsError::Mint(e.to_string()))?
+        // The permit goes with the mint: a handshake given up meanwhile (its deadline) does not
+        // let a second mint start beside this one.
+        tokio::task::spawn_blocking(move || {
+            let leaf = minter.leaf_for(&host);
+            drop(one_at_a_time);
+            leaf
+        })
+        .await
+        .map_err(|e| TlsError::Mint(e.to_string()))?
     }
 
     fn mint(&self, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
@@ -479,25 +484,6 @@ fn check_ca(ca: &CertificateDer<'_>, key: &KeyPair, files: &TlsFiles) -> Result<
         );
     }
     Ok(())
-}
-
-/// Serves one tunnel's leaf, minted before the handshake goes on, and only to a client whose SNI
-/// names the tunnel's host.
-#[derive(Debug)]
-pub struct TunnelCert {
-    pub host: String,
-    pub leaf: Arc<CertifiedKey>,
-}
-
-impl ResolvesServerCert for TunnelCert {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let sni = hello.server_name()?;
-        if !sni.eq_ignore_ascii_case(&self.host) {
-            tracing::info!(connect_host = %self.host, sni, "refusing a TLS handshake whose SNI differs from the CONNECT host");
-            return None;
-        }
-        Some(Arc::clone(&self.leaf))
-    }
 }
 
 /// The AWS regions whose KMS host names `ca init` permits (name constraints cannot express

@@ -35,7 +35,7 @@ use super::state::{Origin, Shared, TunnelHold, Tunnels};
 use crate::answer::ProxyError;
 use crate::endpoints::{self, KmsName};
 use crate::metrics::Outcome;
-use crate::tls::{server_config, LeafMinter, TunnelCert};
+use crate::tls::{server_config, LeafMinter};
 
 /// The only port CONNECT may name: KMS and the AWS endpoints worth tunnelling speak HTTPS on 443.
 const TUNNEL_PORT: u16 = 443;
@@ -432,11 +432,9 @@ where
         tracing::error!(%host, error = %e, "cannot mint a certificate");
         e.to_string()
     })?;
-    let config = server_config(Arc::new(TunnelCert {
-        host: host.to_owned(),
-        leaf,
-    }))
-    .map_err(|e| e.to_string())?;
+    // The SNI was checked above, on this very ClientHello: the leaf is the only answer.
+    let config = server_config(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)))
+        .map_err(|e| e.to_string())?;
     start
         .into_stream(Arc::new(config))
         .await

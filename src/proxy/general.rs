@@ -203,25 +203,15 @@ fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<For
             None => Authority::try_from(host)
                 .map_err(|e| ProxyError::Unreadable(format!("the request authority: {e}")))?,
         };
-        let scheme = target.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let dial = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(
-                target
-                    .authority()
-                    .cloned()
-                    .unwrap_or_else(|| authority.clone()),
-            )
+        // `target` is `<scheme>://<authority>/`: the connection to dial; the request keeps the
+        // client's :authority.
+        parts.uri = Uri::builder()
+            .scheme(target.scheme().cloned().unwrap_or(Scheme::HTTPS))
+            .authority(authority)
             .path_and_query("/")
             .build()
             .map_err(unreadable)?;
-        parts.uri = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(target.path_and_query().map_or("/", |p| p.as_str()))
-            .build()
-            .map_err(unreadable)?;
-        return Ok(Forward::Http2 { dial });
+        return Ok(Forward::Http2 { dial: target });
     }
     if !parts.headers.contains_key(HOST) {
         // An HTTP/2 client signed its :authority as `host`; HTTP/1.1 to KMS carries it as Host.

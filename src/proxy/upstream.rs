@@ -82,6 +82,10 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
+        // HTTP/1.1 only, for the fast path's own connections and the general path's pool:
+        // hyper would take an HTTP/2 :authority from the URI it dials (the endpoint, with its
+        // port), not from the Host the client signed, and an h2 server may judge the request by
+        // :authority. HTTP/1.1 sends the signed Host as it is.
         let direct = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()
@@ -91,25 +95,17 @@ impl Upstream {
             // Offers http/1.1 too, so that a server without h2 picks it (instead of failing the
             // handshake) and the proxy can say what the matter is.
             connector: hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
+                .with_tls_config(tls)
                 .https_or_http()
                 .enable_all_versions()
-                .wrap_connector(GuardedConnector::new(http.clone(), own.clone())),
+                .wrap_connector(GuardedConnector::new(http, own)),
             open: Mutex::new(HashMap::new()),
         };
-        // HTTP/1.1 only: hyper would take an HTTP/2 :authority from the URI it dials (the
-        // endpoint, with its port), not from the Host the client signed, and an h2 server may
-        // judge the request by :authority. HTTP/1.1 sends the signed Host as it is.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(GuardedConnector::new(http, own));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+            .build(direct.clone());
         // Validated: an endpoint has a scheme and a host.
         let endpoint_root = config.endpoint.as_ref().map(|uri| {
             let mut parts = uri.clone().into_parts();
