@@ -1036,19 +1036,26 @@ fn intercept_section(cert: &Path, key: &Path, tunnel_hosts: &str) -> String {
     )
 }
 
+/// A proxy in front of `fake` that intercepts KMS names with a CA made in `dir` (and tunnels no
+/// other host), `config` giving the rest; and the CA's PEM, for clients.
+async fn intercepting_proxy(
+    fake: &FakeKms,
+    dir: &Path,
+    config: ProxyConfig,
+) -> (TestProxy, Vec<u8>) {
+    let (cert, key, ca_pem) = interception_ca(dir);
+    let config = ProxyConfig {
+        intercept: intercept_section(&cert, &key, "[]"),
+        ..config
+    };
+    (start_proxy_with(fake, config).await, ca_pem)
+}
+
 #[tokio::test]
 async fn connect_intercepts_kms_for_the_sdk() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca_pem) = interception_ca(dir.path());
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            intercept: intercept_section(&cert, &key, "[]"),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path(), ProxyConfig::default()).await;
     let client = kms_client_opts(
         &format!("https://{KMS_HOST}"),
         ClientOptions {
@@ -1402,30 +1409,19 @@ async fn sigterm_drains_a_blind_tunnel() {
     assert!(closes_within(&mut tunnel.stream, STEP).await);
 }
 
-/// An HTTP/2 CONNECT tunnel is one stream of its connection: the connection stays while the
-/// tunnel carries requests, however long, and the tunnel's own set-up has its own deadline.
-#[tokio::test]
-async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca_pem) = interception_ca(dir.path());
-    let fake = FakeKms::start().await;
-    let idle = Duration::from_millis(1000);
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            intercept: intercept_section(&cert, &key, "[]"),
-            limits: format!("header_read_timeout_ms = {}", idle.as_millis()),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
-    let (mut h2, connection) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        TokioIo::new(tcp(proxy.addr).await),
-    )
-    .await
-    .expect("h2 handshake");
-    let connection = tokio::spawn(connection);
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// An HTTP/2 connection to the proxy at `addr`, driven by a task of its own.
+async fn h2_connection(addr: SocketAddr) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let (h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp(addr).await))
+            .await
+            .expect("h2 handshake");
+    (h2, tokio::spawn(connection))
+}
+
+/// A CONNECT to `KMS_HOST:443` over `h2`, answered 200: the tunnel.
+async fn h2_connect(h2: &mut H2Sender) -> hyper::upgrade::Upgraded {
     let connect = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(format!("{KMS_HOST}:443"))
@@ -1433,7 +1429,27 @@ async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
         .unwrap();
     let response = h2.send_request(connect).await.expect("CONNECT over h2");
     assert_eq!(response.status(), 200);
-    let tunnel = hyper::upgrade::on(response).await.expect("h2 tunnel");
+    hyper::upgrade::on(response).await.expect("h2 tunnel")
+}
+
+/// An HTTP/2 CONNECT tunnel is one stream of its connection: the connection stays while the
+/// tunnel carries requests, however long, and the tunnel's own set-up has its own deadline.
+#[tokio::test]
+async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let idle = Duration::from_millis(1000);
+    let (proxy, ca_pem) = intercepting_proxy(
+        &fake,
+        dir.path(),
+        ProxyConfig {
+            limits: format!("header_read_timeout_ms = {}", idle.as_millis()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let (mut h2, connection) = h2_connection(proxy.addr).await;
+    let tunnel = h2_connect(&mut h2).await;
     let tls = tls_connect(
         TokioIo::new(tunnel),
         KMS_HOST,
@@ -1472,13 +1488,12 @@ async fn an_http2_connect_tunnel_lives_while_its_requests_flow() {
 #[tokio::test]
 async fn the_set_up_deadline_runs_through_connect_and_the_handshake_inside() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca_pem) = interception_ca(dir.path());
     let fake = FakeKms::start().await;
     let timeout = Duration::from_millis(1500);
-    let proxy = start_proxy_with(
+    let (proxy, ca_pem) = intercepting_proxy(
         &fake,
+        dir.path(),
         ProxyConfig {
-            intercept: intercept_section(&cert, &key, "[]"),
             limits: format!("header_read_timeout_ms = {}", timeout.as_millis()),
             ..ProxyConfig::default()
         },
@@ -1549,13 +1564,12 @@ async fn connect_head(stream: &mut TcpStream, bytes: &[u8]) -> String {
 #[tokio::test]
 async fn a_tunnel_handshake_has_a_deadline_whatever_came_before_the_connect() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = interception_ca(dir.path());
     let fake = FakeKms::start().await;
     let timeout = Duration::from_millis(1000);
-    let proxy = start_proxy_with(
+    let (proxy, _) = intercepting_proxy(
         &fake,
+        dir.path(),
         ProxyConfig {
-            intercept: intercept_section(&cert, &key, "[]"),
             limits: format!("header_read_timeout_ms = {}", timeout.as_millis()),
             ..ProxyConfig::default()
         },
@@ -1607,37 +1621,23 @@ async fn a_tunnel_handshake_has_a_deadline_whatever_came_before_the_connect() {
 #[tokio::test]
 async fn http2_connect_tunnels_take_places_in_the_connection_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = interception_ca(dir.path());
     let fake = FakeKms::start().await;
     let max = 4;
-    let proxy = start_proxy_with(
+    let (proxy, _) = intercepting_proxy(
         &fake,
+        dir.path(),
         ProxyConfig {
             admin: true,
-            intercept: intercept_section(&cert, &key, "[]"),
             limits: format!("max_connections = {max}\nheader_read_timeout_ms = 30000"),
             ..ProxyConfig::default()
         },
     )
     .await;
-    let (mut h2, connection) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        TokioIo::new(tcp(proxy.addr).await),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(connection);
+    let (mut h2, _connection) = h2_connection(proxy.addr).await;
     let opened = 8;
     let mut tunnels = Vec::new();
     for _ in 0..opened {
-        let connect = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("{KMS_HOST}:443"))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
-        let response = h2.send_request(connect).await.expect("CONNECT over h2");
-        assert_eq!(response.status(), 200);
-        tunnels.push(hyper::upgrade::on(response).await.expect("h2 tunnel"));
+        tunnels.push(h2_connect(&mut h2).await);
     }
     let m = common::ops::scrape(proxy.admin_addr.unwrap()).await;
     let open = m.get("kms_tag_guard_connections_open", &[]);
@@ -1759,20 +1759,6 @@ async fn connect_intercepts_and_originates_tls_to_the_host_without_an_endpoint()
     assert_eq!(recorded.header("host"), Some("localhost"));
 }
 
-/// A CONNECT to `KMS_HOST:443` through a proxy with an interception CA in front of `fake`.
-async fn intercepting_proxy(fake: &FakeKms, dir: &Path) -> (TestProxy, Vec<u8>) {
-    let (cert, key, ca_pem) = interception_ca(dir);
-    let proxy = start_proxy_with(
-        fake,
-        ProxyConfig {
-            intercept: intercept_section(&cert, &key, "[]"),
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
-    (proxy, ca_pem)
-}
-
 /// A client CONNECTing to ever new KMS names: the leaf cache stays at `leaf_cache_size`, the
 /// least recently used leaf goes first, and a name that is not a KMS endpoint name gets no leaf.
 #[tokio::test]
@@ -1868,7 +1854,7 @@ async fn the_leaf_cache_is_bounded_whatever_names_a_client_connects_to() {
 async fn connect_tunnel_refuses_an_sni_other_than_the_connect_host() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKms::start().await;
-    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path()).await;
+    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path(), ProxyConfig::default()).await;
 
     // The control: the CONNECT host as SNI gets a leaf for that name, chained to the CA.
     let tunnel = connect(proxy.addr, &format!("{KMS_HOST}:443")).await;
@@ -1910,7 +1896,7 @@ async fn connect_tunnel_refuses_an_sni_other_than_the_connect_host() {
 async fn connect_tunnel_pins_requests_to_the_connect_host() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKms::start().await;
-    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path()).await;
+    let (proxy, ca_pem) = intercepting_proxy(&fake, dir.path(), ProxyConfig::default()).await;
     let other = "kms.eu-west-1.amazonaws.com";
     let tag = tag_body(&[("team:owner", "payments")]);
     let cases = [

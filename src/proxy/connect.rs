@@ -114,12 +114,7 @@ async fn blind(
     target: TcpStream,
     tunnel: TunnelConn,
 ) {
-    let TunnelConn {
-        conn,
-        hold,
-        place,
-        open,
-    } = tunnel;
+    let conn = Arc::clone(&tunnel.conn);
     let upgraded = tokio::select! {
         upgraded = hyper::upgrade::on(request) => match upgraded {
             Ok(upgraded) => upgraded,
@@ -167,7 +162,7 @@ async fn blind(
             }
         }
     }
-    drop((hold, place, open));
+    drop(tunnel);
 }
 
 /// A side of a blind tunnel; each read that moves bytes marks the tunnel active.
@@ -295,11 +290,12 @@ fn established(request_id: &str) -> Response<ProxyBody> {
 /// the request.
 struct TunnelConn {
     conn: Arc<Conn>,
-    hold: Option<TunnelHold>,
+    /// Keeps an HTTP/2 tunnel's outer connection busy while the tunnel lives.
+    _hold: Option<TunnelHold>,
     /// An HTTP/2 tunnel's place in the budget, held while the tunnel lives.
-    place: Option<Registration>,
+    _place: Option<Registration>,
     /// Held while the tunnel lives, so that shutdown waits for it.
-    open: watch::Receiver<()>,
+    _open: watch::Receiver<()>,
 }
 
 /// `Err` when an HTTP/2 tunnel finds no place in the budget (every connection busy).
@@ -323,9 +319,9 @@ fn tunnel_conn(
     };
     Ok(TunnelConn {
         conn,
-        hold,
-        place,
-        open: shared.lifecycle.connections.subscribe(),
+        _hold: hold,
+        _place: place,
+        _open: shared.lifecycle.connections.subscribe(),
     })
 }
 
@@ -340,12 +336,7 @@ fn intercept(
     tunnel: TunnelConn,
 ) {
     tokio::spawn(async move {
-        let TunnelConn {
-            conn,
-            hold,
-            place,
-            open,
-        } = tunnel;
+        let conn = Arc::clone(&tunnel.conn);
         let metrics = Arc::clone(&shared.metrics);
         let serving = serve_intercepted(shared, request, peer, host, minter, Arc::clone(&conn));
         tokio::select! {
@@ -358,7 +349,7 @@ fn intercept(
                 debug!(%peer, "intercepted tunnel closed to make room ([limits].max_connections)");
             }
         }
-        drop((hold, place, open));
+        drop(tunnel);
     });
 }
 
