@@ -119,7 +119,13 @@ pub struct LimitsConfig {
     /// How long a kept-alive connection may wait between requests.
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// Streams an HTTP/2 client connection may have open at once (its SETTINGS).
+    pub max_concurrent_streams: u32,
 }
+
+/// `[limits].max_concurrent_streams` unless set: a client connection's streams are a term of the
+/// memory formula (docs/security.md), and SDKs open a few at most.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 16;
 
 /// `[limits].max_connections` unless set: at roughly 100 KiB per intercepted connection with
 /// its KMS connection, about 100 MiB at the limit (docs/security.md).
@@ -269,6 +275,11 @@ fn read_config(
         header_read_timeout: r.millis("header_read_timeout_ms", errors, 10_000),
         idle_timeout: r.millis("idle_timeout_ms", errors, 120_000),
         body_read_timeout: r.millis("body_read_timeout_ms", errors, 10_000),
+        max_concurrent_streams: r
+            .integer("max_concurrent_streams", errors, 1)
+            .map_or(DEFAULT_MAX_CONCURRENT_STREAMS, |n| {
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }),
     };
     r.finish(errors);
 

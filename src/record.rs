@@ -141,11 +141,7 @@ pub fn outcome(
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (upstream_status, aws_request_id, aws_error, applied, error) = match result {
         Ok(answer) => {
-            let applied = match answer.status {
-                200..=299 => Applied::Yes,
-                400..=499 => Applied::No,
-                _ => Applied::Unknown,
-            };
+            let applied = applied_by_status(answer.status);
             (
                 Some(answer.status),
                 answer.aws_request_id.clone(),
@@ -182,6 +178,42 @@ pub fn outcome(
     };
     if let Err(error) = audit.write_detached(&record) {
         debug!(%request_id, %error, "outcome record not written");
+    }
+}
+
+/// Queues the outcome record of a forwarded tag change whose answer head arrived (`head`, without
+/// a body) and whose body then broke off with `error`: the status says what KMS did.
+pub fn outcome_after_head(
+    audit: &AuditLog,
+    request_id: &str,
+    started: Instant,
+    head: KmsAnswer<'_>,
+    error: &ProxyError,
+) {
+    warn!(%request_id, status = head.status, %error, "the answer to a forwarded tag change broke off after its head");
+    let (aws_error, message) = (head.error_type(), error.to_string());
+    let record = OutcomeRecord {
+        ts: timestamp(),
+        event: "outcome",
+        request_id,
+        upstream_status: Some(head.status),
+        aws_request_id: head.aws_request_id.as_deref(),
+        aws_error: aws_error.as_deref(),
+        applied: applied_by_status(head.status),
+        duration_ms: (started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        error: Some(&message),
+    };
+    if let Err(error) = audit.write_detached(&record) {
+        debug!(%request_id, %error, "outcome record not written");
+    }
+}
+
+/// What KMS's status says of a change: applied on success, not on a client error.
+fn applied_by_status(status: u16) -> Applied {
+    match status {
+        200..=299 => Applied::Yes,
+        400..=499 => Applied::No,
+        _ => Applied::Unknown,
     }
 }
 

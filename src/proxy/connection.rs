@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::budget::{Registration, Socket, Tracked};
 use super::general;
+use super::lane::Lane;
 use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
 use crate::config::Config;
 
@@ -74,9 +75,13 @@ where
     // read timeout).
     let idle = shared.limits.idle_timeout;
     let peer = origin.peer;
+    // This connection's own connections to KMS: no other client shares them.
+    let lane = Arc::new(Lane::new(Arc::clone(&shared)));
+    let service_lane = Arc::clone(&lane);
     let service_shared = Arc::clone(&shared);
     let service = service_fn(move |mut request: Request<Incoming>| {
         let shared = Arc::clone(&service_shared);
+        let lane = Arc::clone(&service_lane);
         let origin = origin.clone();
         let in_flight = origin.conn.begin_request();
         if request.method() == Method::CONNECT && request.version() == Version::HTTP_2 {
@@ -87,7 +92,7 @@ where
             origin.conn.setup_done();
         }
         async move {
-            let response = general::handle(shared, request, origin).await;
+            let response = general::handle(shared, request, origin, lane).await;
             drop(in_flight);
             Ok::<_, Infallible>(response)
         }
@@ -106,7 +111,7 @@ where
                 if let Err(error) = result {
                     debug!(%peer, %error, "connection ended with an error");
                 }
-                return;
+                break;
             }
             _ = closing.wait_for(|closed| *closed), if !shutting_down => {
                 connection.as_mut().graceful_shutdown();
@@ -121,7 +126,7 @@ where
                 if conn.idle_instant().is_some_and(|since| since + idle <= Instant::now()) {
                     if shutting_down {
                         // Asked to close politely a whole idle period ago: drop it.
-                        return;
+                        break;
                     }
                     debug!(%peer, "closing an idle connection");
                     connection.as_mut().graceful_shutdown();
@@ -130,6 +135,9 @@ where
             }
         }
     }
+    // Tag changes forwarded for this connection finish (and get their outcome records) while
+    // its place in the budget, which covers its connections to KMS, is still held.
+    lane.close_and_drain().await;
 }
 
 /// One accepted TCP connection: its first byte, then TLS if configured, then HTTP; the first

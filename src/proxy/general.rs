@@ -17,7 +17,9 @@ use tracing::warn;
 
 use super::body::{ProxyBody, Streamed};
 use super::connect;
+use super::framing::check_answer;
 use super::headers::strip_hop_by_hop;
+use super::lane::{Lane, Reuse};
 use super::state::{Origin, Shared};
 use super::upstream::error_chain;
 use crate::answer::ProxyError;
@@ -38,10 +40,12 @@ fn own(handled: Handled) -> Response<ProxyBody> {
     handled.response.map(Either::Right)
 }
 
+/// Serves one request of a connection whose connections to KMS are `lane`'s.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     origin: Origin,
+    lane: Arc<Lane>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     if request.method() == Method::CONNECT {
@@ -71,21 +75,11 @@ pub(crate) async fn handle(
     let (response, operation, outcome, class) = match decide(&head, Body::Unread, &rules) {
         Verdict::Stream { operation, host } => {
             let host = host.to_owned();
-            let handled = pass_through(&shared, parts, body, &host, operation, peer).await;
+            let handled = pass_through(&shared, &lane, parts, body, &host, operation, peer).await;
             (handled.0, operation, handled.1, Class::pass)
         }
         Verdict::ReadBody { operation } => {
-            let tunnel_host = origin.tunnel_host.clone();
-            let handled = tag_change(
-                &shared,
-                parts,
-                body,
-                operation,
-                peer,
-                tunnel_host.as_deref(),
-                &rules,
-            )
-            .await;
+            let handled = tag_change(&shared, &lane, parts, body, operation, &origin, &rules).await;
             (handled.0, operation.name(), handled.1, Class::inspect)
         }
         Verdict::Refuse(refusal) => {
@@ -105,6 +99,7 @@ pub(crate) async fn handle(
 /// before its end, so KMS never receives it whole, and the refusal is recorded.
 async fn pass_through(
     shared: &Shared,
+    lane: &Arc<Lane>,
     mut parts: Parts,
     body: Incoming,
     host: &str,
@@ -127,7 +122,7 @@ async fn pass_through(
     let head_copy = record_headers(&parts.headers);
     let (method, uri) = (parts.method.clone(), parts.uri.clone());
     let sent = send(
-        shared,
+        lane,
         Request::from_parts(parts, Either::Left(body)),
         &forward,
     )
@@ -145,10 +140,18 @@ async fn pass_through(
         return (own(handled), outcome);
     }
     match sent {
-        Ok(response) => {
+        Ok((response, reuse)) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = Streamed::from_upstream(body, Arc::clone(&shared.metrics));
+            // The answer is cut off when KMS stalls mid-body, as its head is not waited for
+            // longer than `timeout_ms` either; a kept connection is reused once it has ended.
+            let on_end = reuse.map(|reuse| Box::new(move || reuse.give_back()) as Box<_>);
+            let body = Streamed::from_upstream(
+                body,
+                Arc::clone(&shared.metrics),
+                shared.upstream.timeout(),
+                on_end,
+            );
             (
                 Response::from_parts(parts, Either::Left(body)),
                 Outcome::pass,
@@ -182,8 +185,8 @@ fn record_headers(headers: &HeaderMap) -> HeaderMap {
 
 /// How a request goes to KMS.
 enum Forward {
-    /// As HTTP/1.1, its Host as signed.
-    Http1,
+    /// As HTTP/1.1 to `target`, its Host as signed.
+    Http1 { target: Uri },
     /// As HTTP/2 over a connection to `dial`: the signature covers `:authority`.
     Http2 { dial: Uri },
 }
@@ -220,35 +223,47 @@ fn prepare_forward(shared: &Shared, parts: &mut Parts, host: &str) -> Result<For
         })?;
         parts.headers.insert(HOST, value);
     }
-    parts.uri = target;
+    // HTTP/1.1 carries the path alone; the connection goes to `target`.
+    parts.uri = Uri::from_static("/");
     parts.version = Version::HTTP_11;
-    Ok(Forward::Http1)
+    Ok(Forward::Http1 { target })
 }
 
-/// Sends a prepared request the way [`prepare_forward`] chose.
+/// Sends a prepared request the way [`prepare_forward`] chose, over the client connection's
+/// own connections to KMS, and checks the answer's framing as the fast path does: an answer a
+/// reader could frame another way is not relayed.
 async fn send(
-    shared: &Shared,
+    lane: &Arc<Lane>,
     request: Request<ProxyBody>,
     forward: &Forward,
-) -> Result<Response<Incoming>, ProxyError> {
-    match forward {
-        Forward::Http1 => shared.upstream.send(request).await,
-        Forward::Http2 { dial } => shared.upstream.send_h2(request, dial).await,
+) -> Result<(Response<Incoming>, Option<Reuse>), ProxyError> {
+    let (response, reuse) = match forward {
+        Forward::Http1 { target } => lane.send_h1(request, target).await?,
+        Forward::Http2 { dial } => (lane.send_h2(request, dial).await?, None),
+    };
+    if let Err(bad) = check_answer(response.status().as_u16(), response.headers()) {
+        lane.metrics().upstream_error(UpstreamErrorKind::connect);
+        // The connection is not reused: dropping `reuse` closes it.
+        return Err(ProxyError::UpstreamBroken(format!(
+            "KMS's answer cannot be relayed: {bad}"
+        )));
     }
+    Ok((response, reuse))
 }
 
 /// A tag-bearing request: read it whole, decide again with its body, record the decision, then
 /// deny it or forward the original bytes.
 async fn tag_change(
     shared: &Arc<Shared>,
+    lane: &Arc<Lane>,
     mut parts: Parts,
     body: Incoming,
     operation: TagOperation,
-    peer: SocketAddr,
-    tunnel_host: Option<&str>,
+    origin: &Origin,
     rules: &Rules<'_>,
 ) -> (Response<ProxyBody>, Outcome) {
     let started = Instant::now();
+    let (peer, tunnel_host) = (origin.peer, origin.tunnel_host.as_deref());
     let bytes = match read_body(body, shared).await {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -303,6 +318,7 @@ async fn tag_change(
     // may already be applying before its outcome is recorded.
     let forward = tokio::spawn(forward_tag_change(
         Arc::clone(shared),
+        Arc::clone(lane),
         parts,
         forward,
         bytes,
@@ -348,9 +364,11 @@ async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, ProxyError>
     }
 }
 
-/// Forwards an allowed tag change, records its outcome, and relays KMS's answer.
+/// Forwards an allowed tag change, records its outcome, and relays KMS's answer. The outcome
+/// record has KMS's status as soon as its answer head arrived, even if its body then broke off.
 async fn forward_tag_change(
     shared: Arc<Shared>,
+    lane: Arc<Lane>,
     parts: Parts,
     forward: Forward,
     body: Bytes,
@@ -358,49 +376,55 @@ async fn forward_tag_change(
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let request = Request::from_parts(parts, Either::Right(Full::new(body)));
-    let upstream = &shared.upstream;
-    let result = match send(&shared, request, &forward).await {
-        Ok(response) => {
-            let answer = read_response(response, upstream.timeout()).await;
-            if answer.is_err() {
-                shared.metrics.upstream_error(UpstreamErrorKind::response);
-            }
-            answer
+    let (response, reuse) = match send(&lane, request, &forward).await {
+        Ok(sent) => sent,
+        Err(error) => {
+            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            return Err(error);
         }
-        Err(error) => Err(error),
     };
-    match result {
-        Ok((parts, body)) => {
-            let header = |name: &str| {
-                parts
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (aws_request_id, aws_error_header) =
+        (header("x-amzn-requestid"), header("x-amzn-errortype"));
+    match read_response(body, shared.upstream.timeout()).await {
+        Ok(body) => {
+            if let Some(reuse) = reuse {
+                reuse.give_back();
+            }
             let answer = KmsAnswer {
                 status: parts.status.as_u16(),
-                aws_request_id: header("x-amzn-requestid"),
-                aws_error_header: header("x-amzn-errortype"),
+                aws_request_id,
+                aws_error_header,
                 body: &body,
             };
             record::outcome(&shared.audit, &request_id, started, Ok(answer));
             Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
         }
         Err(error) => {
-            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            shared.metrics.upstream_error(UpstreamErrorKind::response);
+            let head = KmsAnswer {
+                status: parts.status.as_u16(),
+                aws_request_id,
+                aws_error_header,
+                body: &[],
+            };
+            record::outcome_after_head(&shared.audit, &request_id, started, head, &error);
             Err(error)
         }
     }
 }
 
-/// Reads KMS's answer to a tag-bearing request whole, so its outcome can be recorded.
-async fn read_response(
-    response: Response<Incoming>,
-    timeout: Duration,
-) -> Result<(http::response::Parts, Bytes), ProxyError> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+/// Reads the body of KMS's answer to a tag-bearing request whole (at most `MAX_ANSWER_BYTES`,
+/// within `timeout_ms`), so its outcome can be recorded.
+async fn read_response(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyError> {
     let limited = Limited::new(body, MAX_ANSWER_BYTES);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis())),
@@ -408,6 +432,6 @@ async fn read_response(
             "the answer from KMS broke off: {}",
             error_chain(error.as_ref())
         ))),
-        Ok(Ok(collected)) => Ok((parts, collected.to_bytes())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }

@@ -1,21 +1,24 @@
-//! The connection to KMS: where a request goes, a pooled client over rustls, and timeouts.
+//! Reaching KMS: where a request goes, the connectors (rustls, the resolver, the guard against
+//! connecting to itself), and opening a connection within `connect_timeout_ms`: DNS, TCP, TLS
+//! and, for HTTP/2, the server's first SETTINGS frame. Which connections a client connection
+//! holds is [`super::lane`]'s (the general server) and the fast path's own.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tower_service::Service;
 
 use super::body::ProxyBody;
@@ -23,9 +26,6 @@ use super::connector::{GuardedConnector, OwnAddresses, UpstreamResolver};
 use crate::answer::ProxyError;
 use crate::config::{Resolver, UpstreamConfig};
 use crate::metrics::{Metrics, UpstreamErrorKind};
-
-/// How long an idle pooled connection to KMS is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -42,16 +42,17 @@ pub enum UpstreamSetupError {
 /// A connection of its own to KMS, which the fast HTTP/1.1 path speaks over directly.
 pub(crate) type DirectStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
-/// How many destinations the HTTP/2 connections are kept for at once.
-const MAX_H2_DESTINATIONS: usize = 64;
+/// The sending ends of hyper's clients over a connection to KMS.
+pub(crate) type H1Sender = http1::SendRequest<ProxyBody>;
+pub(crate) type H2Sender = http2::SendRequest<ProxyBody>;
 
 pub struct Upstream {
-    /// HTTP/1.1 only: a request goes to KMS in the version whose headers carry what it signed.
-    client: Client<HttpsConnector<GuardedConnector>, ProxyBody>,
-    /// HTTP/1.1 only (ALPN), for the fast path's own connections.
+    /// HTTP/1.1 only (ALPN): a request goes to KMS in the version whose headers carry what it
+    /// signed.
     direct: HttpsConnector<GuardedConnector>,
-    /// For requests signed over `:authority`.
-    h2: H2Connections,
+    /// ALPN `h2` and `http/1.1`, for requests signed over `:authority`; only a connection that
+    /// agreed to `h2` is used.
+    h2: HttpsConnector<GuardedConnector>,
     metrics: Arc<Metrics>,
     /// `<endpoint>/`, the target of every KMS request when an endpoint is set.
     endpoint_root: Option<Uri>,
@@ -81,31 +82,25 @@ impl Upstream {
         let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
+        // The whole connect (DNS, TCP, TLS, the HTTP/2 preface) is bounded by
+        // `connect_timeout_ms` around it; this bounds each address tried.
         http.set_connect_timeout(Some(config.connect_timeout));
-        // HTTP/1.1 only, for the fast path's own connections and the general path's pool:
-        // hyper would take an HTTP/2 :authority from the URI it dials (the endpoint, with its
-        // port), not from the Host the client signed, and an h2 server may judge the request by
+        // HTTP/1.1 only, for the fast path's own connections and the general server's: hyper
+        // would take an HTTP/2 :authority from the URI it dials (the endpoint, with its port),
+        // not from the Host the client signed, and an h2 server may judge the request by
         // :authority. HTTP/1.1 sends the signed Host as it is.
         let direct = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(GuardedConnector::new(http.clone(), own.clone()));
-        let h2 = H2Connections {
-            // Offers http/1.1 too, so that a server without h2 picks it (instead of failing the
-            // handshake) and the proxy can say what the matter is.
-            connector: hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_all_versions()
-                .wrap_connector(GuardedConnector::new(http, own)),
-            open: Mutex::new(HashMap::new()),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(direct.clone());
+        // Offers http/1.1 too, so that a server without h2 picks it (instead of failing the
+        // handshake) and the proxy can say what the matter is.
+        let h2 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(GuardedConnector::new(http, own));
         // Validated: an endpoint has a scheme and a host.
         let endpoint_root = config.endpoint.as_ref().map(|uri| {
             let mut parts = uri.clone().into_parts();
@@ -113,7 +108,6 @@ impl Upstream {
             Uri::from_parts(parts).expect("a validated endpoint makes a URI")
         });
         Ok(Upstream {
-            client,
             direct,
             h2,
             metrics,
@@ -140,205 +134,250 @@ impl Upstream {
             .map_err(|e| ProxyError::Unreadable(format!("request target: {e}")))
     }
 
-    /// Sends a request and waits at most `timeout_ms` for the response head.
-    pub async fn send(
-        &self,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let timeout = self.config.timeout;
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => {
-                self.metrics.upstream_error(UpstreamErrorKind::timeout);
-                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
-            }
-            // The client's own body broke off mid-stream: not KMS's fault, and KMS never got a
-            // complete request.
-            Ok(Err(e)) if client_body_failed(&e) => Err(ProxyError::Unreadable(format!(
-                "the request body broke off before it was complete ({}); KMS received no complete request",
-                error_chain(&e)
-            ))),
-            // Connecting failed: nothing was sent.
-            Ok(Err(e)) if e.is_connect() => {
-                self.metrics.upstream_error(UpstreamErrorKind::connect);
-                Err(ProxyError::UpstreamConnect(error_chain(&e)))
-            }
-            Ok(Err(e)) => {
-                self.metrics.upstream_error(UpstreamErrorKind::connect);
-                Err(ProxyError::UpstreamBroken(error_chain(&e)))
-            }
-            Ok(Ok(response)) => Ok(response),
+    /// `connect_timeout_ms` passed while connecting: nothing was sent.
+    fn connect_timed_out(&self) -> ProxyError {
+        self.metrics.upstream_error(UpstreamErrorKind::timeout);
+        ProxyError::UpstreamConnect(format!(
+            "connecting to KMS (name lookup, TCP, TLS and the HTTP/2 preface) took longer than {} ms ([upstream].connect_timeout_ms)",
+            self.config.connect_timeout.as_millis()
+        ))
+    }
+
+    fn connect_failed(&self, message: String) -> ProxyError {
+        self.metrics.upstream_error(UpstreamErrorKind::connect);
+        ProxyError::UpstreamConnect(message)
+    }
+
+    /// Opens a connection of its own to the target's scheme and authority (TLS with ALPN
+    /// `http/1.1` for https) within `connect_timeout_ms`: name lookup, TCP and TLS.
+    pub(crate) async fn dial(&self, target: &Uri) -> Result<DirectStream, ProxyError> {
+        let mut connector = self.direct.clone();
+        match tokio::time::timeout(self.config.connect_timeout, connector.call(target.clone()))
+            .await
+        {
+            // Nothing was sent: it is a failure to reach KMS, not a wait for its answer.
+            Err(_) => Err(self.connect_timed_out()),
+            Ok(Err(e)) => Err(self.connect_failed(error_chain(e.as_ref()))),
+            Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
         }
     }
 
-    /// Sends a request signed over `:authority` to KMS as HTTP/2, `:authority` exactly as the
-    /// client sent it (`request`'s URI carries it), over a connection to `dial` (the target's
-    /// scheme and authority): TLS with ALPN `h2`, or HTTP/2 with prior knowledge for an
-    /// `http://` endpoint. An upstream that will not speak HTTP/2 gets nothing, and the client
-    /// an answer that says which setting to change. Waits at most `timeout_ms` for the answer's
-    /// head, connecting included.
-    pub async fn send_h2(
+    /// [`Self::dial`], then an HTTP/1.1 client over it; `connection` drives it until it closes.
+    pub(crate) async fn dial_h1(
         &self,
-        request: Request<ProxyBody>,
-        dial: &Uri,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let timeout = self.config.timeout;
-        match tokio::time::timeout(timeout, self.h2_exchange(request, dial)).await {
-            Err(_) => {
-                self.metrics.upstream_error(UpstreamErrorKind::timeout);
-                Err(ProxyError::UpstreamTimeout(timeout.as_millis()))
+        target: &Uri,
+    ) -> Result<(H1Sender, impl std::future::Future<Output = ()> + Send), ProxyError> {
+        let stream = self.dial(target).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.connect_failed(error_chain(&e)))?;
+        let shown = origin(target);
+        Ok((sender, async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(upstream = %shown, %error, "HTTP/1.1 connection to KMS ended");
             }
+        }))
+    }
+
+    /// An HTTP/2 connection to `dial` (the target's scheme and authority): TLS with ALPN `h2`,
+    /// or HTTP/2 with prior knowledge for an `http://` endpoint, within `connect_timeout_ms`,
+    /// the server's first SETTINGS frame included. No request is written before that frame
+    /// arrived, so an upstream that will not speak HTTP/2 provably received none: the client is
+    /// told which setting to change. The second value drives the connection until it closes.
+    pub(crate) async fn dial_h2(
+        &self,
+        dial: &Uri,
+    ) -> Result<(H2Sender, impl std::future::Future<Output = ()> + Send), ProxyError> {
+        match tokio::time::timeout(self.config.connect_timeout, self.h2_handshake(dial)).await {
+            Err(_) => Err(self.connect_timed_out()),
             Ok(result) => result,
         }
     }
 
-    async fn h2_exchange(
+    async fn h2_handshake(
         &self,
-        mut request: Request<ProxyBody>,
         dial: &Uri,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        // A pooled connection that closed before the request went out is replaced once; a
-        // request that went out is never sent again.
-        for pooled in [true, false] {
-            let (mut sender, fresh) = match self.h2.pooled(dial).filter(|_| pooled) {
-                Some(sender) => (sender, false),
-                None => (self.h2_connect(dial).await?, true),
-            };
-            if sender.ready().await.is_err() {
-                self.h2.forget(dial);
-                continue;
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !fresh => {
-                        self.h2.forget(dial);
-                        request = unsent;
-                    }
-                    _ => {
-                        let error = error.into_error();
-                        return Err(self.h2_failed(&error, dial, fresh));
-                    }
-                },
-            }
-        }
-        self.metrics.upstream_error(UpstreamErrorKind::connect);
-        Err(ProxyError::UpstreamConnect(
-            "a new HTTP/2 connection to KMS closed before it could carry the request".into(),
-        ))
-    }
-
-    /// What a failed HTTP/2 exchange tells the client. A request refused on a connection opened
-    /// for it with prior knowledge (no ALPN to ask first) means the upstream does not speak
-    /// HTTP/2.
-    fn h2_failed(&self, error: &hyper::Error, dial: &Uri, fresh: bool) -> ProxyError {
-        if client_body_failed(error) {
-            return ProxyError::Unreadable(format!(
-                "the request body broke off before it was complete ({}); KMS received no complete request",
-                error_chain(error)
-            ));
-        }
-        self.metrics.upstream_error(UpstreamErrorKind::connect);
-        if fresh && dial.scheme() == Some(&Scheme::HTTP) && !error.is_timeout() {
-            return ProxyError::UpstreamNoH2(format!(
-                "{} did not answer HTTP/2 with prior knowledge ({})",
-                origin(dial),
-                error_chain(error)
-            ));
-        }
-        ProxyError::UpstreamBroken(error_chain(error))
-    }
-
-    /// A new HTTP/2 connection to `dial`, kept for the requests after this one.
-    async fn h2_connect(&self, dial: &Uri) -> Result<SendRequest<ProxyBody>, ProxyError> {
-        let mut connector = self.h2.connector.clone();
-        let stream = connector.call(dial.clone()).await.map_err(|e| {
-            self.metrics.upstream_error(UpstreamErrorKind::connect);
-            ProxyError::UpstreamConnect(error_chain(e.as_ref()))
-        })?;
-        if matches!(stream, MaybeHttpsStream::Https(_)) && !stream.connected().is_negotiated_h2() {
+    ) -> Result<(H2Sender, impl std::future::Future<Output = ()> + Send), ProxyError> {
+        let mut connector = self.h2.clone();
+        let stream = connector
+            .call(dial.clone())
+            .await
+            .map_err(|e| self.connect_failed(error_chain(e.as_ref())))?;
+        let tls = matches!(stream, MaybeHttpsStream::Https(_));
+        if tls && !stream.connected().is_negotiated_h2() {
             self.metrics.upstream_error(UpstreamErrorKind::connect);
             return Err(ProxyError::UpstreamNoH2(format!(
                 "{} did not agree to HTTP/2 in its TLS handshake (ALPN h2)",
                 origin(dial)
             )));
         }
+        let (first_frame, told) = oneshot::channel();
+        let io = TokioIo::new(FirstFrame {
+            inner: TokioIo::new(stream),
+            seen: [0; 9],
+            filled: 0,
+            tell: Some(first_frame),
+        });
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(stream)
+            .handshake(io)
             .await
-            .map_err(|e| {
-                self.metrics.upstream_error(UpstreamErrorKind::connect);
-                ProxyError::UpstreamConnect(error_chain(&e))
-            })?;
+            .map_err(|e| self.connect_failed(error_chain(&e)))?;
         let shown = origin(dial);
-        tokio::spawn(async move {
+        let connection = async move {
             if let Err(error) = connection.await {
                 tracing::debug!(upstream = %shown, %error, "HTTP/2 connection to KMS ended");
             }
-        });
-        self.h2.keep(dial, sender.clone());
-        Ok(sender)
-    }
-
-    /// Opens a connection of its own to the target's scheme and authority (TLS with ALPN
-    /// `http/1.1` for https), within `timeout_ms`.
-    pub(crate) async fn dial(&self, target: &Uri) -> Result<DirectStream, ProxyError> {
-        let timeout = self.config.timeout;
-        let mut connector = self.direct.clone();
-        match tokio::time::timeout(timeout, connector.call(target.clone())).await {
-            // Nothing was sent: it is a failure to reach KMS, not a wait for its answer.
-            Err(_) => {
-                self.metrics.upstream_error(UpstreamErrorKind::timeout);
-                Err(ProxyError::UpstreamConnect(format!(
-                    "connecting to KMS took longer than {} ms",
-                    timeout.as_millis()
+        };
+        // The connection must run for the server's SETTINGS to be read.
+        let mut connection = Box::pin(connection);
+        let mut told = told;
+        let first = tokio::select! {
+            biased;
+            first = &mut told => first.unwrap_or(Seen::Closed),
+            // Ended as it read the first bytes (an HTTP/1.1 answer is no frame): what they were.
+            () = connection.as_mut() => told.try_recv().unwrap_or(Seen::Closed),
+        };
+        match first {
+            Seen::Settings => Ok((sender, connection)),
+            Seen::Other(bytes) if !tls => {
+                self.metrics.upstream_error(UpstreamErrorKind::connect);
+                Err(ProxyError::UpstreamNoH2(format!(
+                    "{} did not answer HTTP/2 with prior knowledge (it answered {:?})",
+                    origin(dial),
+                    String::from_utf8_lossy(&bytes)
                 )))
             }
-            Ok(Err(e)) => {
-                self.metrics.upstream_error(UpstreamErrorKind::connect);
-                Err(ProxyError::UpstreamConnect(error_chain(e.as_ref())))
-            }
-            Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+            Seen::Other(bytes) => Err(self.connect_failed(format!(
+                "{} agreed to HTTP/2 but did not answer its preface with SETTINGS (it answered {:?})",
+                origin(dial),
+                String::from_utf8_lossy(&bytes)
+            ))),
+            Seen::Closed => Err(self.connect_failed(format!(
+                "{} closed the connection before its HTTP/2 settings arrived",
+                origin(dial)
+            ))),
         }
     }
 
     pub fn timeout(&self) -> Duration {
         self.config.timeout
     }
-}
 
-/// The HTTP/2 connections to KMS, for requests whose signature covers `:authority`: one per
-/// destination, shared by every connection thread, multiplexed, replaced once closed.
-struct H2Connections {
-    /// ALPN `h2` and `http/1.1`; only a connection that agreed to `h2` is used.
-    connector: HttpsConnector<GuardedConnector>,
-    open: Mutex<HashMap<Uri, SendRequest<ProxyBody>>>,
-}
-
-impl H2Connections {
-    fn pooled(&self, dial: &Uri) -> Option<SendRequest<ProxyBody>> {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(dial).filter(|s| !s.is_closed()).cloned()
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
+}
 
-    fn keep(&self, dial: &Uri, sender: SendRequest<ProxyBody>) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.len() >= MAX_H2_DESTINATIONS && !open.contains_key(dial) {
-            open.retain(|_, s| !s.is_closed());
-            if open.len() >= MAX_H2_DESTINATIONS {
-                // Dropping a sender ends its connection once its streams are done.
-                if let Some(any) = open.keys().next().cloned() {
-                    open.remove(&any);
+/// What the first bytes from an HTTP/2 upstream were.
+enum Seen {
+    /// A SETTINGS frame on stream 0, as every HTTP/2 server's preface starts.
+    Settings,
+    /// Something else: an HTTP/1.1 answer to the preface, or garbage.
+    Other(Vec<u8>),
+    /// The connection closed (or failed) before 9 bytes arrived.
+    Closed,
+}
+
+/// An upstream stream that reports its first frame header (9 bytes) once it has read it.
+struct FirstFrame<T> {
+    inner: T,
+    seen: [u8; 9],
+    filled: usize,
+    tell: Option<oneshot::Sender<Seen>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstFrame<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.tell.is_some() {
+            let seen = match &polled {
+                Poll::Pending => None,
+                Poll::Ready(Err(_)) => Some(Seen::Closed),
+                Poll::Ready(Ok(())) => {
+                    let new = &buf.filled()[before..];
+                    if new.is_empty() {
+                        Some(Seen::Closed)
+                    } else {
+                        let filled = self.filled;
+                        let take = new.len().min(9 - filled);
+                        self.seen[filled..filled + take].copy_from_slice(&new[..take]);
+                        self.filled += take;
+                        (self.filled == 9).then(|| {
+                            let h = &self.seen;
+                            // Type 4 (SETTINGS), no ACK flag, stream 0.
+                            if h[3] == 4 && h[4] & 1 == 0 && h[5..9] == [0, 0, 0, 0] {
+                                Seen::Settings
+                            } else {
+                                Seen::Other(h.to_vec())
+                            }
+                        })
+                    }
+                }
+            };
+            if let Some(seen) = seen {
+                if let Some(tell) = self.tell.take() {
+                    let _ = tell.send(seen);
                 }
             }
         }
-        open.insert(dial.clone(), sender);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstFrame<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    fn forget(&self, dial: &Uri) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.remove(dial);
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What a failed exchange with KMS tells the client. `unsent`: hyper handed the request back,
+/// so not a byte of it was written.
+pub(crate) fn exchange_failed(metrics: &Metrics, error: &hyper::Error, unsent: bool) -> ProxyError {
+    if client_body_failed(error) {
+        return ProxyError::Unreadable(format!(
+            "the request body broke off before it was complete ({}); KMS received no complete request",
+            error_chain(error)
+        ));
+    }
+    metrics.upstream_error(UpstreamErrorKind::connect);
+    if unsent {
+        return ProxyError::UpstreamConnect(format!(
+            "the connection to KMS closed before the request went out ({})",
+            error_chain(error)
+        ));
+    }
+    ProxyError::UpstreamBroken(error_chain(error))
 }
 
 /// `scheme://authority` of a target, for messages.

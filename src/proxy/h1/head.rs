@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
+use crate::proxy::framing::{digits, AnswerFraming, BadFraming};
 use crate::proxy::headers::is_hop_by_hop;
 
 /// More headers than any KMS request or answer carries; a head with more goes to the general
@@ -344,14 +345,6 @@ fn line_of(head: &[u8], name: *const u8) -> (usize, usize) {
     (start, end)
 }
 
-/// A decimal number of digits only, as Content-Length must be.
-fn digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 /// How an answer's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -384,12 +377,8 @@ pub(crate) enum BadResponse {
     Parse(String),
     #[error("the answer's head is larger than {MAX_HEAD_BYTES} bytes")]
     TooLarge,
-    #[error("the answer switches protocols")]
-    SwitchingProtocols,
-    #[error("the answer's framing is ambiguous (Transfer-Encoding {0:?})")]
-    Framing(String),
-    #[error("the answer's Content-Length is not one number")]
-    Length,
+    #[error("{0}")]
+    Framing(#[from] BadFraming),
 }
 
 /// Parses an answer's head. Interim (1xx) answers come back as `Ok(Complete)` with status < 200:
@@ -410,29 +399,16 @@ pub(crate) fn parse_response(
         Err(error) => return Err(BadResponse::Parse(error.to_string())),
     };
     let status = response.code.unwrap_or(0);
-    if status == 101 {
-        return Err(BadResponse::SwitchingProtocols);
-    }
+    // The same check as the general server's (`framing::check_answer`), fed as the head is read.
+    let mut framing = AnswerFraming::new(status)?;
     let mut reusable = response.version == Some(1);
-    let mut chunked = false;
-    let mut length: Option<u64> = None;
     let mut aws_request_id = None;
     let mut aws_error_type = None;
     let mut dropped: Vec<&[u8]> = Vec::new();
     for h in response.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(BadResponse::Framing(
-                    String::from_utf8_lossy(h.value).into_owned(),
-                ));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            if length.is_some() {
-                return Err(BadResponse::Length);
-            }
-            length = Some(digits(h.value.trim_ascii()).ok_or(BadResponse::Length)?);
+        if framing.header(name, h.value)? {
+            continue;
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
@@ -450,11 +426,7 @@ pub(crate) fn parse_response(
             aws_error_type = Some(String::from_utf8_lossy(h.value).into_owned());
         }
     }
-    if chunked && length.is_some() {
-        return Err(BadResponse::Framing(
-            "chunked, with a Content-Length".into(),
-        ));
-    }
+    let (chunked, length) = framing.finish()?;
     let framing = match (status, chunked, length) {
         (100..=199 | 204 | 304, _, _) => Framing::Empty,
         (_, true, _) => Framing::Chunked,

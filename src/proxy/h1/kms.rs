@@ -120,6 +120,9 @@ pub(super) struct WholeAnswer {
     pub reusable: bool,
     /// The body ended with the KMS connection; the client's connection ends too.
     pub until_close: bool,
+    /// The head arrived, then the body broke off: the answer to the client is this error,
+    /// and the outcome record has the head's status.
+    pub broken: Option<ProxyError>,
 }
 
 impl WholeAnswer {
@@ -321,6 +324,8 @@ where
             metrics.upstream_error(UpstreamErrorKind::response);
             RelayError::Broken
         };
+        let timeout = self.shared.upstream.timeout();
+        let timer = &mut self.kms_timer;
         let kms = self.kms.as_mut().expect("connected");
         let client = &mut self.client;
         let mut walker = BodyWalker::new(answer.framing);
@@ -341,9 +346,14 @@ where
                 break;
             }
             kms.buf.reserve(READ_CHUNK);
-            match kms.stream.read_buf(&mut kms.buf).await {
-                Ok(0) if walker.ends_at_close() => break,
-                Ok(n) if n > 0 => {}
+            // A body that stalls is cut off: at most `timeout_ms` between its pieces (the timer
+            // stays armed across reads; only a wait that outlasts it costs timer work).
+            match timer
+                .within(timeout, kms.stream.read_buf(&mut kms.buf))
+                .await
+            {
+                Ok(Ok(0)) if walker.ends_at_close() => break,
+                Ok(Ok(n)) if n > 0 => {}
                 _ => return Err(broken()),
             }
         }
@@ -356,7 +366,8 @@ where
     }
 
     /// Reads KMS's answer to a tag change whole (at most `MAX_ANSWER_BYTES`, within
-    /// `timeout_ms` for the body as for the head).
+    /// `timeout_ms` for the body as for the head). A body that breaks off after the head comes
+    /// back as `broken`, with the head's status.
     pub(super) async fn read_answer(
         &mut self,
         close_after: bool,
@@ -388,24 +399,36 @@ where
                 }
             }
         };
+        let broken = |error: ProxyError| WholeAnswer {
+            status: answer.status,
+            aws_request_id: answer.aws_request_id.clone(),
+            aws_error_type: answer.aws_error_type.clone(),
+            head: Vec::new(),
+            raw_body: Vec::new(),
+            decoded: None,
+            reusable: false,
+            until_close: true,
+            broken: Some(error),
+        };
         let (raw_body, decoded) = match timer.within(timeout, reading).await {
             Ok(Ok(bodies)) => bodies,
             Ok(Err(message)) => {
                 self.shared
                     .metrics
                     .upstream_error(UpstreamErrorKind::response);
-                return Err(ProxyError::UpstreamBroken(format!(
+                return Ok(broken(ProxyError::UpstreamBroken(format!(
                     "the answer from KMS broke off: {message}"
-                )));
+                ))));
             }
             Err(_) => {
                 self.shared
                     .metrics
                     .upstream_error(UpstreamErrorKind::response);
-                return Err(ProxyError::UpstreamTimeout(timeout.as_millis()));
+                return Ok(broken(ProxyError::UpstreamTimeout(timeout.as_millis())));
             }
         };
         Ok(WholeAnswer {
+            broken: None,
             status: answer.status,
             aws_request_id: answer.aws_request_id,
             aws_error_type: answer.aws_error_type,

@@ -417,6 +417,19 @@ where
             )),
         };
         match result {
+            Ok(mut answer) if answer.broken.is_some() => {
+                self.kms = None;
+                let error = answer.broken.take().expect("broken");
+                record::outcome_after_head(
+                    &shared.audit,
+                    &request_id,
+                    started,
+                    answer.kms(),
+                    &error,
+                );
+                let handled = Handled::error(error, op, &request_id);
+                self.answer(handled, Class::inspect, started, true).await
+            }
             Ok(answer) => {
                 record::outcome(&shared.audit, &request_id, started, Ok(answer.kms()));
                 if !answer.reusable {
