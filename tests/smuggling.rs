@@ -1504,10 +1504,10 @@ fn upstream_heads(fake: &FakeKms) -> String {
 /// whole declared request (so the proxy has already relayed it when the overflow shows).
 ///
 /// Asserted: RST_STREAM PROTOCOL_ERROR from h2 (content-length overflow) in the one-write cases,
-/// before anything goes upstream. Staged: the upstream gets the Encrypt with exactly its
-/// declared body and answers; the proxy relays that 200 on the stream (or h2 resets it first),
-/// and the extra bytes are never written upstream (hyper's HTTP/1.1 encoder stops at
-/// `content-length`); the next request on the pooled upstream connection is unaffected.
+/// before anything goes upstream. Staged: the upstream gets the Encrypt's head and all but the
+/// piece that completes its declared length, which is held until the stream shows how it ends;
+/// the extra DATA resets the stream, so the extra bytes are never written upstream and the
+/// body never arrives whole; the next request is unaffected.
 #[tokio::test]
 async fn h2_data_longer_than_content_length() {
     let case = "h2 DATA longer than content-length";
@@ -1531,11 +1531,17 @@ async fn h2_data_longer_than_content_length() {
     note(case, &upstream_heads(&fake));
 
     let fields = h2_kms_fields(&fake.host(), ENCRYPT, &enc);
-    let before = fake.count();
+    let heads_before = fake.progress().len();
     let mut conn = H2Conn::connect(proxy.addr).await;
     conn.headers(1, &fields, false, MAX_FRAME).await;
     conn.data(1, &[&enc], false).await;
-    fake.wait_for_requests(before + 1, READ_TIMEOUT).await;
+    // The upstream has the head; the piece that completes the declared length is held back
+    // until the stream shows how it ends (trailers would be refused), so the extra DATA below
+    // resets the stream before KMS has the body whole.
+    assert!(
+        poll_until(READ_TIMEOUT, || fake.progress().len() > heads_before).await,
+        "{case}: the staged head reaches the upstream"
+    );
     conn.data(1, &[&inner], true).await;
     let staged = conn.answer(1).await;
     note(case, &format!("staged Encrypt: {}", staged.describe()));
@@ -1547,7 +1553,7 @@ async fn h2_data_longer_than_content_length() {
 
     let plain = [
         arrives(ENCRYPT, encrypt_body()),
-        arrives(ENCRYPT, enc.clone()),
+        may_arrive(ENCRYPT, enc.clone()),
         may_arrive(ENCRYPT, enc),
     ];
     assert_nothing_smuggled(case, &fake, &proxy, &plain).await;

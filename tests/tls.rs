@@ -921,6 +921,71 @@ async fn a_request_signed_over_authority_reaches_kms_as_h2_with_its_authority() 
     }
 }
 
+/// A TLS upstream that accepts TCP and never answers the handshake: the request is never sent,
+/// so the client gets a 502 once `connect_timeout_ms` has passed (not a 504 after `timeout_ms`),
+/// on the fast path and the general server alike, and a tag change is recorded not applied.
+#[tokio::test]
+async fn a_tls_handshake_that_never_answers_is_a_502_within_connect_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holding = Arc::clone(&held);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            holding.lock().unwrap().push(stream);
+        }
+    });
+    let ca = TestCa::new("upstream test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let proxy = start_proxy_to(
+        &format!("https://localhost:{port}"),
+        ProxyConfig {
+            upstream: format!(
+                "ca_file = \"{}\"\nconnect_timeout_ms = 300\ntimeout_ms = 4000",
+                ca_file.display()
+            ),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let authority = proxy.addr.to_string();
+    let check = |status: u16, body: &[u8], what: &str| {
+        assert_eq!(status, 502, "{what}: {}", String::from_utf8_lossy(body));
+        let json: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["__type"], "BadGateway", "{what}");
+        let message = json["message"].as_str().unwrap();
+        assert!(message.contains("connect_timeout_ms"), "{what}: {message}");
+        assert!(message.contains("not sent"), "{what}: {message}");
+    };
+    let fast = common::ops::call(proxy.addr, "Encrypt", &encrypt_body()).await;
+    check(fast.status, &fast.body, "fast path");
+    let allowed = tag_body(&[("team:owner", "payments")]);
+    let tagged = common::ops::call(proxy.addr, "TagResource", &allowed).await;
+    check(tagged.status, &tagged.body, "fast path, tag change");
+    let mut h2 = h2_to(proxy.addr).await;
+    let over = over_authority(&mut h2, &authority, "Encrypt", &encrypt_body()).await;
+    check(
+        over.status.as_u16(),
+        &over.body,
+        "general, signed over :authority",
+    );
+    let raw = common::ops::signed(proxy.addr, "ListKeys", "{}");
+    let general = send_h2(tcp(proxy.addr).await, &raw).await;
+    check(
+        general.status.as_u16(),
+        &general.body,
+        "general, signed over host",
+    );
+    let records = proxy.settled_audit().await;
+    let outcome = records
+        .iter()
+        .find(|r| r["event"] == "outcome")
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(outcome["applied"], "no", "{outcome}");
+    assert!(held.lock().unwrap().len() >= 3, "the upstream was dialled");
+}
+
 /// `proxy_to_tls_fake` for a TLS fake, or a proxy in front of a plain one.
 async fn proxy_to_tls_fake_or_plain(fake: &FakeKms, ca_file: &Path) -> TestProxy {
     if fake.url().starts_with("https://") {
