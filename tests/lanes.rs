@@ -219,10 +219,12 @@ async fn a_client_that_reads_nothing_does_not_stall_another() {
         let request = boxed(over_authority(&authority, "Encrypt", &large));
         stuck.push(tokio::spawn(hostile.send_request(request)));
     }
-    assert!(
-        fake.wait_for_requests(12, STEP).await.len() >= 12,
-        "KMS answered the hostile client's requests"
-    );
+    let hostile_peers: std::collections::HashSet<SocketAddr> = fake
+        .wait_for_requests(12, STEP)
+        .await
+        .iter()
+        .map(|r| r.peer)
+        .collect();
 
     let mut victim = h2_client(proxy.addr, None).await;
     for round in 0..3 {
@@ -240,6 +242,15 @@ async fn a_client_that_reads_nothing_does_not_stall_another() {
         )
         .await;
         assert_eq!(tagged.status, 200, "round {round}: {:?}", tagged.body);
+    }
+    let victim_requests = &fake.requests()[12..];
+    assert_eq!(victim_requests.len(), 6);
+    for request in victim_requests {
+        assert!(
+            !hostile_peers.contains(&request.peer),
+            "the victim's {:?} went over the hostile client's connection to KMS",
+            request.operation()
+        );
     }
     let records = proxy.settled_audit().await;
     let outcomes: Vec<_> = records.iter().filter(|r| r["event"] == "outcome").collect();
