@@ -7,7 +7,9 @@
 
 use std::io;
 
-/// Descriptors a client connection may hold: its own and its upstream (KMS or tunnel) socket.
+/// Descriptors a place in the connection budget may hold: a client connection's own and its
+/// first upstream (KMS or tunnel) socket. A further upstream connection of an HTTP/2 client
+/// connection takes a place of its own (`proxy/lane.rs`), as an HTTP/2 CONNECT tunnel does.
 pub const PER_CONNECTION: u64 = 2;
 /// Descriptors kept for everything else: listeners, epoll and wake-up descriptors of the
 /// connection threads, the audit file, DNS lookups, files being read, and connections over the
