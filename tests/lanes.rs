@@ -610,3 +610,116 @@ async fn http2_streams_stay_inside_the_descriptor_budget() {
         stream.abort();
     }
 }
+
+/// What a plain HTTP/2 upstream saw on each of its connections (by the proxy's address).
+#[derive(Default)]
+struct Seen {
+    /// Per connection: requests received, and streams the proxy cancelled before an answer.
+    by_peer: std::collections::HashMap<SocketAddr, (usize, usize)>,
+}
+
+/// Cancelled streams are counted when hyper drops their unfinished service future.
+struct CountCancel(Arc<std::sync::Mutex<Seen>>, SocketAddr, bool);
+
+impl Drop for CountCancel {
+    fn drop(&mut self) {
+        if !self.2 {
+            let mut seen = self.0.lock().unwrap();
+            seen.by_peer.entry(self.1).or_default().1 += 1;
+        }
+    }
+}
+
+/// A plain HTTP/2 upstream that answers `ListKeys` at once and never answers `Encrypt`.
+async fn h2_upstream_that_holds_encrypts() -> (String, Arc<std::sync::Mutex<Seen>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let shared = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let seen = Arc::clone(&shared);
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        seen.lock().unwrap().by_peer.entry(peer).or_default().0 += 1;
+                        let target = request
+                            .headers()
+                            .get("x-amz-target")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        let mut guard = CountCancel(seen, peer, false);
+                        if target.ends_with("Encrypt") {
+                            std::future::pending::<()>().await;
+                        }
+                        guard.2 = true;
+                        let mut answer =
+                            http::Response::new(Full::new(Bytes::from_static(b"{\"Keys\":[]}")));
+                        answer.headers_mut().insert(
+                            "content-type",
+                            "application/x-amz-json-1.1".parse().unwrap(),
+                        );
+                        Ok::<_, Infallible>(answer)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (url, seen)
+}
+
+/// A client that cancels its streams has them reset on its own connection to KMS only: an
+/// upstream with a rapid-reset limit would close that one, not everyone's.
+#[tokio::test]
+async fn cancelled_streams_are_reset_only_on_the_clients_own_connection_to_kms() {
+    let (url, seen) = h2_upstream_that_holds_encrypts().await;
+    let proxy = start_proxy_to(&url, ProxyConfig::default()).await;
+    let authority = proxy.addr.to_string();
+    let mut victim = h2_client(proxy.addr, None).await;
+    let first = call(&mut victim, over_authority(&authority, "ListKeys", "{}")).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let victim_peer = {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.by_peer.len(), 1);
+        *seen.by_peer.keys().next().unwrap()
+    };
+
+    let mut hostile = h2_client(proxy.addr, None).await;
+    let received = |seen: &std::sync::Mutex<Seen>| -> usize {
+        seen.lock().unwrap().by_peer.values().map(|(n, _)| n).sum()
+    };
+    for round in 0..40 {
+        let before = received(&seen);
+        hostile.ready().await.unwrap();
+        let request = boxed(over_authority(&authority, "Encrypt", &encrypt_body()));
+        let pending = tokio::spawn(hostile.send_request(request));
+        assert!(
+            poll_until(STEP, || received(&seen) > before).await,
+            "round {round}: the request reaches the upstream"
+        );
+        pending.abort();
+    }
+    let cancelled = |seen: &std::sync::Mutex<Seen>| -> usize {
+        seen.lock().unwrap().by_peer.values().map(|(_, c)| c).sum()
+    };
+    assert!(
+        poll_until(STEP, || cancelled(&seen) >= 40).await,
+        "every cancel reaches the upstream as a reset"
+    );
+    let last = call(&mut victim, over_authority(&authority, "ListKeys", "{}")).await;
+    assert_eq!(last.status, 200, "{:?}", last.body);
+    let seen = seen.lock().unwrap();
+    let (victim_requests, victim_resets) = seen.by_peer[&victim_peer];
+    assert_eq!(
+        victim_requests, 2,
+        "the victim's connection carried only its requests"
+    );
+    assert_eq!(
+        victim_resets, 0,
+        "none of the hostile client's cancels was reset on the victim's connection"
+    );
+}
