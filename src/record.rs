@@ -260,7 +260,7 @@ impl<'a> DecisionRecord<'a> {
     ) -> DecisionRecord<'a> {
         let change = judgement.change.as_ref();
         let credential = judgement.credential.as_ref();
-        let is_alias =
+        let names_target =
             crate::kms::TagOperation::from_name(operation).is_some_and(|op| op.has_target_key_id());
         let set: &[Tag] = change.map_or(&[], |c| &c.set);
         let remove: &[String] = change.map_or(&[], |c| &c.remove);
@@ -280,7 +280,7 @@ impl<'a> DecisionRecord<'a> {
             target_key_id: judgement
                 .key_id
                 .as_deref()
-                .filter(|_| is_alias)
+                .filter(|_| names_target)
                 .map(|k| bounded(k, MAX_VALUE_CHARS)),
             region: credential.and_then(|c| c.region.as_deref()),
             access_key_id: credential.map(|c| c.access_key_id.as_str()),

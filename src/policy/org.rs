@@ -57,7 +57,7 @@ pub struct OrgTag {
     values: Option<Vec<String>>,
     /// CreateKey and ReplicateKey must set the tag.
     required: bool,
-    /// Where it came from, for messages: the file and the policy key.
+    /// Where it came from, for messages: the policy key (not the file: messages go to clients).
     origin: Arc<str>,
 }
 
@@ -348,8 +348,9 @@ fn entry_rule(
     }
     // Without tag_key, AWS takes the lower-case spelling as the compliant one.
     let tag_key = tag_key.unwrap_or_else(|| policy_key.to_lowercase());
+    // Shown to clients in denials: the policy key, never the server's file path.
     let origin: Arc<str> =
-        format!("AWS Organizations tag policy {file}, policy key {policy_key:?}").into();
+        format!("AWS Organizations tag policy, policy key {policy_key:?}").into();
     Ok(Imported {
         id: rule_id(policy_key),
         // Enforced entries follow [policy].mode (so a dry-run rollout covers them too).
