@@ -155,7 +155,15 @@ impl Reloader {
                 let org_unchanged =
                     org_file.is_none() || (org_stamp.is_some() && org_stamp == last_org_read);
                 let last_read = last_read.filter(|_| org_unchanged);
-                (poll_file(&path, last_read.as_ref()), org_stamp)
+                let polled = poll_file(&path, last_read.as_ref());
+                // Read while it was being written: the next poll looks again.
+                let org_moved = org_file
+                    .as_deref()
+                    .is_some_and(|p| files::stamp(p).ok() != org_stamp);
+                if matches!(polled, Polled::Read { .. }) && org_moved {
+                    return (Polled::Changing, org_stamp);
+                }
+                (polled, org_stamp)
             })
             .await
         };
