@@ -378,6 +378,14 @@ fn read_config(
     }
 }
 
+/// The tag policy file a configuration text names (`[policy].org_tag_policy`), resolved, whether
+/// or not the rest of it is valid: what a reload watches.
+pub fn org_tag_policy_named(text: &str, source: &ConfigSource) -> Option<PathBuf> {
+    let table = text.parse::<Table>().ok()?;
+    let file = table.get("policy")?.get("org_tag_policy")?.as_str()?;
+    Some(org_policy_path(file, source))
+}
+
 /// The `org_tag_policy` file: a relative path is relative to the config file's directory (to the
 /// working directory for the built-in configuration).
 fn org_policy_path(file: &str, source: &ConfigSource) -> PathBuf {

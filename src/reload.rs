@@ -67,6 +67,8 @@ enum Polled {
         stamp: Stamp,
         sha256: String,
         parsed: Box<Result<Config, ConfigErrors>>,
+        /// The tag policy file it names, valid or not: watched from now on.
+        org_file: Option<PathBuf>,
     },
 }
 
@@ -184,10 +186,19 @@ impl Reloader {
                 stamp,
                 sha256,
                 parsed,
-            } => (stamp, sha256, parsed),
+                org_file,
+            } => {
+                // A newly named file has no stamp yet: the next poll reads it again.
+                if org_file != self.org_file {
+                    self.org_file = org_file;
+                    self.last_org_read = None;
+                } else {
+                    self.last_org_read = org_stamp;
+                }
+                (stamp, sha256, parsed)
+            }
         };
         self.last_read = Some(stamp);
-        self.last_org_read = org_stamp;
         let key = match &*parsed {
             Ok(config) => config.policy_key(),
             Err(errors) => format!("{sha256}: {errors}"),
@@ -207,7 +218,6 @@ impl Reloader {
                     );
                 }
                 self.shared.policy.store(Arc::clone(&config.policy));
-                self.org_file = config.org_tag_policy.as_ref().map(|f| f.path.clone());
                 metrics.policy_in_force(&config.sha256);
                 metrics.reload(ReloadResult::success);
                 info!(rules = config.policy.rule_count(), sha256 = %config.sha256, "policy reloaded");
@@ -254,11 +264,14 @@ fn poll_file(path: &Path, last_read: Option<&Stamp>) -> Polled {
         );
     }
     let sha256 = sha256_hex(&text);
-    let parsed = Box::new(Config::parse(&text, ConfigSource::File(path.to_owned())));
+    let source = ConfigSource::File(path.to_owned());
+    let org_file = crate::config::org_tag_policy_named(&text, &source);
+    let parsed = Box::new(Config::parse(&text, source));
     Polled::Read {
         stamp,
         sha256,
         parsed,
+        org_file,
     }
 }
 

@@ -613,3 +613,34 @@ async fn a_changed_tag_policy_file_is_in_force_by_the_poll_alone() {
     let m = scrape(proxy.admin_addr).await;
     assert_eq!(m.get(RELOADS, &[("result", "success")]), Some(1.0));
 }
+
+/// A config change that names a tag policy file which is not valid yet is refused; the file is
+/// watched from then on, so fixing the file alone (the config untouched) applies the policy.
+#[tokio::test]
+async fn a_newly_named_tag_policy_file_is_watched_even_while_invalid() {
+    let setup = Setup::new().await;
+    let path = setup.path("kms-tag-guard.toml");
+    std::fs::write(&path, setup.config(POLICY_V1)).unwrap();
+    let proxy = start_from_file(&path).await;
+    assert_eq!(team_x(&proxy, "before").await, 200);
+
+    let org = setup.path("effective-tag-policy.json");
+    std::fs::write(&org, r#"{"tags":{"team:x":{"tag_value":{"@@assign":["a"]}}}}"#).unwrap();
+    write_atomic(
+        &path,
+        &setup.config("[policy]\norg_tag_policy = \"effective-tag-policy.json\"\n"),
+    );
+    proxy.proxy.reload();
+    let m = scrape_when(proxy.admin_addr, |m| {
+        m.count(RELOADS, &[("result", "error")]) >= 1.0
+    })
+    .await;
+    assert_eq!(m.count(RELOADS, &[("result", "error")]), 1.0, "{}", m.text);
+    assert_eq!(team_x(&proxy, "still-v1").await, 200);
+
+    write_atomic(
+        &org,
+        r#"{"tags":{"team:x":{"tag_key":"team:x","tag_value":["a"],"enforced_for":["kms:key"]}}}"#,
+    );
+    wait_for_v2(&proxy, Duration::from_secs(12)).await;
+}
