@@ -625,7 +625,11 @@ async fn a_newly_named_tag_policy_file_is_watched_even_while_invalid() {
     assert_eq!(team_x(&proxy, "before").await, 200);
 
     let org = setup.path("effective-tag-policy.json");
-    std::fs::write(&org, r#"{"tags":{"team:x":{"tag_value":{"@@assign":["a"]}}}}"#).unwrap();
+    std::fs::write(
+        &org,
+        r#"{"tags":{"team:x":{"tag_value":{"@@assign":["a"]}}}}"#,
+    )
+    .unwrap();
     write_atomic(
         &path,
         &setup.config("[policy]\norg_tag_policy = \"effective-tag-policy.json\"\n"),
