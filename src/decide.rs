@@ -353,7 +353,7 @@ fn judge(
         Err(e) => {
             return Judgement {
                 key_id: claimed_member(body, key_member(operation)),
-                alias: claimed_member(body, "AliasName"),
+                alias: claimed_alias(operation, body),
                 call,
                 ..Judgement::unreadable(e)
             }
@@ -370,7 +370,7 @@ fn judge(
             return Judgement {
                 credential,
                 key_id: claimed_member(body, key_member(operation)),
-                alias: claimed_member(body, "AliasName"),
+                alias: claimed_alias(operation, body),
                 call,
                 ..Judgement::unreadable(e)
             }
@@ -397,6 +397,14 @@ fn key_member(operation: TagOperation) -> &'static str {
     } else {
         "KeyId"
     }
+}
+
+/// The `AliasName` an alias operation's refused body claims.
+fn claimed_alias(operation: TagOperation, body: &[u8]) -> Option<String> {
+    operation
+        .is_alias()
+        .then(|| claimed_member(body, "AliasName"))
+        .flatten()
 }
 
 /// A string member (`KeyId`, `TargetKeyId`, `AliasName`) of a body that is a JSON object, however
