@@ -38,6 +38,8 @@ const AMZ_DATE: &str = "20261128T120000Z";
 /// ~100 bytes of base64 plaintext, as in bench/compare.
 const ENCRYPT_BODY: &str = r#"{"KeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","Plaintext":"QmVuY2htYXJrIHBsYWludGV4dCBmb3Iga21zLXRhZy1ndWFyZDogNzUgYnl0ZXMsIGFib3V0IGEgZGF0YSBrZXkgaW4gc2l6ZSE="}"#;
 /// Two tags the built-in policy allows (org-prefix, cost-center), as in bench/compare.
+/// A CreateAlias as the SDKs send it (a key ARN as the target).
+const ALIAS_BODY: &str = r#"{"AliasName":"alias/team-payments-ledger","TargetKeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"}"#;
 const TAG_BODY: &str = r#"{"KeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","Tags":[{"TagKey":"team:owner","TagValue":"payments"},{"TagKey":"cost:center","TagValue":"4711"}]}"#;
 /// The fixed answers of the stand-in upstream.
 const ENCRYPT_ANSWER: &str = r#"{"CiphertextBlob":"AQICAHhVd2bEhW0OdXAPr3MnzCm4Pn0sC8hULqxJpSRpXg2crgHh4DnvN8zUE9kwmwzKYHj8AAAAfjB8BgkqhkiG9w0BBwagbzBtAgEAMGgGCSqGSIb3DQEHATAeBglghkgBZQMEAS4wEQQM7hFPuGmb8rLJvnJqAgEQgDtQm1QGXmbiZzU5mqXoLOyDbc9j7JjRcqbFn9Bx0Gd0Z5pqMZVXlb8bI8uYd2Sc2Z6gS7Uz4Y4lbWmTUg==","EncryptionAlgorithm":"SYMMETRIC_DEFAULT","KeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"}"#;
@@ -147,6 +149,9 @@ fn decide_benches(c: &mut Criterion) {
 
     c.bench_function("parse_tag_request/TagResource_two_tags", |b| {
         b.iter(|| parse_tag_request(TagOperation::TagResource, black_box(TAG_BODY.as_bytes())))
+    });
+    c.bench_function("parse_tag_request/CreateAlias", |b| {
+        b.iter(|| parse_tag_request(TagOperation::CreateAlias, black_box(ALIAS_BODY.as_bytes())))
     });
 
     let mut group = c.benchmark_group("classify");

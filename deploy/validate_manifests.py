@@ -41,11 +41,11 @@ CONFIG_KEYS = {
     "limits": {"max_body_bytes", "max_connections", "header_read_timeout_ms", "body_read_timeout_ms"},
     "audit": {"path", "fsync", "fail_closed"},
     "shutdown": {"drain_delay_ms", "grace_ms"},
-    "policy": {"mode", "max_tags", "unknown_operations", "rule"},
+    "policy": {"mode", "max_tags", "unknown_operations", "org_tag_policy", "rule"},
 }
 RULE_KEYS = {
     "id", "type", "prefixes", "exempt_keys", "keys", "patterns", "on", "key", "key_pattern",
-    "pattern", "allowed", "mode", "key_ids", "exempt_principals",
+    "pattern", "allowed", "mode", "key_ids", "exempt_principals", "aliases", "targets",
 }
 
 errors = []

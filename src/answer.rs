@@ -18,6 +18,14 @@ pub enum ProxyError {
     /// The request could not be read unambiguously.
     #[error("kms-tag-guard refused an ambiguous or unreadable request: {0}")]
     Unreadable(String),
+    /// An alias change (CreateAlias, UpdateAlias, DeleteAlias) broke the policy; the message
+    /// names every rule.
+    #[error("{0}")]
+    AliasDenied(String),
+    /// An alias change that could not be read unambiguously, or whose alias name breaks the
+    /// rules of the KMS model.
+    #[error("kms-tag-guard refused an ambiguous or unreadable alias request: {0}")]
+    AliasUnreadable(String),
     #[error("kms-tag-guard refused the request: {0}; KMS request heads are a few KiB")]
     HeadTooLarge(String),
     #[error("kms-tag-guard refused the request: the body is larger than the {limit} bytes allowed for tag-changing requests ([limits].max_body_bytes)")]
@@ -64,6 +72,15 @@ impl ProxyError {
         match self {
             ProxyError::Denied(_) => (StatusCode::BAD_REQUEST, "TagException", "deny"),
             ProxyError::Unreadable(_) => (StatusCode::BAD_REQUEST, "TagException", "reject"),
+            // The error KMS answers CreateAlias with for a name it refuses.
+            ProxyError::AliasDenied(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidAliasNameException", "deny")
+            }
+            ProxyError::AliasUnreadable(_) => (
+                StatusCode::BAD_REQUEST,
+                "InvalidAliasNameException",
+                "reject",
+            ),
             ProxyError::BodyTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "TagException", "too-large")
             }
@@ -159,6 +176,16 @@ mod tests {
         let table = [
             (ProxyError::Denied("d".into()), 400, "TagException"),
             (ProxyError::Unreadable("u".into()), 400, "TagException"),
+            (
+                ProxyError::AliasDenied("d".into()),
+                400,
+                "InvalidAliasNameException",
+            ),
+            (
+                ProxyError::AliasUnreadable("u".into()),
+                400,
+                "InvalidAliasNameException",
+            ),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, "TagException"),
             (ProxyError::HeadTooLarge("h".into()), 431, "TagException"),
             (ProxyError::BodyTimeout(1), 408, "RequestTimeoutException"),

@@ -50,6 +50,29 @@ pub struct Config {
     pub audit: AuditConfig,
     pub shutdown: ShutdownConfig,
     pub policy: Arc<Policy>,
+    /// The AWS Organizations tag policy file the policy imports (`[policy].org_tag_policy`):
+    /// a reload watches it with the config file.
+    pub org_tag_policy: Option<OrgTagPolicyFile>,
+}
+
+/// The tag policy file a configuration imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgTagPolicyFile {
+    /// Resolved against the config file's directory.
+    pub path: PathBuf,
+    /// SHA-256 (hex) of the text read.
+    pub sha256: String,
+}
+
+impl Config {
+    /// What the policy in force was built from: the config text's hash, and the imported tag
+    /// policy's. A reload applies a configuration whose key differs from the one in force.
+    pub fn policy_key(&self) -> String {
+        match &self.org_tag_policy {
+            Some(org) => format!("{}+{}", self.sha256, org.sha256),
+            None => self.sha256.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -311,7 +334,43 @@ fn read_config(
     r.finish(errors);
 
     let mut r = section(root, "policy", errors, empty);
-    let policy = crate::policy::compile(&mut r, errors);
+    let org_path = r
+        .string("org_tag_policy", errors)
+        .map(|file| org_policy_path(file, &source));
+    let org_text = match &org_path {
+        Some(path) if path.as_os_str().is_empty() => {
+            errors.push(
+                "policy.org_tag_policy",
+                "may not be empty; name the file describe-effective-policy wrote, or leave the key out",
+            );
+            None
+        }
+        Some(path) => match read_config_text(path) {
+            Ok(text) => Some(text),
+            Err(message) => {
+                errors.push(
+                    "policy.org_tag_policy",
+                    format!("{}: {message}", path.display()),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let shown = org_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let org_tag_policy = org_path
+        .zip(org_text.as_deref())
+        .map(|(path, text)| OrgTagPolicyFile {
+            path,
+            sha256: sha256_hex(text),
+        });
+    let org = org_text
+        .as_deref()
+        .map(|text| crate::policy::OrgPolicyText { file: &shown, text });
+    let policy = crate::policy::compile(&mut r, errors, org);
     r.finish(errors);
 
     Config {
@@ -326,6 +385,27 @@ fn read_config(
         audit,
         shutdown,
         policy: Arc::new(policy),
+        org_tag_policy,
+    }
+}
+
+/// The tag policy file a configuration text names (`[policy].org_tag_policy`), resolved, whether
+/// or not the rest of it is valid: what a reload watches.
+pub fn org_tag_policy_named(text: &str, source: &ConfigSource) -> Option<PathBuf> {
+    let table = text.parse::<Table>().ok()?;
+    let file = table.get("policy")?.get("org_tag_policy")?.as_str()?;
+    Some(org_policy_path(file, source))
+}
+
+/// The `org_tag_policy` file: a relative path is relative to the config file's directory (to the
+/// working directory for the built-in configuration).
+fn org_policy_path(file: &str, source: &ConfigSource) -> PathBuf {
+    let path = Path::new(file);
+    match source {
+        ConfigSource::File(config) if path.is_relative() && !file.is_empty() => config
+            .parent()
+            .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
+        _ => path.to_owned(),
     }
 }
 

@@ -99,8 +99,11 @@ pub struct Judgement {
     pub change: Option<TagChange>,
     pub credential: Option<Credential>,
     /// The `KeyId` the request names: the parsed one, or, for a body refused as unreadable, the
-    /// `KeyId` member a plain JSON reading finds (for the record only).
+    /// `KeyId` member a plain JSON reading finds (for the record only). For CreateAlias and
+    /// UpdateAlias: the `TargetKeyId`.
     pub key_id: Option<String>,
+    /// The `AliasName` of an alias operation, read the same way.
+    pub alias: Option<String>,
     /// Which SDK call the request is an attempt of, when the SDK says so.
     pub call: SdkCall,
     pub decision: Decision,
@@ -146,6 +149,7 @@ impl Judgement {
             change: None,
             credential: None,
             key_id: None,
+            alias: None,
             call: SdkCall::default(),
             decision: Decision::unreadable(reason.to_string()),
         }
@@ -348,7 +352,8 @@ fn judge(
         Ok(c) => c,
         Err(e) => {
             return Judgement {
-                key_id: claimed_key_id(body),
+                key_id: claimed_member(body, key_member(operation)),
+                alias: claimed_alias(operation, body),
                 call,
                 ..Judgement::unreadable(e)
             }
@@ -364,7 +369,8 @@ fn judge(
         Err(e) => {
             return Judgement {
                 credential,
-                key_id: claimed_key_id(body),
+                key_id: claimed_member(body, key_member(operation)),
+                alias: claimed_alias(operation, body),
                 call,
                 ..Judgement::unreadable(e)
             }
@@ -376,6 +382,7 @@ fn judge(
     let decision = policy.evaluate(&change, &context);
     Judgement {
         key_id: change.key_id.clone(),
+        alias: change.alias.clone(),
         change: Some(change),
         credential,
         call,
@@ -383,12 +390,30 @@ fn judge(
     }
 }
 
-/// The string `KeyId` member of a body that is a JSON object, however the strict parser judged
-/// it: what the refused request said it was about. At most 2048 bytes (the model's limit).
-fn claimed_key_id(body: &[u8]) -> Option<String> {
+/// The member that names the key an operation concerns.
+fn key_member(operation: TagOperation) -> &'static str {
+    if operation.is_alias() {
+        "TargetKeyId"
+    } else {
+        "KeyId"
+    }
+}
+
+/// The `AliasName` an alias operation's refused body claims.
+fn claimed_alias(operation: TagOperation, body: &[u8]) -> Option<String> {
+    operation
+        .is_alias()
+        .then(|| claimed_member(body, "AliasName"))
+        .flatten()
+}
+
+/// A string member (`KeyId`, `TargetKeyId`, `AliasName`) of a body that is a JSON object, however
+/// the strict parser judged it: what the refused request said it was about. At most 2048 bytes
+/// (the model's limit).
+fn claimed_member(body: &[u8], member: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let key_id = value.get("KeyId")?.as_str()?;
-    (key_id.len() <= 2048).then(|| key_id.to_owned())
+    let text = value.get(member)?.as_str()?;
+    (text.len() <= 2048).then(|| text.to_owned())
 }
 
 /// The decision on a whole request, as a policy verdict: what `kms-tag-guard test`, the

@@ -75,6 +75,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match load(config.as_deref()) {
             Ok(config) => {
                 println!("ok: {} rules", config.policy.rule_count());
+                for rule in config.policy.rule_summaries() {
+                    println!("  {rule}");
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => config_failure(&errors),

@@ -96,10 +96,16 @@ pub async fn decision(
     }
     if !judgement.allowed() {
         info!(%request_id, operation, "tag change denied");
-        let error = if judgement.change.is_some() {
-            ProxyError::Denied(judgement.decision.denial_message())
-        } else {
-            ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
+        let alias = crate::kms::TagOperation::from_name(operation).is_some_and(|op| op.is_alias());
+        let error = match (judgement.change.is_some(), alias) {
+            (true, false) => ProxyError::Denied(judgement.decision.denial_message()),
+            (false, false) => {
+                ProxyError::Unreadable(judgement.decision.violations[0].message.clone())
+            }
+            (true, true) => ProxyError::AliasDenied(judgement.decision.denial_message()),
+            (false, true) => {
+                ProxyError::AliasUnreadable(judgement.decision.violations[0].message.clone())
+            }
         };
         return Err(Handled::error(error, operation, request_id));
     }
@@ -245,6 +251,13 @@ pub struct DecisionRecord<'a> {
     pub request_id: &'a str,
     pub operation: &'a str,
     pub key_id: Option<Cow<'a, str>>,
+    /// The `AliasName` of CreateAlias, UpdateAlias and DeleteAlias (absent for tag operations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<Cow<'a, str>>,
+    /// The `TargetKeyId` of CreateAlias and UpdateAlias: the key the alias is to point at (absent
+    /// for other operations; DeleteAlias names no key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_key_id: Option<Cow<'a, str>>,
     pub region: Option<&'a str>,
     pub access_key_id: Option<&'a str>,
     pub source: Option<SocketAddr>,
@@ -279,6 +292,8 @@ impl<'a> DecisionRecord<'a> {
     ) -> DecisionRecord<'a> {
         let change = judgement.change.as_ref();
         let credential = judgement.credential.as_ref();
+        let names_target =
+            crate::kms::TagOperation::from_name(operation).is_some_and(|op| op.has_target_key_id());
         let set: &[Tag] = change.map_or(&[], |c| &c.set);
         let remove: &[String] = change.map_or(&[], |c| &c.remove);
         DecisionRecord {
@@ -289,6 +304,15 @@ impl<'a> DecisionRecord<'a> {
             key_id: judgement
                 .key_id
                 .as_deref()
+                .map(|k| bounded(k, MAX_VALUE_CHARS)),
+            alias: judgement
+                .alias
+                .as_deref()
+                .map(|a| bounded(a, MAX_VALUE_CHARS)),
+            target_key_id: judgement
+                .key_id
+                .as_deref()
+                .filter(|_| names_target)
                 .map(|k| bounded(k, MAX_VALUE_CHARS)),
             region: credential.and_then(|c| c.region.as_deref()),
             access_key_id: credential.map(|c| c.access_key_id.as_str()),

@@ -48,6 +48,10 @@ pub(crate) struct Reloader {
     last_read: Option<Stamp>,
     restart_sections: toml::Table,
     listener_cert: Option<Arc<ListenerCert>>,
+    /// The tag policy file the policy in force imports (`[policy].org_tag_policy`), and its
+    /// stamp when last read: a change to it reads the config file again too.
+    org_file: Option<PathBuf>,
+    last_org_read: Option<Stamp>,
 }
 
 /// What a look at the config file found.
@@ -63,6 +67,8 @@ enum Polled {
         stamp: Stamp,
         sha256: String,
         parsed: Box<Result<Config, ConfigErrors>>,
+        /// The tag policy file it names, valid or not: watched from now on.
+        org_file: Option<PathBuf>,
     },
 }
 
@@ -78,11 +84,13 @@ impl Reloader {
                 ConfigSource::File(path) => Some(path.clone()),
                 ConfigSource::BuiltIn => None,
             },
-            last_seen: config.sha256.clone(),
+            last_seen: config.policy_key(),
             // Unknown: the first poll reads the file once (and finds the hash it started with).
             last_read: None,
             restart_sections: config.restart_sections.clone(),
             listener_cert,
+            org_file: config.org_tag_policy.as_ref().map(|f| f.path.clone()),
+            last_org_read: None,
         }
     }
 
@@ -135,11 +143,34 @@ impl Reloader {
         };
         let metrics = Arc::clone(&self.shared.metrics);
         let last_read = if forced { None } else { self.last_read.clone() };
+        let last_org_read = if forced {
+            None
+        } else {
+            self.last_org_read.clone()
+        };
         let polled = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || poll_file(&path, last_read.as_ref())).await
+            let org_file = self.org_file.clone();
+            tokio::task::spawn_blocking(move || {
+                // A changed tag policy file is read through the config file, read again.
+                let org_stamp = org_file.as_deref().and_then(|p| files::stamp(p).ok());
+                let org_unchanged =
+                    org_file.is_none() || (org_stamp.is_some() && org_stamp == last_org_read);
+                let last_read = last_read.filter(|_| org_unchanged);
+                let polled = poll_file(&path, last_read.as_ref());
+                // Read while it was being written: the next poll looks again.
+                let org_moved = org_file
+                    .as_deref()
+                    .is_some_and(|p| files::stamp(p).ok() != org_stamp);
+                if matches!(polled, Polled::Read { .. }) && org_moved {
+                    return (Polled::Changing, org_stamp);
+                }
+                (polled, org_stamp)
+            })
+            .await
         };
-        let polled = polled.unwrap_or_else(|e| Polled::Failed(e.to_string(), None));
+        let (polled, org_stamp) =
+            polled.unwrap_or_else(|e| (Polled::Failed(e.to_string(), None), None));
         let (stamp, sha256, parsed) = match polled {
             Polled::Unchanged | Polled::Changing => return,
             Polled::Failed(reason, stamp) => {
@@ -155,13 +186,27 @@ impl Reloader {
                 stamp,
                 sha256,
                 parsed,
-            } => (stamp, sha256, parsed),
+                org_file,
+            } => {
+                // A newly named file has no stamp yet: the next poll reads it again.
+                if org_file != self.org_file {
+                    self.org_file = org_file;
+                    self.last_org_read = None;
+                } else {
+                    self.last_org_read = org_stamp;
+                }
+                (stamp, sha256, parsed)
+            }
         };
         self.last_read = Some(stamp);
-        if !forced && sha256 == self.last_seen {
+        let key = match &*parsed {
+            Ok(config) => config.policy_key(),
+            Err(errors) => format!("{sha256}: {errors}"),
+        };
+        if !forced && key == self.last_seen {
             return;
         }
-        self.last_seen = sha256;
+        self.last_seen = key;
         match *parsed {
             Ok(config) => {
                 let changed: Vec<String> =
@@ -219,11 +264,14 @@ fn poll_file(path: &Path, last_read: Option<&Stamp>) -> Polled {
         );
     }
     let sha256 = sha256_hex(&text);
-    let parsed = Box::new(Config::parse(&text, ConfigSource::File(path.to_owned())));
+    let source = ConfigSource::File(path.to_owned());
+    let org_file = crate::config::org_tag_policy_named(&text, &source);
+    let parsed = Box::new(Config::parse(&text, source));
     Polled::Read {
         stamp,
         sha256,
         parsed,
+        org_file,
     }
 }
 

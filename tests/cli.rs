@@ -131,12 +131,39 @@ fn check_accepts_every_shipped_config() {
             describe(&out)
         );
         let rules = count_tables(&config, "[[policy.rule]]");
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default().to_owned();
+        let listed: Vec<&str> = lines.collect();
+        // One line per rule, with its origin: the TOML rules, then those imported.
         assert_eq!(
-            stdout(&out).trim_end(),
-            format!("ok: {rules} rules"),
+            first,
+            format!("ok: {} rules", listed.len()),
             "{}",
             config.display()
         );
+        let from_toml = listed
+            .iter()
+            .filter(|l| l.contains(" from policy.rule["))
+            .count();
+        assert_eq!(from_toml, rules, "{}: {text}", config.display());
+        let imported = listed.len() - from_toml;
+        assert!(
+            listed
+                .iter()
+                .filter(|l| !l.contains(" from policy.rule["))
+                .all(|l| l.trim_start().starts_with("org:") && l.contains("(org-tag-policy, ")),
+            "{}: {text}",
+            config.display()
+        );
+        if config.ends_with("org-tag-policy.toml") {
+            assert_eq!(imported, 4, "{text}");
+            assert!(
+                text.contains("org:environment (org-tag-policy, dry-run) from ")
+                    && text.contains("org-tag-policy.json: tags.environment"),
+                "{text}"
+            );
+        }
     }
 }
 
@@ -145,7 +172,50 @@ fn check_without_config_validates_the_built_in_one() {
     let out = run(["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let rules = count_tables(&root().join("config/kms-tag-guard.toml"), "[[policy.rule]]");
-    assert_eq!(stdout(&out).trim_end(), format!("ok: {rules} rules"));
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().next(),
+        Some(format!("ok: {rules} rules").as_str())
+    );
+    assert_eq!(text.lines().count(), rules + 1, "{text}");
+}
+
+#[test]
+fn check_refuses_an_authored_tag_policy_and_says_to_export_the_effective_one() {
+    let dir = tempfile::tempdir().unwrap();
+    scratch(
+        &dir,
+        "authored.json",
+        r#"{"tags":{"costcenter":{"tag_key":{"@@assign":"CostCenter"},"tag_value":{"@@append":["300*"]}}}}"#,
+    );
+    let config = scratch(
+        &dir,
+        "kms-tag-guard.toml",
+        "[policy]\norg_tag_policy = \"authored.json\"\n",
+    );
+    let out = run([Path::new("check"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    let errors = stderr(&out);
+    assert!(errors.contains("policy.org_tag_policy"), "{errors}");
+    assert!(errors.contains("@@"), "{errors}");
+    assert!(
+        errors.contains("aws organizations describe-effective-policy --policy-type TAG_POLICY"),
+        "{errors}"
+    );
+    // The effective policy, as the CLI prints it, is accepted and listed with its origin.
+    let effective = serde_json::json!({"EffectivePolicy": {
+        "PolicyContent": r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["300*"]}}}"#,
+        "PolicyType": "TAG_POLICY"
+    }});
+    scratch(&dir, "authored.json", &effective.to_string());
+    let out = run([Path::new("check"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("org:costcenter (org-tag-policy, dry-run) from ")
+            && text.contains("authored.json: tags.costcenter"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -71,6 +71,10 @@ const FORBIDDEN: (&str, &str) = ("Project", "apollo");
 const ALLOWED: (&str, &str) = ("team:app", "ledger");
 const REQUIRED: &str = "team:owner";
 
+/// An alias the policy protects (`payments-aliases`), and one it allows (`alias-namespace`).
+const PROTECTED_ALIAS: &str = "alias/team-payments-db";
+const ALLOWED_ALIAS: &str = "alias/team-ledger";
+
 fn tags(list: &[(&str, &str)]) -> Value {
     Value::Array(
         list.iter()
@@ -80,7 +84,15 @@ fn tags(list: &[(&str, &str)]) -> Value {
 }
 
 /// The operations the generated targets name.
-const TAG_OPERATIONS: [&str; 4] = ["TagResource", "UntagResource", "CreateKey", "ReplicateKey"];
+const TAG_OPERATIONS: [&str; 7] = [
+    "TagResource",
+    "UntagResource",
+    "CreateKey",
+    "ReplicateKey",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+];
 const PASS_OPERATIONS: [&str; 2] = ["Encrypt", "ListKeys"];
 
 /// Letters some readers fold onto ASCII ones.
@@ -184,11 +196,34 @@ fn tags_look_alike() -> impl Strategy<Value = &'static str> {
     ])
 }
 
+/// Look-alikes of the `AliasName` member name.
+fn alias_look_alike() -> impl Strategy<Value = &'static str> {
+    select(vec![
+        "aliasName",
+        "ALIASNAME",
+        "AliasName ",
+        "Alias Name",
+        "AliasName\u{0}",
+        "Alias\u{200b}Name",
+        "\u{feff}AliasName",
+        "\u{ff21}liasName",
+        "Alia\u{17f}Name",
+        "AliasNam\u{e9}",
+    ])
+}
+
 /// The model's body for `op`: a forbidden change for a tag-changing operation (an allowed one
 /// when `allowed`), a plain body for the others.
 fn model_body(op: &str, allowed: bool) -> Value {
     let change = if allowed { ALLOWED } else { FORBIDDEN };
+    let alias = if allowed {
+        ALLOWED_ALIAS
+    } else {
+        PROTECTED_ALIAS
+    };
     match op {
+        "CreateAlias" | "UpdateAlias" => json!({"AliasName": alias, "TargetKeyId": KEY}),
+        "DeleteAlias" => json!({"AliasName": alias}),
         "UntagResource" if allowed => json!({"KeyId": KEY, "TagKeys": [ALLOWED.0]}),
         "UntagResource" => json!({"KeyId": KEY, "TagKeys": [REQUIRED, FORBIDDEN.0]}),
         "TagResource" => json!({"KeyId": KEY, "Tags": tags(&[change])}),
@@ -252,7 +287,7 @@ fn attack() -> impl Strategy<Value = Attack> {
         kind,
         select(TAG_OPERATIONS.to_vec()),
         select(PASS_OPERATIONS.to_vec()),
-        tags_look_alike(),
+        (tags_look_alike(), alias_look_alike()),
         select(vec!["x_amz_target", "X_Amz-Target", "X-Amz-Target"]),
         content_type,
         any::<bool>(),
@@ -274,7 +309,25 @@ fn attack() -> impl Strategy<Value = Attack> {
                         a.target = spelled;
                         a
                     }
+                    "lookalike" if tag_op.ends_with("Alias") => {
+                        // The protected alias under a look-alike of AliasName, after an allowed
+                        // AliasName (or alone, half the time).
+                        let mut body = model_body(tag_op, true);
+                        let object = body.as_object_mut().unwrap();
+                        if allowed {
+                            object.remove("AliasName");
+                        }
+                        let mut text = body.to_string();
+                        text.pop();
+                        let name = serde_json::to_string(look_alike.1).unwrap();
+                        let separator = if text.len() > 1 { "," } else { "" };
+                        canonical_attack(
+                            tag_op,
+                            format!("{text}{separator}{name}:\"{PROTECTED_ALIAS}\"}}").into(),
+                        )
+                    }
                     "lookalike" => {
+                        let look_alike = look_alike.0;
                         let mut body = model_body(tag_op, false);
                         let object = body.as_object_mut().unwrap();
                         object.remove("Tags");
@@ -306,6 +359,8 @@ fn attack() -> impl Strategy<Value = Attack> {
                         let mut body = model_body(pass_op, false);
                         let object = body.as_object_mut().unwrap();
                         object.insert("KeyId".into(), json!(KEY));
+                        object.insert("AliasName".into(), json!(PROTECTED_ALIAS));
+                        object.insert("TargetKeyId".into(), json!(KEY));
                         object.insert("Tags".into(), tags(&[FORBIDDEN]));
                         object.insert("TagKeys".into(), json!([REQUIRED]));
                         if kind == "action" {
@@ -323,7 +378,7 @@ fn attack() -> impl Strategy<Value = Attack> {
                     "form" => canonical_attack(
                         pass_op,
                         format!(
-                            "Action={tag_op}&KeyId={KEY}&Tags.member.1.TagKey={}&Tags.member.1.TagValue={}&TagKeys.member.1={REQUIRED}",
+                            "Action={tag_op}&KeyId={KEY}&Tags.member.1.TagKey={}&Tags.member.1.TagValue={}&TagKeys.member.1={REQUIRED}&AliasName={PROTECTED_ALIAS}&TargetKeyId={KEY}",
                             FORBIDDEN.0, FORBIDDEN.1
                         )
                         .into(),
@@ -513,8 +568,20 @@ fn change_from_json(
                 .collect()
         })
         .unwrap_or_default();
+    if op.is_alias() {
+        return Some(TagChange {
+            operation: op,
+            key_id: get("TargetKeyId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            set: Vec::new(),
+            remove: Vec::new(),
+            alias: Some(get("AliasName")?.as_str()?.to_owned()),
+        });
+    }
     Some(TagChange {
         operation: op,
+        alias: None,
         key_id: get("KeyId").and_then(Value::as_str).map(str::to_owned),
         set: if op == TagOperation::UntagResource {
             Vec::new()
@@ -664,7 +731,12 @@ fn query_reader(attack: &Attack) -> Vec<Reading> {
     }
     let from_form = TagChange {
         operation: op,
-        key_id: param("KeyId"),
+        alias: param("AliasName").filter(|_| op.is_alias()),
+        key_id: param(if op.is_alias() {
+            "TargetKeyId"
+        } else {
+            "KeyId"
+        }),
         set: if op == TagOperation::UntagResource {
             Vec::new()
         } else {
@@ -932,6 +1004,14 @@ async fn the_running_proxy_forwards_nothing_any_reader_takes_for_a_forbidden_cha
 async fn moto_behind_the_proxy_never_makes_a_forbidden_change() {
     let moto = Moto::start().await;
     let key = moto.create_key(&[(REQUIRED, "payments")]).await;
+    // The protected alias exists (made behind the proxy's back), pointing at the key.
+    let created = moto
+        .call(
+            "CreateAlias",
+            &json!({"AliasName": PROTECTED_ALIAS, "TargetKeyId": key}),
+        )
+        .await;
+    assert_eq!(created.status, 200, "{}", created.body_str());
     let proxy = start_proxy_to(&moto.url(), ProxyConfig::default()).await;
     let config = policy_config();
     let mut forbidden_count = 0;
@@ -949,6 +1029,16 @@ async fn moto_behind_the_proxy_never_makes_a_forbidden_change() {
         forbidden_count > 50,
         "only {forbidden_count} forbidden attacks"
     );
+    // The protected alias is still there, still pointing at the key.
+    let aliases = moto.call("ListAliases", &json!({})).await.json();
+    let protected: Vec<&Value> = aliases["Aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["AliasName"].as_str() == Some(PROTECTED_ALIAS))
+        .collect();
+    assert_eq!(protected.len(), 1, "{aliases:#}");
+    assert_eq!(protected[0]["TargetKeyId"].as_str(), Some(key.as_str()));
     // The key still has its required tag and no forbidden one; no key moto holds has one.
     let tags = moto.list_tags(&key).await;
     assert!(

@@ -329,6 +329,9 @@ async fn unknown_operations_are_refused_by_default_and_forwarded_only_in_the_can
     for target in [
         "TrentService.TagResourceV2",
         "TrentService.BatchUntagResource",
+        "TrentService.CreateAliasV2",
+        "TrentService.BatchDeleteAlias",
+        "TrentService.UpdateAliases",
         "TrentService.frobnicateKey",
         "TrentService.Frobnicate_Key",
     ] {
@@ -343,4 +346,45 @@ async fn unknown_operations_are_refused_by_default_and_forwarded_only_in_the_can
         .map(|r| r.header("x-amz-target").unwrap_or_default().to_owned())
         .collect();
     assert_eq!(targets, ["TrentService.FrobnicateKey"]);
+}
+
+/// Aliases grant access as tags do: another spelling of CreateAlias, UpdateAlias or DeleteAlias
+/// is refused and audited like one of TagResource, and so is a malformed head naming one.
+#[tokio::test]
+async fn other_spellings_of_alias_operations_are_refused_and_audited_like_tag_operations() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let protected = br#"{"AliasName":"alias/team-payments-db","TargetKeyId":"1234abcd"}"#;
+    for target in [
+        "trentservice.createalias",
+        "TrentService.createAlias",
+        "TrentService.UPDATEALIAS",
+        "TrentService.DeleteAlias ",
+        "TrentService.Delete%41lias",
+        "Kms.CreateAlias",
+        "TrentService.CreateAlias,TrentService.Encrypt",
+    ] {
+        let request = RawRequest::signed_kms(&fake.host(), target, protected);
+        let response = raw::send(proxy.addr, &request.to_bytes()).await;
+        let request_id = assert_shaped(target, &response, 400, "reject");
+        let record = decision_for(&proxy, &request_id)
+            .unwrap_or_else(|| panic!("{target:?} was refused without a record"));
+        assert_eq!(record["decision"], "deny", "{target}: {record}");
+        assert_eq!(record["violations"][0]["rule"], "request", "{target}");
+    }
+    let create = RawRequest::signed_kms(&fake.host(), "TrentService.CreateAlias", protected);
+    let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    let _ = conn.write(&with_line(&create, b"X-Trace: a\r\n b")).await;
+    let response = conn.read_response().await.unwrap();
+    let request_id = assert_shaped("obs-fold CreateAlias", &response, 400, "reject");
+    let record = decision_for(&proxy, &request_id).expect("a malformed CreateAlias is audited");
+    assert_eq!(record["decision"], "deny");
+    // The exact target, judged: the protected alias is denied as a bad alias name.
+    let response = raw::send(proxy.addr, &create.to_bytes()).await;
+    assert_shaped("CreateAlias", &response, 400, "deny");
+    assert_eq!(response.json()["__type"], "InvalidAliasNameException");
+    assert!(
+        settled(&fake, &proxy).await.is_empty(),
+        "something reached the upstream"
+    );
 }

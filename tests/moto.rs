@@ -81,3 +81,143 @@ async fn through_the_proxy_an_allowed_tag_change_lands_in_moto_and_a_denied_one_
         .collect();
     assert_eq!(decisions, ["allow", "deny"], "{audit:#?}");
 }
+
+/// What the boto3 script below does through the proxy, printed as one JSON object: the result
+/// of each call (`ok`, or the exception class boto3 raised and its message).
+const BOTO3_ALIASES: &str = r#"
+import json, sys
+import boto3
+from botocore.config import Config
+
+kms = boto3.client(
+    "kms",
+    endpoint_url=sys.argv[1],
+    region_name="us-east-1",
+    aws_access_key_id="AKIDEXAMPLE",
+    aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+    config=Config(retries={"max_attempts": 1}),
+)
+key, other = sys.argv[2], sys.argv[3]
+results = {}
+
+def call(name, fn, **kwargs):
+    try:
+        fn(**kwargs)
+        results[name] = {"result": "ok"}
+    except kms.exceptions.InvalidAliasNameException as e:
+        results[name] = {"result": "InvalidAliasNameException", "message": str(e)}
+    except Exception as e:
+        results[name] = {"result": type(e).__name__, "message": str(e)}
+
+call("create-allowed", kms.create_alias, AliasName="alias/team-ledger", TargetKeyId=key)
+call("update-allowed", kms.update_alias, AliasName="alias/team-ledger", TargetKeyId=other)
+call("create-denied", kms.create_alias, AliasName="alias/payments", TargetKeyId=key)
+call("create-protected", kms.create_alias, AliasName="alias/team-payments-new", TargetKeyId=key)
+call("update-denied", kms.update_alias, AliasName="alias/team-payments-db", TargetKeyId=other)
+call("delete-denied", kms.delete_alias, AliasName="alias/team-payments-db")
+call("create-reserved", kms.create_alias, AliasName="alias/aws/ebs", TargetKeyId=key)
+call("delete-allowed", kms.delete_alias, AliasName="alias/team-ledger")
+print(json.dumps(results))
+"#;
+
+#[tokio::test]
+async fn boto3_through_the_proxy_to_moto_alias_changes_land_or_raise_invalid_alias_name() {
+    let moto = Moto::start().await;
+    let key = moto.create_key(&[("team:owner", "payments")]).await;
+    let other = moto.create_key(&[("team:owner", "ledger")]).await;
+    // The protected alias exists, made behind the proxy's back.
+    let created = moto
+        .call(
+            "CreateAlias",
+            &json!({"AliasName": "alias/team-payments-db", "TargetKeyId": key}),
+        )
+        .await;
+    assert_eq!(created.status, 200, "{}", created.body_str());
+    let proxy = start_proxy_to(&moto.url(), ProxyConfig::default()).await;
+    let before = moto_requests(&moto);
+
+    let python = common::moto::Moto::python();
+    let url = proxy.url();
+    let (key_arg, other_arg) = (key.clone(), other.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", BOTO3_ALIASES, &url, &key_arg, &other_arg])
+            .env_remove("AWS_PROFILE")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .expect("run the venv's python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    for allowed in ["create-allowed", "update-allowed", "delete-allowed"] {
+        assert_eq!(results[allowed]["result"], "ok", "{allowed}: {results:#}");
+    }
+    for (denied, rule) in [
+        ("create-denied", Some("alias-namespace")),
+        ("create-protected", Some("payments-aliases")),
+        ("update-denied", Some("payments-aliases")),
+        ("delete-denied", Some("payments-aliases")),
+        ("create-reserved", None),
+    ] {
+        assert_eq!(
+            results[denied]["result"], "InvalidAliasNameException",
+            "{denied}: {results:#}"
+        );
+        if let Some(rule) = rule {
+            let message = results[denied]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("rule {rule}")),
+                "{denied}: {message}"
+            );
+        }
+    }
+    // Only the three allowed calls reached moto.
+    assert_eq!(moto_requests(&moto), before + 3, "{}", moto.log());
+    // moto's state: the protected alias still points at its key, the denied ones do not exist,
+    // and the allowed one came and went.
+    let aliases = moto.call("ListAliases", &json!({})).await.json();
+    let names: Vec<(&str, Option<&str>)> = aliases["Aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["AliasName"].as_str().unwrap(), a["TargetKeyId"].as_str()))
+        .filter(|(n, _)| !n.starts_with("alias/aws/"))
+        .collect();
+    assert_eq!(
+        names,
+        [("alias/team-payments-db", Some(key.as_str()))],
+        "{aliases:#}"
+    );
+    let audit = proxy.settled_audit().await;
+    let decisions: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|r| r["event"] == "decision")
+        .map(|r| {
+            (
+                r["alias"].as_str().unwrap_or_default(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("alias/team-ledger", "allow"),
+            ("alias/team-ledger", "allow"),
+            ("alias/payments", "deny"),
+            ("alias/team-payments-new", "deny"),
+            ("alias/team-payments-db", "deny"),
+            ("alias/team-payments-db", "deny"),
+            ("alias/aws/ebs", "deny"),
+            ("alias/team-ledger", "allow"),
+        ]
+    );
+}

@@ -1190,3 +1190,54 @@ async fn mode_b_node_http2_handler_through_the_proxy() {
 async fn mode_c_node_http2_handler_through_the_proxy() {
     h2_through_the_proxy(Mode::C).await;
 }
+
+/// The proxy's denials of alias changes reach JavaScript callers as the SDK's typed
+/// `InvalidAliasNameException` (an instance of the exported class) on all three alias operations,
+/// not retried; the allowed ones go through.
+#[tokio::test]
+async fn alias_denials_are_typed_invalid_alias_name_exceptions() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let calls = json!([
+        { "id": "create-ok", "op": "CreateAlias",
+          "input": { "AliasName": "alias/team-ledger", "TargetKeyId": KEY_ID } },
+        { "id": "create-denied", "op": "CreateAlias",
+          "input": { "AliasName": "alias/payments", "TargetKeyId": KEY_ID } },
+        { "id": "update-denied", "op": "UpdateAlias",
+          "input": { "AliasName": "alias/team-payments-db", "TargetKeyId": KEY_ID } },
+        { "id": "delete-denied", "op": "DeleteAlias",
+          "input": { "AliasName": "alias/team-payments-db" } },
+        { "id": "reserved", "op": "CreateAlias",
+          "input": { "AliasName": "alias/aws/ebs", "TargetKeyId": KEY_ID } },
+    ]);
+    let settings = client(json!({ "endpoint": proxy.url() }));
+    let results = run_driver(json!([scenario("aliases", settings, calls, false)]), &[]).await;
+    assert_ok(call(&results, "create-ok"), 1);
+    for (id, rule) in [
+        ("create-denied", Some("alias-namespace")),
+        ("update-denied", Some("payments-aliases")),
+        ("delete-denied", Some("payments-aliases")),
+        ("reserved", None),
+    ] {
+        let result = call(&results, id);
+        assert_eq!(result["ok"], false, "{result:#}");
+        assert_eq!(result["error"], "InvalidAliasNameException", "{result:#}");
+        assert_eq!(
+            result["modeled"], true,
+            "{id}: not a typed error: {result:#}"
+        );
+        assert_eq!(result["fault"], "client", "{result:#}");
+        assert_eq!(result["status"], 400, "{result:#}");
+        assert_eq!(result["attempts"], 1, "a denial is not retried: {result:#}");
+        if let Some(rule) = rule {
+            let message = result["message"].as_str().unwrap_or_default();
+            assert!(message.contains(&format!("rule {rule}")), "{message}");
+        }
+    }
+    let forwarded: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| r.operation().map(str::to_owned))
+        .collect();
+    assert_eq!(forwarded, ["CreateAlias"]);
+}

@@ -136,6 +136,16 @@ fn op_strategy() -> impl Strategy<Value = TagOperation> {
     select(TagOperation::ALL.to_vec())
 }
 
+/// The operations that carry tags (not the alias operations).
+fn tag_op_strategy() -> impl Strategy<Value = TagOperation> {
+    select(
+        TagOperation::ALL
+            .into_iter()
+            .filter(|op| !op.is_alias())
+            .collect::<Vec<_>>(),
+    )
+}
+
 // ------------------------------------------------------------------------------------------------
 // (a) Forbidden keys in every spelling
 
@@ -312,7 +322,7 @@ proptest! {
     #[test]
     fn every_spelling_of_a_forbidden_key_is_denied(
         (forbidden, spelled) in forbidden_case(),
-        op in op_strategy(),
+        op in tag_op_strategy(),
         neighbours in subsequence(NEIGHBOURS.to_vec(), 0..=3),
         position in 0usize..4,
         key_id in select(KEY_IDS.to_vec()),
@@ -371,6 +381,27 @@ static SAFE_POOL: [(&str, &[&str]); 6] = [
     ("Name", &["ledger key"]),
 ];
 
+/// Alias names that pass or break the alias rules of the two policies.
+const ALIASES: [&str; 8] = [
+    "alias/team-ledger",
+    "alias/app-ledger",
+    "alias/team-payments-db",
+    "alias/team-prod-db",
+    "alias/app-prod-db",
+    "alias/root",
+    "alias/other",
+    "alias/team-trial-x",
+];
+
+/// Alias targets: key ids and key ARNs in and out of the production account.
+const ALIAS_TARGETS: [&str; 5] = [
+    "1234abcd-12ab-34cd-56ef-1234567890ab",
+    "mrk-1234abcd",
+    "arn:aws:kms:us-east-1:111122223333:key/1234abcd",
+    "arn:aws:kms:eu-west-1:999999999999:key/2",
+    "arn:aws:kms:us-east-1:999999999999:key/mrk-9",
+];
+
 /// A tag-bearing request as members and tags, in a canonical order.
 #[derive(Debug, Clone)]
 struct Request {
@@ -381,6 +412,9 @@ struct Request {
     /// Whether CreateKey/ReplicateKey send `Tags` at all (when empty).
     send_empty_tags: bool,
     access_key_id: Option<&'static str>,
+    /// The alias and target of an alias operation.
+    alias: &'static str,
+    target_key_id: &'static str,
 }
 
 impl Request {
@@ -418,6 +452,11 @@ impl Request {
                 ("Description", lit("replica")),
                 ("Tags", list),
             ],
+            TagOperation::CreateAlias | TagOperation::UpdateAlias => vec![
+                ("AliasName", lit(self.alias)),
+                ("TargetKeyId", lit(self.target_key_id)),
+            ],
+            TagOperation::DeleteAlias => vec![("AliasName", lit(self.alias))],
         };
         let drop_tags = self.tags.is_empty()
             && !self.send_empty_tags
@@ -436,7 +475,11 @@ impl Request {
 
     fn member_count(&self) -> usize {
         match self.op {
-            TagOperation::TagResource | TagOperation::UntagResource => 2,
+            TagOperation::TagResource
+            | TagOperation::UntagResource
+            | TagOperation::CreateAlias
+            | TagOperation::UpdateAlias => 2,
+            TagOperation::DeleteAlias => 1,
             TagOperation::CreateKey => 5,
             TagOperation::ReplicateKey => 4,
         }
@@ -453,9 +496,10 @@ fn request_from(
         vec(any::<Index>(), 6),
         any::<bool>(),
         select(vec![None, Some("AKIDEXAMPLE"), Some("AKIAEXEMPT")]),
+        (select(ALIASES.to_vec()), select(ALIAS_TARGETS.to_vec())),
     )
         .prop_map(
-            |(op, key_id, keys, picks, send_empty_tags, access_key_id)| Request {
+            |(op, key_id, keys, picks, send_empty_tags, access_key_id, (alias, target))| Request {
                 op,
                 key_id,
                 tags: keys
@@ -465,6 +509,8 @@ fn request_from(
                     .collect(),
                 send_empty_tags,
                 access_key_id,
+                alias,
+                target_key_id: target,
             },
         )
 }
@@ -611,7 +657,15 @@ impl<'de> Visitor<'de> for RawVisitor {
     }
 }
 
-const GUARDED: [&str; 5] = ["Tags", "TagKeys", "TagKey", "TagValue", "KeyId"];
+const GUARDED: [&str; 7] = [
+    "Tags",
+    "TagKeys",
+    "TagKey",
+    "TagValue",
+    "KeyId",
+    "AliasName",
+    "TargetKeyId",
+];
 
 /// Every object member name in `raw` is unique in its object and spells no guarded member in
 /// another case.
@@ -656,8 +710,28 @@ fn change_per_serde(op: TagOperation, value: &Value) -> Result<TagChange, String
     let allowed: &[&str] = match op {
         TagOperation::TagResource => &["KeyId", "Tags"],
         TagOperation::UntagResource => &["KeyId", "TagKeys"],
+        TagOperation::CreateAlias | TagOperation::UpdateAlias => &["AliasName", "TargetKeyId"],
+        TagOperation::DeleteAlias => &["AliasName"],
         _ => &[],
     };
+    if op.is_alias() {
+        if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(format!("unexpected member {extra:?}"));
+        }
+        let alias = string(object.get("AliasName").ok_or("no AliasName")?)?;
+        let key_id = match object.get("TargetKeyId") {
+            Some(v) => Some(string(v)?),
+            None if op.has_target_key_id() => return Err("no TargetKeyId".into()),
+            None => None,
+        };
+        return Ok(TagChange {
+            operation: op,
+            key_id,
+            set,
+            remove,
+            alias: Some(alias),
+        });
+    }
     if let Some(extra) = object
         .keys()
         .find(|k| !allowed.is_empty() && !allowed.contains(&k.as_str()))
@@ -692,6 +766,7 @@ fn change_per_serde(op: TagOperation, value: &Value) -> Result<TagChange, String
         key_id,
         set,
         remove,
+        alias: None,
     })
 }
 
@@ -703,6 +778,8 @@ fn member_name() -> impl Strategy<Value = String> {
         "TagKeys",
         "TagKey",
         "TagValue",
+        "AliasName",
+        "TargetKeyId",
         "Description",
         "Policy",
         "ReplicaRegion",
@@ -739,7 +816,8 @@ fn string_value() -> impl Strategy<Value = String> {
         3 => select(vec![
             r#""team:owner""#, r#""Project""#, r#""pro\u006aect""#, r#""\u212aind""#, r#""""#,
             r#""1234abcd-12ab-34cd-56ef-1234567890ab""#, r#""\ud83d\ude00""#, r#""\"""#,
-            r#""é""#, r#""tab\t""#, r#""a\/b""#,
+            r#""é""#, r#""tab\t""#, r#""a\/b""#, r#""alias/team-a""#, r#""alias\/app-x""#,
+            r#""alias/aws/x""#, r#""arn:aws:kms:us-east-1:111122223333:key/1""#,
         ])
         .prop_map(str::to_owned),
         // Not JSON: a lone surrogate, a raw control character, an unknown escape.
@@ -945,7 +1023,8 @@ fn the_grammar_reaches_accepted_requests() {
     let mut accepted = [0usize; 4];
     for _ in 0..1000 {
         let body = strategy.new_tree(&mut runner).unwrap().current();
-        for (i, op) in TagOperation::ALL.into_iter().enumerate() {
+        let tag_ops = TagOperation::ALL.into_iter().filter(|op| !op.is_alias());
+        for (i, op) in tag_ops.enumerate() {
             accepted[i] += usize::from(parse_tag_request(op, &body).is_ok());
         }
     }
@@ -1210,4 +1289,271 @@ fn the_fuzz_seeds_pass_the_pipeline_checks() {
         }
     }
     assert!(seen > 0, "no seed-* files in {}", dir.display());
+}
+
+// ------------------------------------------------------------------------------------------------
+// (e) Aliases, as an attacker
+
+const ALIAS_OPS: [TagOperation; 3] = [
+    TagOperation::CreateAlias,
+    TagOperation::UpdateAlias,
+    TagOperation::DeleteAlias,
+];
+
+/// A spelling of a member name other than itself as far as a lenient reader goes: letters in
+/// another case or folded from Unicode, whitespace, invisible or format characters inserted, or
+/// the whole name escaped; the JSON literal and whether it is exactly the name.
+fn member_spelling(name: &'static str) -> impl Strategy<Value = (String, bool)> {
+    let n = name.chars().count();
+    let inserts = select(vec![
+        " ", "\\t", "\\u0000", "\\u200b", "\\ufeff", "\\u00ad", "\\u0301", "_",
+    ]);
+    (
+        vec((0u8..10, any::<bool>()), n),
+        proptest::option::weighted(0.3, (any::<Index>(), inserts)),
+    )
+        .prop_map(move |(choices, insert)| {
+            let mut json = String::from("\"");
+            let mut decoded = String::new();
+            let chars: Vec<char> = name.chars().collect();
+            let insert_at = insert.as_ref().map(|(i, _)| i.index(chars.len() + 1));
+            for (i, (c, (choice, escape))) in chars.iter().zip(choices).enumerate() {
+                if insert_at == Some(i) {
+                    let piece = insert.as_ref().unwrap().1;
+                    json.push_str(piece);
+                    decoded.push('\u{1}'); // anything that is not the name
+                }
+                let ch = match choice {
+                    0 => c.to_ascii_lowercase(),
+                    1 => c.to_ascii_uppercase(),
+                    2 => *alternatives(*c).last().unwrap(),
+                    _ => *c,
+                };
+                decoded.push(ch);
+                if escape {
+                    write!(json, "\\u{:04x}", ch as u32).unwrap();
+                } else {
+                    json.push(ch);
+                }
+            }
+            if insert_at == Some(chars.len()) {
+                json.push_str(insert.as_ref().unwrap().1);
+                decoded.push('\u{1}');
+            }
+            json.push('"');
+            let exact = decoded == name;
+            (json, exact)
+        })
+}
+
+fn alias_headers(op: TagOperation) -> HeaderMap {
+    kms_headers(&target(op), None)
+}
+
+proptest! {
+    #![proptest_config(config_scaled(2))]
+
+    /// A look-alike of `AliasName` or `TargetKeyId` next to the real member (so some reader
+    /// would take the look-alike's value, a protected alias or a target outside the account) is
+    /// always refused as unreadable; the exact name, escaped or not, is read as itself.
+    #[test]
+    fn look_alike_alias_members_are_refused(
+        op in select(ALIAS_OPS.to_vec()),
+        (which, (spelled, exact)) in select(vec!["AliasName", "TargetKeyId"])
+            .prop_flat_map(|which| (Just(which), member_spelling(which))),
+        first in any::<bool>(),
+    ) {
+        let canonical_target = "arn:aws:kms:us-east-1:111122223333:key/1234abcd";
+        let mut members = vec![r#""AliasName":"alias/team-prod-db""#.to_owned()];
+        if op.has_target_key_id() {
+            members.push(format!(r#""TargetKeyId":"{canonical_target}""#));
+        }
+        let smuggled = if which == "AliasName" {
+            r#""alias/team-payments-db""#
+        } else {
+            r#""arn:aws:kms:us-east-1:999999999999:key/1234abcd""#
+        };
+        let extra = format!("{spelled}:{smuggled}");
+        if first { members.insert(0, extra) } else { members.push(extra) }
+        let body = format!("{{{}}}", members.join(","));
+        let parsed = parse_tag_request(op, body.as_bytes());
+        let decision = decide(&STRICT, &alias_headers(op), body.as_bytes());
+        if exact {
+            // The same member twice, or (for DeleteAlias) a member it does not take.
+            prop_assert!(parsed.is_err(), "{body}: {parsed:?}");
+        } else {
+            let e = parsed.expect_err(&body).to_string();
+            prop_assert!(
+                e.contains("look-alike") || e.contains("unexpected member"),
+                "{body}: {e}"
+            );
+        }
+        prop_assert!(!decision.allowed(), "{body}");
+        prop_assert!(
+            decision.violations.iter().all(|v| &*v.rule == "request"),
+            "{body}: {:?}", decision.violations
+        );
+    }
+
+    /// Every other spelling of an alias target is either refused as unreadable or judged as the
+    /// key it certainly names: the `alias-targets` rule (`arn:aws:kms:*:111122223333:key/*`,
+    /// `arn:*:kms:*:*:key/mrk-*`) lets an alias point only at a key the oracle below places in
+    /// that account or among the `mrk-` keys.
+    #[test]
+    fn other_spellings_of_alias_targets_never_escape_a_target_rule(
+        op in select(vec![TagOperation::CreateAlias, TagOperation::UpdateAlias]),
+        base in select(vec![
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd",
+            "arn:aws:kms:us-east-1:999999999999:key/1234abcd",
+            "arn:aws:kms:us-east-1:999999999999:key/mrk-1",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234",
+        ]),
+        edits in vec((any::<Index>(), select(vec![
+            "case", "space", "nl", "tab", "zwsp", "nul", "fullwidth", "colon", "slash",
+            "key-prefix", "alias-suffix", "escape", "account", "drop-arn", "percent",
+        ])), 0..4),
+    ) {
+        let mut chars: Vec<String> = base.chars().map(|c| c.to_string()).collect();
+        let mut decoded_chars: Vec<String> = chars.clone();
+        for (at, edit) in edits {
+            let i = at.index(chars.len());
+            let c = decoded_chars[i].chars().next().unwrap_or('a');
+            let (json, dec): (String, String) = match edit {
+                "case" if c.is_ascii_lowercase() => (c.to_ascii_uppercase().to_string(), c.to_ascii_uppercase().to_string()),
+                "case" => (c.to_ascii_lowercase().to_string(), c.to_ascii_lowercase().to_string()),
+                "space" => (format!(" {c}"), format!(" {c}")),
+                "nl" => (format!("\\n{c}"), format!("\n{c}")),
+                "tab" => (format!("\\t{c}"), format!("\t{c}")),
+                "zwsp" => (format!("\\u200b{c}"), format!("\u{200b}{c}")),
+                "nul" => (format!("\\u0000{c}"), format!("\0{c}")),
+                "fullwidth" if c.is_ascii_alphanumeric() => {
+                    let w = char::from_u32(c as u32 - 0x21 + 0xff01).unwrap();
+                    (w.to_string(), w.to_string())
+                }
+                "colon" => (format!(":{c}"), format!(":{c}")),
+                "slash" => (format!("/{c}"), format!("/{c}")),
+                "escape" => (format!("\\u{:04x}", c as u32), c.to_string()),
+                "percent" => (format!("%{:02X}", c as u32 & 0xff), format!("%{:02X}", c as u32 & 0xff)),
+                _ => (c.to_string(), c.to_string()),
+            };
+            chars[i] = json;
+            decoded_chars[i] = dec;
+            match edit {
+                "key-prefix" => {
+                    chars.insert(0, "key/".into());
+                    decoded_chars.insert(0, "key/".into());
+                }
+                "alias-suffix" => {
+                    chars.push(":alias/team-prod-db".into());
+                    decoded_chars.push(":alias/team-prod-db".into());
+                }
+                "account" => {
+                    let j: String = decoded_chars.concat().replace("111122223333", "111122223334");
+                    chars = j.chars().map(|c| c.to_string()).collect();
+                    decoded_chars = chars.clone();
+                }
+                "drop-arn" => {
+                    let j: String = decoded_chars.concat();
+                    let j = j.rsplit('/').next().unwrap_or(&j).to_owned();
+                    chars = j.chars().map(|c| c.to_string()).collect();
+                    decoded_chars = chars.clone();
+                }
+                _ => {}
+            }
+        }
+        let json_target = chars.concat();
+        let target = decoded_chars.concat();
+        let body = format!(r#"{{"AliasName":"alias/team-prod-db","TargetKeyId":"{json_target}"}}"#);
+        let Ok(parsed) = serde_json::from_str::<Value>(&body) else {
+            return Ok(()); // not JSON: refused by any reader
+        };
+        prop_assert_eq!(parsed["TargetKeyId"].as_str(), Some(target.as_str()), "{}", body);
+        let decision = decide(&STRICT, &alias_headers(op), body.as_bytes());
+        let account_key = regex::Regex::new(
+            r"^arn:[A-Za-z0-9-]+:kms:[A-Za-z0-9-]+:111122223333:key/[A-Za-z0-9-]+$",
+        )
+        .unwrap();
+        let mrk_key = regex::Regex::new(
+            r"^(arn:[A-Za-z0-9-]+:kms:[A-Za-z0-9-]+:[0-9]+:key/)?(?i:mrk-)[A-Za-z0-9-]+$",
+        )
+        .unwrap();
+        let certainly_allowed = account_key.is_match(&target) || mrk_key.is_match(&target);
+        prop_assert_eq!(
+            decision.allowed(),
+            certainly_allowed,
+            "{} ({:?}): {:?}", body, target, decision.violations
+        );
+        if !decision.allowed() {
+            let rules = rule_ids(&decision.violations);
+            prop_assert!(
+                rules == BTreeSet::from(["request".to_owned()])
+                    || rules == BTreeSet::from(["alias-targets".to_owned()]),
+                "{}: {:?}", body, rules
+            );
+        }
+    }
+
+    /// Alias names outside the model's rules (read strictly) are refused whatever else the
+    /// request says, and a valid name is judged by the alias rules alone.
+    #[test]
+    fn alias_names_are_held_to_the_model(
+        op in select(ALIAS_OPS.to_vec()),
+        name in prop_oneof![
+            "alias/[a-zA-Z0-9/_-]{1,20}",
+            "[a-zA-Z0-9:/_ -]{0,12}",
+            "alias/aws/[a-z]{1,5}",
+            "(?i:alias/aws/)[a-z]{1,5}",
+            "alias/[a-z]{1,5}[:\u{e9}\u{212a}\u{0} ][a-z]{0,3}",
+        ],
+    ) {
+        let target = if op.has_target_key_id() {
+            r#","TargetKeyId":"arn:aws:kms:us-east-1:111122223333:key/1""#
+        } else {
+            ""
+        };
+        let body = format!(r#"{{"AliasName":{}{target}}}"#, lit(&name));
+        let valid = name.starts_with("alias/")
+            && name.len() > 6
+            && name.len() <= 256
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'))
+            && !name.to_ascii_lowercase().starts_with("alias/aws/");
+        let parsed = parse_tag_request(op, body.as_bytes());
+        prop_assert_eq!(parsed.is_ok(), valid, "{}: {:?}", body, parsed);
+        let decision = decide(&STRICT, &alias_headers(op), body.as_bytes());
+        if !valid {
+            prop_assert!(!decision.allowed());
+            prop_assert_eq!(rule_ids(&decision.violations), BTreeSet::from(["request".to_owned()]));
+        } else {
+            prop_assert!(decision.violations.iter().all(|v| &*v.rule != "request"));
+        }
+    }
+}
+
+/// The alias property above reaches allowed and denied targets, and refusals by the parser and
+/// by the rule.
+#[test]
+fn the_alias_target_generator_reaches_every_verdict() {
+    let headers = alias_headers(TagOperation::CreateAlias);
+    let mut seen = BTreeSet::new();
+    for target in [
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd",
+        "arn:aws:kms:us-east-1:999999999999:key/1234abcd",
+        "arn:aws:kms:us-east-1:999999999999:key/mrk-1",
+        "1234abcd",
+        "MRK-1",
+        " arn:aws:kms:us-east-1:111122223333:key/1234abcd",
+    ] {
+        let body = format!(r#"{{"AliasName":"alias/team-prod-db","TargetKeyId":"{target}"}}"#);
+        let d = decide(&STRICT, &headers, body.as_bytes());
+        seen.insert(format!("{}:{:?}", d.allowed(), rule_ids(&d.violations)));
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from([
+            "true:{}".to_owned(),
+            "false:{\"alias-targets\"}".to_owned(),
+            "false:{\"request\"}".to_owned(),
+        ])
+    );
 }

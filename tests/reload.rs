@@ -560,3 +560,91 @@ async fn a_config_or_certificate_that_becomes_a_fifo_stops_nothing() {
         exited.unwrap_or_else(|| panic!("no exit after SIGTERM:\n{}", serve.stderr()));
     assert!(status.success(), "{status}:\n{}", serve.stderr());
 }
+
+/// The imported AWS Organizations tag policy (`[policy].org_tag_policy`) reloads with its own
+/// file: a changed tag policy is in force by the poll alone though the config file is unchanged,
+/// and an invalid one (an authored policy) leaves the last good one in force.
+#[tokio::test]
+async fn a_changed_tag_policy_file_is_in_force_by_the_poll_alone() {
+    let setup = Setup::new().await;
+    let org = setup.path("effective-tag-policy.json");
+    // V1: team:x may hold any value; V2: only "a" (so every probe, "probe", is denied).
+    let v1 = r#"{"tags":{"team:x":{"tag_key":"team:x","enforced_for":["kms:key"]}}}"#;
+    let v2 =
+        r#"{"tags":{"team:x":{"tag_key":"team:x","tag_value":["a"],"enforced_for":["kms:key"]}}}"#;
+    std::fs::write(&org, v1).unwrap();
+    let path = setup.path("kms-tag-guard.toml");
+    std::fs::write(
+        &path,
+        setup.config("[policy]\norg_tag_policy = \"effective-tag-policy.json\"\n"),
+    )
+    .unwrap();
+    let proxy = start_from_file(&path).await;
+    assert_eq!(team_x(&proxy, "before").await, 200);
+
+    // An authored policy is refused: the V1 rules stay in force.
+    std::fs::write(
+        &org,
+        r#"{"tags":{"team:x":{"tag_value":{"@@assign":["a"]}}}}"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(7);
+    loop {
+        let m = scrape(proxy.admin_addr).await;
+        if m.count(RELOADS, &[("result", "error")]) >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the authored tag policy was not seen:\n{}",
+            m.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(team_x(&proxy, "still-v1").await, 200);
+
+    write_atomic(&org, v2);
+    wait_for_v2(&proxy, Duration::from_secs(7)).await;
+    let denied = proxy::read_audit(&setup.audit_path())
+        .into_iter()
+        .rfind(|r| r["event"] == "decision" && r["decision"] == "deny")
+        .expect("the denial is recorded");
+    assert_eq!(rule_ids(&denied), ["org:team:x"]);
+    let m = scrape(proxy.admin_addr).await;
+    assert_eq!(m.get(RELOADS, &[("result", "success")]), Some(1.0));
+}
+
+/// A config change that names a tag policy file which is not valid yet is refused; the file is
+/// watched from then on, so fixing the file alone (the config untouched) applies the policy.
+#[tokio::test]
+async fn a_newly_named_tag_policy_file_is_watched_even_while_invalid() {
+    let setup = Setup::new().await;
+    let path = setup.path("kms-tag-guard.toml");
+    std::fs::write(&path, setup.config(POLICY_V1)).unwrap();
+    let proxy = start_from_file(&path).await;
+    assert_eq!(team_x(&proxy, "before").await, 200);
+
+    let org = setup.path("effective-tag-policy.json");
+    std::fs::write(
+        &org,
+        r#"{"tags":{"team:x":{"tag_value":{"@@assign":["a"]}}}}"#,
+    )
+    .unwrap();
+    write_atomic(
+        &path,
+        &setup.config("[policy]\norg_tag_policy = \"effective-tag-policy.json\"\n"),
+    );
+    proxy.proxy.reload();
+    let m = scrape_when(proxy.admin_addr, |m| {
+        m.count(RELOADS, &[("result", "error")]) >= 1.0
+    })
+    .await;
+    assert_eq!(m.count(RELOADS, &[("result", "error")]), 1.0, "{}", m.text);
+    assert_eq!(team_x(&proxy, "still-v1").await, 200);
+
+    write_atomic(
+        &org,
+        r#"{"tags":{"team:x":{"tag_key":"team:x","tag_value":["a"],"enforced_for":["kms:key"]}}}"#,
+    );
+    wait_for_v2(&proxy, Duration::from_secs(12)).await;
+}

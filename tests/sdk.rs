@@ -442,3 +442,377 @@ exempt_principals = ["AKIDGUARDEXEMPT001"]
     assert_eq!(requests.len(), 3);
     assert_eq!(requests[2].verified().access_key_id, EXEMPT_ACCESS_KEY_ID);
 }
+
+/// A denial of an alias change: 400, `InvalidAliasNameException` (the error the SDK raises for
+/// a bad alias), a message naming every rule.
+fn assert_alias_denied<E, R>(
+    result: Result<R, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+    rules: &[&str],
+) where
+    E: aws_sdk_kms::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let error = result.expect_err("the proxy must deny");
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(400), "{}", error_chain(&error));
+    assert_eq!(
+        error.code(),
+        Some("InvalidAliasNameException"),
+        "{}",
+        error_chain(&error)
+    );
+    let message = error.message().unwrap_or_default().to_owned();
+    for rule in rules {
+        assert!(
+            message.contains(&format!("rule {rule}")),
+            "{rule} not in {message}"
+        );
+    }
+}
+
+const PROD_KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd";
+const OTHER_KEY_ARN: &str = "arn:aws:kms:us-east-1:999999999999:key/1234abcd";
+
+#[tokio::test]
+async fn alias_changes_are_judged_and_denials_are_typed_alias_exceptions() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy(&fake).await;
+    let kms = kms_client(&proxy.url());
+
+    // Allowed: inside the namespaces, not protected, the production alias at a production key.
+    kms.create_alias()
+        .alias_name("alias/team-ledger")
+        .target_key_id(KEY)
+        .send()
+        .await
+        .expect("CreateAlias in the team namespace is allowed");
+    kms.update_alias()
+        .alias_name("alias/app-prod-ledger")
+        .target_key_id(PROD_KEY_ARN)
+        .send()
+        .await
+        .expect("UpdateAlias to a production key is allowed");
+    kms.delete_alias()
+        .alias_name("alias/legacy")
+        .send()
+        .await
+        .expect("DeleteAlias of an unprotected alias is allowed");
+    let allowed = fake
+        .wait_for_requests(3, std::time::Duration::from_secs(5))
+        .await;
+    let targets: Vec<&str> = allowed.iter().filter_map(|r| r.operation()).collect();
+    assert_eq!(targets, ["CreateAlias", "UpdateAlias", "DeleteAlias"]);
+    fake.clear();
+
+    // Denied, with the modeled CreateAlias exception.
+    let result = kms
+        .create_alias()
+        .alias_name("alias/payments")
+        .target_key_id(KEY)
+        .send()
+        .await;
+    if let Err(SdkError::ServiceError(e)) = &result {
+        assert!(e.err().is_invalid_alias_name_exception(), "{:?}", e.err());
+    }
+    assert_alias_denied(result, &["alias-namespace"]);
+    let result = kms
+        .create_alias()
+        .alias_name("alias/team-payments")
+        .target_key_id(KEY)
+        .send()
+        .await;
+    assert_alias_denied(result, &["payments-aliases"]);
+    // UpdateAlias: judged on its name and its new target.
+    let result = kms
+        .update_alias()
+        .alias_name("alias/team-payments-db")
+        .target_key_id(KEY)
+        .send()
+        .await;
+    assert_alias_denied(result, &["payments-aliases"]);
+    let result = kms
+        .update_alias()
+        .alias_name("alias/app-prod-ledger")
+        .target_key_id(OTHER_KEY_ARN)
+        .send()
+        .await;
+    assert_alias_denied(result, &["prod-alias-targets"]);
+    // A bare key id cannot be tied to the production account.
+    let result = kms
+        .update_alias()
+        .alias_name("alias/app-prod-ledger")
+        .target_key_id(KEY)
+        .send()
+        .await;
+    assert_alias_denied(result, &["prod-alias-targets"]);
+    // DeleteAlias: judged on its name.
+    let result = kms
+        .delete_alias()
+        .alias_name("alias/team-payments")
+        .send()
+        .await;
+    assert_alias_denied(result, &["payments-aliases"]);
+    // The model's alias name rules, read strictly: refused as unreadable, typed the same way.
+    let result = kms
+        .create_alias()
+        .alias_name("alias/aws/ebs")
+        .target_key_id(KEY)
+        .send()
+        .await;
+    assert_alias_denied(result, &[]);
+    let result = kms
+        .create_alias()
+        .alias_name("alias/team-x")
+        .target_key_id("alias/team-ledger")
+        .send()
+        .await;
+    assert_alias_denied(result, &[]);
+
+    assert_nothing_forwarded("denied alias changes", &fake, proxy.addr).await;
+
+    let audit = proxy.settled_audit().await;
+    let decisions = decision_records(&audit);
+    assert_eq!(decisions.len(), 3 + 8, "{audit:#?}");
+    assert_eq!(decisions[0]["operation"], "CreateAlias");
+    assert_eq!(decisions[0]["alias"], "alias/team-ledger");
+    assert_eq!(decisions[0]["target_key_id"], KEY);
+    assert_eq!(decisions[0]["decision"], "allow");
+    assert_eq!(decisions[2]["operation"], "DeleteAlias");
+    assert_eq!(decisions[2]["alias"], "alias/legacy");
+    assert_eq!(decisions[2]["target_key_id"], Value::Null);
+    assert_eq!(decisions[2]["key_id"], Value::Null);
+    let outcomes: Vec<&Value> = audit.iter().filter(|r| r["event"] == "outcome").collect();
+    assert_eq!(outcomes.len(), 3);
+    assert!(
+        outcomes.iter().all(|o| o["applied"] == "yes"),
+        "{outcomes:#?}"
+    );
+    let repoint = decisions[6];
+    assert_eq!(repoint["operation"], "UpdateAlias");
+    assert_eq!(repoint["decision"], "deny");
+    assert_eq!(repoint["alias"], "alias/app-prod-ledger");
+    assert_eq!(repoint["target_key_id"], OTHER_KEY_ARN);
+    assert_eq!(
+        violated_rules(repoint, "violations"),
+        ["prod-alias-targets"]
+    );
+    let reserved = decisions[9];
+    assert_eq!(reserved["alias"], "alias/aws/ebs");
+    assert_eq!(violated_rules(reserved, "violations"), ["request"]);
+    // A tag change is recorded without the alias fields.
+    kms.tag_resource()
+        .key_id(KEY)
+        .tags(tag("team:app", "ledger"))
+        .send()
+        .await
+        .unwrap();
+    let audit = proxy.settled_audit().await;
+    let last = decision_records(&audit).last().copied().unwrap().clone();
+    assert_eq!(last["operation"], "TagResource");
+    assert!(last.get("alias").is_none() && last.get("target_key_id").is_none());
+}
+
+#[tokio::test]
+async fn alias_rules_take_dry_run_key_ids_and_exempt_principals() {
+    let fake = FakeKms::start().await;
+    let policy = r#"
+[[policy.rule]]
+id = "protected"
+type = "protected-alias"
+aliases = ["alias/payments*"]
+key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+exempt_principals = ["AKIDGUARDEXEMPT001"]
+
+[[policy.rule]]
+id = "trial-namespace"
+type = "alias-prefix"
+prefixes = ["alias/team-"]
+mode = "dry-run"
+"#;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            policy: policy.into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let kms = kms_client(&proxy.url());
+    let in_scope = kms
+        .create_alias()
+        .alias_name("alias/payments")
+        .target_key_id(PROD_KEY_ARN)
+        .send()
+        .await;
+    assert_alias_denied(in_scope, &["protected"]);
+    // DeleteAlias names no key: the alias may point at a key in scope, so the rule applies.
+    let delete = kms.delete_alias().alias_name("alias/Payments").send().await;
+    assert_alias_denied(delete, &["protected"]);
+    assert_eq!(fake.count(), 0);
+
+    kms.create_alias()
+        .alias_name("alias/payments")
+        .target_key_id(OTHER_KEY_ARN)
+        .send()
+        .await
+        .expect("another account's key is out of the rule's scope");
+    let exempt = kms_client_with(&proxy.url(), EXEMPT_ACCESS_KEY_ID, EXEMPT_SECRET_KEY, 1);
+    exempt
+        .delete_alias()
+        .alias_name("alias/payments")
+        .send()
+        .await
+        .expect("an exempt principal is allowed");
+    let requests = assert_all_verified(&fake);
+    assert_eq!(requests.len(), 2);
+    let audit = proxy.settled_audit().await;
+    let decisions = decision_records(&audit);
+    // The dry-run namespace rule recorded every alias outside alias/team-, and denied none.
+    let forwarded = &decisions[2];
+    assert_eq!(forwarded["decision"], "allow");
+    assert_eq!(
+        violated_rules(forwarded, "dry_run_violations"),
+        ["trial-namespace"]
+    );
+}
+
+/// The three example tag policies of the research note (shared/research/org-tag-policies.md §6),
+/// as the effective policies AWS would hand out: P1 as `describe-effective-policy` prints it,
+/// P2 and P3 as plain documents.
+const ORG_P1: &str = r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["100","200","300*"],"enforced_for":["kms:ALL_SUPPORTED"]}}}"#;
+const ORG_P2: &str = r#"{"tags":{"environment":{"tag_key":"Environment","tag_value":["Staging","Development"],"enforced_for":["kms:key"]}}}"#;
+const ORG_P3: &str = r#"{"tags":{"owner":{"tag_key":"Owner","tag_value":["*@example.com"],"enforced_for":["kms:key"],"report_required_tag_for":["kms:key"]},"keyaccess":{"tag_key":"KeyAccess","tag_value":[],"enforced_for":["kms:key"]}}}"#;
+
+/// A proxy whose policy is only the imported tag policy `document`.
+async fn org_proxy(fake: &FakeKms, dir: &tempfile::TempDir, document: &str) -> TestProxy {
+    let path = dir.path().join("effective-tag-policy.json");
+    std::fs::write(&path, document).unwrap();
+    start_proxy_with(
+        fake,
+        ProxyConfig {
+            policy: format!("[policy]\norg_tag_policy = \"{}\"\n", path.display()),
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_imported_tag_policy_gives_the_research_notes_verdicts() {
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cli_output = serde_json::json!({"EffectivePolicy": {
+        "PolicyContent": ORG_P1,
+        "LastUpdatedTimestamp": "2020-06-09T08:34:25.103000-07:00",
+        "TargetId": "123456789012",
+        "PolicyType": "TAG_POLICY"
+    }})
+    .to_string();
+
+    // P1: key case, a value list with a wildcard, enforced for KMS.
+    let proxy = org_proxy(&fake, &dir, &cli_output).await;
+    let kms = kms_client(&proxy.url());
+    let tag_one =
+        |k: &'static str, v: &'static str| kms.tag_resource().key_id(KEY).tags(tag(k, v)).send();
+    tag_one("CostCenter", "200")
+        .await
+        .expect("exact key, listed value");
+    assert_tag_exception(tag_one("costcenter", "200").await, &["org:costcenter"]);
+    tag_one("CostCenter", "300-emea")
+        .await
+        .expect("matches 300*");
+    assert_tag_exception(tag_one("CostCenter", "400").await, &["org:costcenter"]);
+    kms.create_key().send().await.expect("untagged creation");
+    tag_one("Owner", "alice")
+        .await
+        .expect("key not in the policy");
+    drop(proxy);
+
+    // P2: the sandbox OU's effective policy.
+    let proxy = org_proxy(&fake, &dir, ORG_P2).await;
+    let kms = kms_client(&proxy.url());
+    kms.create_key()
+        .tags(tag("Environment", "Development"))
+        .send()
+        .await
+        .expect("listed");
+    let production = kms
+        .create_key()
+        .tags(tag("Environment", "Production"))
+        .send()
+        .await;
+    assert_tag_exception(production, &["org:environment"]);
+    let lower = kms
+        .tag_resource()
+        .key_id(KEY)
+        .tags(tag("Environment", "development"))
+        .send()
+        .await;
+    assert_tag_exception(lower, &["org:environment"]);
+    let upper = kms
+        .tag_resource()
+        .key_id(KEY)
+        .tags(tag("ENVIRONMENT", "Staging"))
+        .send()
+        .await;
+    assert_tag_exception(upper, &["org:environment"]);
+    kms.replicate_key()
+        .key_id("mrk-1")
+        .replica_region("eu-west-1")
+        .set_tags(Some(tags(&[("Environment", "Staging"), ("Team", "x")])))
+        .send()
+        .await
+        .expect("Team is not evaluated");
+    drop(proxy);
+
+    // P3: a required owner e-mail, a banned key.
+    let proxy = org_proxy(&fake, &dir, ORG_P3).await;
+    let kms = kms_client(&proxy.url());
+    // AWS lets this through and reports the missing tag; the proxy stops it, because the entry
+    // is enforced for KMS keys and report_required_tag_for names them.
+    assert_tag_exception(kms.create_key().send().await, &["org:owner"]);
+    kms.create_key()
+        .tags(tag("Owner", "alice@example.com"))
+        .send()
+        .await
+        .expect("matches *@example.com");
+    for (key, value, rule) in [
+        ("Owner", "alice@example.org", "org:owner"),
+        ("Owner", "alice@EXAMPLE.com", "org:owner"),
+        ("KeyAccess", "admins", "org:keyaccess"),
+    ] {
+        let result = kms
+            .tag_resource()
+            .key_id(KEY)
+            .tags(tag(key, value))
+            .send()
+            .await;
+        assert_tag_exception(result, &[rule]);
+    }
+    kms.untag_resource()
+        .key_id(KEY)
+        .tag_keys("Owner")
+        .send()
+        .await
+        .expect("UntagResource is not blocked");
+
+    // Every allowed request reached KMS, no denied one did.
+    let forwarded: Vec<String> = assert_all_verified(&fake)
+        .iter()
+        .filter_map(|r| r.operation().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        forwarded,
+        [
+            "TagResource",
+            "TagResource",
+            "CreateKey",
+            "TagResource",
+            "CreateKey",
+            "ReplicateKey",
+            "CreateKey",
+            "UntagResource"
+        ]
+    );
+}

@@ -34,8 +34,17 @@ const KEY: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
 const ENCRYPT: &str = "TrentService.Encrypt";
 const TAG_RESOURCE: &str = "TrentService.TagResource";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
-/// The operations whose requests the proxy must inspect before KMS sees them.
-const TAG_OPERATIONS: [&str; 4] = ["TagResource", "UntagResource", "CreateKey", "ReplicateKey"];
+/// The operations whose requests the proxy must inspect before KMS sees them: those that change
+/// tags or aliases.
+const TAG_OPERATIONS: [&str; 7] = [
+    "TagResource",
+    "UntagResource",
+    "CreateKey",
+    "ReplicateKey",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+];
 /// The longest any single answer may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -301,9 +310,11 @@ fn assert_tag_changes_were_inspected(case: &str, recorded: &[Recorded], audit: &
             })
             .unwrap_or_default();
         let remove = body.get("TagKeys").cloned().unwrap_or_else(|| json!([]));
+        let alias = body.get("AliasName").cloned().unwrap_or(Value::Null);
         let decision = audit.iter().find(|r| {
             r["event"] == "decision"
                 && r["operation"] == op
+                && r.get("alias").cloned().unwrap_or(Value::Null) == alias
                 && r["decision"] == "allow"
                 && r["set"] == Value::Array(set.clone())
                 && r["remove"] == remove

@@ -378,6 +378,39 @@ mod tests {
             route("TrentService.CreateKey"),
             Ok(Route::Judge(TagOperation::CreateKey))
         );
+        for op in [
+            TagOperation::CreateAlias,
+            TagOperation::UpdateAlias,
+            TagOperation::DeleteAlias,
+        ] {
+            assert_eq!(route(&format!("TrentService.{op}")), Ok(Route::Judge(op)));
+        }
+        assert_eq!(
+            route("TrentService.ListAliases"),
+            Ok(Route::Pass(Operation::from_name("ListAliases").unwrap()))
+        );
+    }
+
+    #[test]
+    fn other_spellings_of_alias_targets_are_refused_and_audited() {
+        for t in [
+            "trentservice.createalias",
+            "TrentService.createAlias",
+            "TrentService.CREATEALIAS",
+            "TrentService.CreateAlias ",
+            "TrentService.CreateAliases",
+            "TrentService.UpdateAliasV2",
+            "TrentService.XDeleteAlias",
+            "TrentService.Deletealias",
+            "CreateAlias",
+        ] {
+            let refused = route(t).unwrap_err();
+            assert!(refused.may_change_tags, "{t:?}");
+            assert!(
+                matches!(refused.reason, Unreadable::TargetSpelling(_)),
+                "{t:?}: {refused:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,24 +1,32 @@
-//! The operations of the KMS service model, and which of them change tags.
+//! The operations of the KMS service model, and which of them change tags or aliases.
 
 /// The `X-Amz-Target` prefix of every KMS operation (the model's `targetPrefix`).
 pub const TARGET_PREFIX: &str = "TrentService.";
 
-/// The operations whose input can set or remove tags (every input shape with a `TagList` or
-/// `TagKeyList` member in `kms-service-2.json`).
+/// The operations the proxy reads and judges: those whose input can set or remove tags (every
+/// input shape with a `TagList` or `TagKeyList` member in `kms-service-2.json`), and those that
+/// create, repoint or delete an alias (every input shape with an `AliasNameType` member). Aliases
+/// grant access as tags do (`kms:ResourceAliases` in IAM policies), so both are judged alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TagOperation {
     TagResource,
     UntagResource,
     CreateKey,
     ReplicateKey,
+    CreateAlias,
+    UpdateAlias,
+    DeleteAlias,
 }
 
 impl TagOperation {
-    pub const ALL: [TagOperation; 4] = [
+    pub const ALL: [TagOperation; 7] = [
         TagOperation::TagResource,
         TagOperation::UntagResource,
         TagOperation::CreateKey,
         TagOperation::ReplicateKey,
+        TagOperation::CreateAlias,
+        TagOperation::UpdateAlias,
+        TagOperation::DeleteAlias,
     ];
 
     pub fn name(self) -> &'static str {
@@ -27,6 +35,9 @@ impl TagOperation {
             TagOperation::UntagResource => "UntagResource",
             TagOperation::CreateKey => "CreateKey",
             TagOperation::ReplicateKey => "ReplicateKey",
+            TagOperation::CreateAlias => "CreateAlias",
+            TagOperation::UpdateAlias => "UpdateAlias",
+            TagOperation::DeleteAlias => "DeleteAlias",
         }
     }
 
@@ -34,9 +45,27 @@ impl TagOperation {
         TagOperation::ALL.into_iter().find(|op| op.name() == name)
     }
 
-    /// Whether the operation names a key in `KeyId` (CreateKey makes a new one).
+    /// Whether the operation names a key in `KeyId` (TagResource, UntagResource, ReplicateKey;
+    /// CreateKey makes a new one, the alias operations name theirs in `TargetKeyId`).
     pub fn has_key_id(self) -> bool {
-        !matches!(self, TagOperation::CreateKey)
+        matches!(
+            self,
+            TagOperation::TagResource | TagOperation::UntagResource | TagOperation::ReplicateKey
+        )
+    }
+
+    /// Whether the operation creates, repoints or deletes an alias.
+    pub fn is_alias(self) -> bool {
+        matches!(
+            self,
+            TagOperation::CreateAlias | TagOperation::UpdateAlias | TagOperation::DeleteAlias
+        )
+    }
+
+    /// Whether the operation names the key an alias points at (`TargetKeyId`): CreateAlias and
+    /// UpdateAlias.
+    pub fn has_target_key_id(self) -> bool {
+        matches!(self, TagOperation::CreateAlias | TagOperation::UpdateAlias)
     }
 }
 
@@ -153,6 +182,41 @@ mod tests {
             None
         );
         assert_eq!(Operation::from_name("encrypt"), None);
+    }
+
+    #[test]
+    fn the_judged_operations_are_those_whose_input_holds_tags_or_an_alias_name() {
+        // Every input shape of the model with a member of shape TagList, TagKeyList or
+        // AliasNameType names an operation the proxy judges, and no other operation is judged.
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/kms-service-2.json");
+        let model: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model).unwrap()).unwrap();
+        let mut judged: Vec<&str> = model["operations"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, op)| {
+                let Some(input) = op["input"]["shape"].as_str() else {
+                    return false;
+                };
+                model["shapes"][input]["members"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .any(|m| {
+                        matches!(
+                            m["shape"].as_str(),
+                            Some("TagList" | "TagKeyList" | "AliasNameType")
+                        )
+                    })
+            })
+            .map(|(name, _)| name.as_str())
+            .collect();
+        judged.sort_unstable();
+        let mut ours: Vec<&str> = TagOperation::ALL.iter().map(|op| op.name()).collect();
+        ours.sort_unstable();
+        assert_eq!(judged, ours);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Strict parsing of a tag-bearing request body into a [`TagChange`].
+//! Strict parsing of a tag- or alias-bearing request body into a [`TagChange`].
 //!
 //! The proxy forwards the client's bytes, never a re-serialisation, so what KMS reads must be what
 //! the proxy judged. Wherever two reasonable JSON parsers could read the body differently, the body
@@ -12,6 +12,10 @@
 //! CreateKey and ReplicateKey carry members the proxy does not judge, which are still checked as
 //! above at every depth. Escapes are decoded before anything is compared, so `"Pro\u006aect"` is
 //! judged as `Project`.
+//!
+//! CreateAlias, UpdateAlias and DeleteAlias are read the same way: exactly `AliasName` and
+//! `TargetKeyId` (DeleteAlias: `AliasName`), with look-alikes of both guarded like the tag
+//! members, and the alias name held to the rules of the model, read strictly ([`check_alias_name`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -29,12 +33,17 @@ pub struct Tag {
     pub value: String,
 }
 
-/// What a tag-bearing request would change.
+/// What a tag- or alias-bearing request would change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagChange {
     pub operation: TagOperation,
-    /// The `KeyId` member as sent (key id, key ARN, ...); `None` for CreateKey.
+    /// The key the request names, as sent (key id, key ARN, ...): the `KeyId` member, or for
+    /// CreateAlias and UpdateAlias the `TargetKeyId` (the key the alias is to point at); `None`
+    /// for CreateKey and DeleteAlias (which names no key: the proxy cannot see which key the
+    /// alias points at).
     pub key_id: Option<String>,
+    /// The `AliasName` of an alias operation.
+    pub alias: Option<String>,
     /// Tags set (TagResource, CreateKey, ReplicateKey), in request order.
     pub set: Vec<Tag>,
     /// Tag keys removed (UntagResource), in request order.
@@ -52,12 +61,105 @@ pub enum RequestError {
     Json(String),
     #[error("the tag key {0:?} appears twice in one request; send each tag key once")]
     DuplicateTagKey(String),
+    #[error("{0}")]
+    AliasName(String),
+    #[error("{0}")]
+    TargetKeyId(String),
 }
 
 /// The members whose spelling decides what a request changes. A look-alike of one of these (the
 /// same skeleton, `crate::fold::skeleton`, but not the same name) is refused wherever it stands:
 /// some parsers match member names ignoring case, and lenient ones drop what they cannot read.
-const GUARDED_MEMBERS: [&str; 5] = ["Tags", "TagKeys", "TagKey", "TagValue", "KeyId"];
+const GUARDED_MEMBERS: [&str; 7] = [
+    "Tags",
+    "TagKeys",
+    "TagKey",
+    "TagValue",
+    "KeyId",
+    "AliasName",
+    "TargetKeyId",
+];
+
+/// The longest alias name the model allows (`AliasNameType`), in characters.
+pub const MAX_ALIAS_CHARS: usize = 256;
+/// The longest key identifier the model allows (`KeyIdType`), in characters.
+pub const MAX_KEY_ID_CHARS: usize = 2048;
+
+/// Checks an `AliasName` against the rules of the KMS model, read strictly: 1 to 256
+/// characters, starting with `alias/` and a name after it, only ASCII letters, digits, `/`, `_`
+/// and `-` (the documented rule; the model's pattern `^[a-zA-Z0-9:/_-]+$` also admits `:`, which
+/// moto refuses: the stricter reading is taken), and not under `alias/aws/`, which is reserved
+/// for AWS managed keys (compared ignoring case, the stricter reading).
+pub fn check_alias_name(name: &str) -> Result<(), String> {
+    let shown = crate::text::bounded_quoted(name, 300);
+    if name.chars().count() > MAX_ALIAS_CHARS {
+        return Err(format!(
+            "the alias name {shown} is longer than the {MAX_ALIAS_CHARS} characters KMS allows"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')))
+    {
+        return Err(format!(
+            "the alias name {shown} holds {c:?}; an alias name holds only ASCII letters, digits, '/', '_' and '-'"
+        ));
+    }
+    let Some(rest) = name.strip_prefix("alias/") else {
+        return Err(format!(
+            "the alias name {shown} does not start with \"alias/\" (exact case); name an alias as alias/<name>"
+        ));
+    };
+    if rest.is_empty() {
+        return Err(
+            "the alias name \"alias/\" names no alias; name an alias as alias/<name>".into(),
+        );
+    }
+    if name.len() >= 10 && name[..10].eq_ignore_ascii_case("alias/aws/") {
+        return Err(format!(
+            "the alias name {shown} is under alias/aws/, which is reserved for AWS managed keys (compared ignoring case)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `TargetKeyId`: a key id (ASCII letters, digits and `-`: `1234abcd-…`, `mrk-…`) or a
+/// key ARN of exactly the shape `arn:<partition>:kms:<region>:<account>:key/<key id>`, at most
+/// 2048 characters. Anything else is refused: an alias (the model allows only a key id or key
+/// ARN, and an alias names no key the proxy can judge), whitespace, other characters, another
+/// ARN shape, which some reader might resolve to a key the `targets` of a rule did not name.
+pub fn check_target_key_id(key_id: &str) -> Result<(), String> {
+    let shown = crate::text::bounded_quoted(key_id, 300);
+    if key_id.len() > MAX_KEY_ID_CHARS {
+        return Err(format!(
+            "the TargetKeyId {shown} is longer than the {MAX_KEY_ID_CHARS} characters KMS allows"
+        ));
+    }
+    let lower = key_id.to_ascii_lowercase();
+    if lower.starts_with("alias/") || lower.contains(":alias/") {
+        return Err(format!(
+            "the TargetKeyId {shown} is an alias; point an alias at a key by its key id or key ARN"
+        ));
+    }
+    let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let valid = match key_id.split(':').collect::<Vec<_>>().as_slice() {
+        [id] => word(id),
+        ["arn", partition, "kms", region, account, resource] => {
+            word(partition)
+                && word(region)
+                && !account.is_empty()
+                && account.bytes().all(|b| b.is_ascii_digit())
+                && resource.strip_prefix("key/").is_some_and(word)
+        }
+        _ => false,
+    };
+    if !valid {
+        return Err(format!(
+            "the TargetKeyId {shown} is neither a key id (letters, digits and '-') nor a key ARN arn:<partition>:kms:<region>:<account>:key/<key id>; send the key id or key ARN exactly"
+        ));
+    }
+    Ok(())
+}
 
 /// Parses the body of a tag-bearing operation strictly.
 pub fn parse_tag_request(operation: TagOperation, body: &[u8]) -> Result<TagChange, RequestError> {
@@ -79,6 +181,14 @@ pub fn parse_tag_request(operation: TagOperation, body: &[u8]) -> Result<TagChan
 
     if let Some(key) = repeated_tag_key(&change) {
         return Err(RequestError::DuplicateTagKey(key.clone()));
+    }
+    if let Some(alias) = &change.alias {
+        check_alias_name(alias).map_err(RequestError::AliasName)?;
+    }
+    if change.operation.has_target_key_id() {
+        if let Some(target) = &change.key_id {
+            check_target_key_id(target).map_err(RequestError::TargetKeyId)?;
+        }
     }
     Ok(change)
 }
@@ -154,7 +264,7 @@ fn look_alike_of_guarded(name: &str) -> Option<&'static str> {
             .bytes()
             .filter(|b| !crate::fold::dropped_ascii(*b))
             .count();
-        if !(4..=8).contains(&kept) {
+        if !(4..=11).contains(&kept) {
             return None;
         }
     }
@@ -219,11 +329,33 @@ impl<'de> Visitor<'de> for RequestVisitor {
         let op = self.operation;
         let mut names = MemberNames::new();
         let mut key_id = None;
+        let mut alias = None;
         let mut set = None;
         let mut remove = None;
         while let Some(name) = map.next_key_seed(MemberName)? {
             names.admit(name.clone())?;
             match (op, name.as_ref()) {
+                (
+                    TagOperation::CreateAlias
+                    | TagOperation::UpdateAlias
+                    | TagOperation::DeleteAlias,
+                    "AliasName",
+                ) => {
+                    alias = Some(map.next_value::<String>()?);
+                }
+                (TagOperation::CreateAlias | TagOperation::UpdateAlias, "TargetKeyId") => {
+                    key_id = Some(map.next_value::<String>()?);
+                }
+                (TagOperation::CreateAlias | TagOperation::UpdateAlias, _) => {
+                    return Err(de::Error::custom(format_args!(
+                        "unexpected member {name:?}; {op} takes exactly AliasName and TargetKeyId"
+                    )));
+                }
+                (TagOperation::DeleteAlias, _) => {
+                    return Err(de::Error::custom(format_args!(
+                        "unexpected member {name:?}; DeleteAlias takes exactly AliasName"
+                    )));
+                }
                 (
                     TagOperation::TagResource
                     | TagOperation::UntagResource
@@ -259,6 +391,12 @@ impl<'de> Visitor<'de> for RequestVisitor {
         if op.has_key_id() && key_id.is_none() {
             return Err(missing("KeyId"));
         }
+        if op.has_target_key_id() && key_id.is_none() {
+            return Err(missing("TargetKeyId"));
+        }
+        if op.is_alias() && alias.is_none() {
+            return Err(missing("AliasName"));
+        }
         match op {
             TagOperation::TagResource if set.is_none() => return Err(missing("Tags")),
             TagOperation::UntagResource if remove.is_none() => return Err(missing("TagKeys")),
@@ -267,6 +405,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
         Ok(TagChange {
             operation: op,
             key_id,
+            alias,
             set: set.unwrap_or_default(),
             remove: remove.unwrap_or_default(),
         })
@@ -752,6 +891,161 @@ mod tests {
         );
         assert!(rejected(TagResource, r#"{"KeyId":"k","\u0074ags":[]}"#).contains("letter case"));
         assert!(rejected(TagResource, r#"{"KeyId":"k","Tag\u017f":[]}"#).contains("letter case"));
+    }
+
+    #[test]
+    fn reads_alias_requests() {
+        let change = parse(
+            CreateAlias,
+            r#"{"AliasName":"alias/team-a","TargetKeyId":"1234abcd-12ab-34cd-56ef-1234567890ab"}"#,
+        )
+        .unwrap();
+        assert_eq!(change.alias.as_deref(), Some("alias/team-a"));
+        assert_eq!(
+            change.key_id.as_deref(),
+            Some("1234abcd-12ab-34cd-56ef-1234567890ab")
+        );
+        assert!(change.set.is_empty() && change.remove.is_empty());
+        let change = parse(
+            UpdateAlias,
+            r#"{"TargetKeyId":"arn:aws:kms:us-east-1:111122223333:key/mrk-1","AliasName":"alias/x_y-z/1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            change.key_id.as_deref(),
+            Some("arn:aws:kms:us-east-1:111122223333:key/mrk-1")
+        );
+        let change = parse(DeleteAlias, r#"{"AliasName":"alias/\u0078"}"#).unwrap();
+        assert_eq!(change.alias.as_deref(), Some("alias/x"));
+        assert_eq!(change.key_id, None);
+    }
+
+    #[test]
+    fn refuses_alias_bodies_another_reader_could_read_otherwise() {
+        for (op, body, expected) in [
+            (
+                CreateAlias,
+                r#"{"AliasName":"alias/a","AliasName":"alias/b","TargetKeyId":"k"}"#,
+                "twice",
+            ),
+            (
+                CreateAlias,
+                r#"{"AliasName":"alias/a","aliasName":"alias/b","TargetKeyId":"k"}"#,
+                "look-alike",
+            ),
+            (
+                CreateAlias,
+                r#"{"AliasName":"alias/a","TargetKeyID":"k"}"#,
+                "look-alike",
+            ),
+            (
+                UpdateAlias,
+                r#"{"AliasName":"alias/a","TargetKeyId":"k","Target\u212aeyId":"j"}"#,
+                "look-alike",
+            ),
+            (
+                DeleteAlias,
+                r#"{"AliasName":"alias/a","Alias Name":"alias/b"}"#,
+                "look-alike",
+            ),
+            (
+                DeleteAlias,
+                r#"{"AliasName":"alias/a","TargetKeyId":"k"}"#,
+                "exactly AliasName",
+            ),
+            (
+                CreateAlias,
+                r#"{"AliasName":"alias/a","TargetKeyId":"k","KeyId":"j"}"#,
+                "unexpected member",
+            ),
+            (CreateAlias, r#"{"AliasName":"alias/a"}"#, "TargetKeyId"),
+            (CreateAlias, r#"{"TargetKeyId":"k"}"#, "AliasName"),
+            (DeleteAlias, "", "AliasName"),
+            (
+                CreateAlias,
+                r#"{"AliasName":["alias/a"],"TargetKeyId":"k"}"#,
+                "string",
+            ),
+            (
+                CreateAlias,
+                r#"{"AliasName":"alias/a","TargetKeyId":null}"#,
+                "string",
+            ),
+            (CreateKey, r#"{"AliasName":"alias/a"}"#, "may not appear"),
+        ] {
+            let e = rejected(op, body);
+            assert!(e.contains(expected), "{op} {body}: {e}");
+        }
+    }
+
+    #[test]
+    fn alias_names_follow_the_model_read_strictly() {
+        for good in ["alias/a", "alias/Team-A_1/x", "alias/aws", "alias/awsx/y"] {
+            check_alias_name(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let long = format!("alias/{}", "a".repeat(250));
+        check_alias_name(&long).unwrap();
+        for (bad, expected) in [
+            ("", "alias/"),
+            ("alias/", "names no alias"),
+            ("Alias/x", "does not start"),
+            ("x", "does not start"),
+            ("arn:aws:kms:us-east-1:111122223333:alias/x", "':'"),
+            ("alias/a:b", "':'"),
+            ("alias/a b", "' '"),
+            ("alias/caf\u{e9}", "'\u{e9}'"),
+            ("alias/a\u{0}", "'\\0'"),
+            ("alias/aws/ebs", "reserved"),
+            ("alias/AWS/ebs", "reserved"),
+            ("alias/Aws/x", "reserved"),
+        ] {
+            let e = check_alias_name(bad).unwrap_err();
+            assert!(e.contains(expected), "{bad:?}: {e}");
+        }
+        let too_long = format!("alias/{}", "a".repeat(251));
+        assert!(check_alias_name(&too_long).unwrap_err().contains("256"));
+        // Through the parser, the same rules refuse the body.
+        for op in [CreateAlias, UpdateAlias] {
+            let e = rejected(op, r#"{"AliasName":"alias/aws/ebs","TargetKeyId":"k"}"#);
+            assert!(e.contains("reserved"), "{e}");
+        }
+        assert!(rejected(DeleteAlias, r#"{"AliasName":"alias/a:b"}"#).contains("':'"));
+    }
+
+    #[test]
+    fn alias_targets_are_key_ids_or_key_arns_exactly() {
+        for good in [
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/mrk-1",
+        ] {
+            check_target_key_id(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "alias/app",
+            "ALIAS/app",
+            "arn:aws:kms:us-east-1:111122223333:alias/app",
+            " 1234abcd",
+            "1234abcd\n",
+            "key/1234abcd",
+            "ARN:aws:kms:us-east-1:111122223333:key/1",
+            "arn:aws:kms:us-east-1:111122223333:key/1:2",
+            "arn:aws:kms:us-east-1:111122223333:key/a/b",
+            "arn:aws:kms:us-east-1:111122223333:x:key/1",
+            "arn:aws:kms:us-east-1:11112222333a:key/1",
+            "arn:aws:iam::111122223333:key/1",
+            "arn:aws:kms:us-east-1::key/1",
+            "1234\u{212a}",
+        ] {
+            assert!(check_target_key_id(bad).is_err(), "{bad:?}");
+        }
+        let e = rejected(
+            CreateAlias,
+            r#"{"AliasName":"alias/a","TargetKeyId":"alias/other"}"#,
+        );
+        assert!(e.contains("is an alias"), "{e}");
     }
 
     #[test]

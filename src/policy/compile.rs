@@ -5,14 +5,27 @@ use std::collections::HashSet;
 
 use regex::{Regex, RegexBuilder};
 
+use super::org::ORG_RULE_PREFIX;
 use super::rules::{KeyMatcher, Rule, RuleKind, ValueMatcher};
 use super::{Mode, Policy, UnknownOperations, MAX_TAGS_RULE, REQUEST_RULE};
 use crate::fold::fold;
 use crate::glob::KeyGlob;
 use crate::toml_reader::{Errors, Reader};
 
-/// Compiles the `[policy]` section `r` reads.
-pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
+/// An AWS Organizations tag policy to import (`[policy].org_tag_policy`), read by the caller.
+pub(crate) struct OrgPolicyText<'a> {
+    /// The file, as messages and rule origins name it.
+    pub file: &'a str,
+    pub text: &'a str,
+}
+
+/// Compiles the `[policy]` section `r` reads, and the rules of the tag policy `org` (whose
+/// `org_tag_policy` key the caller has read).
+pub(crate) fn compile(
+    r: &mut Reader,
+    errors: &mut Errors,
+    org: Option<OrgPolicyText<'_>>,
+) -> Policy {
     let mode = read_mode(r, errors).unwrap_or(Mode::Enforce);
     let max_tags = r.integer("max_tags", errors, 1).unwrap_or(50) as usize;
     // Secure by default: an operation the proxy does not know is one it cannot judge.
@@ -46,6 +59,23 @@ pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
                     let rule = read_rule(&mut rr, errors, &mut ids);
                     rr.finish(errors);
                     rules.extend(rule);
+                }
+            }
+        }
+    }
+    if let Some(org) = org {
+        match super::org::import(org.text, org.file) {
+            Ok(imported) => rules.extend(imported.into_iter().map(|i| Rule {
+                id: i.id.into(),
+                mode: i.mode,
+                key_ids: Vec::new(),
+                exempt_principals: Vec::new(),
+                kind: RuleKind::OrgTag(i.tag),
+                origin: i.origin.into(),
+            })),
+            Err(messages) => {
+                for message in messages {
+                    errors.push("policy.org_tag_policy", format!("{}: {message}", org.file));
                 }
             }
         }
@@ -84,6 +114,10 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         Some(id) if id == MAX_TAGS_RULE || id == REQUEST_RULE => errors.push(
             &r.key_path("id"),
             format!("{id:?} is reserved for the proxy's own denials; choose another id"),
+        ),
+        Some(id) if id.starts_with(ORG_RULE_PREFIX) => errors.push(
+            &r.key_path("id"),
+            format!("{id:?}: ids starting with {ORG_RULE_PREFIX:?} are reserved for the rules imported from org_tag_policy; choose another id"),
         ),
         Some(id) if !ids.insert(id.to_owned()) => errors.push(
             &r.key_path("id"),
@@ -125,7 +159,7 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
             if !r.has("type") {
                 errors.push(
                     &r.key_path("type"),
-                    "every rule needs a type: required-prefix, forbidden-key, value-pattern or required-key",
+                    "every rule needs a type: required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target",
                 );
             }
             None
@@ -134,10 +168,15 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         Some("forbidden-key") => read_forbidden_key(r, errors),
         Some("value-pattern") => read_value_pattern(r, errors),
         Some("required-key") => read_required_key(r, errors),
+        Some("alias-prefix") => read_alias_prefix(r, errors),
+        Some("protected-alias") => {
+            alias_globs(r, "aliases", errors).map(|aliases| RuleKind::ProtectedAlias { aliases })
+        }
+        Some("alias-target") => read_alias_target(r, errors),
         Some(other) => {
             errors.push(
                 &r.key_path("type"),
-                format!("{other:?} is not a rule type; use required-prefix, forbidden-key, value-pattern or required-key"),
+                format!("{other:?} is not a rule type; use required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target"),
             );
             None
         }
@@ -148,6 +187,7 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         key_ids,
         exempt_principals,
         kind: kind?,
+        origin: r.key_path("").trim_end_matches('.').into(),
     })
 }
 
@@ -298,5 +338,72 @@ fn read_value_pattern(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
 fn read_required_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
     Some(RuleKind::RequiredKey {
         keys: non_empty_strings(r, "keys", errors)?,
+    })
+}
+
+/// `prefixes`: each starts with `alias/`.
+fn read_alias_prefix(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let prefixes = non_empty_strings(r, "prefixes", errors)?;
+    let path = r.key_path("prefixes");
+    let mut ok = true;
+    for (i, p) in prefixes.iter().enumerate() {
+        if !p.starts_with("alias/") {
+            errors.push(
+                &format!("{path}[{i}]"),
+                format!("{p:?}: an alias prefix starts with \"alias/\" (exact case), as in \"alias/team-\""),
+            );
+            ok = false;
+        }
+    }
+    ok.then_some(RuleKind::AliasPrefix { prefixes })
+}
+
+/// A required list of alias globs (`*` = any run, compared ignoring ASCII case), each starting
+/// with `alias/`.
+fn alias_globs(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<KeyGlob>> {
+    let items = non_empty_strings(r, key, errors)?;
+    let path = r.key_path(key);
+    let mut globs = Vec::new();
+    for (i, g) in items.iter().enumerate() {
+        if !g.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("alias/")) && g != "*" {
+            errors.push(
+                &format!("{path}[{i}]"),
+                format!("{g:?}: an alias glob starts with \"alias/\", as in \"alias/payments-*\" (or is \"*\")"),
+            );
+            continue;
+        }
+        match KeyGlob::new(g) {
+            Ok(glob) => globs.push(glob),
+            Err(e) => errors.push(&format!("{path}[{i}]"), e),
+        }
+    }
+    (globs.len() == items.len()).then_some(globs)
+}
+
+fn read_alias_target(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let aliases = alias_globs(r, "aliases", errors);
+    let targets = non_empty_strings(r, "targets", errors).and_then(|items| {
+        let path = r.key_path("targets");
+        let globs: Vec<KeyGlob> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                if g.to_ascii_lowercase().contains("alias/") {
+                    errors.push(
+                        &format!("{path}[{i}]"),
+                        format!("{g:?}: targets name keys (key ids or key ARNs), not aliases"),
+                    );
+                    return None;
+                }
+                KeyGlob::new(g)
+                    .map_err(|e| errors.push(&format!("{path}[{i}]"), e))
+                    .ok()
+            })
+            .collect();
+        (globs.len() == items.len()).then_some(globs)
+    });
+    Some(RuleKind::AliasTarget {
+        aliases: aliases?,
+        targets: targets?,
     })
 }

@@ -1,12 +1,13 @@
-//! The organisation's tag rules, compiled once, and their evaluation.
+//! The organisation's tag and alias rules, compiled once, and their evaluation.
 //!
 //! Pure: no I/O, no async, no HTTP. `evaluate` turns a [`TagChange`] and its [`Context`] into a
 //! [`Decision`] that lists every violation, so one denial tells the caller everything to fix.
 
 mod compile;
+mod org;
 mod rules;
 
-pub(crate) use compile::compile;
+pub(crate) use compile::{compile, OrgPolicyText};
 
 use std::sync::Arc;
 
@@ -72,9 +73,47 @@ impl Policy {
         self.unknown_operations
     }
 
+    /// Every rule, as `kms-tag-guard check` lists it: id, type, mode in force, and where it was
+    /// written (`policy.rule[N]`, or the tag policy file and policy key it was imported from).
+    pub fn rule_summaries(&self) -> Vec<RuleSummary> {
+        self.rules
+            .iter()
+            .map(|r| RuleSummary {
+                id: r.id.to_string(),
+                kind: r.kind.type_name(),
+                mode: r.mode.unwrap_or(self.mode),
+                origin: r.origin.to_string(),
+            })
+            .collect()
+    }
+
     /// Whether no violation can deny: dry-run, and no rule enforced on its own.
     pub fn enforces_no_rule(&self) -> bool {
         self.mode == Mode::DryRun && self.rules.iter().all(|r| r.mode != Some(Mode::Enforce))
+    }
+}
+
+/// One rule, as `kms-tag-guard check` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSummary {
+    pub id: String,
+    /// The rule type (`required-prefix`, ..., `org-tag-policy` for imported rules).
+    pub kind: &'static str,
+    pub mode: Mode,
+    pub origin: String,
+}
+
+impl std::fmt::Display for RuleSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::DryRun => "dry-run",
+        };
+        write!(
+            f,
+            "{} ({}, {mode}) from {}",
+            self.id, self.kind, self.origin
+        )
     }
 }
 

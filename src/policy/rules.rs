@@ -1,9 +1,11 @@
-//! The four rule types and what each one checks.
+//! The rule types and what each one checks: four on tags, three on aliases, and the rules
+//! imported from an AWS Organizations tag policy (`super::org`).
 
 use std::sync::Arc;
 
 use regex::Regex;
 
+use super::org::OrgTag;
 use super::{quoted, shown_key, Context, Mode, Violation, Violations};
 use crate::fold::{eq_ignore_case, fold};
 use crate::glob::KeyGlob;
@@ -20,6 +22,9 @@ pub struct Rule {
     /// Access key ids the rule does not apply to.
     pub(super) exempt_principals: Vec<String>,
     pub(super) kind: RuleKind,
+    /// Where the rule was written: `policy.rule[N]`, or the tag policy file and policy key it
+    /// was imported from.
+    pub(super) origin: Arc<str>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +52,35 @@ pub(super) enum RuleKind {
     /// CreateKey and ReplicateKey must carry these keys (exact case); UntagResource may not
     /// remove them.
     RequiredKey { keys: Vec<String> },
+    /// CreateAlias and UpdateAlias names must start with one of `prefixes` (exact case).
+    AliasPrefix { prefixes: Vec<String> },
+    /// Aliases matching one of `aliases` (globs, ignoring ASCII case) may not be created,
+    /// repointed or deleted.
+    ProtectedAlias { aliases: Vec<KeyGlob> },
+    /// An alias matching one of `aliases` (ignoring ASCII case) may be created or repointed only
+    /// to a key matching one of `targets` ([`target_matches`]).
+    AliasTarget {
+        aliases: Vec<KeyGlob>,
+        targets: Vec<KeyGlob>,
+    },
+    /// One entry of an imported AWS Organizations tag policy.
+    OrgTag(OrgTag),
+}
+
+impl RuleKind {
+    /// The rule type, as the configuration names it.
+    pub(super) fn type_name(&self) -> &'static str {
+        match self {
+            RuleKind::RequiredPrefix { .. } => "required-prefix",
+            RuleKind::ForbiddenKey { .. } => "forbidden-key",
+            RuleKind::ValuePattern { .. } => "value-pattern",
+            RuleKind::RequiredKey { .. } => "required-key",
+            RuleKind::AliasPrefix { .. } => "alias-prefix",
+            RuleKind::ProtectedAlias { .. } => "protected-alias",
+            RuleKind::AliasTarget { .. } => "alias-target",
+            RuleKind::OrgTag(_) => "org-tag-policy",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +110,9 @@ impl Rule {
         }
         match &change.key_id {
             Some(key_id) => self.key_ids.iter().any(|g| key_glob_may_match(g, key_id)),
+            // DeleteAlias names no key, but the alias may point at a listed one: the proxy
+            // cannot tell, so the rule applies.
+            None if change.operation == TagOperation::DeleteAlias => true,
             // CreateKey has no KeyId: only rules without key_ids apply to it.
             None => false,
         }
@@ -201,9 +238,94 @@ impl Rule {
                         });
                     }
                 }
-                TagOperation::TagResource => {}
+                TagOperation::TagResource
+                | TagOperation::CreateAlias
+                | TagOperation::UpdateAlias
+                | TagOperation::DeleteAlias => {}
             },
+            RuleKind::AliasPrefix { prefixes } => {
+                let Some(alias) = &change.alias else { return };
+                if change.operation == TagOperation::DeleteAlias {
+                    return;
+                }
+                if !prefixes.iter().any(|p| alias.starts_with(p.as_str())) {
+                    out.add(&self.id, || Violation {
+                        rule: self.id.clone(),
+                        key: None,
+                        message: format!(
+                            "the alias name {} must start with one of {} ({} names an alias only inside those)",
+                            quoted(alias),
+                            quoted_list(prefixes),
+                            change.operation
+                        ),
+                    });
+                }
+            }
+            RuleKind::ProtectedAlias { aliases } => {
+                let Some(alias) = &change.alias else { return };
+                if let Some(glob) = aliases.iter().find(|g| g.matches(alias)) {
+                    let verb = match change.operation {
+                        TagOperation::CreateAlias => "created",
+                        TagOperation::UpdateAlias => "repointed",
+                        _ => "deleted",
+                    };
+                    out.add(&self.id, || Violation {
+                        rule: self.id.clone(),
+                        key: None,
+                        message: format!(
+                            "the alias {} is protected ({:?}, ignoring case) and may not be {verb}",
+                            quoted(alias),
+                            glob.as_str()
+                        ),
+                    });
+                }
+            }
+            RuleKind::AliasTarget { aliases, targets } => {
+                let (Some(alias), Some(target)) = (&change.alias, &change.key_id) else {
+                    return;
+                };
+                let Some(glob) = aliases.iter().find(|g| g.matches(alias)) else {
+                    return;
+                };
+                if !targets.iter().any(|t| target_matches(t, target)) {
+                    out.add(&self.id, || Violation {
+                        rule: self.id.clone(),
+                        key: None,
+                        message: format!(
+                            "the alias {} ({:?}) may point only at a key matching {}; {} is not one (a bare key id matches an ARN glob only when its partition, region and account are *: send the key ARN)",
+                            quoted(alias),
+                            glob.as_str(),
+                            quoted_list(&targets.iter().map(|t| t.as_str().to_owned()).collect::<Vec<_>>()),
+                            quoted(target)
+                        ),
+                    });
+                }
+            }
+            RuleKind::OrgTag(entry) => entry.check(&self.id, change, out),
         }
+    }
+}
+
+/// Whether an `alias-target` glob certainly names the key `target` (a key id or key ARN, as the
+/// strict parser admits them). An allow-list errs on the side of not matching: a bare key id
+/// cannot be tied to an account, partition or region, so an ARN glob matches it only when all
+/// three are `*` and its resource matches `key/<id>`.
+pub(super) fn target_matches(glob: &KeyGlob, target: &str) -> bool {
+    if glob.matches(target) {
+        return true;
+    }
+    if target.contains(':') {
+        return false;
+    }
+    let parts: Vec<&str> = glob.as_str().split(':').collect();
+    match parts.as_slice() {
+        [arn, "*", service, "*", "*", resource]
+            if arn.eq_ignore_ascii_case("arn")
+                && (service.eq_ignore_ascii_case("kms") || *service == "*") =>
+        {
+            KeyGlob::new(resource).is_ok_and(|g| g.matches(&format!("key/{target}")))
+        }
+        _ => false,
     }
 }
 
@@ -319,6 +441,32 @@ mod tests {
             let by_fold = folded_keys.iter().position(|k| *k == fold(key));
             assert_eq!(position_folded(&folded_keys, key), by_fold, "{key:?}");
         }
+    }
+
+    #[test]
+    fn alias_targets_match_only_what_they_certainly_name() {
+        let any_account = KeyGlob::new("arn:*:kms:*:*:key/1234*").unwrap();
+        assert!(target_matches(&any_account, "1234abcd"));
+        assert!(target_matches(
+            &any_account,
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd"
+        ));
+        assert!(!target_matches(&any_account, "9999abcd"));
+        let account = KeyGlob::new("arn:aws:kms:*:111122223333:key/*").unwrap();
+        assert!(target_matches(
+            &account,
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd"
+        ));
+        // A bare id cannot be tied to the account: not certainly in it.
+        assert!(!target_matches(&account, "1234abcd"));
+        assert!(!target_matches(
+            &account,
+            "arn:aws:kms:us-east-1:999999999999:key/1234abcd"
+        ));
+        let bare = KeyGlob::new("mrk-*").unwrap();
+        assert!(target_matches(&bare, "mrk-1"));
+        assert!(target_matches(&bare, "MRK-1"));
+        assert!(!target_matches(&bare, "arn:aws:kms:us-east-1:1:key/mrk-1"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ fn set(op: TagOperation, tags: &[(&str, &str)]) -> TagChange {
             })
             .collect(),
         remove: vec![],
+        alias: None,
     }
 }
 
@@ -30,6 +31,7 @@ fn untag(keys: &[&str]) -> TagChange {
         key_id: Some("1234abcd".into()),
         set: vec![],
         remove: keys.iter().map(|k| (*k).to_owned()).collect(),
+        alias: None,
     }
 }
 
@@ -233,4 +235,385 @@ patterns = ["^secret", "^iam[-:]"]
         );
         assert!(!d.allowed(), "{key}");
     }
+}
+
+fn alias_change(op: TagOperation, alias: &str, target: Option<&str>) -> TagChange {
+    TagChange {
+        operation: op,
+        key_id: target.map(str::to_owned),
+        set: vec![],
+        remove: vec![],
+        alias: Some(alias.to_owned()),
+    }
+}
+
+const ALIAS_RULES: &str = r#"
+[[policy.rule]]
+id = "team-aliases"
+type = "alias-prefix"
+prefixes = ["alias/team-", "alias/app/"]
+
+[[policy.rule]]
+id = "payments-aliases"
+type = "protected-alias"
+aliases = ["alias/payments-*", "alias/root"]
+
+[[policy.rule]]
+id = "prod-targets"
+type = "alias-target"
+aliases = ["alias/team-prod-*"]
+targets = ["arn:aws:kms:*:111122223333:key/*", "mrk-prod-*"]
+"#;
+
+#[test]
+fn each_alias_rule_type_allows_and_denies() {
+    use TagOperation::{CreateAlias, DeleteAlias, UpdateAlias};
+    let p = policy(ALIAS_RULES);
+    let ctx = Context::default();
+    let prod = "arn:aws:kms:us-east-1:111122223333:key/1234abcd";
+    let other = "arn:aws:kms:us-east-1:999999999999:key/1234abcd";
+    let cases: &[(TagChange, &[&str])] = &[
+        (alias_change(CreateAlias, "alias/team-a", Some("k1")), &[]),
+        (alias_change(CreateAlias, "alias/app/x", Some("k1")), &[]),
+        (
+            alias_change(CreateAlias, "alias/other", Some("k1")),
+            &["team-aliases"],
+        ),
+        // Exact case: alias names are case-sensitive.
+        (
+            alias_change(CreateAlias, "alias/Team-a", Some("k1")),
+            &["team-aliases"],
+        ),
+        (
+            alias_change(UpdateAlias, "alias/other", Some("k1")),
+            &["team-aliases"],
+        ),
+        // DeleteAlias is not held to the prefixes.
+        (alias_change(DeleteAlias, "alias/other", None), &[]),
+        (
+            alias_change(CreateAlias, "alias/payments-x", Some("k1")),
+            &["payments-aliases", "team-aliases"],
+        ),
+        // Protected globs compare ignoring case: the stricter reading.
+        (
+            alias_change(DeleteAlias, "alias/PAYMENTS-x", None),
+            &["payments-aliases"],
+        ),
+        (
+            alias_change(DeleteAlias, "alias/root", None),
+            &["payments-aliases"],
+        ),
+        (alias_change(DeleteAlias, "alias/rooted", None), &[]),
+        (
+            alias_change(UpdateAlias, "alias/team-prod-db", Some(prod)),
+            &[],
+        ),
+        (
+            alias_change(UpdateAlias, "alias/team-prod-db", Some(other)),
+            &["prod-targets"],
+        ),
+        // A bare id cannot be tied to the account: it is not certainly a listed key.
+        (
+            alias_change(CreateAlias, "alias/team-prod-db", Some("1234abcd")),
+            &["prod-targets"],
+        ),
+        (
+            alias_change(CreateAlias, "alias/TEAM-PROD-db", Some("mrk-prod-1")),
+            &["team-aliases"],
+        ),
+        (
+            alias_change(CreateAlias, "alias/team-prod-db", Some("mrk-prod-1")),
+            &[],
+        ),
+        (
+            alias_change(CreateAlias, "alias/team-dev", Some(other)),
+            &[],
+        ),
+    ];
+    for (change, expected) in cases {
+        let decision = p.evaluate(change, &ctx);
+        let mut got = rules_violated(&decision);
+        got.sort_unstable();
+        assert_eq!(got, *expected, "{change:?}");
+        assert!(decision
+            .violations
+            .iter()
+            .all(|v| v.message.contains("alias")));
+    }
+    // Tag changes are not judged by alias rules, nor alias changes by tag rules.
+    let tags = policy(&POLICY[..POLICY.find("# Aliases grant").unwrap()]);
+    assert!(tags
+        .evaluate(&alias_change(CreateAlias, "alias/x", Some("k")), &ctx)
+        .allowed());
+    assert!(p
+        .evaluate(&set(TagOperation::TagResource, &[("Project", "x")]), &ctx)
+        .allowed());
+}
+
+#[test]
+fn alias_rules_take_mode_key_ids_and_exempt_principals() {
+    let p = policy(
+        r#"
+[[policy.rule]]
+id = "protected"
+type = "protected-alias"
+aliases = ["alias/payments-*"]
+key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+exempt_principals = ["AKIDADMIN"]
+
+[[policy.rule]]
+id = "trial"
+type = "alias-prefix"
+prefixes = ["alias/team-"]
+mode = "dry-run"
+"#,
+    );
+    let ctx = Context::default();
+    let in_account = alias_change(
+        TagOperation::CreateAlias,
+        "alias/payments-x",
+        Some("arn:aws:kms:us-east-1:111122223333:key/k"),
+    );
+    let d = p.evaluate(&in_account, &ctx);
+    assert_eq!(rules_violated(&d), ["protected"]);
+    assert_eq!(d.dry_run_violations.len(), 1);
+    assert_eq!(&*d.dry_run_violations[0].rule, "trial");
+    let admin = Context {
+        access_key_id: Some("AKIDADMIN"),
+    };
+    assert!(p.evaluate(&in_account, &admin).allowed());
+    let elsewhere = alias_change(
+        TagOperation::CreateAlias,
+        "alias/payments-x",
+        Some("arn:aws:kms:us-east-1:444455556666:key/k"),
+    );
+    assert!(p.evaluate(&elsewhere, &ctx).allowed());
+    // DeleteAlias names no key: the alias may point at a listed one, so the rule applies.
+    let delete = alias_change(TagOperation::DeleteAlias, "alias/payments-x", None);
+    assert_eq!(rules_violated(&p.evaluate(&delete, &ctx)), ["protected"]);
+}
+
+#[test]
+fn alias_rules_are_checked_at_load() {
+    let errors = Config::parse(
+        r#"
+[[policy.rule]]
+id = "a"
+type = "alias-prefix"
+prefixes = ["team-"]
+
+[[policy.rule]]
+id = "b"
+type = "protected-alias"
+aliases = []
+
+[[policy.rule]]
+id = "c"
+type = "alias-target"
+aliases = ["payments-*"]
+targets = ["alias/other"]
+
+[[policy.rule]]
+id = "org:mine"
+type = "protected-alias"
+aliases = ["alias/x"]
+"#,
+        ConfigSource::BuiltIn,
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "policy.rule[0].prefixes[0]",
+        "policy.rule[1].aliases: may not be empty",
+        "policy.rule[2].aliases[0]",
+        "policy.rule[2].targets[0]",
+        "policy.rule[3].id",
+    ] {
+        assert!(errors.contains(expected), "{expected}: {errors}");
+    }
+}
+
+/// The three example policies of the research note (shared/research/org-tag-policies.md, §6),
+/// as effective policies, with the verdicts listed there.
+pub(crate) const ORG_P1: &str = r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["100","200","300*"],"enforced_for":["kms:ALL_SUPPORTED"]}}}"#;
+pub(crate) const ORG_P2: &str = r#"{"tags":{"environment":{"tag_key":"Environment","tag_value":["Staging","Development"],"enforced_for":["kms:key"]}}}"#;
+pub(crate) const ORG_P3: &str = r#"{"tags":{"owner":{"tag_key":"Owner","tag_value":["*@example.com"],"enforced_for":["kms:key"],"report_required_tag_for":["kms:key"]},"keyaccess":{"tag_key":"KeyAccess","tag_value":[],"enforced_for":["kms:key"]}}}"#;
+
+fn org_policy(document: &str) -> (tempfile::TempDir, Arc<Policy>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("org.json"), document).unwrap();
+    let config = dir.path().join("kms-tag-guard.toml");
+    std::fs::write(&config, "[policy]\norg_tag_policy = \"org.json\"\n").unwrap();
+    let policy = Config::load(&config).unwrap().policy;
+    (dir, policy)
+}
+
+#[test]
+fn the_research_notes_example_policies_get_their_verdicts() {
+    use TagOperation::{CreateKey, ReplicateKey, TagResource};
+    let ctx = Context::default();
+    let p1: &[(TagChange, &[&str])] = &[
+        (set(TagResource, &[("CostCenter", "200")]), &[]),
+        (
+            set(TagResource, &[("costcenter", "200")]),
+            &["org:costcenter"],
+        ),
+        (set(TagResource, &[("CostCenter", "300-emea")]), &[]),
+        (
+            set(TagResource, &[("CostCenter", "400")]),
+            &["org:costcenter"],
+        ),
+        (set(CreateKey, &[]), &[]),
+        (set(TagResource, &[("Owner", "alice")]), &[]),
+    ];
+    let p2: &[(TagChange, &[&str])] = &[
+        (set(CreateKey, &[("Environment", "Development")]), &[]),
+        (
+            set(CreateKey, &[("Environment", "Production")]),
+            &["org:environment"],
+        ),
+        (
+            set(TagResource, &[("Environment", "development")]),
+            &["org:environment"],
+        ),
+        (
+            set(TagResource, &[("ENVIRONMENT", "Staging")]),
+            &["org:environment"],
+        ),
+        (
+            set(ReplicateKey, &[("Environment", "Staging"), ("Team", "x")]),
+            &[],
+        ),
+    ];
+    let p3: &[(TagChange, &[&str])] = &[
+        // AWS allows this and only reports the missing tag; the proxy enforces
+        // report_required_tag_for at creation when the entry is enforced for KMS keys.
+        (set(CreateKey, &[]), &["org:owner"]),
+        (set(CreateKey, &[("Owner", "alice@example.com")]), &[]),
+        (
+            set(TagResource, &[("Owner", "alice@example.org")]),
+            &["org:owner"],
+        ),
+        (
+            set(TagResource, &[("Owner", "alice@EXAMPLE.com")]),
+            &["org:owner"],
+        ),
+        (
+            set(TagResource, &[("KeyAccess", "admins")]),
+            &["org:keyaccess"],
+        ),
+        (untag(&["Owner"]), &[]),
+    ];
+    for (document, cases) in [(ORG_P1, p1), (ORG_P2, p2), (ORG_P3, p3)] {
+        let (_dir, p) = org_policy(document);
+        for (change, expected) in cases {
+            let d = p.evaluate(change, &ctx);
+            assert_eq!(rules_violated(&d), *expected, "{document}: {change:?}");
+        }
+    }
+}
+
+#[test]
+fn imported_rules_sit_beside_toml_rules_and_say_where_they_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("org.json"), ORG_P1).unwrap();
+    let config = dir.path().join("kms-tag-guard.toml");
+    assert!(POLICY.contains("[policy]\n"));
+    std::fs::write(
+        &config,
+        POLICY.replace("[policy]\n", "[policy]\norg_tag_policy = \"org.json\"\n"),
+    )
+    .unwrap();
+    let config = Config::load(&config).unwrap();
+    let summaries = config.policy.rule_summaries();
+    let org = summaries.iter().find(|s| s.id == "org:costcenter").unwrap();
+    assert_eq!(org.kind, "org-tag-policy");
+    assert!(org.origin.ends_with("org.json: tags.costcenter"), "{org:?}");
+    let toml = summaries.iter().find(|s| s.id == "abac-keys").unwrap();
+    assert!(toml.origin.starts_with("policy.rule["), "{toml:?}");
+    assert_eq!(
+        config.org_tag_policy.as_ref().unwrap().path,
+        dir.path().join("org.json")
+    );
+    let d = config.policy.evaluate(
+        &set(
+            TagOperation::TagResource,
+            &[("costcenter", "1"), ("Project", "x")],
+        ),
+        &Context::default(),
+    );
+    let mut got = rules_violated(&d);
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(got, ["abac-keys", "org-prefix", "org:costcenter"]);
+}
+
+#[test]
+fn an_unreadable_or_authored_tag_policy_makes_the_config_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kms-tag-guard.toml");
+    std::fs::write(&config, "[policy]\norg_tag_policy = \"missing.json\"\n").unwrap();
+    let errors = Config::load(&config).unwrap_err().to_string();
+    assert!(errors.contains("policy.org_tag_policy"), "{errors}");
+    assert!(errors.contains("missing.json"), "{errors}");
+    let authored = r#"{"tags":{"costcenter":{"tag_key":{"@@assign":"CostCenter"}}}}"#;
+    std::fs::write(dir.path().join("missing.json"), authored).unwrap();
+    let errors = Config::load(&config).unwrap_err().to_string();
+    assert!(errors.contains("describe-effective-policy"), "{errors}");
+}
+
+#[test]
+fn unclear_aws_semantics_take_the_stricter_reading() {
+    let ctx = Context::default();
+    // `*` matches one or more characters, never nothing.
+    let (_dir, p) = org_policy(
+        r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["300*","*"],"enforced_for":["kms:*"]}}}"#,
+    );
+    assert!(p
+        .evaluate(
+            &set(TagOperation::TagResource, &[("CostCenter", "300")]),
+            &ctx
+        )
+        .allowed());
+    let (_dir, p) = org_policy(
+        r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["300*"],"enforced_for":["kms:*"]}}}"#,
+    );
+    assert!(!p
+        .evaluate(
+            &set(TagOperation::TagResource, &[("CostCenter", "300")]),
+            &ctx
+        )
+        .allowed());
+    let (_dir, p) = org_policy(
+        r#"{"tags":{"costcenter":{"tag_key":"CostCenter","tag_value":["*"],"enforced_for":["kms:*"]}}}"#,
+    );
+    assert!(!p
+        .evaluate(&set(TagOperation::TagResource, &[("CostCenter", "")]), &ctx)
+        .allowed());
+    // The policy key is matched ignoring case, so a policy key written in capitals still
+    // governs every spelling of the tag key, and tag_key decides the one compliant spelling.
+    let (_dir, p) =
+        org_policy(r#"{"tags":{"CostCenter":{"tag_key":"CostCenter","enforced_for":["kms:*"]}}}"#);
+    for key in ["costcenter", "COSTCENTER", "Co\u{17f}tCenter"] {
+        let d = p.evaluate(&set(TagOperation::TagResource, &[(key, "1")]), &ctx);
+        assert_eq!(rules_violated(&d), ["org:CostCenter"], "{key}");
+    }
+    // Without tag_key, the lower-case spelling is the compliant one (AWS's default).
+    let (_dir, p) = org_policy(r#"{"tags":{"Team":{"enforced_for":["kms:*"]}}}"#);
+    assert!(p
+        .evaluate(&set(TagOperation::TagResource, &[("team", "1")]), &ctx)
+        .allowed());
+    assert!(!p
+        .evaluate(&set(TagOperation::TagResource, &[("Team", "1")]), &ctx)
+        .allowed());
+    // Not enforced for KMS keys: reported, not enforced.
+    let (_dir, p) = org_policy(
+        r#"{"tags":{"costcenter":{"tag_key":"CostCenter","enforced_for":["secretsmanager:*"]}}}"#,
+    );
+    let d = p.evaluate(
+        &set(TagOperation::TagResource, &[("costcenter", "1")]),
+        &ctx,
+    );
+    assert!(d.allowed());
+    assert_eq!(d.dry_run_violations.len(), 1);
 }

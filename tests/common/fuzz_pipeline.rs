@@ -7,7 +7,8 @@
 //!
 //! - only an exact `X-Amz-Target: TrentService.<Op>` names an operation;
 //! - whenever the strict parser accepts a body, serde_json reads the same body, with no repeated
-//!   member in any object, and agrees on `KeyId`, `Tags` and `TagKeys`;
+//!   member in any object, and agrees on `KeyId`, `Tags` and `TagKeys` (and, for the alias
+//!   operations, on `AliasName` and `TargetKeyId`);
 //! - an allowed tag-bearing request was read by the strict parser;
 //! - under a policy in dry-run, only an unreadable request is denied.
 //!
@@ -113,7 +114,7 @@ pub fn check(data: &[u8], configs: &[Config]) -> Result<(), String> {
         }
     }
 
-    let mut read = [false; 4];
+    let mut read = [false; TagOperation::ALL.len()];
     for (i, op) in TagOperation::ALL.into_iter().enumerate() {
         read[i] = check_parser_agrees(op, body)?;
     }
@@ -213,11 +214,19 @@ fn serde_reading(op: TagOperation, value: &Value) -> Result<TagChange, String> {
     let text = |v: &Value| v.as_str().map(str::to_owned).ok_or("not a string");
     let key_id = if op.has_key_id() {
         Some(text(object.get("KeyId").ok_or("no KeyId")?)?)
+    } else if op.has_target_key_id() {
+        Some(text(object.get("TargetKeyId").ok_or("no TargetKeyId")?)?)
+    } else {
+        None
+    };
+    let alias = if op.is_alias() {
+        Some(text(object.get("AliasName").ok_or("no AliasName")?)?)
     } else {
         None
     };
     let set = match (op, object.get("Tags")) {
         (TagOperation::UntagResource, _) | (_, None) => Vec::new(),
+        (op, Some(_)) if op.is_alias() => return Err("Tags in an alias operation".into()),
         (_, Some(tags)) => {
             let tags = tags.as_array().ok_or("Tags is not an array")?;
             let mut set = Vec::new();
@@ -249,6 +258,7 @@ fn serde_reading(op: TagOperation, value: &Value) -> Result<TagChange, String> {
         key_id,
         set,
         remove,
+        alias,
     })
 }
 
@@ -271,7 +281,15 @@ fn check_parser_agrees(op: TagOperation, body: &[u8]) -> Result<bool, String> {
         ));
     }
     let members = value.as_object().map_or(0, |o| o.len());
-    if matches!(op, TagOperation::TagResource | TagOperation::UntagResource) && members != 2 {
+    let exact_members = match op {
+        TagOperation::TagResource
+        | TagOperation::UntagResource
+        | TagOperation::CreateAlias
+        | TagOperation::UpdateAlias => Some(2),
+        TagOperation::DeleteAlias => Some(1),
+        TagOperation::CreateKey | TagOperation::ReplicateKey => None,
+    };
+    if exact_members.is_some_and(|n| n != members) {
         return Err(format!("{op}: an accepted body with {members} members"));
     }
     Ok(true)

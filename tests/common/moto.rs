@@ -105,6 +105,12 @@ impl Moto {
         moto
     }
 
+    /// The venv's Python, which has boto3 (a dependency of moto) for tests that drive the proxy
+    /// with the AWS SDK for Python.
+    pub fn python() -> PathBuf {
+        deps::python_venv("moto-venv", REQUIREMENTS, (3, 10)).join("bin/python")
+    }
+
     /// `http://127.0.0.1:PORT`, for the proxy's `[upstream] endpoint`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

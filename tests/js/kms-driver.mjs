@@ -265,6 +265,9 @@ async function runCall(scenario, client, call, id, outputs, counter) {
       ...transport(),
       ok: false,
       error: error?.name ?? String(error),
+      // Whether the SDK raised its modeled exception class of that name (a typed error), not a
+      // generic service exception that only carries the name.
+      modeled: typeof kms[error?.name] === "function" && error instanceof kms[error.name],
       fault: error?.$fault ?? null,
       code: error?.code ?? null,
       status: meta.httpStatusCode ?? null,
