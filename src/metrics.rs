@@ -10,6 +10,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+/// Log lines dropped because the reader of standard error was too slow (`crate::logs`). One per
+/// process, like the log itself; every [`Metrics`] registers it.
+static LOG_LINES_DROPPED: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+
+/// Counts a log line dropped (or lost to a broken standard error).
+pub fn log_line_dropped() {
+    LOG_LINES_DROPPED.inc();
+}
+
+/// How many log lines this process has dropped.
+pub fn log_lines_dropped_total() -> u64 {
+    LOG_LINES_DROPPED.get()
+}
+
 /// What became of a request, as `kms_tag_guard_requests_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -214,6 +228,11 @@ impl Metrics {
             "kms_tag_guard_connection_setup_timeouts",
             "Connections closed because their set-up (TLS, CONNECT, first request head) outlasted header_read_timeout_ms",
             setup_timeouts.clone(),
+        );
+        registry.register(
+            "kms_tag_guard_log_lines_dropped",
+            "Log lines dropped because the reader of standard error was slower than the proxy logs (logging never waits)",
+            LOG_LINES_DROPPED.clone(),
         );
         Metrics {
             registry,
