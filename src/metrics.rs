@@ -67,6 +67,24 @@ pub enum ReloadResult {
     error,
 }
 
+/// What a reload reloads, as `kms_tag_guard_reloads_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reloaded {
+    /// The `[policy]` of the config file.
+    policy,
+    /// The listener's certificate and key (`[listener] tls_cert`, `tls_key`).
+    listener_cert,
+    /// The interception CA (`[intercept] ca_cert`, `ca_key`).
+    ca,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    what: Reloaded,
+    result: ReloadResult,
+}
+
 /// What the connection budget did when `[limits].max_connections` was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -114,6 +132,7 @@ pub struct Metrics {
     durations: Family<ClassLabels, Histogram>,
     upstream_errors: Family<KindLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    all_reloads: Family<ReloadLabels, Counter>,
     audit_write_failures: Counter,
     audit_queue: Gauge,
     audit_stalled: Gauge,
@@ -168,6 +187,12 @@ impl Metrics {
             "kms_tag_guard_policy_reloads",
             "Policy reloads by result",
             reloads.clone(),
+        );
+        let all_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_reloads",
+            "Reloads by what was reloaded (policy, listener_cert, ca) and result; a failed one keeps what was in use",
+            all_reloads.clone(),
         );
         let audit_write_failures = Counter::default();
         registry.register(
@@ -240,6 +265,7 @@ impl Metrics {
             durations,
             upstream_errors,
             reloads,
+            all_reloads,
             audit_write_failures,
             audit_queue,
             audit_stalled,
@@ -271,8 +297,18 @@ impl Metrics {
             .inc();
     }
 
+    /// A policy reload: counted in `kms_tag_guard_policy_reloads_total` (its published name)
+    /// and in `kms_tag_guard_reloads_total{what="policy"}`.
     pub fn reload(&self, result: ReloadResult) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.reloaded(Reloaded::policy, result);
+    }
+
+    /// A reload of `what` (certificates; policies through [`Metrics::reload`]).
+    pub fn reloaded(&self, what: Reloaded, result: ReloadResult) {
+        self.all_reloads
+            .get_or_create(&ReloadLabels { what, result })
+            .inc();
     }
 
     pub fn audit_write_failure(&self) {
@@ -361,6 +397,7 @@ mod tests {
             "kms_tag_guard_request_duration_seconds_count{class=\"inspect\"} 1",
             "kms_tag_guard_upstream_errors_total{kind=\"timeout\"} 1",
             "kms_tag_guard_policy_reloads_total{result=\"error\"} 1",
+            "kms_tag_guard_reloads_total{what=\"policy\",result=\"error\"} 1",
             "kms_tag_guard_audit_write_failures_total 1",
             "kms_tag_guard_policy_info{sha256=\"def\"} 1",
         ] {
