@@ -206,3 +206,72 @@ fn wait_for_line(path: &Path, needle: &str) -> bool {
     }
     false
 }
+
+/// Point 3: the admin port has a connection cap (the oldest closed to make room, so a probe
+/// always gets in), a small head limit and a header timeout. 200 connections holding half a head
+/// each leave the process with at most the cap open, and `/healthz` still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_is_bounded_and_probes_still_get_in() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeKms::start().await;
+    let mut opts = ChildOptions::new(&fake.url());
+    opts.config.admin = true;
+    let mut proxy = start_child(opts).await;
+    let admin = proxy.admin();
+    assert_eq!(admin_get(admin, "/healthz").await.status, 200);
+    let fds_before = proxy.open_fds();
+
+    // Half a head each: a request line and 6 KB of one header, never finished.
+    let partial = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+        "a".repeat(6 * 1024)
+    );
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        stream.write_all(partial.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    // Every connection accepted, the oldest closed to make room.
+    let settled = poll_until(Duration::from_secs(5), || {
+        proxy.open_fds() <= fds_before + kms_tag_guard::admin::MAX_CONNECTIONS + 4
+    })
+    .await;
+    assert!(
+        settled,
+        "200 half-sent admin heads hold {} descriptors (before: {fds_before}, cap {})",
+        proxy.open_fds(),
+        kms_tag_guard::admin::MAX_CONNECTIONS
+    );
+    // A probe gets in and is answered while they are held.
+    let probe = tokio::time::timeout(Duration::from_secs(2), admin_get(admin, "/healthz"))
+        .await
+        .expect("/healthz answered while 200 connections hold half a head");
+    assert_eq!(probe.status, 200);
+
+    // A head over the limit is refused, not buffered.
+    let mut big = RawConn::connect(admin).await.unwrap();
+    let over = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(kms_tag_guard::admin::MAX_HEAD_BYTES + 1024)
+    );
+    let _ = big.write(over.as_bytes()).await;
+    match big.read_response().await {
+        Ok(answer) => assert_eq!(answer.status, 431, "{}", answer.body_str()),
+        Err(e) => assert!(
+            e.kind() != std::io::ErrorKind::TimedOut,
+            "an oversized admin head was neither refused nor closed: {e}"
+        ),
+    }
+
+    // A silent connection is closed after the header read timeout.
+    let mut silent = RawConn::connect(admin).await.unwrap();
+    assert!(
+        silent
+            .is_closed_within(kms_tag_guard::admin::HEADER_READ_TIMEOUT + Duration::from_secs(3))
+            .await,
+        "a silent admin connection outlives the header read timeout"
+    );
+    drop(held);
+    proxy.stop();
+}
