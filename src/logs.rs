@@ -153,17 +153,41 @@ fn run<W: Write>(shared: &Shared, mut sink: W) {
     }
 }
 
+impl LogGuard {
+    /// What a task that ends the process without unwinding (`std::process::exit`) calls first.
+    pub fn finisher(&self) -> LogFinisher {
+        LogFinisher {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.queued.notify_all();
-        let done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
-        // The reader may never read again: wait a bounded time, then exit regardless.
-        let _ = self
-            .shared
-            .finished
-            .wait_timeout_while(done, FLUSH_AT_EXIT, |done| !*done);
+        finish(&self.shared);
     }
+}
+
+/// Closes the queue and waits (at most [`FLUSH_AT_EXIT`]) for what is queued to be written.
+#[derive(Clone)]
+pub struct LogFinisher {
+    shared: Arc<Shared>,
+}
+
+impl LogFinisher {
+    pub fn finish(&self) {
+        finish(&self.shared);
+    }
+}
+
+fn finish(shared: &Shared) {
+    shared.lock().closed = true;
+    shared.queued.notify_all();
+    let done = shared.done.lock().unwrap_or_else(|e| e.into_inner());
+    // The reader may never read again: wait a bounded time, then exit regardless.
+    let _ = shared
+        .finished
+        .wait_timeout_while(done, FLUSH_AT_EXIT, |done| !*done);
 }
 
 /// One log line being formatted; queued whole when the formatter is done with it.

@@ -149,9 +149,10 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    let Some(_logs) = init_logging(log_format) else {
+    let Some(logs) = init_logging(log_format) else {
         return ExitCode::FAILURE;
     };
+    let finish_logs = logs.finisher();
     // Many systems start services with a soft limit of 1,024 descriptors and a far higher hard
     // limit; the proxy needs two per connection.
     match kms_tag_guard::fds::raise_nofile() {
@@ -207,6 +208,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         tokio::spawn(async move {
             let signal = signals.stop().await;
             tracing::warn!(signal, "second signal: exiting without draining");
+            finish_logs.finish();
             std::process::exit(1);
         });
         proxy.shutdown();
@@ -216,6 +218,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
     // A file read still running on the blocking pool (a stalled network file system) must not
     // hold the exit back.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(logs);
     code
 }
 
