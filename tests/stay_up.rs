@@ -61,6 +61,7 @@ async fn a_log_pipe_nobody_reads_stops_no_traffic() {
         }
     };
     assert!(dropped > 0.0, "{sent} denied requests dropped no log line");
+    eprintln!("{sent} denied requests answered with stderr unread; {dropped} log lines dropped");
     assert_eq!(fake.count(), 0, "no denied request reached KMS");
 
     // Pass-through is served while the pipe is full.
