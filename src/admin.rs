@@ -4,7 +4,8 @@
 //! Bounded for everyone: at most [`MAX_CONNECTIONS`] connections (at the cap, the oldest is
 //! closed to make room, so that a probe always gets in); a request head of at most
 //! [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] lines (else 431), within [`HEADER_READ_TIMEOUT`]; and
-//! every connection closed [`CONNECTION_LIFETIME`] after accept, whatever it is doing.
+//! every connection closed [`CONNECTION_LIFETIME`] after accept (an answer under way gets
+//! [`CLOSE_GRACE`] to finish), whatever it is doing.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -38,8 +39,11 @@ pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 32;
 /// A request head must be read within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// Every admin connection is closed this long after accept (a scraper reconnects).
+/// Every admin connection is closed this long after accept (a scraper reconnects): the answer
+/// being written then gets [`CLOSE_GRACE`] more.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// How long an answer under way at the end of a connection's lifetime may still take.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The admin connections open, oldest first.
 #[derive(Default)]
@@ -82,10 +86,23 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         slots.next += 1;
         let done = Arc::clone(&open);
         let task = tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                Ok(Err(error)) => debug!(%peer, %error, "admin connection ended with an error"),
-                Ok(Ok(())) => {}
-                Err(_) => debug!(%peer, "admin connection closed: open {CONNECTION_LIFETIME:?}"),
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => Some(ended),
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let ended = match ended {
+                Some(ended) => Some(ended),
+                None => {
+                    // Its time is up: the request being answered is finished, then it closes.
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSE_GRACE, connection).await.ok()
+                }
+            };
+            match ended {
+                Some(Err(error)) => debug!(%peer, %error, "admin connection ended with an error"),
+                Some(Ok(())) => {}
+                None => debug!(%peer, "admin connection closed: open {CONNECTION_LIFETIME:?}"),
             }
             lock(&done).tasks.remove(&id);
         });

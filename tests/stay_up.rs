@@ -274,5 +274,18 @@ async fn the_admin_port_is_bounded_and_probes_still_get_in() {
         "a silent admin connection outlives the header read timeout"
     );
     drop(held);
+    // A kept-alive connection that asks once and then sits: closed at the end of its lifetime.
+    let mut kept = RawConn::connect(admin).await.unwrap();
+    let kept_since = Instant::now();
+    kept.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(kept.read_response().await.unwrap().status, 200);
+    let lifetime = kms_tag_guard::admin::CONNECTION_LIFETIME + kms_tag_guard::admin::CLOSE_GRACE;
+    let left = (lifetime + Duration::from_secs(3)).saturating_sub(kept_since.elapsed());
+    assert!(
+        kept.is_closed_within(left).await,
+        "a kept-alive admin connection outlives its lifetime"
+    );
     proxy.stop();
 }
