@@ -18,6 +18,7 @@ pub mod files;
 pub mod fold;
 pub mod glob;
 pub mod kms;
+pub mod logs;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -69,7 +69,15 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
+    // First of all: SIGHUP's default action ends the process, and `serve` installs its handler
+    // only once the configuration is loaded (100 ms for a large policy). Until then a SIGHUP is
+    // ignored: the configuration is read after it anyway, so no reload is lost.
+    ignore_hangup();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // The other commands end as a terminal's commands do when it hangs up.
+        default_hangup();
+    }
     match cli.command {
         Command::Serve { config } => serve(config.as_deref(), cli.log_format),
         Command::Check { config } => match load(config.as_deref()) {
@@ -144,7 +152,10 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    init_logging(log_format);
+    let Some(logs) = init_logging(log_format) else {
+        return ExitCode::FAILURE;
+    };
+    let finish_logs = logs.finisher();
     // Many systems start services with a soft limit of 1,024 descriptors and a far higher hard
     // limit; the proxy needs two per connection.
     match kms_tag_guard::fds::raise_nofile() {
@@ -200,6 +211,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         tokio::spawn(async move {
             let signal = signals.stop().await;
             tracing::warn!(signal, "second signal: exiting without draining");
+            finish_logs.finish();
             std::process::exit(1);
         });
         proxy.shutdown();
@@ -209,6 +221,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
     // A file read still running on the blocking pool (a stalled network file system) must not
     // hold the exit back.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(logs);
     code
 }
 
@@ -238,16 +251,37 @@ impl Signals {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn ignore_hangup() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; nothing else
+    // runs yet.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+}
+
+fn default_hangup() {
+    // SAFETY: as above, the default disposition, before any other thread exists.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_DFL) };
+}
+
+/// Logs to standard error through the non-blocking queue (`kms_tag_guard::logs`): a slow reader
+/// of standard error loses lines (counted), never stalls traffic. The guard flushes at exit.
+fn init_logging(format: LogFormat) -> Option<kms_tag_guard::logs::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = match kms_tag_guard::logs::non_blocking(std::io::stderr()) {
+        Ok(queue) => queue,
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot start the log writer thread: {error}");
+            return None;
+        }
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
+    Some(guard)
 }

@@ -10,6 +10,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+/// Log lines dropped because the reader of standard error was too slow (`crate::logs`). One per
+/// process, like the log itself; every [`Metrics`] registers it.
+static LOG_LINES_DROPPED: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+
+/// Counts a log line dropped (or lost to a broken standard error).
+pub fn log_line_dropped() {
+    LOG_LINES_DROPPED.inc();
+}
+
+/// How many log lines this process has dropped.
+pub fn log_lines_dropped_total() -> u64 {
+    LOG_LINES_DROPPED.get()
+}
+
 /// What became of a request, as `kms_tag_guard_requests_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -51,6 +65,24 @@ pub enum UpstreamErrorKind {
 pub enum ReloadResult {
     success,
     error,
+}
+
+/// What a reload reloads, as `kms_tag_guard_reloads_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reloaded {
+    /// The `[policy]` of the config file.
+    policy,
+    /// The listener's certificate and key (`[listener] tls_cert`, `tls_key`).
+    listener_cert,
+    /// The interception CA (`[intercept] ca_cert`, `ca_key`).
+    ca,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    what: Reloaded,
+    result: ReloadResult,
 }
 
 /// What the connection budget did when `[limits].max_connections` was reached.
@@ -100,6 +132,7 @@ pub struct Metrics {
     durations: Family<ClassLabels, Histogram>,
     upstream_errors: Family<KindLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    all_reloads: Family<ReloadLabels, Counter>,
     audit_write_failures: Counter,
     audit_queue: Gauge,
     audit_stalled: Gauge,
@@ -154,6 +187,12 @@ impl Metrics {
             "kms_tag_guard_policy_reloads",
             "Policy reloads by result",
             reloads.clone(),
+        );
+        let all_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_reloads",
+            "Reloads by what was reloaded (policy, listener_cert, ca) and result; a failed one keeps what was in use",
+            all_reloads.clone(),
         );
         let audit_write_failures = Counter::default();
         registry.register(
@@ -215,12 +254,18 @@ impl Metrics {
             "Connections closed because their set-up (TLS, CONNECT, first request head) outlasted header_read_timeout_ms",
             setup_timeouts.clone(),
         );
+        registry.register(
+            "kms_tag_guard_log_lines_dropped",
+            "Log lines dropped because the reader of standard error was slower than the proxy logs (logging never waits)",
+            LOG_LINES_DROPPED.clone(),
+        );
         Metrics {
             registry,
             requests,
             durations,
             upstream_errors,
             reloads,
+            all_reloads,
             audit_write_failures,
             audit_queue,
             audit_stalled,
@@ -252,8 +297,18 @@ impl Metrics {
             .inc();
     }
 
+    /// A policy reload: counted in `kms_tag_guard_policy_reloads_total` (its published name)
+    /// and in `kms_tag_guard_reloads_total{what="policy"}`.
     pub fn reload(&self, result: ReloadResult) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.reloaded(Reloaded::policy, result);
+    }
+
+    /// A reload of `what` (certificates; policies through [`Metrics::reload`]).
+    pub fn reloaded(&self, what: Reloaded, result: ReloadResult) {
+        self.all_reloads
+            .get_or_create(&ReloadLabels { what, result })
+            .inc();
     }
 
     pub fn audit_write_failure(&self) {
@@ -342,6 +397,7 @@ mod tests {
             "kms_tag_guard_request_duration_seconds_count{class=\"inspect\"} 1",
             "kms_tag_guard_upstream_errors_total{kind=\"timeout\"} 1",
             "kms_tag_guard_policy_reloads_total{result=\"error\"} 1",
+            "kms_tag_guard_reloads_total{what=\"policy\",result=\"error\"} 1",
             "kms_tag_guard_audit_write_failures_total 1",
             "kms_tag_guard_policy_info{sha256=\"def\"} 1",
         ] {

@@ -1,9 +1,11 @@
 //! Live policy reload: a poll of the config file every 5 s (following symlinks, so a Kubernetes
 //! ConfigMap update that swaps the `..data` link is seen), and SIGHUP.
 //!
-//! Only `[policy]` reloads. A new file is validated whole before its policy replaces the one in
-//! force; an invalid one is logged and counted, and the last good policy stays. SIGHUP also
-//! reopens the audit file for log rotation.
+//! Only `[policy]` reloads from the config file. A new file is validated whole before its policy
+//! replaces the one in force; an invalid one is logged and counted, and the last good policy
+//! stays. The listener's certificate and the interception CA are reloaded from their files on
+//! the same poll and signal, with the checks made at start; a pair that fails them is logged and
+//! counted, and the previous one stays. SIGHUP also reopens the audit file for log rotation.
 //!
 //! The files are stat'ed, read and parsed on the blocking pool, never on the runtime that accepts
 //! connections and serves the admin port; they are opened without blocking and only regular files
@@ -22,9 +24,9 @@ use crate::audit::AuditLog;
 use crate::config::{sha256_hex, Config, ConfigErrors, ConfigSource};
 use crate::files::{self, Stamp};
 use crate::metrics::Metrics;
-use crate::metrics::ReloadResult;
+use crate::metrics::{ReloadResult, Reloaded};
 use crate::policy::Policy;
-use crate::tls::ListenerCert;
+use crate::tls::{LeafMinter, ListenerCert, TlsError};
 
 /// How often the config file is read for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,6 +54,8 @@ pub(crate) struct Reloader {
     /// stamp when last read: a change to it reads the config file again too.
     org_file: Option<PathBuf>,
     last_org_read: Option<Stamp>,
+    /// The interception CA, reloaded like the listener's certificate.
+    minter: Option<Arc<LeafMinter>>,
 }
 
 /// What a look at the config file found.
@@ -77,6 +81,7 @@ impl Reloader {
         shared: Live,
         config: &Config,
         listener_cert: Option<Arc<ListenerCert>>,
+        minter: Option<Arc<LeafMinter>>,
     ) -> Reloader {
         Reloader {
             shared,
@@ -91,6 +96,7 @@ impl Reloader {
             listener_cert,
             org_file: config.org_tag_policy.as_ref().map(|f| f.path.clone()),
             last_org_read: None,
+            minter,
         }
     }
 
@@ -103,11 +109,11 @@ impl Reloader {
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    self.reload_certificate(false).await;
+                    self.reload_certificates(false).await;
                     self.reload(false).await;
                 }
                 _ = trigger.notified() => {
-                    self.reload_certificate(true).await;
+                    self.reload_certificates(true).await;
                     if let Err(error) = self.shared.audit.reopen().await {
                         error!(%error, "audit log not reopened; records still go to the old file");
                     }
@@ -118,18 +124,41 @@ impl Reloader {
         }
     }
 
-    /// Picks up a listener certificate replaced on disk (read on the blocking pool).
-    async fn reload_certificate(&self, forced: bool) {
-        let Some(cert) = self.listener_cert.clone() else {
-            return;
-        };
-        match tokio::task::spawn_blocking(move || cert.reload_if_changed(forced)).await {
-            Ok(Ok(true)) => info!("listener certificate reloaded"),
+    /// Picks up a listener certificate or an interception CA replaced on disk (read on the
+    /// blocking pool). A pair that fails the start checks, or is not valid now, is refused,
+    /// logged and counted, and the previous one stays in use.
+    async fn reload_certificates(&self, forced: bool) {
+        if let Some(cert) = self.listener_cert.clone() {
+            let done = tokio::task::spawn_blocking(move || cert.reload_if_changed(forced)).await;
+            self.report(Reloaded::listener_cert, "listener certificate", done);
+        }
+        if let Some(minter) = self.minter.clone() {
+            let done = tokio::task::spawn_blocking(move || minter.reload_if_changed(forced)).await;
+            self.report(Reloaded::ca, "interception CA", done);
+        }
+    }
+
+    fn report(
+        &self,
+        what: Reloaded,
+        name: &'static str,
+        done: Result<Result<bool, TlsError>, tokio::task::JoinError>,
+    ) {
+        let metrics = &self.shared.metrics;
+        match done {
+            Ok(Ok(true)) => {
+                metrics.reloaded(what, ReloadResult::success);
+                info!(what = name, "{name} reloaded");
+            }
             Ok(Ok(false)) => {}
             Ok(Err(error)) => {
-                warn!(%error, "listener certificate not reloaded; the previous one stays in use")
+                metrics.reloaded(what, ReloadResult::error);
+                warn!(what = name, %error, "{name} not reloaded; the previous one stays in use");
             }
-            Err(error) => warn!(%error, "listener certificate reload did not finish"),
+            Err(error) => {
+                metrics.reloaded(what, ReloadResult::error);
+                warn!(what = name, %error, "{name} reload did not finish; the previous one stays in use");
+            }
         }
     }
 

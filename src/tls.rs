@@ -49,6 +49,8 @@ pub enum TlsError {
     NotCa { path: String, detail: String },
     #[error("{key} is not the private key of the certificate in {cert}; set ca_key to the ca.key written together with that ca.pem")]
     KeyMismatch { cert: String, key: String },
+    #[error("{path} is not valid now: {detail}; install a certificate valid now (on a reload, the previous one stays in use)")]
+    NotValidNow { path: String, detail: String },
     #[error("{0} already exists; move it away or choose another --out directory")]
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
@@ -93,6 +95,7 @@ fn certified_key(
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert_path });
     }
+    check_valid_now(&chain[0], &cert_path, SystemTime::now())?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         detail: e.to_string(),
@@ -198,17 +201,31 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// Minting (a key generation and a signature) runs on the blocking pool, one at a time, with the
 /// cache unlocked: a handshake whose leaf is cached never waits for a mint.
 pub struct LeafMinter {
-    issuer: Issuer<'static, KeyPair>,
-    ca: CertificateDer<'static>,
+    /// The CA that signs new leaves; a reload swaps it (and empties the cache).
+    signer: ArcSwap<Signer>,
+    files: TlsFiles,
+    group_readable: bool,
+    /// What the last look at the CA files found (as for the listener's certificate).
+    seen: Mutex<Seen>,
     cache: Mutex<LeafCache>,
     /// One mint at a time, whichever connection thread asks.
     minting: Arc<tokio::sync::Semaphore>,
     metrics: Option<Arc<Metrics>>,
 }
 
+/// The interception CA: its certificate and the key that signs with it.
+struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    ca: CertificateDer<'static>,
+    /// Counts CAs loaded: a leaf minted by an earlier one is not cached after a reload.
+    generation: u64,
+}
+
 /// Leaves by lowercase host name, each with when it was last used.
 struct LeafCache {
     entries: HashMap<String, CachedLeaf>,
+    /// The generation of the CA whose leaves the cache holds.
+    generation: u64,
     capacity: usize,
     /// Counts lookups; an entry's `used` is the count when it was last returned.
     clock: u64,
@@ -268,38 +285,57 @@ impl LeafMinter {
     /// key is not open to other users (group read allowed with `group_readable`, as a mounted
     /// Kubernetes Secret needs), that the certificate is a CA, and that the key is its key.
     pub fn load(files: &TlsFiles, group_readable: bool) -> Result<LeafMinter, TlsError> {
-        check_key_access(&files.key, group_readable)?;
-        let cert_pem = String::from_utf8_lossy(&read(&files.cert)?.0).into_owned();
-        let key_pem = String::from_utf8_lossy(&read(&files.key)?.0).into_owned();
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
-            path: files.key.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        let ca = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .next()
-            .ok_or_else(|| TlsError::NoCertificate {
-                path: files.cert.display().to_string(),
-            })?
-            .map_err(|e| TlsError::Read {
-                path: files.cert.display().to_string(),
-                detail: e.to_string(),
-            })?;
-        check_ca(&ca, &key, files)?;
-        let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
-            path: files.cert.display().to_string(),
-            detail: format!("not a CA certificate rcgen can sign with: {e}"),
-        })?;
+        let (signer, seen) = load_ca(files, group_readable, 0)?;
         Ok(LeafMinter {
-            issuer,
-            ca,
+            signer: ArcSwap::from_pointee(signer),
+            files: files.clone(),
+            group_readable,
+            seen: Mutex::new(seen),
             cache: Mutex::new(LeafCache {
                 entries: HashMap::new(),
+                generation: 0,
                 capacity: DEFAULT_LEAF_CACHE_SIZE,
                 clock: 0,
             }),
             minting: Arc::new(tokio::sync::Semaphore::new(1)),
             metrics: None,
         })
+    }
+
+    /// Loads the CA files again if they changed, with the checks made at start (key access, a
+    /// CA, its key, valid now). `Ok(true)` when the new CA is in use: the leaf cache is emptied,
+    /// so every leaf from then on is signed by it. On an error the previous CA stays. Files whose
+    /// stamps are unchanged are not read, unless `forced`. Blocks on file I/O.
+    pub fn reload_if_changed(&self, forced: bool) -> Result<bool, TlsError> {
+        let stamps = (
+            files::stamp(&self.files.cert).map_err(|e| TlsError::File(e.to_string()))?,
+            files::stamp(&self.files.key).map_err(|e| TlsError::File(e.to_string()))?,
+        );
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !forced && seen.stamps == stamps {
+            return Ok(false);
+        }
+        let generation = self.signer.load().generation + 1;
+        let ((cert, cert_stamp), (key, key_stamp)) =
+            (read(&self.files.cert)?, read(&self.files.key)?);
+        let print = fingerprint(&cert, &key);
+        // Remember the attempt either way: a bad pair is reported once, and read again when it
+        // changes.
+        seen.stamps = (cert_stamp, key_stamp);
+        if seen.fingerprint == print {
+            return Ok(false);
+        }
+        seen.fingerprint = print;
+        let (signer, _) = load_ca(&self.files, self.group_readable, generation)?;
+        let mut cache = self.lock();
+        self.signer.store(Arc::new(signer));
+        cache.entries.clear();
+        cache.generation = generation;
+        drop(cache);
+        if let Some(metrics) = &self.metrics {
+            metrics.leaf_cache(0);
+        }
+        Ok(true)
     }
 
     /// Holds at most `capacity` (at least 1) leaves.
@@ -341,12 +377,16 @@ impl LeafMinter {
         }
         let host = host.to_ascii_lowercase();
         let now = SystemTime::now();
+        let signer = self.signer.load_full();
         // Minted with the cache unlocked: other handshakes look it up meanwhile.
-        let leaf = Arc::new(self.mint(&host, now)?);
+        let leaf = Arc::new(self.mint(&signer, &host, now)?);
         let renew_at = now + LEAF_LIFETIME - LEAF_RENEW_BEFORE;
         let len = {
             let mut cache = self.lock();
-            cache.insert(host, Arc::clone(&leaf), renew_at);
+            // A CA reloaded during the mint: this leaf serves this handshake, and is not kept.
+            if cache.generation == signer.generation {
+                cache.insert(host, Arc::clone(&leaf), renew_at);
+            }
             cache.entries.len()
         };
         if let Some(metrics) = &self.metrics {
@@ -383,7 +423,7 @@ impl LeafMinter {
         .map_err(|e| TlsError::Mint(e.to_string()))?
     }
 
-    fn mint(&self, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
+    fn mint(&self, signer: &Signer, host: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
         let mint_error = |e: rcgen::Error| TlsError::Mint(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(mint_error)?;
         let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(mint_error)?;
@@ -394,15 +434,90 @@ impl LeafMinter {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(&key, &self.issuer).map_err(mint_error)?;
+        let leaf = params.signed_by(&key, &signer.issuer).map_err(mint_error)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         CertifiedKey::from_der(
-            vec![leaf.der().clone(), self.ca.clone()],
+            vec![leaf.der().clone(), signer.ca.clone()],
             key_der,
             &provider(),
         )
         .map_err(|e| TlsError::Mint(e.to_string()))
     }
+}
+
+/// Reads and checks the interception CA: the key not open to other users (group read allowed
+/// with `group_readable`, as a mounted Kubernetes Secret needs), the certificate a CA valid now,
+/// the key its key.
+fn load_ca(
+    files: &TlsFiles,
+    group_readable: bool,
+    generation: u64,
+) -> Result<(Signer, Seen), TlsError> {
+    check_key_access(&files.key, group_readable)?;
+    let (cert_bytes, cert_stamp) = read(&files.cert)?;
+    let (key_bytes, key_stamp) = read(&files.key)?;
+    let seen = Seen {
+        fingerprint: fingerprint(&cert_bytes, &key_bytes),
+        stamps: (cert_stamp, key_stamp),
+    };
+    let cert_pem = String::from_utf8_lossy(&cert_bytes).into_owned();
+    let key_pem = String::from_utf8_lossy(&key_bytes).into_owned();
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
+        path: files.key.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let ca = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .next()
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: files.cert.display().to_string(),
+        })?
+        .map_err(|e| TlsError::Read {
+            path: files.cert.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    check_ca(&ca, &key, files)?;
+    check_valid_now(&ca, &files.cert.display().to_string(), SystemTime::now())?;
+    let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
+        path: files.cert.display().to_string(),
+        detail: format!("not a CA certificate rcgen can sign with: {e}"),
+    })?;
+    Ok((
+        Signer {
+            issuer,
+            ca,
+            generation,
+        },
+        seen,
+    ))
+}
+
+/// Refuses a certificate that has expired or is not valid yet (with [`CLOCK_SKEW`] of grace
+/// for a `notBefore` just ahead of this host's clock): a pair a client would refuse is kept out
+/// of service, at start and on every reload.
+fn check_valid_now(cert: &CertificateDer<'_>, path: &str, now: SystemTime) -> Result<(), TlsError> {
+    let invalid = |detail: String| TlsError::NotValidNow {
+        path: path.to_owned(),
+        detail,
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| invalid(format!("it cannot be parsed ({e})")))?;
+    let unix = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    let validity = parsed.validity();
+    let not_before = validity.not_before.timestamp();
+    let not_after = validity.not_after.timestamp();
+    if unix(now) > not_after {
+        return Err(invalid(format!("it expired at {}", validity.not_after)));
+    }
+    if unix(now + CLOCK_SKEW) < not_before {
+        return Err(invalid(format!(
+            "it is not valid before {}",
+            validity.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a key file that users other than its owner may write, or read (group read allowed

@@ -5,8 +5,10 @@
 //! - **exact**: the KMS model as documented: `X-Amz-Target: TrentService.<Op>`, awsJson 1.1, JSON
 //!   members by their exact names (a repeated member: the last one, as most parsers do);
 //! - **last segment**: moto and LocalStack: the operation from an `Action` form parameter in the
-//!   query or in any body first, else from the last `.`-segment of the target, through moto's
-//!   `camelcase_to_underscores`; JSON members by exact name;
+//!   query or in any body first, then (when the query and the body name no parameter at all) from
+//!   a header named `Action` (werkzeug's spelling: any case, `_` read as `-`), else from the last
+//!   `.`-segment of the target, through moto's `camelcase_to_underscores`; JSON members by exact
+//!   name;
 //! - **case-insensitive**: the target compared ignoring case and surrounding whitespace (a
 //!   prefix ignored), member names matched ignoring case when no exact one is there (Go's
 //!   `encoding/json`), the header read under any `_`/`-` spelling;
@@ -257,6 +259,8 @@ fn canonical_attack(op: &str, body: Vec<u8>) -> Attack {
 /// - `form`: an operation that changes no tags, with a whole Query-protocol body;
 /// - `header`: an operation that changes no tags, a forbidden change in its body, and
 ///   `x_amz_target` (or a second `X-Amz-Target`) naming a tag-changing operation;
+/// - `action-header`: an operation that changes no tags, an empty body, and a header named
+///   `Action` (in some spelling) naming a tag-changing operation;
 /// - `canonical`: the canonical request, forbidden or allowed by the policy.
 ///
 /// Some get another content type as well.
@@ -271,6 +275,7 @@ fn attack() -> impl Strategy<Value = Attack> {
         "query",
         "form",
         "header",
+        "action-header",
         "canonical",
     ]);
     let content_type = select(vec![
@@ -288,20 +293,34 @@ fn attack() -> impl Strategy<Value = Attack> {
         select(TAG_OPERATIONS.to_vec()),
         select(PASS_OPERATIONS.to_vec()),
         (tags_look_alike(), alias_look_alike()),
-        select(vec!["x_amz_target", "X_Amz-Target", "X-Amz-Target"]),
+        (
+            select(vec!["x_amz_target", "X_Amz-Target", "X-Amz-Target"]),
+            select(vec!["Action", "ACTION", "action", "aCtIoN", "Act_ion", "action_"]),
+        ),
         content_type,
         any::<bool>(),
     )
         .prop_flat_map(
-            |(kind, tag_op, pass_op, look_alike, header, content_type, allowed)| {
+            |(kind, tag_op, pass_op, look_alike, (header, action_name), content_type, allowed)| {
                 (
                     spelling_of(tag_op),
-                    Just((kind, tag_op, pass_op, look_alike, header, content_type, allowed)),
+                    Just((
+                        kind,
+                        tag_op,
+                        pass_op,
+                        look_alike,
+                        (header, action_name),
+                        content_type,
+                        allowed,
+                    )),
                 )
             },
         )
         .prop_map(
-            |(spelled, (kind, tag_op, pass_op, look_alike, header, content_type, allowed))| {
+            |(
+                spelled,
+                (kind, tag_op, pass_op, look_alike, (header, action_name), content_type, allowed),
+            )| {
                 let mut attack = match kind {
                     "target" => {
                         let mut a =
@@ -373,6 +392,13 @@ fn attack() -> impl Strategy<Value = Attack> {
                         if kind == "header" {
                             a.extra = vec![(header.to_owned(), format!("TrentService.{tag_op}"))];
                         }
+                        a
+                    }
+                    "action-header" => {
+                        // An empty body: moto then reads its parameters from the headers, and
+                        // the operation from `Action` among them.
+                        let mut a = canonical_attack(pass_op, Vec::new());
+                        a.extra = vec![(action_name.to_owned(), tag_op.to_owned())];
                         a
                     }
                     "form" => canonical_attack(
@@ -630,9 +656,21 @@ fn exact_reader(attack: &Attack) -> Vec<Reading> {
 /// moto and LocalStack.
 fn last_segment_reader(attack: &Attack) -> Vec<Reading> {
     let body = String::from_utf8_lossy(&attack.body);
-    let action = parse_qsl(query_of(attack))
+    let mut params: Vec<(String, String)> = parse_qsl(query_of(attack))
         .into_iter()
         .chain(parse_qsl(&body))
+        .collect();
+    if params.is_empty() {
+        // moto: `if not querystring: querystring.update(headers)`, werkzeug's header names.
+        params = attack
+            .extra
+            .iter()
+            .filter(|(n, _)| n.replace('_', "-").eq_ignore_ascii_case("action"))
+            .map(|(_, v)| ("Action".to_owned(), v.clone()))
+            .collect();
+    }
+    let action = params
+        .into_iter()
         .find(|(n, v)| n == "Action" && !v.is_empty())
         .map(|(_, v)| v);
     let names: Vec<String> = match action {

@@ -874,3 +874,38 @@ async fn anything_but_post_root_is_refused_whatever_the_operation() {
     }
     assert_still_serving("after odd request lines", &fake, &proxy).await;
 }
+
+// ---- a header named Action (moto takes the operation from it when the body names none) ----
+
+/// An Encrypt with an empty body and a header named `Action`, in several spellings, on the fast
+/// path (Content-Length) and on the general server (chunked): refused, audited as a possible tag
+/// change, nothing forwarded.
+#[tokio::test]
+async fn a_header_named_action_is_refused_on_both_paths() {
+    for name in [
+        "Action", "action", "ACTION", "aCtIoN", "Ac_tion", "_Action", "action-",
+    ] {
+        for chunked_body in [false, true] {
+            let case = format!("{name}: CreateKey, chunked {chunked_body}");
+            let name = name.to_owned();
+            refused(
+                &case,
+                move |host| {
+                    let mut request = RawRequest::signed_kms(host, "TrentService.Encrypt", b"");
+                    request.add_header(&name, "CreateKey");
+                    if chunked_body {
+                        request.remove_header("Content-Length");
+                        request.add_header("Transfer-Encoding", "chunked");
+                        let mut bytes = request.head_bytes();
+                        bytes.extend_from_slice(b"0\r\n\r\n");
+                        bytes
+                    } else {
+                        request.to_bytes()
+                    }
+                },
+                REJECT,
+            )
+            .await;
+        }
+    }
+}

@@ -17,7 +17,7 @@ use common::raw::{self, RawConn, RawRequest, TrickleEnd};
 use common::sentinel::assert_nothing_forwarded;
 use common::*;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
@@ -886,4 +886,124 @@ async fn half_open_connections_cannot_exhaust_the_descriptors() {
         "accept ran out of descriptors:\n{log}"
     );
     drop(silent);
+}
+
+// ------------------------------------------------------------------------- evicted, whatever the client does
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A header block of literal fields without indexing, new names, no Huffman (all under 127
+/// bytes).
+fn hpack_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00);
+        for s in [name, value] {
+            assert!(s.len() < 127);
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+    out
+}
+
+/// An HTTP/2 connection by hand that makes one request, reads its answer, and from then on
+/// never reads again: it acknowledges nothing, the PING that follows GOAWAY included.
+async fn frozen_h2_connection(proxy: SocketAddr, fake: &FakeKms) -> RawConn {
+    let mut conn = RawConn::connect(proxy).await.unwrap();
+    let host = fake.host();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    bytes.extend(h2_frame(0x4, 0x1, 0, &[])); // SETTINGS ACK (of the server's, sent blind)
+    let block = hpack_block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", &host),
+        ("content-type", "application/x-amz-json-1.1"),
+        ("x-amz-target", ENCRYPT),
+    ]);
+    bytes.extend(h2_frame(0x1, 0x1 | 0x4, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    conn.write(&bytes).await.unwrap();
+    // The answer (a refusal: the request is not signed): read until the proxy goes quiet.
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), conn.stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("the proxy closed the h2 connection"),
+            Ok(Ok(n)) => got += n,
+            Err(_) if got > 0 => break,
+            Err(_) => panic!("no answer on the h2 connection"),
+        }
+    }
+    conn
+}
+
+/// Point 3: a connection evicted for room is closed within a short deadline even when its client
+/// never answers the PING after GOAWAY (before: it stayed open a whole idle period, while new
+/// connections were refused).
+#[tokio::test]
+async fn an_evicted_connection_is_closed_even_if_its_client_never_answers() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            limits: "max_connections = 1\nheader_read_timeout_ms = 30000\nidle_timeout_ms = 60000"
+                .into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut frozen = frozen_h2_connection(proxy.addr, &fake).await;
+    // A newcomer takes its place: the frozen connection is asked to close, then closed.
+    let mut newcomer = RawConn::connect(proxy.addr).await.unwrap();
+    let asked = Instant::now();
+    let closed = frozen
+        .is_closed_within(Duration::from_secs(1) + MARGIN)
+        .await;
+    assert!(
+        closed,
+        "the evicted connection is still open {} ms after the eviction (idle_timeout_ms = 60000)",
+        ms(asked.elapsed())
+    );
+    eprintln!(
+        "evicted connection closed within {} ms",
+        ms(asked.elapsed())
+    );
+    encrypt_on(&mut newcomer, &fake).await;
+    let m = common::ops::scrape(proxy.admin_addr.unwrap()).await;
+    assert_eq!(m.count(LIMIT_METRIC, &[("action", "evicted")]), 1.0);
+}
+
+/// At shutdown, an idle HTTP/2 connection whose client never answers is closed after a short
+/// deadline, so the drain does not wait the whole grace period for it.
+#[tokio::test]
+async fn shutdown_does_not_wait_the_grace_period_for_a_client_that_never_answers() {
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            limits: "idle_timeout_ms = 60000".into(),
+            shutdown: "drain_delay_ms = 0\ngrace_ms = 20000".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut frozen = frozen_h2_connection(proxy.addr, &fake).await;
+    let started = Instant::now();
+    proxy.proxy.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(1) + MARGIN, proxy.proxy.wait()).await;
+    assert!(
+        stopped.is_ok(),
+        "the drain still waits {} ms after SIGTERM for a client that never answers (grace_ms = 20000)",
+        ms(started.elapsed())
+    );
+    assert!(frozen.is_closed_within(MARGIN).await);
 }

@@ -221,3 +221,52 @@ async fn boto3_through_the_proxy_to_moto_alias_changes_land_or_raise_invalid_ali
         ]
     );
 }
+
+/// Point 8a: a rule scoped to a key id applies when the KeyId is an ARN of another partition,
+/// region or account with that id: moto finds its key by the id alone, so such a request would
+/// change the scoped key. The control, sent to moto directly, shows that it does.
+#[tokio::test]
+async fn a_key_scoped_rule_applies_to_the_key_id_inside_any_arn() {
+    let moto = Moto::start().await;
+    let key_id = moto.create_key(&[("team:owner", "payments")]).await;
+    let policy = format!(
+        "[policy]\n[[policy.rule]]\nid = \"scoped-abac\"\ntype = \"forbidden-key\"\nkeys = [\"Project\"]\nkey_ids = [\"{key_id}\"]\n"
+    );
+    let proxy = start_proxy_to(
+        &moto.url(),
+        ProxyConfig {
+            policy,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let host = proxy.addr.to_string();
+    let arns = [
+        format!("arn:aws:kms:eu-west-3:999999999999:key/{key_id}"),
+        format!("arn:aws-cn:kms:cn-north-1:444455556666:key/{key_id}"),
+        format!("arn:aws:kms:us-east-1:123456789012:key/{key_id}"),
+    ];
+    for arn in &arns {
+        let body = json!({"KeyId": arn, "Tags": [{"TagKey": "Project", "TagValue": "apollo"}]});
+        let request = RawRequest::signed_kms(
+            &host,
+            "TrentService.TagResource",
+            body.to_string().as_bytes(),
+        );
+        let answer = raw::send(proxy.addr, &request.to_bytes()).await;
+        assert_eq!(answer.status, 400, "{arn}: {}", answer.body_str());
+        assert_eq!(answer.header("x-kms-tag-guard"), Some("deny"), "{arn}");
+    }
+    assert_eq!(
+        moto.list_tags(&key_id).await,
+        [("team:owner".to_owned(), "payments".to_owned())]
+    );
+    // The control: moto itself applies such a request to its key.
+    let body = json!({"KeyId": arns[0], "Tags": [{"TagKey": "Project", "TagValue": "apollo"}]});
+    let answer = moto.call("TagResource", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.body_str());
+    assert!(moto
+        .list_tags(&key_id)
+        .await
+        .contains(&("Project".to_owned(), "apollo".to_owned())));
+}

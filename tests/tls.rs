@@ -2486,3 +2486,179 @@ async fn dns_resolver_ignores_etc_hosts() {
     );
     assert_eq!(fake.count(), 0);
 }
+
+// ======================================================================== reloads of what rotates
+
+/// A CA valid only from `not_before` to `not_after` (years).
+fn ca_valid(name: &str, not_before: i32, not_after: i32) -> TestCa {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = rcgen::date_time_ymd(not_before, 1, 1);
+    params.not_after = rcgen::date_time_ymd(not_after, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    TestCa {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// Puts a CA's certificate and key (mode 0600) at the paths the proxy reads, each by a rename.
+fn install_ca(ca: &TestCa, cert_path: &Path, key_path: &Path) {
+    let tmp = key_path.with_extension("tmp");
+    std::fs::write(&tmp, ca.issuer.key().serialize_pem()).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, key_path).unwrap();
+    write_atomic(cert_path, &ca.pem);
+}
+
+/// Whether an intercepted handshake for KMS_HOST verifies against `ca_pem`.
+async fn intercepted_handshake(proxy: SocketAddr, ca_pem: &[u8]) -> bool {
+    let tunnel = connect(proxy, &format!("{KMS_HOST}:443")).await;
+    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
+    tls_connect(tunnel.stream, KMS_HOST, client_config(ca_pem, &[]))
+        .await
+        .is_ok()
+}
+
+async fn reloads(admin: SocketAddr, what: &str, result: &str) -> f64 {
+    common::ops::scrape(admin).await.count(
+        "kms_tag_guard_reloads_total",
+        &[("what", what), ("result", result)],
+    )
+}
+
+/// Point 7: a rotated interception CA is picked up on reload (and the leaves cached from the old
+/// one are dropped); a replacement that is not a CA, has expired, is not yet valid or whose key
+/// is open to others is refused, counted, and the CA in use stays.
+#[tokio::test]
+async fn a_rotated_interception_ca_is_reloaded_and_a_bad_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let first = TestCa::new("first interception CA");
+    let (cert, key) = first.write_pair(dir.path(), "ca");
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            intercept: intercept_section(&cert, &key, "[]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    assert!(intercepted_handshake(proxy.addr, first.pem.as_bytes()).await);
+
+    let second = TestCa::new("second interception CA");
+    install_ca(&second, &cert, &key);
+    reload_and_wait(&proxy).await;
+    assert!(
+        poll_until_async(Duration::from_secs(2), || intercepted_handshake(
+            proxy.addr,
+            second.pem.as_bytes()
+        ))
+        .await,
+        "after a reload, leaves (even for a name cached before) are signed by the new CA"
+    );
+    assert!(!intercepted_handshake(proxy.addr, first.pem.as_bytes()).await);
+    assert_eq!(reloads(admin, "ca", "success").await, 1.0);
+
+    // Replacements that fail the checks: each refused and counted, the second CA stays.
+    let not_a_ca = second.leaf(&["localhost"], 70);
+    let expired = ca_valid("expired CA", 2001, 2002);
+    let not_yet = ca_valid("future CA", 2999, 3001);
+    type Replace<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, Replace)> = vec![
+        (
+            "not a CA",
+            Box::new(|| {
+                let tmp = key.with_extension("tmp");
+                std::fs::write(&tmp, &not_a_ca.key_pem).unwrap();
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .unwrap();
+                std::fs::rename(&tmp, &key).unwrap();
+                write_atomic(&cert, &not_a_ca.cert_pem);
+            }),
+        ),
+        ("expired", Box::new(|| install_ca(&expired, &cert, &key))),
+        (
+            "not yet valid",
+            Box::new(|| install_ca(&not_yet, &cert, &key)),
+        ),
+        (
+            "key readable by others",
+            Box::new(|| {
+                let third = TestCa::new("third interception CA");
+                install_ca(&third, &cert, &key);
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                    .unwrap();
+            }),
+        ),
+    ];
+    for (n, (case, replace)) in cases.iter().enumerate() {
+        replace();
+        reload_and_wait(&proxy).await;
+        assert!(
+            poll_until_async(Duration::from_secs(2), || async {
+                reloads(admin, "ca", "error").await >= (n + 1) as f64
+            })
+            .await,
+            "{case}: the failed reload is counted"
+        );
+        assert!(
+            intercepted_handshake(proxy.addr, second.pem.as_bytes()).await,
+            "{case}: the CA in use stays"
+        );
+    }
+    assert_eq!(reloads(admin, "ca", "success").await, 1.0);
+    assert_eq!(fake.count(), 0);
+}
+
+/// Point 7: an expired or not yet valid listener certificate is refused on reload (and counted);
+/// the one in use stays.
+#[tokio::test]
+async fn an_expired_or_future_listener_certificate_is_refused_on_reload() {
+    let ca = TestCa::new("listener test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let a = ca.leaf(&["localhost"], 80);
+    let (proxy, cert_path) = tls_listener_proxy(&fake, dir.path(), &a).await;
+    let key_path = dir.path().join("tls.key");
+    let ca_pem = ca.pem.as_bytes();
+    for (case, not_before, not_after) in [("expired", 2001, 2002), ("not yet valid", 2999, 3001)] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(not_before, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after, 1, 1);
+        let bad = params.signed_by(&key, &ca.issuer).unwrap();
+        install(&cert_path, &key_path, &bad.pem(), &key.serialize_pem());
+        reload_and_wait(&proxy).await;
+        for _ in 0..3 {
+            assert_eq!(
+                presented_leaf(proxy.addr, ca_pem).await.unwrap(),
+                a.cert_der,
+                "{case}: the certificate in use stays"
+            );
+        }
+    }
+}
+
+/// Polls an async condition every 50 ms until it holds or `timeout` passes.
+async fn poll_until_async<F, Fut>(timeout: Duration, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -62,6 +62,8 @@ pub enum Unreadable {
     BodyNotJson(char),
     #[error("the body carries an Action parameter in the form (Query protocol) shape, which some front ends would read as the operation; KMS requests name their operation only in X-Amz-Target")]
     ActionParameter,
+    #[error("the header {0:?} is refused: some front ends (moto) take the operation from a header named Action; KMS requests name their operation only in X-Amz-Target, so drop the header")]
+    ActionHeader(String),
 }
 
 /// A request the proxy refuses, and whether the refusal belongs in the audit log.
@@ -133,6 +135,7 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Route
         }
     }
     check_look_alike_names(headers).map_err(Refused::audited)?;
+    check_action_header(headers).map_err(Refused::audited)?;
     check_connection_tokens(headers).map_err(refused)?;
     let route = route(headers).map_err(Refused::audited)?;
     match headers.get(header::CONTENT_TYPE) {
@@ -228,6 +231,33 @@ fn check_look_alike_names(headers: &HeaderMap) -> Result<(), Unreadable> {
         }
     }
     Ok(())
+}
+
+/// Refuses a header named `Action` in any spelling: moto (and what is built like it) takes the
+/// operation from it when the query and the body name none, so a pass-through target with an
+/// `Action: TagResource` header and an empty body would be a tag change to it. Spelled any way a
+/// lenient reader could merge with it: any case, with `-`, `_` or other punctuation anywhere.
+fn check_action_header(headers: &HeaderMap) -> Result<(), Unreadable> {
+    for name in headers.keys() {
+        if is_action_name(name.as_str()) {
+            return Err(Unreadable::ActionHeader(name.as_str().to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a header name reads as `Action` once case, punctuation and whitespace are dropped.
+pub fn is_action_name(name: &str) -> bool {
+    const ACTION: &[u8] = b"action";
+    // Cheap on the common path: most names are shorter or longer than their letters allow.
+    if name.len() < ACTION.len() {
+        return false;
+    }
+    let mut letters = name
+        .bytes()
+        .filter(u8::is_ascii_alphanumeric)
+        .map(|b| b.to_ascii_lowercase());
+    ACTION.iter().all(|want| letters.next() == Some(*want)) && letters.next().is_none()
 }
 
 /// A `Connection` header lists headers a proxy must drop before forwarding; naming a signed or
@@ -514,6 +544,64 @@ mod tests {
             ("x_trace_id", "1"),
         ]);
         assert!(classify_headers(&h).is_ok());
+    }
+
+    #[test]
+    fn a_header_named_action_in_any_spelling_is_refused_and_audited() {
+        use proptest::prelude::*;
+        use proptest::test_runner::TestRunner;
+        // Any case, with `-`, `_`, `.` or `~` anywhere: every spelling some reader may merge.
+        let spelling = proptest::collection::vec(
+            (
+                any::<bool>(),
+                proptest::sample::select(vec!["", "", "", "-", "_", ".", "~", "__"]),
+            ),
+            6,
+        )
+        .prop_map(|parts| {
+            "action"
+                .chars()
+                .zip(parts)
+                .map(|(c, (upper, sep))| {
+                    let c = if upper { c.to_ascii_uppercase() } else { c };
+                    format!("{sep}{c}")
+                })
+                .collect::<String>()
+        });
+        let mut runner = TestRunner::deterministic();
+        runner
+            .run(
+                &(spelling, proptest::sample::select(vec!["", "-", "_"])),
+                |(name, tail)| {
+                    let name = format!("{name}{tail}");
+                    prop_assert!(is_action_name(&name), "{}", name);
+                    let h = headers(&[
+                        ("x-amz-target", "TrentService.Encrypt"),
+                        ("content-type", CONTENT_TYPE),
+                        (&name, "TagResource"),
+                    ]);
+                    let refused = classify_headers(&h).unwrap_err();
+                    prop_assert!(refused.may_change_tags, "{}", name);
+                    prop_assert!(
+                        matches!(refused.reason, Unreadable::ActionHeader(_)),
+                        "{}",
+                        name
+                    );
+                    Ok(())
+                },
+            )
+            .unwrap();
+        // Names that only contain the word are other names.
+        for name in [
+            "x-amz-action",
+            "actions",
+            "transaction",
+            "reaction",
+            "acti0n",
+            "act",
+        ] {
+            assert!(!is_action_name(name), "{name}");
+        }
     }
 
     #[test]

@@ -371,7 +371,11 @@ fn matches_ignoring_case(pattern: &Regex, key: &str) -> bool {
 ///
 /// A bare key id (`1234abcd-…`, `mrk-…`) cannot be tied to an account or region, so an ARN glob
 /// applies to it whenever the glob's resource part (`key/…`) matches. An alias cannot be tied to a
-/// key at all, so every rule applies to it. Either way the rule errs on the side of applying.
+/// key at all, so every rule applies to it. A key ARN is matched whole, and also by every key id
+/// inside it read as a bare one: KMS finds the key by the ARN's account and region, but other
+/// readers do not (moto takes the id after the first `:key/` and looks it up in the caller's own
+/// account and region), so an ARN of any partition, region or account names whatever key its id
+/// may name. Either way the rule errs on the side of applying.
 fn key_glob_may_match(glob: &KeyGlob, key_id: &str) -> bool {
     if glob.matches(key_id) {
         return true;
@@ -384,13 +388,36 @@ fn key_glob_may_match(glob: &KeyGlob, key_id: &str) -> bool {
         .get(..4)
         .is_some_and(|p| p.eq_ignore_ascii_case("arn:"))
     {
-        return false;
+        return ids_inside_arn(key_id).any(|id| bare_key_id_may_match(glob, id));
+    }
+    bare_key_id_may_match(glob, key_id)
+}
+
+/// Whether a glob may name the key a bare key id names: it matches the id, or it is an ARN glob
+/// whose resource part matches `key/<id>`.
+fn bare_key_id_may_match(glob: &KeyGlob, key_id: &str) -> bool {
+    if glob.matches(key_id) {
+        return true;
     }
     let Some(resource_glob) = glob.as_str().strip_prefix("arn:") else {
         return false;
     };
     let resource_glob = resource_glob.rsplit(':').next().unwrap_or(resource_glob);
     KeyGlob::new(resource_glob).is_ok_and(|g| g.matches(&format!("key/{key_id}")))
+}
+
+/// Every reading of the key id inside an ARN: after each `key/` (any case), the rest, the rest up
+/// to the next `:`, and the rest up to the next `:key/` (moto's `split(":key/")[1]`).
+fn ids_inside_arn(arn: &str) -> impl Iterator<Item = &str> {
+    let lower = arn.to_ascii_lowercase();
+    let starts: Vec<usize> = lower.match_indices("key/").map(|(i, _)| i + 4).collect();
+    starts.into_iter().flat_map(move |start| {
+        let rest = &arn[start..];
+        let lower_rest = &rest.to_ascii_lowercase();
+        let to_colon = rest.find(':').map_or(rest, |end| &rest[..end]);
+        let to_next_key = lower_rest.find(":key/").map_or(rest, |end| &rest[..end]);
+        [rest, to_colon, to_next_key]
+    })
 }
 
 fn quoted_list(items: &[String]) -> String {
@@ -480,7 +507,9 @@ mod tests {
             &account,
             "arn:aws:kms:us-east-1:111122223333:key/1"
         ));
-        assert!(!key_glob_may_match(
+        // Another account's ARN: the id inside it may name a key of the account (moto looks it up
+        // in the caller's account).
+        assert!(key_glob_may_match(
             &account,
             "arn:aws:kms:us-east-1:999999999999:key/1"
         ));
@@ -489,18 +518,75 @@ mod tests {
             &account,
             "arn:aws:kms:us-east-1:999999999999:alias/app"
         ));
-        assert!(!key_glob_may_match(
+        assert!(key_glob_may_match(
             &account,
             "ARN:AWS:KMS:us-east-1:999999999999:key/1"
+        ));
+        let other = KeyGlob::new("arn:aws:kms:*:111122223333:key/mrk-1").unwrap();
+        assert!(!key_glob_may_match(
+            &other,
+            "arn:aws:kms:us-east-1:999999999999:key/mrk-2"
         ));
         let one = KeyGlob::new("arn:aws:kms:us-east-1:111122223333:key/mrk-1").unwrap();
         assert!(key_glob_may_match(&one, "mrk-1"));
         assert!(!key_glob_may_match(&one, "mrk-2"));
         let bare = KeyGlob::new("mrk-*").unwrap();
         assert!(key_glob_may_match(&bare, "mrk-9"));
-        assert!(!key_glob_may_match(
+        assert!(key_glob_may_match(
             &bare,
             "arn:aws:kms:us-east-1:1:key/mrk-9"
         ));
+        assert!(!key_glob_may_match(
+            &bare,
+            "arn:aws:kms:us-east-1:1:key/1-9"
+        ));
+    }
+
+    use proptest::prelude::*;
+
+    /// A spelling of an ARN naming key `id`, as some reader may take it.
+    fn arn_spelling(id: String) -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(vec!["arn", "ARN", "Arn", "aRn"]),
+            prop_oneof![
+                Just("aws".to_owned()),
+                Just("aws-cn".to_owned()),
+                Just("aws-us-gov".to_owned()),
+                Just("aws-iso-b".to_owned()),
+                "[a-z-]{0,12}",
+            ],
+            prop::sample::select(vec!["kms", "KMS", "", "iam"]),
+            "[a-z0-9-]{0,16}",
+            "[0-9]{0,12}",
+            prop::sample::select(vec!["key/", "KEY/", "Key/"]),
+            prop::sample::select(vec!["", ":key/other", ":x"]),
+        )
+            .prop_map(
+                move |(arn, partition, service, region, account, key, tail)| {
+                    format!("{arn}:{partition}:{service}:{region}:{account}:{key}{id}{tail}")
+                },
+            )
+    }
+
+    proptest! {
+        /// A rule scoped to a key id, bare or in an ARN of any partition, region or account,
+        /// applies to every ARN spelling naming that id.
+        #[test]
+        fn a_key_id_inside_any_arn_spelling_is_matched(
+            (id, spelling) in "(mrk-)?[0-9a-f]{8}-[0-9a-f]{4}"
+                .prop_flat_map(|id| (Just(id.clone()), arn_spelling(id))),
+            scoped_by_arn in any::<bool>(),
+        ) {
+            let glob = if scoped_by_arn {
+                KeyGlob::new(&format!("arn:aws:kms:us-east-1:111122223333:key/{id}")).unwrap()
+            } else {
+                KeyGlob::new(&id).unwrap()
+            };
+            prop_assert!(key_glob_may_match(&glob, &spelling), "{} does not match {}", glob.as_str(), spelling);
+            // A key id that differs is not matched by the id-scoped glob.
+            let other = KeyGlob::new(&format!("{id}0")).unwrap();
+            let other_id = format!("{id}0");
+            prop_assert!(!key_glob_may_match(&other, &spelling) || spelling.contains(&other_id));
+        }
     }
 }

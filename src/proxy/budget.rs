@@ -33,6 +33,12 @@ use crate::metrics::{ConnectionLimitAction, Metrics};
 const MAX_PENDING_CLOSES: usize = 64;
 /// At most one "limit reached" log line this often.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a connection asked to close for room has to close by itself (a client that never
+/// answers HTTP/2's PING after GOAWAY would keep it open for an idle period): after it, the
+/// socket is shut down both ways, as soon as it has nothing in flight.
+pub(crate) const EVICTION_GRACE: Duration = Duration::from_secs(1);
+/// How often a connection past its eviction grace but with a request in flight is looked at.
+const EVICTION_RECHECK: Duration = Duration::from_millis(100);
 
 /// What serves a connection now, which decides how it is asked to close.
 const MODE_SETUP: u8 = 0;
@@ -188,6 +194,7 @@ impl Budget {
             Some(conn) => {
                 if conn.ask_to_close() {
                     self.pending_closes.fetch_add(1, Ordering::SeqCst);
+                    conn.hard_close_after(EVICTION_GRACE);
                 }
                 true
             }
@@ -266,14 +273,41 @@ impl Conn {
         true
     }
 
+    /// Shuts the socket down both ways once `grace` has passed and it has nothing in flight,
+    /// unless it has closed by then: every stage serving it then reads EOF and fails its writes,
+    /// whatever the client does.
+    fn hard_close_after(self: &Arc<Self>, grace: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let conn = Arc::clone(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(grace).await;
+            loop {
+                if *conn.fd.lock().unwrap_or_else(|e| e.into_inner()) < 0 {
+                    return;
+                }
+                if conn.in_flight.load(Ordering::SeqCst) == 0 {
+                    conn.shut(libc::SHUT_RDWR);
+                    return;
+                }
+                tokio::time::sleep(EVICTION_RECHECK).await;
+            }
+        });
+    }
+
     /// The fast path and the set-up stages read EOF, as if the client had closed.
     fn shut_read(&self) {
+        self.shut(libc::SHUT_RD);
+    }
+
+    fn shut(&self, how: libc::c_int) {
         let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
         if *fd >= 0 {
             // SAFETY: `shutdown(2)` on a descriptor touches no memory of this process.
             // The descriptor is still this connection's socket: the lock is held, and
             // `forget_fd` (which takes it) runs before the socket is closed.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            unsafe { libc::shutdown(*fd, how) };
         }
     }
 

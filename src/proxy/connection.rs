@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::budget::{Registration, Socket, Tracked};
+use super::budget::{Registration, Socket, Tracked, EVICTION_GRACE};
 use super::general;
 use super::lane::Lane;
 use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
@@ -102,10 +102,21 @@ where
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut shutting_down = false;
+    // Once asked to close (for room, or at shutdown): an idle connection whose client has not
+    // closed it (one that never answers the PING after GOAWAY) is dropped this long after.
+    let mut drop_idle_at: Option<Instant> = None;
     loop {
         let idle_at = conn
             .idle_instant()
             .map_or_else(|| Instant::now() + idle, |since| since + idle);
+        let wake_at = match drop_idle_at {
+            // Busy past the moment: looked at again shortly, until its requests are done.
+            Some(at) => idle_at.min(match conn.idle_instant() {
+                Some(_) => at,
+                None => at.max(Instant::now() + CLOSE_RECHECK),
+            }),
+            None => idle_at,
+        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -116,14 +127,25 @@ where
             _ = closing.wait_for(|closed| *closed), if !shutting_down => {
                 connection.as_mut().graceful_shutdown();
                 shutting_down = true;
+                drop_idle_at = Some(Instant::now() + EVICTION_GRACE);
             }
             _ = conn.close_requested(), if !shutting_down => {
                 debug!(%peer, "closing an idle connection to make room ([limits].max_connections)");
                 connection.as_mut().graceful_shutdown();
                 shutting_down = true;
+                drop_idle_at = Some(Instant::now() + EVICTION_GRACE);
             }
-            _ = tokio::time::sleep_until(idle_at.into()) => {
-                if conn.idle_instant().is_some_and(|since| since + idle <= Instant::now()) {
+            _ = tokio::time::sleep_until(wake_at.into()) => {
+                let now = Instant::now();
+                let idle_since = conn.idle_instant();
+                if shutting_down
+                    && drop_idle_at.is_some_and(|at| at <= now)
+                    && idle_since.is_some()
+                {
+                    // Asked to close, idle, and the client has not closed it: drop it.
+                    return;
+                }
+                if idle_since.is_some_and(|since| since + idle <= now) {
                     if shutting_down {
                         // Asked to close politely a whole idle period ago: drop it.
                         break;
@@ -131,6 +153,7 @@ where
                     debug!(%peer, "closing an idle connection");
                     connection.as_mut().graceful_shutdown();
                     shutting_down = true;
+                    drop_idle_at = Some(now + EVICTION_GRACE);
                 }
             }
         }
@@ -139,6 +162,9 @@ where
     // its place in the budget, which covers its connections to KMS, is still held.
     lane.close_and_drain().await;
 }
+
+/// How often a connection asked to close, but with requests in flight, is looked at again.
+const CLOSE_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One accepted TCP connection: its first byte, then TLS if configured, then HTTP; the first
 /// byte, the handshake and the first request head (through a CONNECT tunnel's own handshake)

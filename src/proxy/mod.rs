@@ -140,7 +140,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         server: connection::http_server(&config),
         lifecycle: Lifecycle::new(),
         serve_tunnel: connection::serve_tunnel,
-        tunnels: Tunnels::new(&config, minter, own_addresses.clone())
+        tunnels: Tunnels::new(&config, minter.clone(), own_addresses.clone())
             .map_err(|e| StartError::Upstream(UpstreamSetupError::Resolver(e)))?,
     });
     let listener = bind(config.listener.address).await?;
@@ -191,6 +191,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         },
         &config,
         tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
+        minter,
     );
     let threads = accept::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
         .map_err(StartError::Threads)?;

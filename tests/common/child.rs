@@ -26,6 +26,10 @@ pub struct ChildOptions {
     pub nofile: Option<u64>,
     /// Set only the child's soft RLIMIT_NOFILE to this (`ulimit -S -n N`).
     pub soft_nofile: Option<u64>,
+    /// Standard error to a pipe instead of a file: read up to the "listening" line (copied to
+    /// `stderr_path`), then left unread in [`ChildProxy::stderr_pipe`], as a stalled log
+    /// collector leaves it.
+    pub stderr_pipe: bool,
 }
 
 impl ChildOptions {
@@ -47,6 +51,7 @@ impl ChildOptions {
             rust_log: None,
             nofile: None,
             soft_nofile: None,
+            stderr_pipe: false,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct ChildProxy {
     pub stderr_path: PathBuf,
     /// The configuration file the child was started with (a test may rewrite it, then signal).
     pub config_path: PathBuf,
+    /// With [`ChildOptions::stderr_pipe`]: the rest of standard error, unread.
+    pub stderr_pipe: Option<std::io::BufReader<std::process::ChildStderr>>,
     _dir: tempfile::TempDir,
 }
 
@@ -123,13 +130,22 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
     command
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
+        .stderr(if opts.stderr_pipe {
+            Stdio::piped()
+        } else {
+            Stdio::from(stderr)
+        });
     match &opts.rust_log {
         Some(filter) => command.env("RUST_LOG", filter),
         None => command.env_remove("RUST_LOG"),
     };
     let mut child = command.spawn().expect("spawn kms-tag-guard serve");
     let pid = child.id();
+    let stderr_pipe = if opts.stderr_pipe {
+        Some(read_pipe_until_listening(&mut child, &stderr_path))
+    } else {
+        None
+    };
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (addr, admin_addr) = loop {
@@ -155,8 +171,36 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
         stdout_path,
         stderr_path,
         config_path,
+        stderr_pipe,
         _dir: dir,
     })
+}
+
+/// Reads the child's piped standard error line by line, copying it to `copy`, up to and
+/// including the "listening" line (or its end); returns the reader with the rest unread.
+fn read_pipe_until_listening(
+    child: &mut Child,
+    copy: &Path,
+) -> std::io::BufReader<std::process::ChildStderr> {
+    use std::io::{BufRead, Write};
+    let mut reader = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(copy)
+        .expect("stderr copy");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return reader,
+            Ok(_) => {
+                file.write_all(line.as_bytes()).expect("copy stderr");
+                if line.contains("kms-tag-guard listening") {
+                    return reader;
+                }
+            }
+        }
+    }
 }
 
 /// The `local_addr` of the "kms-tag-guard listening" line, in the text or the JSON log format.
