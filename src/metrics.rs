@@ -110,6 +110,9 @@ pub struct Metrics {
     connections_max: Gauge,
     connection_limit: Family<LimitLabels, Counter>,
     setup_timeouts: Counter,
+    buffered_body_bytes: Gauge,
+    buffered_body_bytes_max: Gauge,
+    body_budget_refusals: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -215,6 +218,24 @@ impl Metrics {
             "Connections closed because their set-up (TLS, CONNECT, first request head) outlasted header_read_timeout_ms",
             setup_timeouts.clone(),
         );
+        let buffered_body_bytes = Gauge::default();
+        registry.register(
+            "kms_tag_guard_buffered_body_bytes",
+            "Bytes of tag-bearing request bodies held (read whole, or reserved for a declared length)",
+            buffered_body_bytes.clone(),
+        );
+        let buffered_body_bytes_max = Gauge::default();
+        registry.register(
+            "kms_tag_guard_buffered_body_bytes_max",
+            "The budget of tag-bearing request bodies held at once ([limits].max_buffered_body_bytes)",
+            buffered_body_bytes_max.clone(),
+        );
+        let body_budget_refusals = Counter::default();
+        registry.register(
+            "kms_tag_guard_body_budget_refusals",
+            "Tag changes refused with 503 because their body did not fit in [limits].max_buffered_body_bytes",
+            body_budget_refusals.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -231,6 +252,9 @@ impl Metrics {
             connections_max,
             connection_limit,
             setup_timeouts,
+            buffered_body_bytes,
+            buffered_body_bytes_max,
+            body_budget_refusals,
         }
     }
 
@@ -297,6 +321,20 @@ impl Metrics {
 
     pub fn setup_timeout(&self) {
         self.setup_timeouts.inc();
+    }
+
+    /// `delta` bytes more (or fewer) of tag-bearing bodies held.
+    pub fn body_budget_used(&self, delta: i64) {
+        self.buffered_body_bytes.inc_by(delta);
+    }
+
+    pub fn body_budget_limit(&self, limit: u64) {
+        self.buffered_body_bytes_max
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    pub fn body_budget_refused(&self) {
+        self.body_budget_refusals.inc();
     }
 
     /// Marks `sha256` as the policy in force, and only it.

@@ -26,6 +26,9 @@ pub struct ChildOptions {
     pub nofile: Option<u64>,
     /// Set only the child's soft RLIMIT_NOFILE to this (`ulimit -S -n N`).
     pub soft_nofile: Option<u64>,
+    /// A cgroup's `cgroup.procs`: the child joins that cgroup before the proxy starts (through
+    /// the shell wrapper), so that all of its memory is charged there.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl ChildOptions {
@@ -47,6 +50,7 @@ impl ChildOptions {
             rust_log: None,
             nofile: None,
             soft_nofile: None,
+            cgroup_procs: None,
         }
     }
 }
@@ -104,6 +108,14 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
         )),
         (None, Some(n)) => Some(format!("ulimit -S -n {n}")),
         (Some(_), Some(_)) => panic!("set nofile or soft_nofile, not both"),
+    };
+    let ulimit = match (&opts.cgroup_procs, ulimit) {
+        (None, ulimit) => ulimit,
+        (Some(procs), ulimit) => Some(format!(
+            "echo $$ > '{}' && {}",
+            procs.display(),
+            ulimit.unwrap_or_else(|| "true".to_owned())
+        )),
     };
     let mut command = match ulimit {
         None => {
