@@ -443,17 +443,21 @@ struct Sizing {
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 /// The formula's figures (docs/security.md, "Bounded memory").
-const BASE: u64 = 40 * MIB;
-const PER_CONNECTION: u64 = 100 * KIB;
-const PER_STREAM: u64 = 48 * KIB;
+const BASE: u64 = 16 * MIB;
+const PER_CONNECTION: u64 = 128 * KIB;
+const PER_STREAM: u64 = 80 * KIB;
+/// What the admin port may hold (its term of the formula): one scrape at a time here.
+const ADMIN: u64 = MIB;
 
 impl Sizing {
     /// base + connections × per connection + connections × streams × per stream + the body
-    /// budget (no audit queue in bytes on this build, no leaf cache, no admin port).
+    /// budget + the audit queue in bytes (none on this build: records are bounded by count and
+    /// a fast sink) + the admin port; no leaf cache (no interception).
     fn limit(&self) -> u64 {
         BASE + self.max_connections * PER_CONNECTION
             + self.max_connections * self.max_concurrent_streams * PER_STREAM
             + self.max_buffered_body_bytes
+            + ADMIN
     }
 }
 
@@ -605,10 +609,10 @@ fn hostile_config(fake: &FakeKms, sizing: &Sizing) -> ChildOptions {
 
 /// The guard as an operator runs it: the real binary in a memory cgroup whose limit is the
 /// formula's figure for its settings. Against it, 500 HTTP/1.1 connections each send a whole
-/// tag change of `max_body_bytes` (256 KiB) and then stay idle (before: 272 KiB kept by each),
-/// then 12 HTTP/2 connections each try 64 tag changes of 256 KiB at once, 8 of them sending all
-/// but the last byte of each body, 4 withholding the bodies (before: every stream's body held,
-/// 200 streams per connection). It is never killed for memory, Encrypt passes during and after
+/// tag change of `max_body_bytes` (256 KiB) and then stay idle (before: 281 KiB kept by each),
+/// then 16 HTTP/2 connections each try 64 tag changes of 256 KiB at once, two in three of them
+/// sending all but the last byte of each body, the others withholding the bodies (before: every
+/// stream's body held, 200 streams per connection). It is never killed for memory, Encrypt passes during and after
 /// the load, and the peak stays under the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guard_survives_hostile_loads_under_a_memory_limit() {
@@ -649,10 +653,10 @@ async fn the_guard_survives_hostile_loads_under_a_memory_limit() {
     }
     let with_idle = settled_rss_kib(&proxy).await;
 
-    // 12 HTTP/2 connections opening every stream they may with large tag changes.
+    // 16 HTTP/2 connections opening every stream they may with large tag changes.
     let (release, hold) = tokio::sync::watch::channel(false);
     let mut hogs = JoinSet::new();
-    for n in 0..12 {
+    for n in 0..16 {
         hogs.spawn(h2_hog(
             proxy.addr,
             host.clone(),
@@ -708,4 +712,236 @@ async fn the_guard_survives_hostile_loads_under_a_memory_limit() {
         "an idle connection after a large body keeps {} KiB",
         with_idle.saturating_sub(before) / 500
     );
+}
+
+// ------------------------------------------------------------------- the formula's figures
+
+/// A fresh guard for one measurement, in front of `fake` (with `upstream`: its `ca_file`).
+async fn measured_guard(fake: &FakeKms, upstream: &str) -> ChildProxy {
+    let mut opts = ChildOptions::with_config(ProxyConfig {
+        endpoint: Some(fake.url()),
+        upstream: upstream.to_owned(),
+        limits: "max_connections = 4000\nbody_read_timeout_ms = 120000\n\
+                 idle_timeout_ms = 300000\nheader_read_timeout_ms = 120000"
+            .into(),
+        audit_path: None,
+        shutdown: "grace_ms = 1000".into(),
+        ..ProxyConfig::default()
+    });
+    opts.nofile = Some(16384);
+    start_child(opts).await
+}
+
+/// Per-connection (or per-stream) resident memory of `load`, in KiB: the settled RSS with what
+/// it holds open, less the settled RSS before, over `count`.
+async fn measure<F, Fut, T>(
+    (fake, upstream): (&FakeKms, &str),
+    what: &str,
+    count: usize,
+    load: F,
+) -> u64
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let proxy = measured_guard(fake, upstream).await;
+    let before = settled_rss_kib(&proxy).await;
+    let held = load(proxy.addr).await;
+    let with = settled_rss_kib(&proxy).await;
+    let each = with.saturating_sub(before) * 1024 / count as u64;
+    eprintln!(
+        "FIGURE {}{what}: RSS {before} KiB -> {with} KiB with {count}: {} bytes ({} KiB) each",
+        if upstream.is_empty() {
+            ""
+        } else {
+            "(TLS to KMS) "
+        },
+        each,
+        each / 1024
+    );
+    drop(held);
+    each
+}
+
+/// Opens `n` connections with `per`, 50 at a time.
+async fn open_many<F, Fut, T>(n: usize, per: F) -> Vec<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut batch = JoinSet::new();
+        for _ in 0..(n - out.len()).min(50) {
+            batch.spawn(per());
+        }
+        while let Some(one) = batch.join_next().await {
+            out.push(one.unwrap());
+        }
+    }
+    out
+}
+
+/// An HTTP/2 connection with `streams` Encrypts whose bodies stop one byte short (each stream's
+/// request is forwarded, its head with `pad` bytes of an extra header), held until dropped.
+async fn h2_streams_open(
+    addr: SocketAddr,
+    host: String,
+    streams: usize,
+    pad: usize,
+) -> (
+    hyper::client::conn::http2::SendRequest<common_body::Body>,
+    Vec<tokio::sync::mpsc::Sender<Bytes>>,
+) {
+    let mut sender = h2_connect(addr).await;
+    let body = encrypt_body();
+    let template = h2_request(&host, ENCRYPT, &body, whole(b""));
+    let mut held = Vec::new();
+    for _ in 0..streams {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tx.try_send(Bytes::copy_from_slice(&body[..body.len() - 1]))
+            .unwrap();
+        let mut request = http::Request::new(ChannelBody(rx).boxed());
+        *request.method_mut() = template.method().clone();
+        *request.uri_mut() = template.uri().clone();
+        *request.headers_mut() = template.headers().clone();
+        if pad > 0 {
+            request
+                .headers_mut()
+                .insert("x-pad", "a".repeat(pad).parse().unwrap());
+        }
+        sender.ready().await.unwrap();
+        drop(tokio::spawn(sender.send_request(request)));
+        held.push(tx);
+    }
+    (sender, held)
+}
+
+/// A fake KMS behind TLS for `localhost` (HTTP/1.1 only), and the `[upstream]` line that
+/// makes the guard trust it.
+async fn tls_fake(dir: &Path) -> (FakeKms, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "memory test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        leaf_key.serialize_der(),
+    ));
+    let fake = FakeKms::start_tls(vec![leaf.der().clone()], key, vec![b"http/1.1".to_vec()]).await;
+    (fake, format!("ca_file = \"{}\"", ca_file.display()))
+}
+
+/// The per-connection and per-stream figures of docs/security.md's memory formula, measured on
+/// the binary `KMS_TAG_GUARD_BIN` names (the release build for the docs), with a plain-HTTP and
+/// a TLS upstream:
+///
+/// ```text
+/// cargo build --release
+/// KMS_TAG_GUARD_BIN=target/release/kms-tag-guard \
+///   cargo test --test memory -- --ignored --nocapture the_formula
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand with the release binary"]
+async fn the_formula_figures() {
+    child::raise_own_nofile(16384);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = FakeKms::start().await;
+    let (tls, ca_line) = tls_fake(dir.path()).await;
+    for (fake, upstream) in [(&plain, ""), (&tls, ca_line.as_str())] {
+        formula_figures(fake, upstream).await;
+    }
+}
+
+async fn formula_figures(fake: &FakeKms, upstream: &str) {
+    let host = fake.host();
+    let at = (fake, upstream);
+    let encrypt = RawRequest::signed_kms(&host, ENCRYPT, &encrypt_body()).to_bytes();
+    let large = RawRequest::signed_kms(&host, TAG_RESOURCE, &tag_body(262_144)).to_bytes();
+
+    measure(
+        at,
+        "HTTP/1.1 connection idle after an Encrypt",
+        1000,
+        |addr| {
+            open_many(1000, move || {
+                let encrypt = encrypt.clone();
+                async move {
+                    let mut conn = RawConn::connect(addr).await.unwrap();
+                    conn.write(&encrypt).await.unwrap();
+                    assert_eq!(conn.read_response().await.unwrap().status, 200);
+                    conn
+                }
+            })
+        },
+    )
+    .await;
+    measure(
+        at,
+        "HTTP/1.1 connection idle after a 256 KiB tag change",
+        500,
+        |addr| {
+            open_many(500, move || {
+                let large = large.clone();
+                async move { idle_after_large_body(addr, large).await }
+            })
+        },
+    )
+    .await;
+    measure(at, "HTTP/1.1 connection with 63 KiB of a head", 500, |addr| {
+        open_many(500, move || async move {
+            let mut conn = RawConn::connect(addr).await.unwrap();
+            let mut head = b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\n".to_vec();
+            while head.len() < 63 * 1024 {
+                head.extend_from_slice(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            }
+            conn.write(&head).await.unwrap();
+            conn
+        })
+    })
+    .await;
+    let h2_idle = measure(at, "HTTP/2 connection idle", 200, |addr| {
+        let host = host.clone();
+        open_many(200, move || {
+            let host = host.clone();
+            async move { h2_streams_open(addr, host, 0, 0).await }
+        })
+    })
+    .await;
+    for pad in [0, 14 * 1024] {
+        let per_connection = measure(
+            at,
+            &format!("HTTP/2 connection with 16 streams forwarded, bodies withheld, {pad} bytes of padding header each"),
+            50,
+            |addr| {
+                let host = host.clone();
+                open_many(50, move || {
+                    let host = host.clone();
+                    async move { h2_streams_open(addr, host, 16, pad).await }
+                })
+            },
+        )
+        .await;
+        eprintln!(
+            "FIGURE per HTTP/2 stream ({pad} bytes of padding): {} KiB",
+            per_connection.saturating_sub(h2_idle) / 16 / 1024
+        );
+    }
 }

@@ -96,7 +96,10 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
     let stdout = std::fs::File::create(&stdout_path).expect("stdout file");
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
 
-    let bin = env!("CARGO_BIN_EXE_kms-tag-guard");
+    // `KMS_TAG_GUARD_BIN` runs another build (e.g. target/release/kms-tag-guard, to measure).
+    let bin = std::env::var("KMS_TAG_GUARD_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kms-tag-guard").to_owned());
+    let bin = bin.as_str();
     let mut args: Vec<String> = opts.global_args.clone();
     args.push("serve".into());
     args.push("--config".into());
