@@ -330,6 +330,15 @@ async fn a_stream_past_max_concurrent_streams_is_refused() {
         }
     }
     assert_eq!((answered, refused), (3, 1));
+    // The refused stream reached nobody: KMS got the three answered, and nothing after them.
+    let encrypts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.body[..] == body[..])
+        .count();
+    assert_eq!(encrypts, 3);
+    fake.clear();
+    assert_nothing_forwarded("a stream past the limit", &fake, proxy.addr).await;
 }
 
 // ------------------------------------------------------------------- idle connections' buffers
