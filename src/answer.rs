@@ -30,6 +30,8 @@ pub enum ProxyError {
     HeadTooLarge(String),
     #[error("kms-tag-guard refused the request: the body is larger than the {limit} bytes allowed for tag-changing requests ([limits].max_body_bytes)")]
     BodyTooLarge { limit: u64 },
+    #[error("kms-tag-guard is holding as many tag-changing request bodies as it may at once ({limit} bytes, [limits].max_buffered_body_bytes), so this tag change was not read or forwarded; retry (operators: raise max_buffered_body_bytes together with the memory limit, docs/security.md)")]
+    BodyBudget { limit: u64 },
     #[error("kms-tag-guard stopped waiting for the request body after {0} ms ([limits].body_read_timeout_ms); send the whole body promptly")]
     BodyTimeout(u128),
     #[error("X-Amz-Target \"TrentService.{0}\" is not an operation of the KMS API, and this proxy rejects unknown operations; to forward them, set [policy].unknown_operations = \"forward\"")]
@@ -115,6 +117,11 @@ impl ProxyError {
                 "ServiceUnavailable",
                 "audit-unavailable",
             ),
+            ProxyError::BodyBudget { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "body-budget",
+            ),
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamBroken(_) => {
                 (StatusCode::BAD_GATEWAY, "BadGateway", "upstream-error")
             }
@@ -136,6 +143,7 @@ impl ProxyError {
     pub fn outcome(&self) -> Outcome {
         match self {
             ProxyError::AuditUnavailable
+            | ProxyError::BodyBudget { .. }
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamBroken(_)
             | ProxyError::UpstreamTimeout(_)
@@ -215,6 +223,11 @@ mod tests {
             (ProxyError::ConnectRefused("x".into()), 403, "Forbidden"),
             (ProxyError::TunnelConnect("t".into()), 502, "BadGateway"),
             (ProxyError::AuditUnavailable, 503, "ServiceUnavailable"),
+            (
+                ProxyError::BodyBudget { limit: 1 },
+                503,
+                "ServiceUnavailable",
+            ),
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
             (ProxyError::UpstreamBroken("b".into()), 502, "BadGateway"),
             (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),

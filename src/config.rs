@@ -144,11 +144,18 @@ pub struct LimitsConfig {
     pub body_read_timeout: Duration,
     /// Streams an HTTP/2 client connection may have open at once (its SETTINGS).
     pub max_concurrent_streams: u32,
+    /// The bytes of tag-bearing bodies read whole, all connections together; past it a tag
+    /// change is answered 503.
+    pub max_buffered_body_bytes: u64,
 }
 
 /// `[limits].max_concurrent_streams` unless set: a client connection's streams are a term of the
 /// memory formula (docs/security.md), and SDKs open a few at most.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 16;
+
+/// `[limits].max_buffered_body_bytes` unless set: 256 tag changes of the default largest body
+/// at once.
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 64 << 20;
 
 /// `[limits].max_connections` unless set: at roughly 100 KiB per intercepted connection with
 /// its KMS connection, about 100 MiB at the limit (docs/security.md).
@@ -303,7 +310,19 @@ fn read_config(
             .map_or(DEFAULT_MAX_CONCURRENT_STREAMS, |n| {
                 u32::try_from(n).unwrap_or(u32::MAX)
             }),
+        max_buffered_body_bytes: r
+            .integer("max_buffered_body_bytes", errors, 1)
+            .unwrap_or(DEFAULT_MAX_BUFFERED_BODY_BYTES),
     };
+    if limits.max_buffered_body_bytes < limits.max_body_bytes {
+        errors.push(
+            "limits.max_buffered_body_bytes",
+            format!(
+                "{} is less than max_body_bytes ({}): a tag change of the largest body allowed could never be read; raise it, or lower max_body_bytes",
+                limits.max_buffered_body_bytes, limits.max_body_bytes
+            ),
+        );
+    }
     r.finish(errors);
 
     let mut r = section(root, "audit", errors, empty);
@@ -597,6 +616,8 @@ mod tests {
     fn an_empty_config_takes_every_default() {
         let c = Config::parse("", ConfigSource::BuiltIn).unwrap();
         assert_eq!(c.limits.max_body_bytes, 262_144);
+        assert_eq!(c.limits.max_concurrent_streams, 16);
+        assert_eq!(c.limits.max_buffered_body_bytes, 64 << 20);
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
         assert_eq!(c.upstream.allowed_hosts.len(), 5);
         assert_eq!(c.audit.path, AuditPath::Stdout);
@@ -645,6 +666,26 @@ type = "nope"
             );
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn the_body_budget_holds_at_least_the_largest_body() {
+        let errors = errors_of("[limits]\nmax_body_bytes = 1000\nmax_buffered_body_bytes = 999\n");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with(
+                "limits.max_buffered_body_bytes: 999 is less than max_body_bytes (1000)"
+            ),
+            "{errors:#?}"
+        );
+        let c = Config::parse(
+            "[limits]\nmax_concurrent_streams = 4\nmax_buffered_body_bytes = 262144\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_concurrent_streams, 4);
+        assert_eq!(c.limits.max_buffered_body_bytes, 262_144);
+        assert!(!errors_of("[limits]\nmax_concurrent_streams = 0\n").is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod fds;
 pub mod files;
 pub mod fold;
 pub mod glob;
+pub mod heap;
 pub mod kms;
 pub mod logs;
 pub mod metrics;

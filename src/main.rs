@@ -156,6 +156,8 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let finish_logs = logs.finisher();
+    // Large buffers (tag changes' bodies) go back to the system when freed (docs/security.md).
+    kms_tag_guard::heap::return_large_buffers();
     // Many systems start services with a soft limit of 1,024 descriptors and a far higher hard
     // limit; the proxy needs two per connection.
     match kms_tag_guard::fds::raise_nofile() {

@@ -143,6 +143,9 @@ pub struct Metrics {
     connections_max: Gauge,
     connection_limit: Family<LimitLabels, Counter>,
     setup_timeouts: Counter,
+    buffered_body_bytes: Gauge,
+    buffered_body_bytes_max: Gauge,
+    body_budget_refusals: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -259,6 +262,24 @@ impl Metrics {
             "Log lines dropped because the reader of standard error was slower than the proxy logs (logging never waits)",
             LOG_LINES_DROPPED.clone(),
         );
+        let buffered_body_bytes = Gauge::default();
+        registry.register(
+            "kms_tag_guard_buffered_body_bytes",
+            "Bytes of tag-bearing request bodies held (read whole, or reserved for a declared length)",
+            buffered_body_bytes.clone(),
+        );
+        let buffered_body_bytes_max = Gauge::default();
+        registry.register(
+            "kms_tag_guard_buffered_body_bytes_max",
+            "The budget of tag-bearing request bodies held at once ([limits].max_buffered_body_bytes)",
+            buffered_body_bytes_max.clone(),
+        );
+        let body_budget_refusals = Counter::default();
+        registry.register(
+            "kms_tag_guard_body_budget_refusals",
+            "Tag changes refused with 503 because their body did not fit in [limits].max_buffered_body_bytes",
+            body_budget_refusals.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -276,6 +297,9 @@ impl Metrics {
             connections_max,
             connection_limit,
             setup_timeouts,
+            buffered_body_bytes,
+            buffered_body_bytes_max,
+            body_budget_refusals,
         }
     }
 
@@ -352,6 +376,20 @@ impl Metrics {
 
     pub fn setup_timeout(&self) {
         self.setup_timeouts.inc();
+    }
+
+    /// `delta` bytes more (or fewer) of tag-bearing bodies held.
+    pub fn body_budget_used(&self, delta: i64) {
+        self.buffered_body_bytes.inc_by(delta);
+    }
+
+    pub fn body_budget_limit(&self, limit: u64) {
+        self.buffered_body_bytes_max
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    pub fn body_budget_refused(&self) {
+        self.body_budget_refusals.inc();
     }
 
     /// Marks `sha256` as the policy in force, and only it.

@@ -44,9 +44,37 @@ pub(crate) fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
         // KMS request heads are a few KiB; hyper's default buffer (~400 KiB) would let a client
         // park that much per connection. Larger heads get 431.
         .max_buf_size(MAX_HEAD_BYTES);
-    builder.http2().timer(TokioTimer::new());
+    // What one HTTP/2 connection may make the proxy hold is a known figure (docs/security.md,
+    // "Bounded memory"): its streams, the request bytes received and not yet read (the
+    // connection window bounds them all), the answer bytes queued per stream, a head's size.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_header_list_size(H2_MAX_HEADER_LIST);
     builder
 }
+
+/// The request bytes a client may send on one HTTP/2 stream before the proxy reads them (the
+/// protocol's default); a tag change's body is read as it arrives, a streamed one as KMS takes it.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The request bytes a client may send on one HTTP/2 connection, all streams together, before
+/// the proxy reads them: the bound of what the connection buffers of its requests.
+const H2_CONNECTION_WINDOW: u32 = 64 * 1024;
+/// The largest HTTP/2 frame the proxy accepts (the protocol's default).
+const H2_MAX_FRAME: u32 = 16 * 1024;
+/// The answer bytes queued for one HTTP/2 stream before the proxy stops reading them from KMS
+/// (hyper's default is 400 KiB): a client that stops reading holds no more than this per stream.
+/// KMS answers are a few KiB.
+const H2_SEND_BUFFER: usize = 16 * 1024;
+/// The largest HTTP/2 request head, decoded (hyper's default, kept): KMS heads are 1 to 2 KiB.
+/// An HTTP/1.1 head may take up to [`MAX_HEAD_BYTES`], one per connection; HTTP/2 has one per
+/// stream.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Serves HTTP on one connection until it closes, it has been idle for `idle`, or it is asked
 /// to close (by shutdown or by the connection budget: then it finishes its in-flight requests

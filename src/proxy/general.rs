@@ -11,10 +11,12 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::warn;
 
+use super::bodies::Reservation;
 use super::body::{ProxyBody, Streamed};
 use super::connect;
 use super::framing::check_answer;
@@ -340,28 +342,62 @@ async fn tag_change(
     }
 }
 
-/// Reads a tag-bearing body under `max_body_bytes` and `body_read_timeout_ms` (a declared
-/// length over the limit was refused by `decide`).
+/// Reads a tag-bearing body under `max_body_bytes`, `body_read_timeout_ms` and the body budget
+/// (a declared length over the limit was refused by `decide`). Its declared length is reserved
+/// from the budget before a byte is read, and a body without one as it grows; the bytes returned
+/// hold the reservation until the last of them is dropped.
 async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, ProxyError> {
     let limits = &shared.limits;
-    let limit = limits.max_body_bytes;
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
+    let reservation = shared
+        .bodies
+        .reserve(body.size_hint().exact().unwrap_or(0))?;
+    match tokio::time::timeout(
+        limits.body_read_timeout,
+        collect_body(body, limits.max_body_bytes, reservation),
+    )
+    .await
+    {
         Err(_) => Err(ProxyError::BodyTimeout(
             limits.body_read_timeout.as_millis(),
         )),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Ok(Err(error)) => Err(ProxyError::Unreadable(format!(
-            "the request body could not be read: {}",
-            error_chain(error.as_ref())
-        ))),
-        Ok(Ok(collected)) if collected.trailers().is_some() => {
-            Err(ProxyError::Unreadable(Unreadable::Trailers.to_string()))
-        }
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(read) => read,
     }
+}
+
+/// The frames of a tag-bearing body, gathered into one buffer whose every byte of capacity the
+/// reservation covers first.
+async fn collect_body(
+    mut body: Incoming,
+    limit: u64,
+    mut reservation: Reservation,
+) -> Result<Bytes, ProxyError> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    let declared = usize::try_from(reservation.bytes()).unwrap_or(usize::MAX);
+    let mut bytes: Vec<u8> = Vec::with_capacity(declared.min(limit_usize));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            ProxyError::Unreadable(format!(
+                "the request body could not be read: {}",
+                error_chain(&error)
+            ))
+        })?;
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(_) => return Err(ProxyError::Unreadable(Unreadable::Trailers.to_string())),
+        };
+        let needed = bytes.len() + data.len();
+        if needed > limit_usize {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        if needed > bytes.capacity() {
+            // Grow by doubling (at most to the limit), paid for before it is allocated.
+            let capacity = needed.max(bytes.capacity() * 2).min(limit_usize);
+            reservation.grow_to(capacity as u64)?;
+            bytes.reserve_exact(capacity - bytes.len());
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(reservation.attach(bytes))
 }
 
 /// Forwards an allowed tag change, records its outcome, and relays KMS's answer. The outcome

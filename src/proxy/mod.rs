@@ -1,6 +1,7 @@
 //! The proxy: listener, connections, and the request pipeline behind them.
 
 mod accept;
+mod bodies;
 mod body;
 mod budget;
 mod connect;
@@ -135,6 +136,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             own_addresses.clone(),
         )?,
         limits: config.limits.clone(),
+        bodies: bodies::BodyBudget::new(
+            config.limits.max_buffered_body_bytes,
+            Arc::clone(&metrics),
+        ),
         budget,
         metrics: Arc::clone(&metrics),
         server: connection::http_server(&config),

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
+use super::bodies::BodyBudget;
 use super::budget::{Budget, Conn, InFlight};
 use super::connector::{OwnAddresses, UpstreamResolver};
 use super::upstream::Upstream;
@@ -30,6 +31,9 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     pub upstream: Upstream,
     pub limits: LimitsConfig,
+    /// The bytes of tag-bearing bodies held, all connections together
+    /// (`[limits].max_buffered_body_bytes`).
+    pub bodies: Arc<BodyBudget>,
     /// The open connections (and HTTP/2 CONNECT tunnels) and `[limits].max_connections`.
     pub budget: Arc<Budget>,
     pub metrics: Arc<Metrics>,

@@ -30,6 +30,9 @@ pub struct ChildOptions {
     /// `stderr_path`), then left unread in [`ChildProxy::stderr_pipe`], as a stalled log
     /// collector leaves it.
     pub stderr_pipe: bool,
+    /// A cgroup's `cgroup.procs`: the child joins that cgroup before the proxy starts (through
+    /// the shell wrapper), so that all of its memory is charged there.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl ChildOptions {
@@ -52,6 +55,7 @@ impl ChildOptions {
             nofile: None,
             soft_nofile: None,
             stderr_pipe: false,
+            cgroup_procs: None,
         }
     }
 }
@@ -99,7 +103,10 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
     let stdout = std::fs::File::create(&stdout_path).expect("stdout file");
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
 
-    let bin = env!("CARGO_BIN_EXE_kms-tag-guard");
+    // `KMS_TAG_GUARD_BIN` runs another build (e.g. target/release/kms-tag-guard, to measure).
+    let bin = std::env::var("KMS_TAG_GUARD_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kms-tag-guard").to_owned());
+    let bin = bin.as_str();
     let mut args: Vec<String> = opts.global_args.clone();
     args.push("serve".into());
     args.push("--config".into());
@@ -111,6 +118,14 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
         )),
         (None, Some(n)) => Some(format!("ulimit -S -n {n}")),
         (Some(_), Some(_)) => panic!("set nofile or soft_nofile, not both"),
+    };
+    let ulimit = match (&opts.cgroup_procs, ulimit) {
+        (None, ulimit) => ulimit,
+        (Some(procs), ulimit) => Some(format!(
+            "echo $$ > '{}' && {}",
+            procs.display(),
+            ulimit.unwrap_or_else(|| "true".to_owned())
+        )),
     };
     let mut command = match ulimit {
         None => {

@@ -47,6 +47,11 @@ use crate::record::{self, new_request_id, Handled};
 /// How much more the read buffers make room for before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// The largest read buffer a connection keeps between requests: one grown past it (by a tag
+/// change's body, or a head of more than a few KiB) is replaced by one of [`READ_CHUNK`] once
+/// the request is answered.
+const IDLE_BUFFER: usize = 2 * READ_CHUNK;
+
 /// How the fast path left a connection.
 pub(crate) enum Ended<I> {
     Closed,
@@ -62,6 +67,7 @@ where
     let mut connection = Connection {
         client,
         buf: BytesMut::with_capacity(READ_CHUNK),
+        buf_grown: false,
         kms: None,
         shared,
         origin,
@@ -81,7 +87,7 @@ where
             }
         };
         match connection.handle(head).await {
-            Step::Continue => {}
+            Step::Continue => connection.shed_buffer(),
             Step::Close => {
                 let _ = connection.client.shutdown().await;
                 return Ended::Closed;
@@ -108,6 +114,8 @@ enum Step {
 struct Connection<'a, I> {
     client: I,
     buf: BytesMut,
+    /// Whether `buf` has grown past [`IDLE_BUFFER`] since it was last shed.
+    buf_grown: bool,
     kms: Option<Kms>,
     shared: &'a Arc<Shared>,
     origin: &'a Origin,
@@ -161,6 +169,7 @@ where
                 return Next::Close;
             }
             self.buf.reserve(READ_CHUNK);
+            self.buf_grown |= self.buf.capacity() > IDLE_BUFFER;
             let idle = self.buf.is_empty();
             let read = tokio::select! {
                 biased;
@@ -207,9 +216,24 @@ where
                 self.pass(head, target, operation, started).await
             }
             Plan::ReadBody(operation) => {
+                // The body is read into the connection's buffer: its size is paid for from the
+                // budget of bodies held until the buffer is let go of.
+                let reservation = match shared.bodies.reserve(head.body_len) {
+                    Ok(reservation) => reservation,
+                    Err(error) => {
+                        drop(policy);
+                        let refusal = refused_tag_change(&self.view(&head), operation, error);
+                        let handled =
+                            record::refusal(&shared.audit, self.origin.peer, refusal).await;
+                        return self.refuse(head, handled, Class::inspect, started).await;
+                    }
+                };
                 let policy = arc_swap::Guard::into_inner(policy);
                 let rules = shared.rules(&policy);
-                self.tag_change(head, operation, &rules, started).await
+                let step = self.tag_change(head, operation, &rules, started).await;
+                self.shed_buffer();
+                drop(reservation);
+                step
             }
             Plan::Refuse(refusal) => {
                 drop(policy);
@@ -217,6 +241,19 @@ where
                 let handled = record::refusal(&shared.audit, self.origin.peer, *refusal).await;
                 self.refuse(head, handled, class, started).await
             }
+        }
+    }
+
+    /// Lets go of a read buffer grown past [`IDLE_BUFFER`] (by a tag change's body or a large
+    /// head) for one of [`READ_CHUNK`], the bytes not yet used moved along: an idle connection
+    /// holds a small buffer whatever it carried before. A buffer that never grew is kept, so a
+    /// request streamed through allocates nothing.
+    fn shed_buffer(&mut self) {
+        if self.buf_grown {
+            self.buf_grown = false;
+            let mut small = BytesMut::with_capacity(READ_CHUNK.max(self.buf.len()));
+            small.extend_from_slice(&self.buf);
+            self.buf = small;
         }
     }
 
@@ -485,6 +522,7 @@ where
         let deadline = tokio::time::Instant::now() + limits.body_read_timeout;
         while self.buf.len() < end {
             self.buf.reserve(end - self.buf.len());
+            self.buf_grown |= self.buf.capacity() > IDLE_BUFFER;
             let read = tokio::select! {
                 biased;
                 read = self.client.read_buf(&mut self.buf) => read,
