@@ -138,9 +138,18 @@ pub struct AuditConfig {
     pub fail_closed: bool,
     /// How long a tag change waits for its decision record to be written.
     pub stall_timeout: Duration,
-    /// How many records may wait for the writer.
+    /// How many records may wait for the writer (places held for outcome records included).
     pub queue_capacity: usize,
+    /// How many bytes of records may wait for the writer (places held for outcome records
+    /// included): `[audit].queue_max_bytes`.
+    pub queue_max_bytes: usize,
 }
+
+/// `[audit].queue_max_bytes` unless the config says otherwise: 16 MiB.
+pub const DEFAULT_AUDIT_QUEUE_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// The smallest `[audit].queue_max_bytes`: the largest record and the place held for its outcome
+/// must fit, with room to spare.
+pub const MIN_AUDIT_QUEUE_MAX_BYTES: i64 = 128 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ShutdownConfig {
@@ -288,7 +297,13 @@ fn read_config(
         fsync: r.boolean("fsync", errors).unwrap_or(false),
         fail_closed: r.boolean("fail_closed", errors).unwrap_or(true),
         stall_timeout: r.millis("stall_timeout_ms", errors, 2_000),
-        queue_capacity: r.integer("queue_capacity", errors, 1).unwrap_or(1024) as usize,
+        // Two at least: an allowed tag change's decision and the place held for its outcome.
+        queue_capacity: r.integer("queue_capacity", errors, 2).unwrap_or(1024) as usize,
+        queue_max_bytes: r
+            .integer("queue_max_bytes", errors, MIN_AUDIT_QUEUE_MAX_BYTES)
+            .map_or(DEFAULT_AUDIT_QUEUE_MAX_BYTES, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
     };
     r.finish(errors);
 
@@ -300,7 +315,7 @@ fn read_config(
     r.finish(errors);
 
     let mut r = section(root, "policy", errors, empty);
-    let policy = crate::policy::compile(&mut r, errors);
+    let policy = crate::policy::compile(&mut r, errors).with_sha256(&sha256);
     r.finish(errors);
 
     Config {

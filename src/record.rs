@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::answer::ProxyError;
-use crate::audit::{timestamp, AuditError, AuditLog};
+use crate::audit::{timestamp, AuditLog, OutcomeSlot};
 use crate::decide::{Judgement, Refusal};
 use crate::kms::answer::KmsAnswer;
 use crate::kms::Tag;
@@ -25,8 +26,14 @@ use crate::text::bounded;
 pub const MAX_RECORDED_TAGS: usize = 50;
 /// The longest key a record shows, in characters (KMS allows 128).
 const MAX_KEY_CHARS: usize = 256;
-/// The longest value a record shows, in characters (KMS allows 256).
+/// The longest value (or key id) a record shows, in characters (KMS allows 256).
 const MAX_VALUE_CHARS: usize = 512;
+/// The longest region a record shows, in characters (AWS regions are under 30).
+const MAX_REGION_CHARS: usize = 64;
+/// The longest access key id, operation, rule id, KMS request id or error type a record shows.
+const MAX_ID_CHARS: usize = 128;
+/// The longest message (a violation, a failed forward) a record shows.
+const MAX_MESSAGE_CHARS: usize = 1024;
 
 /// A fresh request id: the audit record's and the answer's `x-amzn-RequestId`.
 pub fn new_request_id() -> String {
@@ -72,24 +79,68 @@ pub fn finished(
     metrics.request(operation, outcome, class, started.elapsed().as_secs_f64());
 }
 
-/// Writes the decision record of a judged tag change. `Err` is the answer when the change may
-/// not be forwarded: denied, or (with `fail_closed`) not audited.
+/// A tag change whose decision is recorded and which may be forwarded: its `outcome` record is
+/// still to come, and its place in the audit queue is held for it. [`outcome`] records what
+/// became of it; dropped without that (the shutdown grace period ended while KMS had it, or its
+/// task was cancelled), it records `applied: "unknown"`, so no forwarded change is left without
+/// an outcome.
+pub struct OpenChange {
+    audit: Arc<AuditLog>,
+    /// The place held in the queue; `None` when the decision never got into it (only with
+    /// `fail_closed = false`), and the outcome then takes its chance like any record.
+    slot: Option<OutcomeSlot>,
+    request_id: String,
+    started: Instant,
+    open: bool,
+}
+
+impl OpenChange {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+impl Drop for OpenChange {
+    fn drop(&mut self) {
+        if self.open {
+            self.open = false;
+            let record = outcome_record(&self.request_id, self.started, Err(&ProxyError::ShutDown));
+            write_outcome(&self.audit, self.slot.take(), &record);
+        }
+    }
+}
+
+/// Writes the decision record of a judged tag change, and holds the place of its outcome record
+/// when it may be forwarded. `Err` is the answer when the change may not be forwarded: denied,
+/// or (with `fail_closed`) not audited; a change refused because its decision record was not
+/// written in time, but was queued, gets an outcome record saying it was not forwarded.
 pub async fn decision(
-    audit: &AuditLog,
+    audit: &Arc<AuditLog>,
     request_id: &str,
     operation: &'static str,
     source: SocketAddr,
     judgement: &Judgement,
-) -> Result<(), Handled> {
+    started: Instant,
+) -> Result<OpenChange, Handled> {
     let record = DecisionRecord::new(request_id, operation, Some(source), judgement);
-    if let Err(error) = audit.write(&record).await {
+    let (written, slot) = audit.write_holding(&record, judgement.allowed()).await;
+    let mut change = OpenChange {
+        audit: Arc::clone(audit),
+        slot,
+        request_id: request_id.to_owned(),
+        started,
+        open: judgement.allowed(),
+    };
+    if let Err(error) = written {
         // The audit log says it once per stall or failing spell, not once per request.
         debug!(%request_id, %error, "decision record not written");
         if audit.fail_closed {
             let refusal = ProxyError::AuditUnavailable;
-            if matches!(error, AuditError::Stalled(_)) {
-                // The decision may still reach the log later: say what became of the request.
-                outcome(audit, request_id, Instant::now(), Err(&refusal));
+            if change.slot.is_some() {
+                // The decision reaches the log later: say what became of the request.
+                outcome(change, Err(&refusal));
+            } else {
+                change.open = false;
             }
             return Err(Handled::error(refusal, operation, request_id));
         }
@@ -103,7 +154,7 @@ pub async fn decision(
         };
         return Err(Handled::error(error, operation, request_id));
     }
-    Ok(())
+    Ok(change)
 }
 
 /// Answers a refusal, recording it first as a `deny` decision when it may be a tag change.
@@ -131,13 +182,30 @@ pub async fn refusal(audit: &AuditLog, source: SocketAddr, refusal: Refusal) -> 
     Handled::error(answer, operation, &request_id)
 }
 
-/// Queues the outcome record of a forwarded tag change (never waits for the audit log).
-pub fn outcome(
-    audit: &AuditLog,
-    request_id: &str,
+/// Records the outcome of a forwarded tag change (in the place its decision held: never waits
+/// for the audit log, never finds its queue full).
+pub fn outcome(mut change: OpenChange, result: Result<KmsAnswer<'_>, &ProxyError>) {
+    change.open = false;
+    let record = outcome_record(&change.request_id, change.started, result);
+    write_outcome(&change.audit, change.slot.take(), &record);
+}
+
+fn write_outcome(audit: &AuditLog, slot: Option<OutcomeSlot>, record: &OutcomeRecord<'_>) {
+    let written = match slot {
+        Some(slot) => slot.write(record),
+        None => audit.write_detached(record),
+    };
+    if let Err(error) = written {
+        debug!(request_id = record.request_id, %error, "outcome record not written");
+    }
+}
+
+/// The outcome record of a forwarded change, every string in it bounded.
+fn outcome_record<'a>(
+    request_id: &'a str,
     started: Instant,
     result: Result<KmsAnswer<'_>, &ProxyError>,
-) {
+) -> OutcomeRecord<'a> {
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (upstream_status, aws_request_id, aws_error, applied, error) = match result {
         Ok(answer) => {
@@ -148,8 +216,14 @@ pub fn outcome(
             };
             (
                 Some(answer.status),
-                answer.aws_request_id.clone(),
-                answer.error_type(),
+                answer
+                    .aws_request_id
+                    .as_deref()
+                    .map(bounded_owned(MAX_ID_CHARS)),
+                answer
+                    .error_type()
+                    .as_deref()
+                    .map(bounded_owned(MAX_ID_CHARS)),
                 applied,
                 None,
             )
@@ -165,32 +239,57 @@ pub fn outcome(
                 None,
                 Some(error_type.to_owned()),
                 applied(error),
-                Some(error.to_string()),
+                Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned()),
             )
         }
     };
-    let record = OutcomeRecord {
+    OutcomeRecord {
         ts: timestamp(),
         event: "outcome",
         request_id,
         upstream_status,
-        aws_request_id: aws_request_id.as_deref(),
-        aws_error: aws_error.as_deref(),
+        aws_request_id,
+        aws_error,
         applied,
         duration_ms: (duration_ms * 1000.0).round() / 1000.0,
-        error: error.as_deref(),
-    };
-    if let Err(error) = audit.write_detached(&record) {
-        debug!(%request_id, %error, "outcome record not written");
+        error,
     }
+}
+
+fn bounded_owned(max: usize) -> impl Fn(&str) -> String {
+    move |s| bounded(s, max).into_owned()
 }
 
 /// Whether a tag change answered with `error` may have been applied by KMS: only when it was sent
 /// and no answer says what became of it.
 fn applied(error: &ProxyError) -> Applied {
     match error {
-        ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) => Applied::Unknown,
+        ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) | ProxyError::ShutDown => {
+            Applied::Unknown
+        }
         _ => Applied::No,
+    }
+}
+
+/// A violation as a record shows it.
+#[derive(Debug, Serialize)]
+pub struct RecordedViolation<'a> {
+    pub rule: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<Cow<'a, str>>,
+    pub message: Cow<'a, str>,
+}
+
+impl<'a> RecordedViolation<'a> {
+    fn of(violations: &'a [Violation]) -> Vec<RecordedViolation<'a>> {
+        violations
+            .iter()
+            .map(|v| RecordedViolation {
+                rule: bounded(&v.rule, MAX_ID_CHARS),
+                key: v.key.as_deref().map(|k| bounded(k, MAX_KEY_CHARS)),
+                message: bounded(&v.message, MAX_MESSAGE_CHARS),
+            })
+            .collect()
     }
 }
 
@@ -205,20 +304,26 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// The record written before a tag-bearing request is forwarded or answered.
+/// The record written before a tag-bearing request is forwarded or answered. Every string in
+/// it that a client chose is cut to a bound, so that, with its lists cut too, it stays well
+/// under [`crate::audit::MAX_RECORD_BYTES`] however long the client's strings.
 #[derive(Debug, Serialize)]
 pub struct DecisionRecord<'a> {
     pub ts: String,
     pub event: &'static str,
     pub request_id: &'a str,
-    pub operation: &'a str,
+    pub operation: Cow<'a, str>,
     pub key_id: Option<Cow<'a, str>>,
-    pub region: Option<&'a str>,
-    pub access_key_id: Option<&'a str>,
+    pub region: Option<Cow<'a, str>>,
+    pub access_key_id: Option<Cow<'a, str>>,
     pub source: Option<SocketAddr>,
+    /// The SHA-256 of the configuration whose policy was in force for the request: the
+    /// `kms_tag_guard_policy_info{sha256}` of that policy, even when a reload landed before the
+    /// record was written.
+    pub policy_sha256: Option<&'a str>,
     /// The SDK's `amz-sdk-invocation-id`: the same for every attempt of one call.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub invocation_id: Option<&'a str>,
+    pub invocation_id: Option<Cow<'a, str>>,
     /// The attempt number from `amz-sdk-request`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
@@ -230,8 +335,8 @@ pub struct DecisionRecord<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     pub remove_omitted: usize,
     pub decision: &'static str,
-    pub violations: &'a [Violation],
-    pub dry_run_violations: &'a [Violation],
+    pub violations: Vec<RecordedViolation<'a>>,
+    pub dry_run_violations: Vec<RecordedViolation<'a>>,
     #[serde(skip_serializing_if = "is_zero")]
     pub violations_omitted: usize,
     #[serde(skip_serializing_if = "is_zero")]
@@ -253,15 +358,22 @@ impl<'a> DecisionRecord<'a> {
             ts: timestamp(),
             event: "decision",
             request_id,
-            operation,
+            operation: bounded(operation, MAX_ID_CHARS),
             key_id: judgement
                 .key_id
                 .as_deref()
                 .map(|k| bounded(k, MAX_VALUE_CHARS)),
-            region: credential.and_then(|c| c.region.as_deref()),
-            access_key_id: credential.map(|c| c.access_key_id.as_str()),
+            region: credential
+                .and_then(|c| c.region.as_deref())
+                .map(|r| bounded(r, MAX_REGION_CHARS)),
+            access_key_id: credential.map(|c| bounded(&c.access_key_id, MAX_ID_CHARS)),
             source,
-            invocation_id: judgement.call.invocation_id.as_deref(),
+            policy_sha256: judgement.policy_sha256.as_deref(),
+            invocation_id: judgement
+                .call
+                .invocation_id
+                .as_deref()
+                .map(|i| bounded(i, MAX_ID_CHARS)),
             attempt: judgement.call.attempt,
             set: set
                 .iter()
@@ -283,8 +395,8 @@ impl<'a> DecisionRecord<'a> {
             } else {
                 "deny"
             },
-            violations: &judgement.decision.violations,
-            dry_run_violations: &judgement.decision.dry_run_violations,
+            violations: RecordedViolation::of(&judgement.decision.violations),
+            dry_run_violations: RecordedViolation::of(&judgement.decision.dry_run_violations),
             violations_omitted: judgement.decision.violations_omitted,
             dry_run_violations_omitted: judgement.decision.dry_run_violations_omitted,
         }
@@ -311,13 +423,13 @@ pub struct OutcomeRecord<'a> {
     pub event: &'static str,
     pub request_id: &'a str,
     pub upstream_status: Option<u16>,
-    pub aws_request_id: Option<&'a str>,
+    pub aws_request_id: Option<String>,
     /// The KMS error type (`__type`) of an error answer; for a failed forward, the error the proxy
     /// answered with (`BadGateway`, `GatewayTimeout`).
-    pub aws_error: Option<&'a str>,
+    pub aws_error: Option<String>,
     /// Whether KMS applied the change: `yes`, `no` or `unknown`.
     pub applied: Applied,
     pub duration_ms: f64,
     /// Why the forward failed, when it did.
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
 }

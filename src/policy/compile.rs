@@ -2,6 +2,7 @@
 //! (regexes compiled, forbidden keys folded), every mistake reported with its key path.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
@@ -55,6 +56,7 @@ pub(crate) fn compile(r: &mut Reader, errors: &mut Errors) -> Policy {
         max_tags,
         unknown_operations,
         rules,
+        sha256: Arc::from(""),
     }
 }
 

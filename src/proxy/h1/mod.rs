@@ -331,7 +331,9 @@ where
             // The body showed another protocol's shape: KMS got none of it, or not all of it
             // (its connection is dropped below). A possible tag change: recorded.
             Err(RelayError::Refused(reason)) => {
-                let refusal = streamed_body_refused(&self.view(&head), operation, reason);
+                let policy = self.shared.policy.load();
+                let refusal = streamed_body_refused(&self.view(&head), operation, reason, &policy);
+                drop(policy);
                 let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
                 self.answer(handled, Class::pass, started, true).await
             }
@@ -360,7 +362,7 @@ where
         // No Content-Length (and, on this path, no Transfer-Encoding): an empty body.
         let end = head.len + head.body_len as usize;
         if let Err(error) = self.read_body(end).await {
-            let refusal = refused_tag_change(&self.view(&head), operation, error);
+            let refusal = refused_tag_change(&self.view(&head), operation, error, rules.policy);
             let handled = record::refusal(&shared.audit, peer, refusal).await;
             return self.answer(handled, Class::inspect, started, true).await;
         }
@@ -385,40 +387,50 @@ where
             }
         };
         let request_id = new_request_id();
-        if let Err(handled) =
-            record::decision(&shared.audit, &request_id, op, peer, &judgement).await
-        {
-            self.buf.advance(end);
-            return self
-                .answer(handled, Class::inspect, started, head.close)
-                .await;
-        }
+        let change =
+            match record::decision(&shared.audit, &request_id, op, peer, &judgement, started).await
+            {
+                Ok(change) => change,
+                Err(handled) => {
+                    self.buf.advance(end);
+                    return self
+                        .answer(handled, Class::inspect, started, head.close)
+                        .await;
+                }
+            };
         let target = match target {
             Ok(target) => target,
             Err(error) => {
                 self.buf.advance(end);
-                record::outcome(&shared.audit, &request_id, started, Err(&error));
+                record::outcome(change, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 return self.answer(handled, Class::inspect, started, true).await;
             }
         };
 
-        // The body was checked whole by `decide`.
-        let result = match self.send_within_timeout(&head, &target, None).await {
-            Ok(()) => self.read_answer(head.close).await,
-            Err(RelayError::Kms(error)) => Err(error),
-            Err(
-                RelayError::Client(_)
-                | RelayError::ClientGone
-                | RelayError::Broken
-                | RelayError::Refused(_),
-            ) => Err(ProxyError::UpstreamBroken(
-                "the connection broke off while the request was sent".into(),
-            )),
+        // The body was checked whole by `decide`. At the end of the shutdown grace period the
+        // client is answered and the outcome recorded as unknown, before the connection ends.
+        let exchange = async {
+            match self.send_within_timeout(&head, &target, None).await {
+                Ok(()) => self.read_answer(head.close).await,
+                Err(RelayError::Kms(error)) => Err(error),
+                Err(
+                    RelayError::Client(_)
+                    | RelayError::ClientGone
+                    | RelayError::Broken
+                    | RelayError::Refused(_),
+                ) => Err(ProxyError::UpstreamBroken(
+                    "the connection broke off while the request was sent".into(),
+                )),
+            }
+        };
+        let result = tokio::select! {
+            result = exchange => result,
+            () = shared.lifecycle.grace_over() => Err(ProxyError::ShutDown),
         };
         match result {
             Ok(answer) => {
-                record::outcome(&shared.audit, &request_id, started, Ok(answer.kms()));
+                record::outcome(change, Ok(answer.kms()));
                 if !answer.reusable {
                     self.kms = None;
                 }
@@ -434,7 +446,7 @@ where
             }
             Err(error) => {
                 self.kms = None;
-                record::outcome(&shared.audit, &request_id, started, Err(&error));
+                record::outcome(change, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
@@ -461,7 +473,7 @@ where
             headers: &lenient.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
         };
-        let refusal = malformed_head(&view, answer);
+        let refusal = malformed_head(&view, answer, &self.shared.policy.load());
         let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
         self.answer(handled, Class::pass, started, true).await;
     }
