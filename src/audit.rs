@@ -655,7 +655,7 @@ const LAST_RESORT_STRING_CHARS: usize = 128;
 /// takes at most 6 bytes in a line (`\u0085` for the 2 bytes of U+0085, `\u0001` for a control
 /// character), so the last resort is at most 32 × (64 + 128 + 40) × 6 bytes, under 45 KiB, for
 /// any record; with the bounds `crate::record` puts on every string, a summary is under 30 KiB.
-fn encode(record: &impl Serialize) -> Vec<u8> {
+pub(crate) fn encode(record: &impl Serialize) -> Vec<u8> {
     let mut line = Vec::with_capacity(1024);
     serde_json::to_writer(&mut line, record).expect("audit records serialise");
     let mut line = escape_line_separators(line);

@@ -433,3 +433,98 @@ pub struct OutcomeRecord<'a> {
     /// Why the forward failed, when it did.
     pub error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::audit::{encode, MAX_RECORD_BYTES, OUTCOME_RESERVE_BYTES};
+    use crate::decide::SdkCall;
+    use crate::kms::{Credential, TagChange, TagOperation};
+    use crate::policy::Decision;
+
+    /// Characters that cost the most in a JSON line: escaped controls, quotes, backslashes, the
+    /// line separators escaped as `\u2028`, `\u0085`, four-byte characters.
+    fn costly() -> impl Strategy<Value = String> {
+        let chars = prop::sample::select(vec![
+            'a', '"', '\\', '\u{1}', '\n', '\u{85}', '\u{2028}', '\u{2029}', 'é', '😀', '…',
+        ]);
+        (prop::collection::vec(chars, 1..64), 0usize..70_000)
+            .prop_map(|(unit, len)| unit.iter().cycle().take(len.max(1)).collect::<String>())
+    }
+
+    fn violation(rule: &str, key: &str, message: &str) -> Violation {
+        Violation {
+            rule: rule.into(),
+            key: Some(key.to_owned()),
+            message: message.to_owned(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever a client puts in its strings (region, access key id, key id, tag keys and
+        /// values, the SDK's invocation id, the target of a refused request), the decision
+        /// record is one line of at most 64 KiB that parses; so is the outcome, within the place
+        /// its decision held for it.
+        #[test]
+        fn records_stay_bounded_whatever_the_strings(
+            region in costly(),
+            access_key in costly(),
+            key_id in costly(),
+            tag in costly(),
+            target in costly(),
+            tags in 0usize..80,
+            violations in 0usize..40,
+        ) {
+            let set: Vec<Tag> = (0..tags)
+                .map(|i| Tag { key: format!("{i}{tag}"), value: tag.clone() })
+                .collect();
+            let judgement = Judgement {
+                change: Some(TagChange {
+                    operation: TagOperation::TagResource,
+                    key_id: Some(key_id.clone()),
+                    set,
+                    remove: vec![tag.clone(); tags],
+                }),
+                credential: Some(Credential {
+                    access_key_id: access_key.clone(),
+                    region: Some(region.clone()),
+                }),
+                key_id: Some(key_id.clone()),
+                call: SdkCall { invocation_id: Some(tag.clone()), attempt: Some(3) },
+                decision: Decision {
+                    violations: vec![violation(&tag, &tag, &tag); violations],
+                    dry_run_violations: vec![violation(&region, &key_id, &tag); violations],
+                    violations_omitted: 7,
+                    dry_run_violations_omitted: 0,
+                },
+                policy_sha256: Some("ab".repeat(32).into()),
+            };
+            let record = DecisionRecord::new("id", &target, None, &judgement);
+            let line = encode(&record);
+            prop_assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            prop_assert_eq!(&parsed["event"], "decision");
+            prop_assert_eq!(&parsed["policy_sha256"], &"ab".repeat(32));
+            // Every string is bounded by the record itself: at worst its lists are summarised,
+            // it never falls back to the last resort (which leaves the lists out).
+            prop_assert!(parsed["set"].is_array() && parsed["violations"].is_array());
+
+            let answer = KmsAnswer {
+                status: 400,
+                aws_request_id: Some(access_key.clone()),
+                aws_error_header: Some(region.clone()),
+                body: b"",
+            };
+            for result in [Ok(answer), Err(&ProxyError::UpstreamBroken(key_id.clone()))] {
+                let line = encode(&outcome_record("id", Instant::now(), result));
+                prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
+                serde_json::from_slice::<serde_json::Value>(&line).unwrap();
+            }
+        }
+    }
+}
