@@ -39,7 +39,7 @@ CONFIG_KEYS = {
     "intercept": {"ca_cert", "ca_key", "tunnel_hosts", "leaf_cache_size", "ca_key_group_readable",
                   "tunnel_idle_timeout_ms"},
     "limits": {"max_body_bytes", "max_connections", "header_read_timeout_ms", "body_read_timeout_ms"},
-    "audit": {"path", "fsync", "fail_closed"},
+    "audit": {"path", "fsync", "fail_closed", "stall_timeout_ms", "queue_capacity", "queue_max_bytes"},
     "shutdown": {"drain_delay_ms", "grace_ms"},
     "policy": {"mode", "max_tags", "unknown_operations", "rule"},
 }
