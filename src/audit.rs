@@ -81,9 +81,10 @@ enum Job {
     Stop,
 }
 
-/// What the writer thread, the request paths and the places held for outcomes share.
+/// What the writer thread, the request paths and the places held for outcomes share. (The
+/// queue's sending end is not in it: the writer holds this, and must see the queue close when the
+/// log is dropped.)
 struct Core {
-    queue: Sender<Job>,
     /// Set when a request path found the sink stalled (queue full, or a record not written in
     /// time); cleared by the writer's next successful write. Logged once per stall.
     stalled: AtomicBool,
@@ -92,6 +93,8 @@ struct Core {
     failing: AtomicBool,
     /// Set by `close` when the grace period is over: the writer gives up retrying.
     abandon: AtomicBool,
+    /// Set when the log is dropped without `close`: a failing writer stops retrying.
+    orphaned: AtomicBool,
     /// Records accepted into the queue and not yet written.
     queued: AtomicUsize,
     /// Records counted against `capacity`: those queued and the places held for outcomes.
@@ -132,9 +135,15 @@ impl Core {
     }
 
     /// Queues an admitted line (counted as `charge` bytes).
-    fn send(&self, line: Vec<u8>, charge: usize, done: Option<Done>) -> Result<(), AuditError> {
+    fn send(
+        &self,
+        queue: &Sender<Job>,
+        line: Vec<u8>,
+        charge: usize,
+        done: Option<Done>,
+    ) -> Result<(), AuditError> {
         self.queued.fetch_add(1, Ordering::SeqCst);
-        match self.queue.send(Job::Record(line, charge, done)) {
+        match queue.send(Job::Record(line, charge, done)) {
             Ok(()) => {
                 self.metrics.audit_queued(1);
                 Ok(())
@@ -152,6 +161,7 @@ impl Core {
 /// never finds the queue full. Dropped unused, the place is given back.
 pub struct OutcomeSlot {
     core: Arc<Core>,
+    queue: Sender<Job>,
     held: bool,
 }
 
@@ -177,7 +187,7 @@ impl OutcomeSlot {
         self.core
             .metrics
             .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
-        self.core.send(line, len, None)
+        self.core.send(&self.queue, line, len, None)
     }
 }
 
@@ -190,6 +200,7 @@ impl Drop for OutcomeSlot {
 }
 
 pub struct AuditLog {
+    queue: Sender<Job>,
     core: Arc<Core>,
     pub fail_closed: bool,
     stall_timeout: Duration,
@@ -216,10 +227,10 @@ impl AuditLog {
         let sink = open_sink(&config.path, false)?;
         let (queue, jobs) = mpsc::channel();
         let core = Arc::new(Core {
-            queue,
             stalled: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             held_records: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
@@ -247,6 +258,7 @@ impl AuditLog {
             .spawn(move || writer.run(jobs))
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
         Ok(AuditLog {
+            queue,
             core,
             fail_closed: config.fail_closed,
             stall_timeout: config.stall_timeout,
@@ -286,15 +298,16 @@ impl AuditLog {
         }
         let slot = outcome.then(|| OutcomeSlot {
             core: Arc::clone(&self.core),
+            queue: self.queue.clone(),
             held: true,
         });
         if self.core.failing.load(Ordering::SeqCst) {
             // The writer retries the sink on its own; nobody waits for it meanwhile.
-            let queued = self.core.send(line, len, None);
+            let queued = self.core.send(&self.queue, line, len, None);
             return (Err(queued.err().unwrap_or(AuditError::Failing)), slot);
         }
         let (done, written) = oneshot::channel();
-        if let Err(error) = self.core.send(line, len, Some(done)) {
+        if let Err(error) = self.core.send(&self.queue, line, len, Some(done)) {
             return (Err(error), None);
         }
         let result = match tokio::time::timeout(self.stall_timeout, written).await {
@@ -319,7 +332,7 @@ impl AuditLog {
             self.note_stall("the audit queue is full");
             return Err(AuditError::Stalled(self.stall_timeout.as_millis()));
         }
-        self.core.send(line, len, None)
+        self.core.send(&self.queue, line, len, None)
     }
 
     /// Whether the sink is failing now (its last write failed).
@@ -360,7 +373,7 @@ impl AuditLog {
     /// use. Waits at most `stall_timeout_ms` for the writer to get to it.
     pub async fn reopen(&self) -> Result<(), AuditError> {
         let (done, reopened) = oneshot::channel();
-        if self.core.queue.send(Job::Reopen(done)).is_err() {
+        if self.queue.send(Job::Reopen(done)).is_err() {
             return Err(AuditError::Closed);
         }
         match tokio::time::timeout(self.stall_timeout, reopened).await {
@@ -375,7 +388,7 @@ impl AuditLog {
     /// many records were still not written then (0 unless the sink is stalled or failing).
     pub async fn close(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
-        let _ = self.core.queue.send(Job::Stop);
+        let _ = self.queue.send(Job::Stop);
         loop {
             let finished = self
                 .thread
@@ -403,6 +416,14 @@ impl AuditLog {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // The queue closes with it: the writer writes what is queued and ends, or, failing,
+        // gives up.
+        self.core.orphaned.store(true, Ordering::SeqCst);
     }
 }
 
@@ -454,6 +475,9 @@ impl Writer {
                 }
             }
             if self.records > 0 && !self.write_batch() {
+                if self.core.orphaned.load(Ordering::SeqCst) {
+                    return;
+                }
                 self.wait_to_retry();
             }
         }

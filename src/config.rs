@@ -531,6 +531,28 @@ mod tests {
             crate::policy::UnknownOperations::Reject
         );
         assert_eq!(c.admin.address, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.audit.queue_capacity, 1024);
+        assert_eq!(c.audit.queue_max_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.policy.sha256().as_ref(), sha256_hex(""));
+    }
+
+    #[test]
+    fn the_audit_queue_holds_a_decision_and_its_outcome_at_least() {
+        let c = Config::parse(
+            "[audit]\nqueue_capacity = 2\nqueue_max_bytes = 131072\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.audit.queue_max_bytes, 131_072);
+        let errors = errors_of("[audit]\nqueue_capacity = 1\nqueue_max_bytes = 65536\n");
+        assert!(
+            errors.iter().any(|e| e.contains("audit.queue_capacity")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("audit.queue_max_bytes")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -89,9 +89,11 @@ pub(crate) struct Lifecycle {
 
 impl Lifecycle {
     /// Resolves when the shutdown grace period is over (never, until then).
-    pub(crate) async fn grace_over(&self) {
+    pub(crate) fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut over = self.grace_over.subscribe();
-        let _ = over.wait_for(|over| *over).await;
+        async move {
+            let _ = over.wait_for(|over| *over).await;
+        }
     }
 
     pub(crate) fn new() -> Lifecycle {

@@ -19,6 +19,8 @@ mod timer;
 
 pub(crate) use head::MAX_HEAD_BYTES;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +68,7 @@ where
         shared,
         origin,
         closing: shared.lifecycle.closing.subscribe(),
+        grace_over: None,
         idle_timer: LazyTimer::new(),
         kms_timer: LazyTimer::new(),
     };
@@ -112,6 +115,9 @@ struct Connection<'a, I> {
     shared: &'a Arc<Shared>,
     origin: &'a Origin,
     closing: watch::Receiver<bool>,
+    /// Resolves when the shutdown grace period is over: made at the connection's first tag change
+    /// and kept for the next ones (one registration, not one per request).
+    grace_over: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// For the wait for the next head.
     idle_timer: LazyTimer,
     /// For the wait for KMS's answer (separate, so that each timer's deadlines only move later).
@@ -410,6 +416,10 @@ where
 
         // The body was checked whole by `decide`. At the end of the shutdown grace period the
         // client is answered and the outcome recorded as unknown, before the connection ends.
+        let mut grace_over = match self.grace_over.take() {
+            Some(grace_over) => grace_over,
+            None => Box::pin(shared.lifecycle.grace_over()),
+        };
         let exchange = async {
             match self.send_within_timeout(&head, &target, None).await {
                 Ok(()) => self.read_answer(head.close).await,
@@ -424,10 +434,14 @@ where
                 )),
             }
         };
-        let result = tokio::select! {
-            result = exchange => result,
-            () = shared.lifecycle.grace_over() => Err(ProxyError::ShutDown),
+        let (result, grace_ended) = tokio::select! {
+            biased;
+            result = exchange => (result, false),
+            () = &mut grace_over => (Err(ProxyError::ShutDown), true),
         };
+        if !grace_ended {
+            self.grace_over = Some(grace_over);
+        }
         match result {
             Ok(answer) => {
                 record::outcome(change, Ok(answer.kms()));
