@@ -73,8 +73,9 @@ type Done = oneshot::Sender<Result<(), String>>;
 
 /// What a record waiting in the queue is.
 enum Job {
-    /// A line, the bytes it is counted for in the queue, and who waits for it to be written.
-    Record(Vec<u8>, usize, Option<Done>),
+    /// A line, the bytes it is counted for in the queue, who waits for it to be written, and
+    /// whether it is already counted as a write failure (queued while the sink fails).
+    Record(Vec<u8>, usize, Option<Done>, bool),
     /// Open the file again (SIGHUP, for log rotation).
     Reopen(oneshot::Sender<Result<(), String>>),
     /// Write what came before, then stop.
@@ -134,7 +135,8 @@ impl Core {
         self.metrics.audit_queue_bytes(-(bytes as i64));
     }
 
-    /// Queues an admitted line (counted as `charge` bytes).
+    /// Queues an admitted line (counted as `charge` bytes). A line queued while the sink fails is
+    /// counted as a write failure now (once: the writer does not count it again).
     fn send(
         &self,
         queue: &Sender<Job>,
@@ -143,7 +145,11 @@ impl Core {
         done: Option<Done>,
     ) -> Result<(), AuditError> {
         self.queued.fetch_add(1, Ordering::SeqCst);
-        match queue.send(Job::Record(line, charge, done)) {
+        let failing = self.failing.load(Ordering::SeqCst);
+        if failing {
+            self.metrics.audit_write_failure();
+        }
+        match queue.send(Job::Record(line, charge, done, failing)) {
             Ok(()) => {
                 self.metrics.audit_queued(1);
                 Ok(())
@@ -485,10 +491,10 @@ impl Writer {
 
     fn take(&mut self, job: Job, stopping: &mut bool) {
         match job {
-            Job::Record(line, charge, done) => {
+            Job::Record(line, charge, done, counted) => {
                 self.batch.extend_from_slice(&line);
                 self.records += 1;
-                self.uncounted += 1;
+                self.uncounted += usize::from(!counted);
                 self.charged += charge;
                 self.waiting.extend(done);
             }
