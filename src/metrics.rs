@@ -160,7 +160,7 @@ impl Metrics {
         let audit_write_failures = Counter::default();
         registry.register(
             "kms_tag_guard_audit_write_failures",
-            "Audit records that could not be written",
+            "Audit records that could not be written when they came (a failed write: kept and written when the sink recovers; or a full queue)",
             audit_write_failures.clone(),
         );
         let audit_queue = Gauge::default();
