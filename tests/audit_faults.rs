@@ -508,3 +508,87 @@ async fn a_clients_long_strings_never_make_a_record_over_64_kib() {
         text.lines().map(str::len).collect::<Vec<_>>()
     );
 }
+
+/// The real binary with its audit records on standard output, redirected (`>`) to a file on a
+/// disk that fills up: standard output cannot be cut back, so the record cut short is completed
+/// when space returns, and every line of the file parses; every forwarded change has its
+/// outcome.
+#[tokio::test]
+async fn standard_output_on_a_full_disk_completes_the_record_it_cut() {
+    let Some(fs) = Tmpfs::mount() else { return };
+    let fake = FakeKms::start().await;
+    let port = common::ops::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        listener_address: Some(addr.to_string()),
+        policy: POLICY.into(),
+        ..ProxyConfig::default()
+    };
+    let config_path = dir.path().join("kms-tag-guard.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let out_path = fs.0.join("audit.out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "the proxy did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let host = fake.host();
+    let mut answered = Vec::new();
+    let send = |n: usize| {
+        let request = tag_request(&host, n, 4);
+        async move {
+            let response = raw::send(addr, &request).await;
+            let id = response
+                .header("x-amzn-requestid")
+                .unwrap_or_default()
+                .to_owned();
+            (id, response.status)
+        }
+    };
+    for n in 0..2 {
+        answered.push(send(n).await);
+    }
+    let filler = fill(&fs.0);
+    for n in 10..20 {
+        answered.push(send(n).await);
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 100;
+    loop {
+        let (id, status) = send(n).await;
+        answered.push((id, status));
+        n += 1;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answered.push(send(n).await);
+    // SAFETY: kill(2) on the child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    let records = parse_lines(&text);
+    check_trail(&records, &answered);
+    let refused = answered.iter().filter(|(_, s)| *s == 503).count();
+    assert!(refused >= 5, "the full disk refused only {refused}");
+    eprintln!(
+        "MEASURE stdout-full-disk: {} requests, {refused} refused, {} records",
+        answered.len(),
+        records.len()
+    );
+}
