@@ -205,6 +205,10 @@ impl Drop for OutcomeSlot {
     }
 }
 
+/// A record in the queue, to wait for with [`AuditLog::written`]; `None` when the sink was
+/// failing as it was queued (nobody waits: it is written when the sink recovers).
+pub struct Queued(Option<oneshot::Receiver<Result<(), String>>>);
+
 pub struct AuditLog {
     queue: Sender<Job>,
     core: Arc<Core>,
@@ -287,6 +291,20 @@ impl AuditLog {
         record: &impl Serialize,
         outcome: bool,
     ) -> (Result<(), AuditError>, Option<OutcomeSlot>) {
+        match self.queue_holding(record, outcome) {
+            Ok((queued, slot)) => (self.written(queued).await, slot),
+            Err(error) => (Err(error), None),
+        }
+    }
+
+    /// Queues one record, holding the place of the outcome record to come when `outcome` is set;
+    /// [`AuditLog::written`] waits for it. `Err` when the record is not in the queue (full, or
+    /// closed).
+    pub fn queue_holding(
+        &self,
+        record: &impl Serialize,
+        outcome: bool,
+    ) -> Result<(Queued, Option<OutcomeSlot>), AuditError> {
         let line = encode(record);
         let len = line.len();
         let (records, bytes) = if outcome {
@@ -297,10 +315,7 @@ impl AuditLog {
         if !self.core.admit(records, bytes) {
             self.core.metrics.audit_write_failure();
             self.note_stall("the audit queue is full");
-            return (
-                Err(AuditError::Stalled(self.stall_timeout.as_millis())),
-                None,
-            );
+            return Err(AuditError::Stalled(self.stall_timeout.as_millis()));
         }
         let slot = outcome.then(|| OutcomeSlot {
             core: Arc::clone(&self.core),
@@ -309,14 +324,21 @@ impl AuditLog {
         });
         if self.core.failing.load(Ordering::SeqCst) {
             // The writer retries the sink on its own; nobody waits for it meanwhile.
-            let queued = self.core.send(&self.queue, line, len, None);
-            return (Err(queued.err().unwrap_or(AuditError::Failing)), slot);
+            self.core.send(&self.queue, line, len, None)?;
+            return Ok((Queued(None), slot));
         }
         let (done, written) = oneshot::channel();
-        if let Err(error) = self.core.send(&self.queue, line, len, Some(done)) {
-            return (Err(error), None);
-        }
-        let result = match tokio::time::timeout(self.stall_timeout, written).await {
+        self.core.send(&self.queue, line, len, Some(done))?;
+        Ok((Queued(Some(written)), slot))
+    }
+
+    /// Waits until a queued record is written (and flushed or fsynced), at most
+    /// `stall_timeout_ms`. `Err(Stalled)` or `Err(Failing)` mean it is written later.
+    pub async fn written(&self, queued: Queued) -> Result<(), AuditError> {
+        let Some(written) = queued.0 else {
+            return Err(AuditError::Failing);
+        };
+        match tokio::time::timeout(self.stall_timeout, written).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(_))) => Err(AuditError::Failing),
             Ok(Err(_)) => Err(AuditError::Closed),
@@ -324,8 +346,7 @@ impl AuditLog {
                 self.note_stall("a record was not written within stall_timeout_ms");
                 Err(AuditError::Stalled(self.stall_timeout.as_millis()))
             }
-        };
-        (result, slot)
+        }
     }
 
     /// Queues one record without waiting for it. Never blocks; a record the full queue cannot

@@ -92,6 +92,8 @@ pub struct OpenChange {
     request_id: String,
     started: Instant,
     open: bool,
+    /// Still waiting for its decision record: not forwarded.
+    deciding: bool,
 }
 
 impl OpenChange {
@@ -104,7 +106,12 @@ impl Drop for OpenChange {
     fn drop(&mut self) {
         if self.open {
             self.open = false;
-            let record = outcome_record(&self.request_id, self.started, Err(&ProxyError::ShutDown));
+            let why = if self.deciding {
+                ProxyError::AuditUnavailable
+            } else {
+                ProxyError::ShutDown
+            };
+            let record = outcome_record(&self.request_id, self.started, Err(&why));
             write_outcome(&self.audit, self.slot.take(), &record);
         }
     }
@@ -123,14 +130,25 @@ pub async fn decision(
     started: Instant,
 ) -> Result<OpenChange, Handled> {
     let record = DecisionRecord::new(request_id, operation, Some(source), judgement);
-    let (written, slot) = audit.write_holding(&record, judgement.allowed()).await;
+    let (queued, slot) = match audit.queue_holding(&record, judgement.allowed()) {
+        Ok((queued, slot)) => (Ok(queued), slot),
+        Err(error) => (Err(error), None),
+    };
     let mut change = OpenChange {
         audit: Arc::clone(audit),
         slot,
         request_id: request_id.to_owned(),
         started,
         open: judgement.allowed(),
+        deciding: true,
     };
+    // Dropped while it waits for its decision record (the grace period ended), the change was
+    // not forwarded, and its outcome says so.
+    let written = match queued {
+        Ok(queued) => audit.written(queued).await,
+        Err(error) => Err(error),
+    };
+    change.deciding = false;
     if let Err(error) = written {
         // The audit log says it once per stall or failing spell, not once per request.
         debug!(%request_id, %error, "decision record not written");

@@ -592,3 +592,82 @@ async fn standard_output_on_a_full_disk_completes_the_record_it_cut() {
         records.len()
     );
 }
+
+/// The grace period ends while a tag change still waits for its decision record (the sink is a
+/// FIFO whose pipe is full, `stall_timeout_ms` is long): the change was never forwarded, and once
+/// the pipe is read again its decision is followed by an outcome `applied: "no"`.
+#[tokio::test]
+async fn a_change_cut_off_while_its_decision_waits_is_recorded_as_not_applied() {
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.fifo");
+    mkfifo(&fifo);
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            audit_path: Some(fifo.clone()),
+            audit: "stall_timeout_ms = 20000".into(),
+            shutdown: "grace_ms = 1000".into(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let line = format!("{{\"filler\":\"{}\"}}\n", "f".repeat(1000));
+    while filler.write(line.as_bytes()).is_ok() {}
+    drop(filler);
+
+    let mut conn = RawConn::connect(proxy.addr).await.unwrap();
+    conn.write(&tag_request(&fake.host(), 1, 1)).await.unwrap();
+    // Deliberate: time for the proxy to read the request and queue its decision; nothing
+    // outside the proxy shows that it has (the pipe is full).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = proxy.proxy;
+    running.shutdown();
+    let waited = tokio::spawn(running.wait());
+    // The grace period (1 s) and the connections' last word (0.5 s) pass, and the connection is
+    // closed; then, while the audit log gets its own grace period to write what is queued, the
+    // pipe is read again.
+    assert!(
+        conn.is_closed_within(Duration::from_secs(10)).await,
+        "the connection outlived the grace period"
+    );
+    let drained = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut chunk = [0u8; 65536];
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) => return all,
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the proxy never closed the FIFO");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("reading the FIFO: {e}"),
+            }
+        }
+    });
+    waited.await.unwrap();
+    let text = String::from_utf8(drained.join().unwrap()).unwrap();
+    let records: Vec<Value> = parse_lines(&text)
+        .into_iter()
+        .filter(|r| r.get("filler").is_none())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(records[0]["event"], "decision");
+    assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[1]["event"], "outcome");
+    assert_eq!(records[1]["request_id"], records[0]["request_id"]);
+    assert_eq!(records[1]["applied"], "no", "{}", records[1]);
+    assert_eq!(fake.count(), 0, "nothing reached KMS");
+}
