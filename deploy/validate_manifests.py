@@ -40,7 +40,7 @@ CONFIG_KEYS = {
                   "tunnel_idle_timeout_ms"},
     "limits": {"max_body_bytes", "max_connections", "header_read_timeout_ms", "body_read_timeout_ms",
                "idle_timeout_ms", "max_concurrent_streams", "max_buffered_body_bytes"},
-    "audit": {"path", "fsync", "fail_closed"},
+    "audit": {"path", "fsync", "fail_closed", "stall_timeout_ms", "queue_capacity", "queue_max_bytes"},
     "shutdown": {"drain_delay_ms", "grace_ms"},
     "policy": {"mode", "max_tags", "unknown_operations", "org_tag_policy", "rule"},
 }

@@ -54,6 +54,8 @@ pub enum ProxyError {
     UpstreamBroken(String),
     #[error("KMS did not answer within {0} ms ([upstream].timeout_ms); retry")]
     UpstreamTimeout(u128),
+    #[error("kms-tag-guard shut down before KMS answered (the shutdown grace period, [shutdown].grace_ms, ended); KMS may or may not have applied the change, so check before you retry it")]
+    ShutDown,
     #[error("the request's signature covers the HTTP/2 pseudo-header :authority, so only an HTTP/2 request can carry it to KMS, and {0}; nothing was sent. Use the SDK's HTTP/1.1 handler (JavaScript v3: the default NodeHttpHandler instead of NodeHttp2Handler), or point [upstream] at an endpoint that speaks HTTP/2")]
     UpstreamNoH2(String),
 }
@@ -130,6 +132,7 @@ impl ProxyError {
                 "GatewayTimeout",
                 "upstream-timeout",
             ),
+            ProxyError::ShutDown => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout", "shutdown"),
             // A setting of the client's to change, not a failure to retry.
             ProxyError::UpstreamNoH2(_) => (
                 StatusCode::BAD_REQUEST,
@@ -147,6 +150,7 @@ impl ProxyError {
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamBroken(_)
             | ProxyError::UpstreamTimeout(_)
+            | ProxyError::ShutDown
             | ProxyError::UpstreamNoH2(_)
             | ProxyError::TunnelConnect(_) => Outcome::error,
             _ => Outcome::deny,
@@ -231,6 +235,7 @@ mod tests {
             (ProxyError::UpstreamConnect("c".into()), 502, "BadGateway"),
             (ProxyError::UpstreamBroken("b".into()), 502, "BadGateway"),
             (ProxyError::UpstreamTimeout(1), 504, "GatewayTimeout"),
+            (ProxyError::ShutDown, 504, "GatewayTimeout"),
             (
                 ProxyError::UpstreamNoH2("n".into()),
                 400,

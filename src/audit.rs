@@ -1,24 +1,35 @@
 //! The audit log: one JSON line per decision and per outcome of every tag-bearing request.
 //!
-//! Records are written by one writer thread of their own, fed by a bounded queue, so that a slow
-//! or stalled sink (a log shipper that falls behind, a pipe nobody reads, a full disk) never
-//! blocks a connection thread, and traffic that changes no tags never waits for the audit at all.
-//! A tag change waits for its `decision` record to be written (and flushed, or fsynced with
-//! `fsync = true`) before it is forwarded or answered, at most `stall_timeout_ms`: past that, or
-//! with the queue full, the record is not known to be written, and with `fail_closed` the request
-//! is refused (503): a tag change that cannot be audited does not happen. An `outcome` record is
-//! queued without waiting. The writer writes what is queued in batches (one write, one flush or
-//! fsync each), in order, and every record accepted into the queue is written before the proxy
-//! exits, within the shutdown grace period.
+//! Records are written by one writer thread of their own, fed by a queue bounded in records
+//! (`queue_capacity`) and in bytes (`queue_max_bytes`), so that a slow, stalled or failed sink (a
+//! log shipper that falls behind, a pipe nobody reads, a full disk) never blocks a connection
+//! thread, and traffic that changes no tags never waits for the audit at all. A tag change waits
+//! for its `decision` record to be written (and flushed, or fsynced with `fsync = true`) before
+//! it is forwarded or answered, at most `stall_timeout_ms`: past that, or with the queue full, or
+//! with the sink failing, the record is not known to be written, and with `fail_closed` the
+//! request is refused (503): a tag change that cannot be audited does not happen.
 //!
-//! Every line is at most [`MAX_RECORD_BYTES`] (a larger record is written as a summary of it), and
-//! U+2028, U+2029 and U+0085, which some line readers take for line ends, are escaped. What the
-//! records say is `crate::record`'s.
+//! A decision admitted into the queue for a change that may be forwarded holds a place in the
+//! queue for its `outcome` record ([`OutcomeSlot`]), so that no outcome is ever refused for room.
+//! The writer writes what is queued in batches (one write, one flush or fsync each), in order.
+//! A batch is written whole or not at all: when a write or fsync fails (a full disk), a file is
+//! truncated back to where the batch began, and on any other sink the rest of the batch is
+//! written later, completing the line that was cut; the batch is retried with a back-off (a file
+//! is reopened first) until the sink takes it, so the log recovers by itself when the sink does.
+//! Meanwhile `kms_tag_guard_audit_failed` is 1, and tag changes are refused at once. Every record
+//! accepted into the queue is written before the proxy exits, within the shutdown grace period.
+//!
+//! Every line is at most [`MAX_RECORD_BYTES`] (a larger record is written as a summary of it, and
+//! a summary that is still too large as its first fields), and U+2028, U+2029 and U+0085, which
+//! some line readers take for line ends, are escaped. What the records say is `crate::record`'s.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -33,8 +44,16 @@ use crate::text::bounded;
 
 /// The largest record the log holds; a larger one is written as a summary.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// The place an outcome record holds in the queue from its decision on: `crate::record` bounds
+/// every string of an outcome so that it fits.
+pub const OUTCOME_RESERVE_BYTES: usize = 8 * 1024;
 /// How many queued records one write takes at most.
 const MAX_BATCH: usize = 64;
+/// The first and the longest wait before a failed batch is written again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// The writer's batch buffer is given back when a batch made it larger than this.
+const KEPT_BUFFER: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -42,47 +61,165 @@ pub enum AuditError {
     Open { path: String, source: io::Error },
     #[error("cannot write the audit log: {0}")]
     Write(String),
+    #[error("the audit log cannot be written (its sink fails: see kms_tag_guard_audit_failed and the log); the record is written when the sink takes writes again")]
+    Failing,
     #[error("the audit log did not take the record within {0} ms ([audit].stall_timeout_ms): its sink is stalled or its queue is full")]
     Stalled(u128),
     #[error("the audit log is closed (the proxy is shutting down)")]
     Closed,
 }
 
+type Done = oneshot::Sender<Result<(), String>>;
+
 /// What a record waiting in the queue is.
 enum Job {
-    /// A line, and who waits for it to be written.
-    Record(Vec<u8>, Option<oneshot::Sender<Result<(), String>>>),
+    /// A line, the bytes it is counted for in the queue, who waits for it to be written, and
+    /// whether it is already counted as a write failure (queued while the sink fails).
+    Record(Vec<u8>, usize, Option<Done>, bool),
     /// Open the file again (SIGHUP, for log rotation).
     Reopen(oneshot::Sender<Result<(), String>>),
     /// Write what came before, then stop.
     Stop,
 }
 
-/// What the writer thread and the request paths share.
-struct State {
+/// What the writer thread, the request paths and the places held for outcomes share. (The
+/// queue's sending end is not in it: the writer holds this, and must see the queue close when the
+/// log is dropped.)
+struct Core {
     /// Set when a request path found the sink stalled (queue full, or a record not written in
     /// time); cleared by the writer's next successful write. Logged once per stall.
     stalled: AtomicBool,
-    /// Set while writes fail; cleared by the next success. Logged once per failing spell.
+    /// Set while the sink fails (a write or fsync returned an error); cleared by the next
+    /// success. Logged once per failing spell.
     failing: AtomicBool,
+    /// Set by `close` when the grace period is over: the writer gives up retrying.
+    abandon: AtomicBool,
+    /// Set when the log is dropped without `close`: a failing writer stops retrying.
+    orphaned: AtomicBool,
     /// Records accepted into the queue and not yet written.
     queued: AtomicUsize,
+    /// Records counted against `capacity`: those queued and the places held for outcomes.
+    held_records: AtomicUsize,
+    /// Bytes counted against `max_bytes`: those of the records queued (until written) and of the
+    /// places held for outcomes.
+    held_bytes: AtomicUsize,
+    capacity: usize,
+    max_bytes: usize,
     /// When the write in progress began (ms since `epoch`), or 0.
     writing_since_ms: AtomicU64,
     epoch: Instant,
+    metrics: Arc<Metrics>,
 }
 
+impl Core {
+    /// Counts `records` and `bytes` into the queue's bounds, if they fit.
+    fn admit(&self, records: usize, bytes: usize) -> bool {
+        let before = self.held_records.fetch_add(records, Ordering::SeqCst);
+        if before + records > self.capacity {
+            self.held_records.fetch_sub(records, Ordering::SeqCst);
+            return false;
+        }
+        let before = self.held_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if before + bytes > self.max_bytes {
+            self.held_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            self.held_records.fetch_sub(records, Ordering::SeqCst);
+            return false;
+        }
+        self.metrics.audit_queue_bytes(bytes as i64);
+        true
+    }
+
+    fn release(&self, records: usize, bytes: usize) {
+        self.held_records.fetch_sub(records, Ordering::SeqCst);
+        self.held_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        self.metrics.audit_queue_bytes(-(bytes as i64));
+    }
+
+    /// Queues an admitted line (counted as `charge` bytes). A line queued while the sink fails is
+    /// counted as a write failure now (once: the writer does not count it again).
+    fn send(
+        &self,
+        queue: &Sender<Job>,
+        line: Vec<u8>,
+        charge: usize,
+        done: Option<Done>,
+    ) -> Result<(), AuditError> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let failing = self.failing.load(Ordering::SeqCst);
+        if failing {
+            self.metrics.audit_write_failure();
+        }
+        match queue.send(Job::Record(line, charge, done, failing)) {
+            Ok(()) => {
+                self.metrics.audit_queued(1);
+                Ok(())
+            }
+            Err(_) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.release(1, charge);
+                Err(AuditError::Closed)
+            }
+        }
+    }
+}
+
+/// The place an outcome record holds in the queue, from its decision on: [`OutcomeSlot::write`]
+/// never finds the queue full. Dropped unused, the place is given back.
+pub struct OutcomeSlot {
+    core: Arc<Core>,
+    queue: Sender<Job>,
+    held: bool,
+}
+
+impl std::fmt::Debug for OutcomeSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeSlot")
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+impl OutcomeSlot {
+    /// Queues the outcome record in its place (never waits, never finds the queue full).
+    pub fn write(mut self, record: &impl Serialize) -> Result<(), AuditError> {
+        self.held = false;
+        let line = encode(record);
+        // The place becomes the record: its bytes as they are.
+        let len = line.len();
+        self.core.held_bytes.fetch_add(len, Ordering::SeqCst);
+        self.core
+            .held_bytes
+            .fetch_sub(OUTCOME_RESERVE_BYTES, Ordering::SeqCst);
+        self.core
+            .metrics
+            .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
+        self.core.send(&self.queue, line, len, None)
+    }
+}
+
+impl Drop for OutcomeSlot {
+    fn drop(&mut self) {
+        if self.held {
+            self.core.release(1, OUTCOME_RESERVE_BYTES);
+        }
+    }
+}
+
+/// A record in the queue, to wait for with [`AuditLog::written`]; `None` when the sink was
+/// failing as it was queued (nobody waits: it is written when the sink recovers).
+pub struct Queued(Option<oneshot::Receiver<Result<(), String>>>);
+
 pub struct AuditLog {
-    queue: SyncSender<Job>,
-    state: Arc<State>,
+    queue: Sender<Job>,
+    core: Arc<Core>,
     pub fail_closed: bool,
     stall_timeout: Duration,
-    metrics: Arc<Metrics>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 enum Sink {
-    Stdout,
+    /// Standard output, written through its descriptor (never buffered, never closed).
+    Stdout(ManuallyDrop<File>),
     File(File),
 }
 
@@ -97,21 +234,34 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens the sink and starts the writer thread.
     pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> Result<AuditLog, AuditError> {
-        let sink = open_sink(&config.path)?;
-        let (queue, jobs) = mpsc::sync_channel(config.queue_capacity);
-        let state = Arc::new(State {
+        let sink = open_sink(&config.path, false)?;
+        let (queue, jobs) = mpsc::channel();
+        let core = Arc::new(Core {
             stalled: AtomicBool::new(false),
             failing: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
+            held_records: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
+            capacity: config.queue_capacity,
+            max_bytes: config.queue_max_bytes,
             writing_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            metrics,
         });
         let writer = Writer {
             sink,
             path: config.path.clone(),
             fsync: config.fsync,
-            state: Arc::clone(&state),
-            metrics: Arc::clone(&metrics),
+            core: Arc::clone(&core),
+            batch: Vec::with_capacity(16 * 1024),
+            written: 0,
+            records: 0,
+            charged: 0,
+            uncounted: 0,
+            waiting: Vec::new(),
+            retry: RETRY_FIRST,
         };
         let thread = std::thread::Builder::new()
             .name("ktg-audit".into())
@@ -119,26 +269,78 @@ impl AuditLog {
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
         Ok(AuditLog {
             queue,
-            state,
+            core,
             fail_closed: config.fail_closed,
             stall_timeout: config.stall_timeout,
-            metrics,
             thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Writes one record and waits until it is written (and flushed or fsynced), at most
-    /// `stall_timeout_ms`. `Err(Stalled)` after the record was queued means it may still be
-    /// written later.
+    /// `stall_timeout_ms`. `Err(Stalled)` or `Err(Failing)` after the record was queued means it
+    /// is written later.
     pub async fn write(&self, record: &impl Serialize) -> Result<(), AuditError> {
-        let (done, written) = oneshot::channel();
-        if let Err(error) = self.enqueue(encode(record), Some(done)) {
-            self.metrics.audit_write_failure();
-            return Err(error);
+        self.write_holding(record, false).await.0
+    }
+
+    /// [`AuditLog::write`], and when `outcome` is set and the record was admitted into the queue
+    /// (whether or not it was written in time), the place held for the outcome record to come.
+    /// A record that is admitted is written, sooner or later: its outcome must follow it.
+    pub async fn write_holding(
+        &self,
+        record: &impl Serialize,
+        outcome: bool,
+    ) -> (Result<(), AuditError>, Option<OutcomeSlot>) {
+        match self.queue_holding(record, outcome) {
+            Ok((queued, slot)) => (self.written(queued).await, slot),
+            Err(error) => (Err(error), None),
         }
+    }
+
+    /// Queues one record, holding the place of the outcome record to come when `outcome` is set;
+    /// [`AuditLog::written`] waits for it. `Err` when the record is not in the queue (full, or
+    /// closed).
+    pub fn queue_holding(
+        &self,
+        record: &impl Serialize,
+        outcome: bool,
+    ) -> Result<(Queued, Option<OutcomeSlot>), AuditError> {
+        let line = encode(record);
+        let len = line.len();
+        let (records, bytes) = if outcome {
+            (2, len + OUTCOME_RESERVE_BYTES)
+        } else {
+            (1, len)
+        };
+        if !self.core.admit(records, bytes) {
+            self.core.metrics.audit_write_failure();
+            self.note_stall("the audit queue is full");
+            return Err(AuditError::Stalled(self.stall_timeout.as_millis()));
+        }
+        let slot = outcome.then(|| OutcomeSlot {
+            core: Arc::clone(&self.core),
+            queue: self.queue.clone(),
+            held: true,
+        });
+        if self.core.failing.load(Ordering::SeqCst) {
+            // The writer retries the sink on its own; nobody waits for it meanwhile.
+            self.core.send(&self.queue, line, len, None)?;
+            return Ok((Queued(None), slot));
+        }
+        let (done, written) = oneshot::channel();
+        self.core.send(&self.queue, line, len, Some(done))?;
+        Ok((Queued(Some(written)), slot))
+    }
+
+    /// Waits until a queued record is written (and flushed or fsynced), at most
+    /// `stall_timeout_ms`. `Err(Stalled)` or `Err(Failing)` mean it is written later.
+    pub async fn written(&self, queued: Queued) -> Result<(), AuditError> {
+        let Some(written) = queued.0 else {
+            return Err(AuditError::Failing);
+        };
         match tokio::time::timeout(self.stall_timeout, written).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(message))) => Err(AuditError::Write(message)),
+            Ok(Ok(Err(_))) => Err(AuditError::Failing),
             Ok(Err(_)) => Err(AuditError::Closed),
             Err(_) => {
                 self.note_stall("a record was not written within stall_timeout_ms");
@@ -147,59 +349,45 @@ impl AuditLog {
         }
     }
 
-    /// Queues one record without waiting for it (an outcome record). Never blocks; a record the
-    /// full queue cannot take is counted as a write failure and logged.
+    /// Queues one record without waiting for it. Never blocks; a record the full queue cannot
+    /// take is counted as a write failure.
     pub fn write_detached(&self, record: &impl Serialize) -> Result<(), AuditError> {
-        let result = self.enqueue(encode(record), None);
-        if result.is_err() {
-            self.metrics.audit_write_failure();
+        let line = encode(record);
+        let len = line.len();
+        if !self.core.admit(1, len) {
+            self.core.metrics.audit_write_failure();
+            self.note_stall("the audit queue is full");
+            return Err(AuditError::Stalled(self.stall_timeout.as_millis()));
         }
-        result
+        self.core.send(&self.queue, line, len, None)
     }
 
-    fn enqueue(
-        &self,
-        line: Vec<u8>,
-        done: Option<oneshot::Sender<Result<(), String>>>,
-    ) -> Result<(), AuditError> {
-        self.state.queued.fetch_add(1, Ordering::SeqCst);
-        match self.queue.try_send(Job::Record(line, done)) {
-            Ok(()) => {
-                self.metrics.audit_queued(1);
-                Ok(())
-            }
-            Err(TrySendError::Full(_)) => {
-                self.state.queued.fetch_sub(1, Ordering::SeqCst);
-                self.note_stall("the audit queue is full");
-                Err(AuditError::Stalled(self.stall_timeout.as_millis()))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.state.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(AuditError::Closed)
-            }
-        }
+    /// Whether the sink is failing now (its last write failed).
+    pub fn failing(&self) -> bool {
+        self.core.failing.load(Ordering::SeqCst)
     }
 
     /// Marks the sink stalled, logging it once per stall.
     fn note_stall(&self, why: &str) {
-        if !self.state.stalled.swap(true, Ordering::SeqCst) {
+        if !self.core.stalled.swap(true, Ordering::SeqCst) {
             let writing_for = self.writing_for();
             error!(
                 why,
-                queued = self.state.queued.load(Ordering::SeqCst),
+                queued = self.core.queued.load(Ordering::SeqCst),
+                queued_bytes = self.core.held_bytes.load(Ordering::SeqCst),
                 writing_for_ms = writing_for.map(|d| d.as_millis() as u64),
                 "the audit log is stalled: tag changes are refused (503) until it writes again; traffic that changes no tags is not affected"
             );
-            self.metrics.audit_stalled(true);
+            self.core.metrics.audit_stalled(true);
         }
     }
 
     /// How long the write in progress has been going on, if one is.
     fn writing_for(&self) -> Option<Duration> {
-        match self.state.writing_since_ms.load(Ordering::SeqCst) {
+        match self.core.writing_since_ms.load(Ordering::SeqCst) {
             0 => None,
             since => Some(
-                self.state
+                self.core
                     .epoch
                     .elapsed()
                     .saturating_sub(Duration::from_millis(since)),
@@ -212,12 +400,8 @@ impl AuditLog {
     /// use. Waits at most `stall_timeout_ms` for the writer to get to it.
     pub async fn reopen(&self) -> Result<(), AuditError> {
         let (done, reopened) = oneshot::channel();
-        match self.queue.try_send(Job::Reopen(done)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(AuditError::Stalled(self.stall_timeout.as_millis()))
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(AuditError::Closed),
+        if self.queue.send(Job::Reopen(done)).is_err() {
+            return Err(AuditError::Closed);
         }
         match tokio::time::timeout(self.stall_timeout, reopened).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -228,33 +412,29 @@ impl AuditLog {
     }
 
     /// Writes everything queued, then stops the writer; waits at most `within`. Returns how
-    /// many records were still not written then (0 unless the sink is stalled).
+    /// many records were still not written then (0 unless the sink is stalled or failing).
     pub async fn close(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
-        let mut sent = false;
+        let _ = self.queue.send(Job::Stop);
         loop {
-            if !sent {
-                sent = match self.queue.try_send(Job::Stop) {
-                    Ok(()) | Err(TrySendError::Disconnected(_)) => true,
-                    Err(TrySendError::Full(_)) => false,
-                };
-            }
             let finished = self
                 .thread
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
                 .is_none_or(JoinHandle::is_finished);
-            if sent && finished {
+            if finished {
                 if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     let _ = thread.join();
                 }
                 // Records queued after the writer ended (none, unless a connection outlived
                 // the grace period) are not written.
-                return self.state.queued.load(Ordering::SeqCst);
+                return self.core.queued.load(Ordering::SeqCst);
             }
             if tokio::time::Instant::now() >= deadline {
-                let left = self.state.queued.load(Ordering::SeqCst);
+                // A failing sink is given up on; a write blocked in the kernel cannot be.
+                self.core.abandon.store(true, Ordering::SeqCst);
+                let left = self.core.queued.load(Ordering::SeqCst);
                 error!(
                     records = left,
                     "the audit log did not take every queued record before the shutdown grace period ended"
@@ -266,140 +446,291 @@ impl AuditLog {
     }
 }
 
-/// The writer thread: owns the sink, writes what is queued in order.
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // The queue closes with it: the writer writes what is queued and ends, or, failing,
+        // gives up.
+        self.core.orphaned.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The writer thread: owns the sink, writes what is queued in order, a batch at a time.
 struct Writer {
     sink: Sink,
     path: AuditPath,
     fsync: bool,
-    state: Arc<State>,
-    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+    /// The batch being written: whole lines.
+    batch: Vec<u8>,
+    /// How many bytes of `batch` the sink has taken (only ever between 0 and the batch's length
+    /// while a sink that cannot be rolled back fails).
+    written: usize,
+    /// Records in `batch`, and the bytes they are counted for in the queue.
+    records: usize,
+    charged: usize,
+    /// Records in `batch` not yet counted as write failures.
+    uncounted: usize,
+    /// Who waits for the records of `batch` (told at the first failure or at success).
+    waiting: Vec<Done>,
+    /// The wait before the next retry after a failure.
+    retry: Duration,
 }
 
 impl Writer {
     fn run(mut self, jobs: Receiver<Job>) {
-        let mut lines = Vec::with_capacity(16 * 1024);
-        let mut waiting = Vec::new();
         let mut stopping = false;
-        // After `Stop`, what is still in the queue (a request that finished meanwhile) is
-        // written too; the writer ends once the queue is empty.
-        while let Some(first) = if stopping {
-            jobs.try_recv().ok()
-        } else {
-            jobs.recv().ok()
-        } {
-            let mut next = Some(first);
-            let mut taken = 0;
-            while let Some(job) = next.take() {
-                taken += 1;
-                match job {
-                    Job::Record(line, done) => {
-                        lines.extend_from_slice(&line);
-                        waiting.push(done);
-                    }
-                    Job::Reopen(done) => {
-                        self.flush(&mut lines, &mut waiting);
-                        let reopened = open_sink(&self.path).map(|sink| self.sink = sink);
-                        let _ = done.send(reopened.map_err(|e| e.to_string()));
-                    }
-                    Job::Stop => stopping = true,
-                }
-                if taken < MAX_BATCH {
-                    next = jobs.try_recv().ok();
+        loop {
+            if self.core.abandon.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.records == 0 {
+                // After `Stop`, what is still in the queue (a request that finished meanwhile,
+                // an outcome written as the connections closed) is written too; the writer ends
+                // once the queue is empty.
+                let next = if stopping {
+                    jobs.try_recv().ok()
+                } else {
+                    jobs.recv().ok()
+                };
+                let Some(job) = next else { return };
+                self.take(job, &mut stopping);
+            }
+            while self.records > 0 && self.records < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => self.take(job, &mut stopping),
+                    Err(_) => break,
                 }
             }
-            self.flush(&mut lines, &mut waiting);
+            if self.records > 0 && !self.write_batch() {
+                if self.core.orphaned.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.wait_to_retry();
+            }
         }
     }
 
-    /// Writes the batch in one write, flushes or fsyncs it, and tells whoever waits (one entry
-    /// of `waiting` per record).
-    fn flush(
-        &mut self,
-        lines: &mut Vec<u8>,
-        waiting: &mut Vec<Option<oneshot::Sender<Result<(), String>>>>,
-    ) {
-        let count = waiting.len();
-        if count == 0 {
-            return;
-        }
-        let since = self.state.epoch.elapsed().as_millis().max(1) as u64;
-        self.state.writing_since_ms.store(since, Ordering::SeqCst);
-        let result =
-            match &mut self.sink {
-                Sink::Stdout => {
-                    let mut out = io::stdout().lock();
-                    out.write_all(lines).and_then(|()| out.flush())
+    fn take(&mut self, job: Job, stopping: &mut bool) {
+        match job {
+            Job::Record(line, charge, done, counted) => {
+                self.batch.extend_from_slice(&line);
+                self.records += 1;
+                self.uncounted += usize::from(!counted);
+                self.charged += charge;
+                self.waiting.extend(done);
+            }
+            Job::Reopen(done) => {
+                // What came before goes to the old file (one try: a failing batch follows the
+                // path to the new file, whole).
+                if self.records > 0 {
+                    self.write_batch();
                 }
-                Sink::File(file) => file.write_all(lines).and_then(|()| {
-                    if self.fsync {
-                        file.sync_data()
-                    } else {
-                        Ok(())
-                    }
-                }),
-            };
-        self.state.writing_since_ms.store(0, Ordering::SeqCst);
-        self.state.queued.fetch_sub(count, Ordering::SeqCst);
-        self.metrics.audit_queued(-(count as i64));
-        match &result {
+                let reopened = open_sink(&self.path, false).map(|sink| self.sink = sink);
+                let _ = done.send(reopened.map_err(|e| e.to_string()));
+            }
+            Job::Stop => *stopping = true,
+        }
+    }
+
+    /// Writes the rest of the batch, flushes or fsyncs it, and tells whoever waits. `false`
+    /// when the sink failed: the batch is kept, rolled back (a file) or with `written` saying
+    /// how much of it is out.
+    fn write_batch(&mut self) -> bool {
+        let since = self.core.epoch.elapsed().as_millis().max(1) as u64;
+        self.core.writing_since_ms.store(since, Ordering::SeqCst);
+        let result = self.write_out();
+        self.core.writing_since_ms.store(0, Ordering::SeqCst);
+        match result {
             Ok(()) => {
-                if self.state.stalled.swap(false, Ordering::SeqCst) {
-                    info!("the audit log writes again; tag changes are forwarded again");
-                    self.metrics.audit_stalled(false);
-                }
-                if self.state.failing.swap(false, Ordering::SeqCst) {
-                    info!("audit records are written again");
-                }
+                self.done();
+                true
             }
-            Err(e) => {
-                for _ in 0..count {
-                    self.metrics.audit_write_failure();
-                }
-                if !self.state.failing.swap(true, Ordering::SeqCst) {
-                    error!(error = %e, records = count, "audit records could not be written; tag changes are refused (503) while this lasts (with fail_closed)");
-                }
+            Err(error) => {
+                self.failed(&error);
+                false
             }
         }
-        let result = result.map_err(|e| e.to_string());
-        for done in waiting.drain(..).flatten() {
-            let _ = done.send(result.clone());
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        let file: &mut File = match &mut self.sink {
+            Sink::Stdout(out) => out,
+            Sink::File(file) => file,
+        };
+        while self.written < self.batch.len() {
+            match file.write(&self.batch[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
-        lines.clear();
+        if self.fsync {
+            if let Sink::File(file) = &self.sink {
+                file.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch is written: the queue gives back its room, and whoever waits is told.
+    fn done(&mut self) {
+        let records = std::mem::take(&mut self.records);
+        self.core.queued.fetch_sub(records, Ordering::SeqCst);
+        self.core
+            .release(records, std::mem::take(&mut self.charged));
+        self.core.metrics.audit_queued(-(records as i64));
+        self.batch.clear();
+        if self.batch.capacity() > KEPT_BUFFER {
+            self.batch = Vec::with_capacity(16 * 1024);
+        }
+        self.written = 0;
+        self.uncounted = 0;
+        self.retry = RETRY_FIRST;
+        if self.core.failing.swap(false, Ordering::SeqCst) {
+            info!("the audit log takes writes again: every record held meanwhile is written; tag changes are forwarded again");
+            self.core.metrics.audit_failed(false);
+        }
+        if self.core.stalled.swap(false, Ordering::SeqCst) {
+            info!("the audit log writes again; tag changes are forwarded again");
+            self.core.metrics.audit_stalled(false);
+        }
+        for done in self.waiting.drain(..) {
+            let _ = done.send(Ok(()));
+        }
+    }
+
+    /// The sink failed: the batch is rolled back where it can be, kept for the next try, and
+    /// whoever waits is told now.
+    fn failed(&mut self, error: &io::Error) {
+        if let Sink::File(file) = &self.sink {
+            // Opened for append and written by this thread only: the batch's bytes are the last
+            // `written` of the file. A file that cannot be cut back keeps the partial line, which
+            // the next try completes.
+            let cut = file.metadata().ok().filter(|m| m.is_file()).and_then(|m| {
+                let to = m.len().checked_sub(self.written as u64)?;
+                file.set_len(to).ok()
+            });
+            if cut.is_some() {
+                self.written = 0;
+            }
+        }
+        for _ in 0..std::mem::take(&mut self.uncounted) {
+            self.core.metrics.audit_write_failure();
+        }
+        if !self.core.failing.swap(true, Ordering::SeqCst) {
+            error!(
+                %error,
+                records = self.records,
+                "audit records could not be written: tag changes are refused (503, with fail_closed) until the sink takes writes again; the records are kept and written then (retrying)"
+            );
+            self.core.metrics.audit_failed(true);
+        }
+        for done in self.waiting.drain(..) {
+            let _ = done.send(Err(error.to_string()));
+        }
+    }
+
+    /// Waits before the next try (less if the grace period ends meanwhile), then reopens a
+    /// file whose batch was rolled back, so that a file removed, rotated or remounted is
+    /// written again at its path.
+    fn wait_to_retry(&mut self) {
+        let until = Instant::now() + self.retry;
+        while Instant::now() < until && !self.core.abandon.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10).min(self.retry));
+        }
+        self.retry = (self.retry * 2).min(RETRY_MAX);
+        if self.written == 0 && matches!(self.path, AuditPath::File(_)) {
+            if let Ok(sink) = open_sink(&self.path, true) {
+                self.sink = sink;
+            }
+        }
     }
 }
 
-fn open_sink(path: &AuditPath) -> Result<Sink, AuditError> {
+/// Opens the sink. `nonblocking_open`: a FIFO without a reader is an error rather than a wait
+/// (the writer's retries must not hang in `open`); writes stay blocking.
+fn open_sink(path: &AuditPath, nonblocking_open: bool) -> Result<Sink, AuditError> {
     match path {
-        AuditPath::Stdout => Ok(Sink::Stdout),
-        AuditPath::File(path) => OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map(Sink::File)
-            .map_err(|source| AuditError::Open {
+        AuditPath::Stdout => {
+            // SAFETY: descriptor 1 is open for the life of the process; ManuallyDrop never
+            // closes it.
+            Ok(Sink::Stdout(ManuallyDrop::new(unsafe {
+                File::from_raw_fd(1)
+            })))
+        }
+        AuditPath::File(path) => {
+            let mut options = OpenOptions::new();
+            options.create(true).append(true);
+            if nonblocking_open {
+                options.custom_flags(libc::O_NONBLOCK);
+            }
+            let file = options.open(path).map_err(|source| AuditError::Open {
                 path: path.display().to_string(),
                 source,
-            }),
+            })?;
+            if nonblocking_open {
+                clear_nonblocking(&file);
+            }
+            Ok(Sink::File(file))
+        }
     }
 }
 
+fn clear_nonblocking(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function's caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// How many characters of each listed item a summary shows.
+const SUMMARY_ITEM_CHARS: usize = 256;
+/// What the last resort keeps: this many members, their names and strings cut to these lengths.
+const LAST_RESORT_MEMBERS: usize = 32;
+const LAST_RESORT_NAME_CHARS: usize = 64;
+const LAST_RESORT_STRING_CHARS: usize = 128;
+
 /// A record as one line: JSON, with U+2028, U+2029 and U+0085 escaped (serde_json writes them
-/// raw, and some line readers split lines there), ending in `\n`. A record over
-/// [`MAX_RECORD_BYTES`] is replaced by a summary of it.
-fn encode(record: &impl Serialize) -> Vec<u8> {
+/// raw, and some line readers split lines there), ending in `\n`, at most [`MAX_RECORD_BYTES`]
+/// with its `\n` whatever the record holds.
+///
+/// A record over the bound is replaced by a summary of it (its lists cut to three items of at
+/// most 256 characters each, and counted), and a summary still over it by the last resort (its
+/// first 32 members, strings cut to 128 characters, lists counted, objects left out). A character
+/// takes at most 6 bytes in a line (`\u0085` for the 2 bytes of U+0085, `\u0001` for a control
+/// character), so the last resort is at most 32 × (64 + 128 + 40) × 6 bytes, under 45 KiB, for
+/// any record; with the bounds `crate::record` puts on every string, a summary is under 30 KiB.
+pub(crate) fn encode(record: &impl Serialize) -> Vec<u8> {
     let mut line = Vec::with_capacity(1024);
     serde_json::to_writer(&mut line, record).expect("audit records serialise");
+    let mut line = escape_line_separators(line);
     if line.len() >= MAX_RECORD_BYTES {
         let value = serde_json::to_value(record).expect("audit records serialise");
-        line.clear();
-        serde_json::to_writer(&mut line, &summary(value)).expect("a summary serialises");
+        line = to_line(&summary(value.clone()));
+        if line.len() >= MAX_RECORD_BYTES {
+            line = to_line(&last_resort(value));
+        }
     }
-    let mut line = escape_line_separators(line);
     line.push(b'\n');
     line
 }
 
-/// The record without its lists, which are counted instead; `"summarised": true`.
+/// A JSON value as a line without its `\n`, line separators escaped.
+fn to_line(value: &serde_json::Value) -> Vec<u8> {
+    let mut line = Vec::with_capacity(4096);
+    serde_json::to_writer(&mut line, value).expect("a JSON value serialises");
+    escape_line_separators(line)
+}
+
+/// The record with its lists cut to their first three items, each as its JSON text cut to
+/// [`SUMMARY_ITEM_CHARS`] characters; `"<list>_listed_in_summary"` counts them, and
+/// `"summarised": true`.
 fn summary(mut value: serde_json::Value) -> serde_json::Value {
     if let Some(object) = value.as_object_mut() {
         for list in ["set", "remove", "violations", "dry_run_violations"] {
@@ -410,7 +741,7 @@ fn summary(mut value: serde_json::Value) -> serde_json::Value {
                     .take(3)
                     .map(|v| {
                         let text = v.to_string();
-                        serde_json::Value::String(bounded(&text, 1024).into_owned())
+                        serde_json::Value::String(bounded(&text, SUMMARY_ITEM_CHARS).into_owned())
                     })
                     .collect();
                 object.insert(list.into(), serde_json::Value::Array(first));
@@ -420,6 +751,33 @@ fn summary(mut value: serde_json::Value) -> serde_json::Value {
         object.insert("summarised".into(), true.into());
     }
     value
+}
+
+/// The record's first [`LAST_RESORT_MEMBERS`] members: names and strings cut, lists counted
+/// (`"<list>_listed_in_summary"`), objects left out; `"summarised": true`.
+fn last_resort(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let mut out = serde_json::Map::new();
+    if let Value::Object(object) = value {
+        for (name, member) in object.into_iter().take(LAST_RESORT_MEMBERS) {
+            let name = bounded(&name, LAST_RESORT_NAME_CHARS).into_owned();
+            match member {
+                Value::String(text) => {
+                    let text = bounded(&text, LAST_RESORT_STRING_CHARS).into_owned();
+                    out.insert(name, Value::String(text));
+                }
+                Value::Array(items) => {
+                    out.insert(format!("{name}_listed_in_summary"), items.len().into());
+                }
+                Value::Object(_) => {}
+                scalar => {
+                    out.insert(name, scalar);
+                }
+            }
+        }
+    }
+    out.insert("summarised".into(), true.into());
+    Value::Object(out)
 }
 
 /// Replaces the UTF-8 of U+2028, U+2029 and U+0085 with JSON escapes. They only occur inside
@@ -471,6 +829,7 @@ mod tests {
             fail_closed: true,
             stall_timeout: Duration::from_millis(500),
             queue_capacity: 16,
+            queue_max_bytes: crate::config::DEFAULT_AUDIT_QUEUE_MAX_BYTES,
         }
     }
 
@@ -501,8 +860,9 @@ mod tests {
         .unwrap();
         assert!(matches!(
             full.write(&serde_json::json!({})).await,
-            Err(AuditError::Write(_))
+            Err(AuditError::Failing)
         ));
+        assert!(full.failing());
         assert!(AuditLog::open(
             &config(
                 AuditPath::File(dir.path().join("missing/dir/audit.log")),

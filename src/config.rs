@@ -174,9 +174,18 @@ pub struct AuditConfig {
     pub fail_closed: bool,
     /// How long a tag change waits for its decision record to be written.
     pub stall_timeout: Duration,
-    /// How many records may wait for the writer.
+    /// How many records may wait for the writer (places held for outcome records included).
     pub queue_capacity: usize,
+    /// How many bytes of records may wait for the writer (places held for outcome records
+    /// included): `[audit].queue_max_bytes`.
+    pub queue_max_bytes: usize,
 }
+
+/// `[audit].queue_max_bytes` unless the config says otherwise: 16 MiB.
+pub const DEFAULT_AUDIT_QUEUE_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// The smallest `[audit].queue_max_bytes`: the largest record and the place held for its outcome
+/// must fit, with room to spare.
+pub const MIN_AUDIT_QUEUE_MAX_BYTES: i64 = 128 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ShutdownConfig {
@@ -341,7 +350,13 @@ fn read_config(
         fsync: r.boolean("fsync", errors).unwrap_or(false),
         fail_closed: r.boolean("fail_closed", errors).unwrap_or(true),
         stall_timeout: r.millis("stall_timeout_ms", errors, 2_000),
-        queue_capacity: r.integer("queue_capacity", errors, 1).unwrap_or(1024) as usize,
+        // Two at least: an allowed tag change's decision and the place held for its outcome.
+        queue_capacity: r.integer("queue_capacity", errors, 2).unwrap_or(1024) as usize,
+        queue_max_bytes: r
+            .integer("queue_max_bytes", errors, MIN_AUDIT_QUEUE_MAX_BYTES)
+            .map_or(DEFAULT_AUDIT_QUEUE_MAX_BYTES, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
     };
     r.finish(errors);
 
@@ -389,7 +404,13 @@ fn read_config(
     let org = org_text
         .as_deref()
         .map(|text| crate::policy::OrgPolicyText { file: &shown, text });
-    let policy = crate::policy::compile(&mut r, errors, org);
+    // The digest of what the policy was built from: the config text, and the imported tag
+    // policy's text when there is one (`policy_sha256` in decision records).
+    let policy_sha256 = match &org_tag_policy {
+        Some(file) => sha256_hex(&format!("{sha256}+{}", file.sha256)),
+        None => sha256.clone(),
+    };
+    let policy = crate::policy::compile(&mut r, errors, org).with_sha256(&policy_sha256);
     r.finish(errors);
 
     Config {
@@ -628,6 +649,28 @@ mod tests {
             crate::policy::UnknownOperations::Reject
         );
         assert_eq!(c.admin.address, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.audit.queue_capacity, 1024);
+        assert_eq!(c.audit.queue_max_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.policy.sha256().as_ref(), sha256_hex(""));
+    }
+
+    #[test]
+    fn the_audit_queue_holds_a_decision_and_its_outcome_at_least() {
+        let c = Config::parse(
+            "[audit]\nqueue_capacity = 2\nqueue_max_bytes = 131072\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.audit.queue_max_bytes, 131_072);
+        let errors = errors_of("[audit]\nqueue_capacity = 1\nqueue_max_bytes = 65536\n");
+        assert!(
+            errors.iter().any(|e| e.contains("audit.queue_capacity")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("audit.queue_max_bytes")),
+            "{errors:?}"
+        );
     }
 
     #[test]

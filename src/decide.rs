@@ -6,6 +6,8 @@
 //! `kms-tag-guard test`, the property tests and the fuzz target call it, so a request is judged
 //! by one piece of code wherever it comes from. Pure: no I/O, no clock, no async.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, Method, Uri};
 
 use crate::answer::ProxyError;
@@ -107,6 +109,9 @@ pub struct Judgement {
     /// Which SDK call the request is an attempt of, when the SDK says so.
     pub call: SdkCall,
     pub decision: Decision,
+    /// The SHA-256 of the configuration whose policy was in force for the request (the one it
+    /// loaded, even if a reload landed meanwhile): `policy_sha256` in its record.
+    pub policy_sha256: Option<Arc<str>>,
 }
 
 /// The SDK's invocation id (`amz-sdk-invocation-id`, the same for every retry of one call) and
@@ -152,6 +157,7 @@ impl Judgement {
             alias: None,
             call: SdkCall::default(),
             decision: Decision::unreadable(reason.to_string()),
+            policy_sha256: None,
         }
     }
 
@@ -159,10 +165,15 @@ impl Judgement {
     /// sender (credential scope, SDK call). A credential that cannot be read is left out, and
     /// the query is never read: a request with one is refused by `classify` before any judging,
     /// and what a refused request's query says is not copied into its record.
-    pub fn refused(reason: impl std::fmt::Display, headers: &HeaderMap) -> Judgement {
+    pub fn refused(
+        reason: impl std::fmt::Display,
+        headers: &HeaderMap,
+        policy: &Policy,
+    ) -> Judgement {
         Judgement {
             credential: read_credential(headers, None).ok().flatten(),
             call: SdkCall::read(headers),
+            policy_sha256: Some(Arc::clone(policy.sha256())),
             ..Judgement::unreadable(reason)
         }
     }
@@ -177,7 +188,7 @@ impl Judgement {
 pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict<'a> {
     let route = match classify(head.method, head.uri, head.headers) {
         Ok(route) => route,
-        Err(refused) => return Verdict::Refuse(refused_head(head, refused)),
+        Err(refused) => return Verdict::Refuse(refused_head(head, refused, rules.policy)),
     };
     let (operation, tag_operation) = match route {
         Route::Pass(op) => (op.name(), None),
@@ -197,7 +208,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
         Ok(host) => host,
         Err(answer) => {
             return Verdict::Refuse(match tag_operation {
-                Some(op) => refused_tag_change(head, op, answer),
+                Some(op) => refused_tag_change(head, op, answer, rules.policy),
                 None => Refusal {
                     answer,
                     operation,
@@ -211,12 +222,17 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
         // stream would be.
         if let Body::Whole(bytes) = body {
             if let Err(reason) = check_body(bytes) {
-                return Verdict::Refuse(streamed_body_refused(head, operation, reason));
+                return Verdict::Refuse(streamed_body_refused(
+                    head,
+                    operation,
+                    reason,
+                    rules.policy,
+                ));
             }
         }
         return Verdict::Stream { operation, host };
     };
-    let refuse = |answer| Verdict::Refuse(refused_tag_change(head, op, answer));
+    let refuse = |answer| Verdict::Refuse(refused_tag_change(head, op, answer, rules.policy));
     if let Err(reason) = check_tag_request_head(head.headers) {
         return refuse(ProxyError::from(reason));
     }
@@ -271,10 +287,10 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// A refusal by the head: recorded when it may be a tag change, as `classify` says.
-fn refused_head(head: &Head, refused: Refused) -> Refusal {
+fn refused_head(head: &Head, refused: Refused, policy: &Policy) -> Refusal {
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = refused.may_change_tags.then(|| {
-        let judgement = Judgement::refused(&refused.reason, head.headers);
+        let judgement = Judgement::refused(&refused.reason, head.headers, policy);
         (judgement, target_text(head.headers))
     });
     Refusal {
@@ -285,9 +301,14 @@ fn refused_head(head: &Head, refused: Refused) -> Refusal {
 }
 
 /// The refusal of a body streamed through that showed another protocol's shape (or trailers):
-/// always recorded, as a possible tag change.
-pub fn streamed_body_refused(head: &Head, operation: &'static str, reason: Unreadable) -> Refusal {
-    let judgement = Judgement::refused(&reason, head.headers);
+/// always recorded, as a possible tag change. `policy` is the one in force for the request.
+pub fn streamed_body_refused(
+    head: &Head,
+    operation: &'static str,
+    reason: Unreadable,
+    policy: &Policy,
+) -> Refusal {
+    let judgement = Judgement::refused(&reason, head.headers, policy);
     Refusal {
         answer: ProxyError::from(reason),
         operation,
@@ -296,9 +317,15 @@ pub fn streamed_body_refused(head: &Head, operation: &'static str, reason: Unrea
 }
 
 /// The refusal of a tag change before it could be judged: by its head or host, or because its
-/// body could not be read (too large, too slow, broken off). Always recorded.
-pub fn refused_tag_change(head: &Head, operation: TagOperation, answer: ProxyError) -> Refusal {
-    let judgement = Judgement::refused(&answer, head.headers);
+/// body could not be read (too large, too slow, broken off). Always recorded. `policy` is the
+/// one in force for the request.
+pub fn refused_tag_change(
+    head: &Head,
+    operation: TagOperation,
+    answer: ProxyError,
+    policy: &Policy,
+) -> Refusal {
+    let judgement = Judgement::refused(&answer, head.headers, policy);
     Refusal {
         answer,
         operation: operation.name(),
@@ -307,8 +334,8 @@ pub fn refused_tag_change(head: &Head, operation: TagOperation, answer: ProxyErr
 }
 
 /// The refusal of a head no HTTP parser reads the same way twice (`answer` says why),
-/// recorded when its lenient reading (`head`) may be a tag change.
-pub fn malformed_head(head: &Head, answer: ProxyError) -> Refusal {
+/// recorded when its lenient reading (`head`) may be a tag change. `policy` is the one in force.
+pub fn malformed_head(head: &Head, answer: ProxyError, policy: &Policy) -> Refusal {
     let may_change_tags = match classify(head.method, head.uri, head.headers) {
         Ok(Route::Pass(_) | Route::Unknown(_)) => false,
         Ok(Route::Judge(_)) => true,
@@ -316,7 +343,7 @@ pub fn malformed_head(head: &Head, answer: ProxyError) -> Refusal {
     };
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = may_change_tags.then(|| {
-        let judgement = Judgement::refused(&answer, head.headers);
+        let judgement = Judgement::refused(&answer, head.headers, policy);
         (judgement, target_text(head.headers))
     });
     Refusal {
@@ -348,6 +375,7 @@ fn judge(
     policy: &Policy,
 ) -> Judgement {
     let call = SdkCall::read(headers);
+    let policy_sha256 = Some(Arc::clone(policy.sha256()));
     let credential = match read_credential(headers, query) {
         Ok(c) => c,
         Err(e) => {
@@ -355,6 +383,7 @@ fn judge(
                 key_id: claimed_member(body, key_member(operation)),
                 alias: claimed_alias(operation, body),
                 call,
+                policy_sha256,
                 ..Judgement::unreadable(e)
             }
         }
@@ -372,6 +401,7 @@ fn judge(
                 key_id: claimed_member(body, key_member(operation)),
                 alias: claimed_alias(operation, body),
                 call,
+                policy_sha256,
                 ..Judgement::unreadable(e)
             }
         }
@@ -387,6 +417,7 @@ fn judge(
         credential,
         call,
         decision,
+        policy_sha256,
     }
 }
 

@@ -136,6 +136,8 @@ pub struct Metrics {
     audit_write_failures: Counter,
     audit_queue: Gauge,
     audit_stalled: Gauge,
+    audit_failed: Gauge,
+    audit_queue_bytes: Gauge,
     policy_info: Family<PolicyLabels, Gauge>,
     leaf_cache_entries: Gauge,
     leaves_minted: Counter,
@@ -200,7 +202,7 @@ impl Metrics {
         let audit_write_failures = Counter::default();
         registry.register(
             "kms_tag_guard_audit_write_failures",
-            "Audit records that could not be written",
+            "Audit records that could not be written when they came (a failed write: kept and written when the sink recovers; or a full queue)",
             audit_write_failures.clone(),
         );
         let audit_queue = Gauge::default();
@@ -214,6 +216,18 @@ impl Metrics {
             "kms_tag_guard_audit_stalled",
             "1 while the audit log is stalled (its queue full, or a record not written within stall_timeout_ms): tag changes are refused",
             audit_stalled.clone(),
+        );
+        let audit_failed = Gauge::default();
+        registry.register(
+            "kms_tag_guard_audit_failed",
+            "1 while the audit sink fails (its last write or fsync returned an error: a full disk, a closed pipe): tag changes are refused, and the records are written when it recovers",
+            audit_failed.clone(),
+        );
+        let audit_queue_bytes = Gauge::default();
+        registry.register(
+            "kms_tag_guard_audit_queue_bytes",
+            "Bytes of the audit records accepted and not yet written, and of the places held for outcome records to come ([audit].queue_max_bytes bounds it)",
+            audit_queue_bytes.clone(),
         );
         let policy_info = Family::<PolicyLabels, Gauge>::default();
         registry.register(
@@ -290,6 +304,8 @@ impl Metrics {
             audit_write_failures,
             audit_queue,
             audit_stalled,
+            audit_failed,
+            audit_queue_bytes,
             policy_info,
             leaf_cache_entries,
             leaves_minted,
@@ -346,6 +362,15 @@ impl Metrics {
 
     pub fn audit_stalled(&self, stalled: bool) {
         self.audit_stalled.set(i64::from(stalled));
+    }
+
+    pub fn audit_failed(&self, failed: bool) {
+        self.audit_failed.set(i64::from(failed));
+    }
+
+    /// `delta` bytes more (or fewer) held in the audit queue.
+    pub fn audit_queue_bytes(&self, delta: i64) {
+        self.audit_queue_bytes.inc_by(delta);
     }
 
     /// How many leaves the leaf cache holds.

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::answer::ProxyError;
-use crate::audit::{timestamp, AuditError, AuditLog};
+use crate::audit::{timestamp, AuditLog, OutcomeSlot};
 use crate::decide::{Judgement, Refusal};
 use crate::kms::answer::KmsAnswer;
 use crate::kms::Tag;
@@ -25,8 +26,14 @@ use crate::text::bounded;
 pub const MAX_RECORDED_TAGS: usize = 50;
 /// The longest key a record shows, in characters (KMS allows 128).
 const MAX_KEY_CHARS: usize = 256;
-/// The longest value a record shows, in characters (KMS allows 256).
+/// The longest value (or key id) a record shows, in characters (KMS allows 256).
 const MAX_VALUE_CHARS: usize = 512;
+/// The longest region a record shows, in characters (AWS regions are under 30).
+const MAX_REGION_CHARS: usize = 64;
+/// The longest access key id, operation, rule id, KMS request id or error type a record shows.
+const MAX_ID_CHARS: usize = 128;
+/// The longest message (a violation, a failed forward) a record shows.
+const MAX_MESSAGE_CHARS: usize = 1024;
 
 /// A fresh request id: the audit record's and the answer's `x-amzn-RequestId`.
 pub fn new_request_id() -> String {
@@ -72,24 +79,86 @@ pub fn finished(
     metrics.request(operation, outcome, class, started.elapsed().as_secs_f64());
 }
 
-/// Writes the decision record of a judged tag change. `Err` is the answer when the change may
-/// not be forwarded: denied, or (with `fail_closed`) not audited.
+/// A tag change whose decision is recorded and which may be forwarded: its `outcome` record is
+/// still to come, and its place in the audit queue is held for it. [`outcome`] records what
+/// became of it; dropped without that (the shutdown grace period ended while KMS had it, or its
+/// task was cancelled), it records `applied: "unknown"`, so no forwarded change is left without
+/// an outcome.
+pub struct OpenChange {
+    audit: Arc<AuditLog>,
+    /// The place held in the queue; `None` when the decision never got into it (only with
+    /// `fail_closed = false`), and the outcome then takes its chance like any record.
+    slot: Option<OutcomeSlot>,
+    request_id: String,
+    started: Instant,
+    open: bool,
+    /// Still waiting for its decision record: not forwarded.
+    deciding: bool,
+}
+
+impl OpenChange {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+impl Drop for OpenChange {
+    fn drop(&mut self) {
+        if self.open {
+            self.open = false;
+            let why = if self.deciding {
+                ProxyError::AuditUnavailable
+            } else {
+                ProxyError::ShutDown
+            };
+            let record = outcome_record(&self.request_id, self.started, Err(&why));
+            write_outcome(&self.audit, self.slot.take(), &record);
+        }
+    }
+}
+
+/// Writes the decision record of a judged tag change, and holds the place of its outcome record
+/// when it may be forwarded. `Err` is the answer when the change may not be forwarded: denied,
+/// or (with `fail_closed`) not audited; a change refused because its decision record was not
+/// written in time, but was queued, gets an outcome record saying it was not forwarded.
 pub async fn decision(
-    audit: &AuditLog,
+    audit: &Arc<AuditLog>,
     request_id: &str,
     operation: &'static str,
     source: SocketAddr,
     judgement: &Judgement,
-) -> Result<(), Handled> {
+    started: Instant,
+) -> Result<OpenChange, Handled> {
     let record = DecisionRecord::new(request_id, operation, Some(source), judgement);
-    if let Err(error) = audit.write(&record).await {
+    let (queued, slot) = match audit.queue_holding(&record, judgement.allowed()) {
+        Ok((queued, slot)) => (Ok(queued), slot),
+        Err(error) => (Err(error), None),
+    };
+    let mut change = OpenChange {
+        audit: Arc::clone(audit),
+        slot,
+        request_id: request_id.to_owned(),
+        started,
+        open: judgement.allowed(),
+        deciding: true,
+    };
+    // Dropped while it waits for its decision record (the grace period ended), the change was
+    // not forwarded, and its outcome says so.
+    let written = match queued {
+        Ok(queued) => audit.written(queued).await,
+        Err(error) => Err(error),
+    };
+    change.deciding = false;
+    if let Err(error) = written {
         // The audit log says it once per stall or failing spell, not once per request.
         debug!(%request_id, %error, "decision record not written");
         if audit.fail_closed {
             let refusal = ProxyError::AuditUnavailable;
-            if matches!(error, AuditError::Stalled(_)) {
-                // The decision may still reach the log later: say what became of the request.
-                outcome(audit, request_id, Instant::now(), Err(&refusal));
+            if change.slot.is_some() {
+                // The decision reaches the log later: say what became of the request.
+                outcome(change, Err(&refusal));
+            } else {
+                change.open = false;
             }
             return Err(Handled::error(refusal, operation, request_id));
         }
@@ -109,7 +178,7 @@ pub async fn decision(
         };
         return Err(Handled::error(error, operation, request_id));
     }
-    Ok(())
+    Ok(change)
 }
 
 /// Answers a refusal, recording it first as a `deny` decision when it may be a tag change.
@@ -137,21 +206,44 @@ pub async fn refusal(audit: &AuditLog, source: SocketAddr, refusal: Refusal) -> 
     Handled::error(answer, operation, &request_id)
 }
 
-/// Queues the outcome record of a forwarded tag change (never waits for the audit log).
-pub fn outcome(
-    audit: &AuditLog,
-    request_id: &str,
+/// Records the outcome of a forwarded tag change (in the place its decision held: never waits
+/// for the audit log, never finds its queue full).
+pub fn outcome(mut change: OpenChange, result: Result<KmsAnswer<'_>, &ProxyError>) {
+    change.open = false;
+    let record = outcome_record(&change.request_id, change.started, result);
+    write_outcome(&change.audit, change.slot.take(), &record);
+}
+
+fn write_outcome(audit: &AuditLog, slot: Option<OutcomeSlot>, record: &OutcomeRecord<'_>) {
+    let written = match slot {
+        Some(slot) => slot.write(record),
+        None => audit.write_detached(record),
+    };
+    if let Err(error) = written {
+        debug!(request_id = record.request_id, %error, "outcome record not written");
+    }
+}
+
+/// The outcome record of a forwarded change, every string in it bounded.
+fn outcome_record<'a>(
+    request_id: &'a str,
     started: Instant,
     result: Result<KmsAnswer<'_>, &ProxyError>,
-) {
+) -> OutcomeRecord<'a> {
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (upstream_status, aws_request_id, aws_error, applied, error) = match result {
         Ok(answer) => {
             let applied = applied_by_status(answer.status);
             (
                 Some(answer.status),
-                answer.aws_request_id.clone(),
-                answer.error_type(),
+                answer
+                    .aws_request_id
+                    .as_deref()
+                    .map(bounded_owned(MAX_ID_CHARS)),
+                answer
+                    .error_type()
+                    .as_deref()
+                    .map(bounded_owned(MAX_ID_CHARS)),
                 applied,
                 None,
             )
@@ -167,51 +259,31 @@ pub fn outcome(
                 None,
                 Some(error_type.to_owned()),
                 applied(error),
-                Some(error.to_string()),
+                Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned()),
             )
         }
     };
-    let record = OutcomeRecord {
+    OutcomeRecord {
         ts: timestamp(),
         event: "outcome",
         request_id,
         upstream_status,
-        aws_request_id: aws_request_id.as_deref(),
-        aws_error: aws_error.as_deref(),
+        aws_request_id,
+        aws_error,
         applied,
         duration_ms: (duration_ms * 1000.0).round() / 1000.0,
-        error: error.as_deref(),
-    };
-    if let Err(error) = audit.write_detached(&record) {
-        debug!(%request_id, %error, "outcome record not written");
+        error,
     }
 }
 
-/// Queues the outcome record of a forwarded tag change whose answer head arrived (`head`, without
-/// a body) and whose body then broke off with `error`: the status says what KMS did.
-pub fn outcome_after_head(
-    audit: &AuditLog,
-    request_id: &str,
-    started: Instant,
-    head: KmsAnswer<'_>,
-    error: &ProxyError,
-) {
-    warn!(%request_id, status = head.status, %error, "the answer to a forwarded tag change broke off after its head");
-    let (aws_error, message) = (head.error_type(), error.to_string());
-    let record = OutcomeRecord {
-        ts: timestamp(),
-        event: "outcome",
-        request_id,
-        upstream_status: Some(head.status),
-        aws_request_id: head.aws_request_id.as_deref(),
-        aws_error: aws_error.as_deref(),
-        applied: applied_by_status(head.status),
-        duration_ms: (started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
-        error: Some(&message),
-    };
-    if let Err(error) = audit.write_detached(&record) {
-        debug!(%request_id, %error, "outcome record not written");
-    }
+/// Records the outcome of a forwarded tag change whose answer head arrived (`head`, without a
+/// body) and whose body then broke off with `error`: the status says what KMS did.
+pub fn outcome_after_head(mut change: OpenChange, head: KmsAnswer<'_>, error: &ProxyError) {
+    change.open = false;
+    warn!(request_id = %change.request_id, status = head.status, %error, "the answer to a forwarded tag change broke off after its head");
+    let mut record = outcome_record(&change.request_id, change.started, Ok(head));
+    record.error = Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned());
+    write_outcome(&change.audit, change.slot.take(), &record);
 }
 
 /// What KMS's status says of a change: applied on success, not on a client error.
@@ -223,12 +295,40 @@ fn applied_by_status(status: u16) -> Applied {
     }
 }
 
+fn bounded_owned(max: usize) -> impl Fn(&str) -> String {
+    move |s| bounded(s, max).into_owned()
+}
+
 /// Whether a tag change answered with `error` may have been applied by KMS: only when it was sent
 /// and no answer says what became of it.
 fn applied(error: &ProxyError) -> Applied {
     match error {
-        ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) => Applied::Unknown,
+        ProxyError::UpstreamBroken(_) | ProxyError::UpstreamTimeout(_) | ProxyError::ShutDown => {
+            Applied::Unknown
+        }
         _ => Applied::No,
+    }
+}
+
+/// A violation as a record shows it.
+#[derive(Debug, Serialize)]
+pub struct RecordedViolation<'a> {
+    pub rule: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<Cow<'a, str>>,
+    pub message: Cow<'a, str>,
+}
+
+impl<'a> RecordedViolation<'a> {
+    fn of(violations: &'a [Violation]) -> Vec<RecordedViolation<'a>> {
+        violations
+            .iter()
+            .map(|v| RecordedViolation {
+                rule: bounded(&v.rule, MAX_ID_CHARS),
+                key: v.key.as_deref().map(|k| bounded(k, MAX_KEY_CHARS)),
+                message: bounded(&v.message, MAX_MESSAGE_CHARS),
+            })
+            .collect()
     }
 }
 
@@ -243,13 +343,15 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// The record written before a tag-bearing request is forwarded or answered.
+/// The record written before a tag-bearing request is forwarded or answered. Every string in
+/// it that a client chose is cut to a bound, so that, with its lists cut too, it stays well
+/// under [`crate::audit::MAX_RECORD_BYTES`] however long the client's strings.
 #[derive(Debug, Serialize)]
 pub struct DecisionRecord<'a> {
     pub ts: String,
     pub event: &'static str,
     pub request_id: &'a str,
-    pub operation: &'a str,
+    pub operation: Cow<'a, str>,
     pub key_id: Option<Cow<'a, str>>,
     /// The `AliasName` of CreateAlias, UpdateAlias and DeleteAlias (absent for tag operations).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,12 +360,16 @@ pub struct DecisionRecord<'a> {
     /// for other operations; DeleteAlias names no key).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_key_id: Option<Cow<'a, str>>,
-    pub region: Option<&'a str>,
-    pub access_key_id: Option<&'a str>,
+    pub region: Option<Cow<'a, str>>,
+    pub access_key_id: Option<Cow<'a, str>>,
     pub source: Option<SocketAddr>,
+    /// The SHA-256 of the configuration whose policy was in force for the request: the
+    /// `kms_tag_guard_policy_info{sha256}` of that policy, even when a reload landed before the
+    /// record was written.
+    pub policy_sha256: Option<&'a str>,
     /// The SDK's `amz-sdk-invocation-id`: the same for every attempt of one call.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub invocation_id: Option<&'a str>,
+    pub invocation_id: Option<Cow<'a, str>>,
     /// The attempt number from `amz-sdk-request`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
@@ -275,8 +381,8 @@ pub struct DecisionRecord<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     pub remove_omitted: usize,
     pub decision: &'static str,
-    pub violations: &'a [Violation],
-    pub dry_run_violations: &'a [Violation],
+    pub violations: Vec<RecordedViolation<'a>>,
+    pub dry_run_violations: Vec<RecordedViolation<'a>>,
     #[serde(skip_serializing_if = "is_zero")]
     pub violations_omitted: usize,
     #[serde(skip_serializing_if = "is_zero")]
@@ -300,7 +406,7 @@ impl<'a> DecisionRecord<'a> {
             ts: timestamp(),
             event: "decision",
             request_id,
-            operation,
+            operation: bounded(operation, MAX_ID_CHARS),
             key_id: judgement
                 .key_id
                 .as_deref()
@@ -314,10 +420,17 @@ impl<'a> DecisionRecord<'a> {
                 .as_deref()
                 .filter(|_| names_target)
                 .map(|k| bounded(k, MAX_VALUE_CHARS)),
-            region: credential.and_then(|c| c.region.as_deref()),
-            access_key_id: credential.map(|c| c.access_key_id.as_str()),
+            region: credential
+                .and_then(|c| c.region.as_deref())
+                .map(|r| bounded(r, MAX_REGION_CHARS)),
+            access_key_id: credential.map(|c| bounded(&c.access_key_id, MAX_ID_CHARS)),
             source,
-            invocation_id: judgement.call.invocation_id.as_deref(),
+            policy_sha256: judgement.policy_sha256.as_deref(),
+            invocation_id: judgement
+                .call
+                .invocation_id
+                .as_deref()
+                .map(|i| bounded(i, MAX_ID_CHARS)),
             attempt: judgement.call.attempt,
             set: set
                 .iter()
@@ -339,8 +452,8 @@ impl<'a> DecisionRecord<'a> {
             } else {
                 "deny"
             },
-            violations: &judgement.decision.violations,
-            dry_run_violations: &judgement.decision.dry_run_violations,
+            violations: RecordedViolation::of(&judgement.decision.violations),
+            dry_run_violations: RecordedViolation::of(&judgement.decision.dry_run_violations),
             violations_omitted: judgement.decision.violations_omitted,
             dry_run_violations_omitted: judgement.decision.dry_run_violations_omitted,
         }
@@ -367,13 +480,110 @@ pub struct OutcomeRecord<'a> {
     pub event: &'static str,
     pub request_id: &'a str,
     pub upstream_status: Option<u16>,
-    pub aws_request_id: Option<&'a str>,
+    pub aws_request_id: Option<String>,
     /// The KMS error type (`__type`) of an error answer; for a failed forward, the error the proxy
     /// answered with (`BadGateway`, `GatewayTimeout`).
-    pub aws_error: Option<&'a str>,
+    pub aws_error: Option<String>,
     /// Whether KMS applied the change: `yes`, `no` or `unknown`.
     pub applied: Applied,
     pub duration_ms: f64,
     /// Why the forward failed, when it did.
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::audit::{encode, MAX_RECORD_BYTES, OUTCOME_RESERVE_BYTES};
+    use crate::decide::SdkCall;
+    use crate::kms::{Credential, TagChange, TagOperation};
+    use crate::policy::Decision;
+
+    /// Characters that cost the most in a JSON line: escaped controls, quotes, backslashes, the
+    /// line separators escaped as `\u2028`, `\u0085`, four-byte characters.
+    fn costly() -> impl Strategy<Value = String> {
+        let chars = prop::sample::select(vec![
+            'a', '"', '\\', '\u{1}', '\n', '\u{85}', '\u{2028}', '\u{2029}', 'é', '😀', '…',
+        ]);
+        (prop::collection::vec(chars, 1..64), 0usize..70_000)
+            .prop_map(|(unit, len)| unit.iter().cycle().take(len.max(1)).collect::<String>())
+    }
+
+    fn violation(rule: &str, key: &str, message: &str) -> Violation {
+        Violation {
+            rule: rule.into(),
+            key: Some(key.to_owned()),
+            message: message.to_owned(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever a client puts in its strings (region, access key id, key id, tag keys and
+        /// values, the SDK's invocation id, the target of a refused request), the decision
+        /// record is one line of at most 64 KiB that parses; so is the outcome, within the place
+        /// its decision held for it.
+        #[test]
+        fn records_stay_bounded_whatever_the_strings(
+            region in costly(),
+            access_key in costly(),
+            key_id in costly(),
+            tag in costly(),
+            target in costly(),
+            tags in 0usize..80,
+            violations in 0usize..40,
+        ) {
+            let set: Vec<Tag> = (0..tags)
+                .map(|i| Tag { key: format!("{i}{tag}"), value: tag.clone() })
+                .collect();
+            let judgement = Judgement {
+                change: Some(TagChange {
+                    operation: TagOperation::TagResource,
+                    key_id: Some(key_id.clone()),
+                    set,
+                    remove: vec![tag.clone(); tags],
+                    alias: None,
+                }),
+                credential: Some(Credential {
+                    access_key_id: access_key.clone(),
+                    region: Some(region.clone()),
+                }),
+                key_id: Some(key_id.clone()),
+                alias: None,
+                call: SdkCall { invocation_id: Some(tag.clone()), attempt: Some(3) },
+                decision: Decision {
+                    violations: vec![violation(&tag, &tag, &tag); violations],
+                    dry_run_violations: vec![violation(&region, &key_id, &tag); violations],
+                    violations_omitted: 7,
+                    dry_run_violations_omitted: 0,
+                },
+                policy_sha256: Some("ab".repeat(32).into()),
+            };
+            let record = DecisionRecord::new("id", &target, None, &judgement);
+            let line = encode(&record);
+            prop_assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            prop_assert_eq!(&parsed["event"], "decision");
+            prop_assert_eq!(&parsed["policy_sha256"], &"ab".repeat(32));
+            // Every string is bounded by the record itself: at worst its lists are summarised,
+            // it never falls back to the last resort (which leaves the lists out).
+            prop_assert!(parsed["set"].is_array() && parsed["violations"].is_array());
+
+            let answer = KmsAnswer {
+                status: 400,
+                aws_request_id: Some(access_key.clone()),
+                aws_error_header: Some(region.clone()),
+                body: b"",
+            };
+            for result in [Ok(answer), Err(&ProxyError::UpstreamBroken(key_id.clone()))] {
+                let line = encode(&outcome_record("id", Instant::now(), result));
+                prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
+                serde_json::from_slice::<serde_json::Value>(&line).unwrap();
+            }
+        }
+    }
 }

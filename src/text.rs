@@ -6,6 +6,11 @@ use std::borrow::Cow;
 /// Where `s` is cut to show at most `max` characters: the part shown and the whole length in
 /// characters; `None` when `s` is short enough to show whole.
 fn cut(s: &str, max: usize) -> Option<(&str, usize)> {
+    // A string of at most `max` bytes has at most `max` characters: no need to count them (the
+    // common case, on every tag change's record).
+    if s.len() <= max {
+        return None;
+    }
     let (at, _) = s.char_indices().nth(max)?;
     Some((&s[..at], s.chars().count()))
 }

@@ -401,3 +401,158 @@ async fn records_link_sdk_attempts_escape_line_separators_and_name_the_credentia
     assert_eq!(refused["access_key_id"], ACCESS_KEY_ID, "{refused}");
     assert_eq!(refused["region"], REGION, "{refused}");
 }
+
+/// A sink that fails, then comes back: the audit log is a FIFO whose reader goes away (every
+/// write fails with EPIPE) and later returns. Meanwhile tag changes are refused at once (503),
+/// `kms_tag_guard_audit_failed` is 1 and the failure is logged once; pass-through is served.
+/// When a reader opens the FIFO again, the proxy reopens it by itself, writes every record it
+/// held (each refused change's decision with an outcome saying it was not forwarded), and
+/// forwards tag changes again; no restart, no signal.
+#[test]
+fn a_failed_sink_is_shown_and_recovers_by_itself() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fake = runtime.block_on(FakeKms::start());
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.fifo");
+    mkfifo(&fifo);
+    let open_reader = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap()
+    };
+    let read_all = |reader: &mut std::fs::File, into: &mut Vec<u8>| {
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            into.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let mut reader = open_reader();
+    let mut opts = ChildOptions::new(&fake.url());
+    opts.config.audit_path = Some(fifo.clone());
+    opts.config.admin = true;
+    let mut proxy = spawn_proxy(&opts);
+    let admin = proxy.admin_addr.expect("admin port");
+
+    runtime.block_on(async {
+        let host = fake.host();
+        let tag = |n: usize| {
+            RawRequest::signed_kms(
+                &host,
+                "TrentService.TagResource",
+                large_allowed_tag_body(n).as_bytes(),
+            )
+            .to_bytes()
+        };
+        let mut answered: Vec<(String, u16)> = Vec::new();
+        let send = |n: usize, expected: u16| {
+            let request = tag(n);
+            let addr = proxy.addr;
+            async move {
+                let response = raw::send(addr, &request).await;
+                assert_eq!(response.status, expected, "{n}: {}", response.body_str());
+                let id = response.header("x-amzn-requestid").unwrap().to_owned();
+                (id, response.status)
+            }
+        };
+        answered.push(send(0, 200).await);
+        let mut log = Vec::new();
+        read_all(&mut reader, &mut log);
+        drop(reader);
+
+        // The reader is gone: every write fails.
+        for n in 1..=3 {
+            let sent = Instant::now();
+            answered.push(send(n, 503).await);
+            eprintln!(
+                "MEASURE tag-change-refused-while-failed ms={}",
+                sent.elapsed().as_millis()
+            );
+        }
+        let encrypt =
+            RawRequest::signed_kms(&host, "TrentService.Encrypt", encrypt_body().as_bytes());
+        assert_eq!(raw::send(proxy.addr, &encrypt.to_bytes()).await.status, 200);
+        let metrics = scrape(admin).await;
+        assert_eq!(sample(&metrics, "kms_tag_guard_audit_failed"), Some(1.0));
+        assert_eq!(sample(&metrics, "kms_tag_guard_audit_stalled"), Some(0.0));
+        assert_eq!(admin_get(admin, "/readyz").await.status, 200);
+        let stderr = proxy.stderr();
+        assert_eq!(
+            stderr.matches("audit records could not be written").count(),
+            1,
+            "logged once:\n{stderr}"
+        );
+
+        // A reader again: the proxy finds it by itself.
+        let mut reader = open_reader();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sample(&scrape(admin).await, "kms_tag_guard_audit_failed") != Some(0.0) {
+            assert!(
+                Instant::now() < deadline,
+                "no recovery:\n{}",
+                proxy.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(proxy.stderr().contains("the audit log takes writes again"));
+        answered.push(send(4, 200).await);
+
+        let drained = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut chunk = [0u8; 65536];
+            loop {
+                match reader.read(&mut chunk) {
+                    Ok(0) => return log,
+                    Ok(n) => log.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(Instant::now() < deadline, "the proxy never closed the FIFO");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("reading the FIFO: {e}"),
+                }
+            }
+        });
+        let status = proxy.stop().expect("the proxy exits");
+        assert!(status.success(), "{status}: {}", proxy.stderr());
+        let log = String::from_utf8(drained.join().unwrap()).unwrap();
+        let records: Vec<Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        let of = |id: &str, event: &str| {
+            records
+                .iter()
+                .find(|r| r["request_id"] == id && r["event"] == event)
+                .cloned()
+        };
+        for (id, status) in &answered {
+            if *status == 503 {
+                // Held while the sink failed, written when it came back.
+                assert_eq!(
+                    of(id, "decision").expect("its decision")["decision"],
+                    "allow"
+                );
+                let outcome = of(id, "outcome").expect("its outcome");
+                assert_eq!(outcome["applied"], "no", "{outcome}");
+                assert_eq!(outcome["aws_error"], "ServiceUnavailable", "{outcome}");
+            } else {
+                let outcome = records
+                    .iter()
+                    .find(|r| r["event"] == "outcome" && r["aws_request_id"] == id.as_str())
+                    .unwrap_or_else(|| panic!("no outcome for {id}"));
+                assert_eq!(outcome["applied"], "yes");
+            }
+        }
+        assert_eq!(records.len(), 2 * answered.len(), "{records:#?}");
+        let tag_changes = fake
+            .requests()
+            .iter()
+            .filter(|r| r.operation() == Some("TagResource"))
+            .count();
+        assert_eq!(tag_changes, 2, "only the 200s reached KMS");
+    });
+}

@@ -486,6 +486,8 @@ struct Sizing {
     max_connections: u64,
     max_concurrent_streams: u64,
     max_buffered_body_bytes: u64,
+    /// `[audit] queue_max_bytes`.
+    audit_queue_bytes: u64,
 }
 
 const KIB: u64 = 1024;
@@ -494,18 +496,22 @@ const MIB: u64 = 1024 * 1024;
 const BASE: u64 = 16 * MIB;
 const PER_CONNECTION: u64 = 128 * KIB;
 const PER_STREAM: u64 = 80 * KIB;
-/// What the admin port may hold (its term of the formula): one scrape at a time here.
-const ADMIN: u64 = MIB;
+/// What the admin port may hold (its term of the formula): 32 connections × 64 KiB.
+const ADMIN: u64 = 2 * MIB;
+/// Log lines waiting for standard error.
+const LOGS: u64 = MIB;
 
 impl Sizing {
     /// base + connections × per connection + connections × streams × per stream + the body
-    /// budget + the audit queue in bytes (none on this build: records are bounded by count and
-    /// a fast sink) + the admin port; no leaf cache (no interception).
+    /// budget + the audit queue in bytes + the admin port + the log queue; no leaf cache (no
+    /// interception).
     fn limit(&self) -> u64 {
         BASE + self.max_connections * PER_CONNECTION
             + self.max_connections * self.max_concurrent_streams * PER_STREAM
             + self.max_buffered_body_bytes
+            + self.audit_queue_bytes
             + ADMIN
+            + LOGS
     }
 }
 
@@ -646,7 +652,10 @@ fn hostile_config(fake: &FakeKms, sizing: &Sizing) -> ChildOptions {
              body_read_timeout_ms = 60000\nidle_timeout_ms = 300000",
             sizing.max_connections, sizing.max_concurrent_streams, sizing.max_buffered_body_bytes
         ),
-        audit: "fail_closed = true".into(),
+        audit: format!(
+            "fail_closed = true\nqueue_max_bytes = {}",
+            sizing.audit_queue_bytes
+        ),
         admin: true,
         shutdown: "grace_ms = 2000".into(),
         ..ProxyConfig::default()
@@ -668,6 +677,7 @@ async fn the_guard_survives_hostile_loads_under_a_memory_limit() {
         max_connections: 600,
         max_concurrent_streams: 4,
         max_buffered_body_bytes: 8 * MIB,
+        audit_queue_bytes: MIB,
     };
     let limit = sizing.limit();
     let cgroup = match MemoryCgroup::create(limit) {

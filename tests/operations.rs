@@ -336,7 +336,9 @@ async fn audit_write_failures_are_counted() {
             .is_some()
     })
     .await;
-    assert_eq!(m.get(AUDIT_FAILURES, &[]), Some(2.0), "{}", m.text);
+    // The allowed change's decision, the outcome that says it was not forwarded (both kept, to
+    // be written when the sink recovers), and the denied change's decision.
+    assert_eq!(m.get(AUDIT_FAILURES, &[]), Some(3.0), "{}", m.text);
     assert_requests(&m, &[("TagResource", "error", 2), ("Encrypt", "pass", 1)]);
 
     // fail_closed = false: the change goes ahead, and both of its records are counted as lost.
@@ -419,7 +421,11 @@ async fn check_audit_file(path: &std::path::Path, sent: &[(String, bool)]) {
             .to_owned();
         match record["event"].as_str() {
             Some("decision") => {
-                assert_eq!(object.len(), 13, "decision fields: {line}");
+                assert_eq!(
+                    object.len(),
+                    14,
+                    "decision fields (policy_sha256 too): {line}"
+                );
                 let value = record["set"][0]["value"].as_str().unwrap().to_owned();
                 let allowed = match record["decision"].as_str() {
                     Some("allow") => true,

@@ -214,6 +214,7 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     let setup = Setup::new().await;
     let path = setup.path("kms-tag-guard.toml");
     std::fs::write(&path, setup.config(POLICY_V1)).unwrap();
+    let v1_sha = sha256_file(&path);
     let proxy = start_from_file(&path).await;
     let audit = setup.audit_path();
 
@@ -256,6 +257,7 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     write_atomic(&path, &setup.config(POLICY_V2));
+    let v2_sha = sha256_file(&path);
     proxy.proxy.reload();
     wait_for_v2(&proxy, Duration::from_secs(3)).await;
 
@@ -297,6 +299,17 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     assert_eq!(answer_c.status, 400, "{}", answer_c.body_str());
     let record_c = decision_for(&audit, "held-c");
     assert_eq!(rule_ids(&record_c), ["v2-no-team-x"], "C judged by V2");
+    // Each record names the policy that judged it, though all were written after the reload.
+    assert_ne!(v1_sha, v2_sha);
+    assert_eq!(record_a["policy_sha256"], v1_sha.as_str(), "{record_a}");
+    assert_eq!(record_b["policy_sha256"], v1_sha.as_str(), "{record_b}");
+    assert_eq!(record_c["policy_sha256"], v2_sha.as_str(), "{record_c}");
+    let metrics = scrape(proxy.admin_addr).await;
+    assert_eq!(
+        policy_sha(&metrics),
+        v2_sha,
+        "the metric shows the same digest"
+    );
 
     // The next request on A's connection meets V2.
     let again = signed(
@@ -307,7 +320,9 @@ async fn in_flight_requests_are_judged_by_the_policy_their_head_met() {
     conn_a.write(&again.to_bytes()).await.unwrap();
     let answer = conn_a.read_response().await.unwrap();
     assert_eq!(answer.status, 400, "{}", answer.body_str());
-    assert_eq!(rule_ids(&decision_for(&audit, "again-a")), ["v2-no-team-x"]);
+    let again = decision_for(&audit, "again-a");
+    assert_eq!(rule_ids(&again), ["v2-no-team-x"]);
+    assert_eq!(again["policy_sha256"], v2_sha.as_str());
 }
 
 /// (b) A Kubernetes ConfigMap update: the proxy is given `dir/config.toml`, a symlink through

@@ -2,6 +2,7 @@
 //! (regexes compiled, forbidden keys folded), every mistake reported with its key path.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
@@ -85,6 +86,7 @@ pub(crate) fn compile(
         max_tags,
         unknown_operations,
         rules,
+        sha256: Arc::from(""),
     }
 }
 

@@ -53,9 +53,23 @@ pub struct Policy {
     max_tags: usize,
     unknown_operations: UnknownOperations,
     rules: Vec<Rule>,
+    /// SHA-256 (hex) of the configuration text the policy was loaded from (what
+    /// `kms_tag_guard_policy_info{sha256}` shows), for the decision records it judges.
+    sha256: Arc<str>,
 }
 
 impl Policy {
+    /// The SHA-256 (hex) of the configuration the policy was loaded from.
+    pub fn sha256(&self) -> &Arc<str> {
+        &self.sha256
+    }
+
+    /// The policy, known as loaded from a configuration text of SHA-256 `sha256` (hex).
+    pub(crate) fn with_sha256(mut self, sha256: &str) -> Policy {
+        self.sha256 = sha256.into();
+        self
+    }
+
     /// How many `[[policy.rule]]`s it holds.
     pub fn rule_count(&self) -> usize {
         self.rules.len()

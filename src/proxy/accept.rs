@@ -82,10 +82,16 @@ pub(crate) async fn serve(
         .await
         .is_err()
     {
-        warn!("grace period over; closing the remaining connections");
+        warn!("grace period over; answering the tag changes still waiting for KMS (504) and closing the remaining connections");
+        // The last word: a tag change still waiting for KMS answers its client and records its
+        // outcome as unknown; a moment for those answers to be written.
+        let _ = lifecycle.grace_over.send(true);
+        let _ = tokio::time::timeout(LAST_WORD, lifecycle.connections.closed()).await;
     }
-    // Ends the connection threads, and with them whatever the grace period did not finish.
-    drop(threads);
+    // Ends the connection threads, and with them whatever the grace period did not finish: a
+    // forwarded tag change that is dropped records its outcome as unknown as it goes, so the
+    // threads are waited for before the audit log is closed.
+    threads.stop(THREADS_STOP).await;
     // Every record accepted into the audit queue is written before the process exits (unless
     // its sink is stalled for a whole grace period more).
     let unwritten = shared.audit.close(config.shutdown.grace).await;
@@ -103,10 +109,19 @@ struct Handed {
     open: watch::Receiver<()>,
 }
 
-/// The threads that serve connections; dropping this lets each thread finish once its queue is
-/// empty, which ends the connections it still serves.
+/// How long connections get, after the grace period, to send the answers of the tag changes
+/// cut short.
+const LAST_WORD: Duration = Duration::from_millis(500);
+/// How long shutdown waits for the connection threads to end their connections.
+const THREADS_STOP: Duration = Duration::from_secs(2);
+/// How long a connection thread waits for its runtime's blocking work (a leaf being minted).
+const BLOCKING_STOP: Duration = Duration::from_millis(200);
+
+/// The threads that serve connections; dropping this (or [`ConnectionThreads::stop`]) lets each
+/// thread finish once its queue is empty, which ends the connections it still serves.
 pub(crate) struct ConnectionThreads {
     queues: Vec<mpsc::UnboundedSender<Handed>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     next: usize,
 }
 
@@ -118,6 +133,7 @@ impl ConnectionThreads {
     ) -> io::Result<ConnectionThreads> {
         let count = thread_count();
         let mut queues = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (queue, handed) = mpsc::unbounded_channel();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -125,12 +141,39 @@ impl ConnectionThreads {
                 .build()?;
             let shared = Arc::clone(shared);
             let tls = tls.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("ktg-connections-{index}"))
-                .spawn(move || runtime.block_on(serve_handed(handed, shared, tls)))?;
+                .spawn(move || {
+                    runtime.block_on(serve_handed(handed, shared, tls));
+                    // Drops every task still running (their connections close, and a forwarded
+                    // tag change records its outcome), then waits a little for blocking work.
+                    runtime.shutdown_timeout(BLOCKING_STOP);
+                })?;
             queues.push(queue);
+            threads.push(thread);
         }
-        Ok(ConnectionThreads { queues, next: 0 })
+        Ok(ConnectionThreads {
+            queues,
+            threads,
+            next: 0,
+        })
+    }
+
+    /// Ends the threads, and with them every connection they still serve; waits at most
+    /// `within` for them to be gone.
+    pub(crate) async fn stop(self, within: Duration) {
+        let ConnectionThreads {
+            queues, threads, ..
+        } = self;
+        drop(queues);
+        let deadline = tokio::time::Instant::now() + within;
+        while !threads.iter().all(std::thread::JoinHandle::is_finished) {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("a connection thread did not end in time");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Gives an accepted connection to the next thread in turn.

@@ -136,7 +136,8 @@ async fn pass_through(
             headers: &head_copy,
             tunnel_host: None,
         };
-        let refused = streamed_body_refused(&head, operation, reason.clone());
+        let refused =
+            streamed_body_refused(&head, operation, reason.clone(), &shared.policy.load());
         let handled = record::refusal(&shared.audit, peer, refused).await;
         let outcome = handled.outcome;
         return (own(handled), outcome);
@@ -278,7 +279,7 @@ async fn tag_change(
             let handled = record::refusal(
                 &shared.audit,
                 peer,
-                refused_tag_change(&head, operation, error),
+                refused_tag_change(&head, operation, error, rules.policy),
             )
             .await;
             let outcome = handled.outcome;
@@ -304,29 +305,43 @@ async fn tag_change(
     };
     let request_id = new_request_id();
     let op = operation.name();
-    if let Err(handled) = record::decision(&shared.audit, &request_id, op, peer, &judgement).await {
-        let outcome = handled.outcome;
-        return (own(handled), outcome);
-    }
+    let change =
+        match record::decision(&shared.audit, &request_id, op, peer, &judgement, started).await {
+            Ok(change) => change,
+            Err(handled) => {
+                let outcome = handled.outcome;
+                return (own(handled), outcome);
+            }
+        };
     let forward = match prepare_forward(shared, &mut parts, &host) {
         Ok(forward) => forward,
         Err(error) => {
-            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            record::outcome(change, Err(&error));
             let outcome = error.outcome();
             return (own(Handled::error(error, op, &request_id)), outcome);
         }
     };
     // Forwarding runs in its own task: a client that hangs up must not cancel a tag change KMS
     // may already be applying before its outcome is recorded.
-    let forward = tokio::spawn(forward_tag_change(
+    let mut forward = tokio::spawn(forward_tag_change(
         Arc::clone(shared),
         Arc::clone(lane),
         parts,
         forward,
         bytes,
-        request_id.clone(),
-        started,
+        change,
     ));
+    // At the end of the shutdown grace period the client is answered, and the forward stopped:
+    // its outcome is recorded as unknown as it ends.
+    let forward = async {
+        tokio::select! {
+            result = &mut forward => result,
+            () = shared.lifecycle.grace_over() => {
+                forward.abort();
+                Ok(Err(ProxyError::ShutDown))
+            }
+        }
+    };
     match forward.await {
         Ok(Ok(response)) => (response, Outcome::allow),
         Ok(Err(error)) => {
@@ -408,14 +423,13 @@ async fn forward_tag_change(
     parts: Parts,
     forward: Forward,
     body: Bytes,
-    request_id: String,
-    started: Instant,
+    change: record::OpenChange,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let request = Request::from_parts(parts, Either::Right(Full::new(body)));
     let (response, reuse) = match send(&lane, request, &forward).await {
         Ok(sent) => sent,
         Err(error) => {
-            record::outcome(&shared.audit, &request_id, started, Err(&error));
+            record::outcome(change, Err(&error));
             return Err(error);
         }
     };
@@ -441,7 +455,7 @@ async fn forward_tag_change(
                 aws_error_header,
                 body: &body,
             };
-            record::outcome(&shared.audit, &request_id, started, Ok(answer));
+            record::outcome(change, Ok(answer));
             Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
         }
         Err(error) => {
@@ -452,7 +466,7 @@ async fn forward_tag_change(
                 aws_error_header,
                 body: &[],
             };
-            record::outcome_after_head(&shared.audit, &request_id, started, head, &error);
+            record::outcome_after_head(change, head, &error);
             Err(error)
         }
     }

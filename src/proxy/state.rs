@@ -86,13 +86,25 @@ pub(crate) struct Lifecycle {
     pub closing: watch::Sender<bool>,
     /// Every open connection holds a receiver; shutdown waits until none is left.
     pub connections: watch::Sender<()>,
+    /// Set when the shutdown grace period is over: a tag change still waiting for KMS answers its
+    /// client (504) and records its outcome as `applied: "unknown"` before its connection ends.
+    pub grace_over: watch::Sender<bool>,
 }
 
 impl Lifecycle {
+    /// Resolves when the shutdown grace period is over (never, until then).
+    pub(crate) fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut over = self.grace_over.subscribe();
+        async move {
+            let _ = over.wait_for(|over| *over).await;
+        }
+    }
+
     pub(crate) fn new() -> Lifecycle {
         Lifecycle {
             closing: watch::channel(false).0,
             connections: watch::channel(()).0,
+            grace_over: watch::channel(false).0,
         }
     }
 }

@@ -19,6 +19,8 @@ mod timer;
 
 pub(crate) use head::MAX_HEAD_BYTES;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -72,6 +74,7 @@ where
         shared,
         origin,
         closing: shared.lifecycle.closing.subscribe(),
+        grace_over: None,
         idle_timer: LazyTimer::new(),
         kms_timer: LazyTimer::new(),
     };
@@ -120,6 +123,9 @@ struct Connection<'a, I> {
     shared: &'a Arc<Shared>,
     origin: &'a Origin,
     closing: watch::Receiver<bool>,
+    /// Resolves when the shutdown grace period is over: made at the connection's first tag change
+    /// and kept for the next ones (one registration, not one per request).
+    grace_over: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// For the wait for the next head.
     idle_timer: LazyTimer,
     /// For the wait for KMS's answer (separate, so that each timer's deadlines only move later).
@@ -221,8 +227,9 @@ where
                 let reservation = match shared.bodies.reserve(head.body_len) {
                     Ok(reservation) => reservation,
                     Err(error) => {
+                        let refusal =
+                            refused_tag_change(&self.view(&head), operation, error, &policy);
                         drop(policy);
-                        let refusal = refused_tag_change(&self.view(&head), operation, error);
                         let handled =
                             record::refusal(&shared.audit, self.origin.peer, refusal).await;
                         return self.refuse(head, handled, Class::inspect, started).await;
@@ -368,7 +375,9 @@ where
             // The body showed another protocol's shape: KMS got none of it, or not all of it
             // (its connection is dropped below). A possible tag change: recorded.
             Err(RelayError::Refused(reason)) => {
-                let refusal = streamed_body_refused(&self.view(&head), operation, reason);
+                let policy = self.shared.policy.load();
+                let refusal = streamed_body_refused(&self.view(&head), operation, reason, &policy);
+                drop(policy);
                 let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
                 self.answer(handled, Class::pass, started, true).await
             }
@@ -397,7 +406,7 @@ where
         // No Content-Length (and, on this path, no Transfer-Encoding): an empty body.
         let end = head.len + head.body_len as usize;
         if let Err(error) = self.read_body(end).await {
-            let refusal = refused_tag_change(&self.view(&head), operation, error);
+            let refusal = refused_tag_change(&self.view(&head), operation, error, rules.policy);
             let handled = record::refusal(&shared.audit, peer, refusal).await;
             return self.answer(handled, Class::inspect, started, true).await;
         }
@@ -422,53 +431,65 @@ where
             }
         };
         let request_id = new_request_id();
-        if let Err(handled) =
-            record::decision(&shared.audit, &request_id, op, peer, &judgement).await
-        {
-            self.buf.advance(end);
-            return self
-                .answer(handled, Class::inspect, started, head.close)
-                .await;
-        }
+        let change =
+            match record::decision(&shared.audit, &request_id, op, peer, &judgement, started).await
+            {
+                Ok(change) => change,
+                Err(handled) => {
+                    self.buf.advance(end);
+                    return self
+                        .answer(handled, Class::inspect, started, head.close)
+                        .await;
+                }
+            };
         let target = match target {
             Ok(target) => target,
             Err(error) => {
                 self.buf.advance(end);
-                record::outcome(&shared.audit, &request_id, started, Err(&error));
+                record::outcome(change, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 return self.answer(handled, Class::inspect, started, true).await;
             }
         };
 
-        // The body was checked whole by `decide`.
-        let result = match self.send_within_timeout(&head, &target, None).await {
-            Ok(()) => self.read_answer(head.close).await,
-            Err(RelayError::Kms(error)) => Err(error),
-            Err(
-                RelayError::Client(_)
-                | RelayError::ClientGone
-                | RelayError::Broken
-                | RelayError::Refused(_),
-            ) => Err(ProxyError::UpstreamBroken(
-                "the connection broke off while the request was sent".into(),
-            )),
+        // The body was checked whole by `decide`. At the end of the shutdown grace period the
+        // client is answered and the outcome recorded as unknown, before the connection ends.
+        let mut grace_over = match self.grace_over.take() {
+            Some(grace_over) => grace_over,
+            None => Box::pin(shared.lifecycle.grace_over()),
         };
+        let exchange = async {
+            match self.send_within_timeout(&head, &target, None).await {
+                Ok(()) => self.read_answer(head.close).await,
+                Err(RelayError::Kms(error)) => Err(error),
+                Err(
+                    RelayError::Client(_)
+                    | RelayError::ClientGone
+                    | RelayError::Broken
+                    | RelayError::Refused(_),
+                ) => Err(ProxyError::UpstreamBroken(
+                    "the connection broke off while the request was sent".into(),
+                )),
+            }
+        };
+        let (result, grace_ended) = tokio::select! {
+            biased;
+            result = exchange => (result, false),
+            () = &mut grace_over => (Err(ProxyError::ShutDown), true),
+        };
+        if !grace_ended {
+            self.grace_over = Some(grace_over);
+        }
         match result {
             Ok(mut answer) if answer.broken.is_some() => {
                 self.kms = None;
                 let error = answer.broken.take().expect("broken");
-                record::outcome_after_head(
-                    &shared.audit,
-                    &request_id,
-                    started,
-                    answer.kms(),
-                    &error,
-                );
+                record::outcome_after_head(change, answer.kms(), &error);
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
             Ok(answer) => {
-                record::outcome(&shared.audit, &request_id, started, Ok(answer.kms()));
+                record::outcome(change, Ok(answer.kms()));
                 if !answer.reusable {
                     self.kms = None;
                 }
@@ -484,7 +505,7 @@ where
             }
             Err(error) => {
                 self.kms = None;
-                record::outcome(&shared.audit, &request_id, started, Err(&error));
+                record::outcome(change, Err(&error));
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
@@ -511,7 +532,7 @@ where
             headers: &lenient.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
         };
-        let refusal = malformed_head(&view, answer);
+        let refusal = malformed_head(&view, answer, &self.shared.policy.load());
         let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
         self.answer(handled, Class::pass, started, true).await;
     }
