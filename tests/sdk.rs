@@ -625,7 +625,7 @@ async fn alias_rules_take_dry_run_key_ids_and_exempt_principals() {
 id = "protected"
 type = "protected-alias"
 aliases = ["alias/payments*"]
-key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+key_ids = ["1234abcd"]
 exempt_principals = ["AKIDGUARDEXEMPT001"]
 
 [[policy.rule]]
@@ -650,6 +650,14 @@ mode = "dry-run"
         .send()
         .await;
     assert_alias_denied(in_scope, &["protected"]);
+    // The same key id in another account's ARN is in scope too (moto would find the key by it).
+    let same_id = kms
+        .create_alias()
+        .alias_name("alias/payments")
+        .target_key_id(OTHER_KEY_ARN)
+        .send()
+        .await;
+    assert_alias_denied(same_id, &["protected"]);
     // DeleteAlias names no key: the alias may point at a key in scope, so the rule applies.
     let delete = kms.delete_alias().alias_name("alias/Payments").send().await;
     assert_alias_denied(delete, &["protected"]);
@@ -657,10 +665,10 @@ mode = "dry-run"
 
     kms.create_alias()
         .alias_name("alias/payments")
-        .target_key_id(OTHER_KEY_ARN)
+        .target_key_id("arn:aws:kms:us-east-1:111122223333:key/5678efgh")
         .send()
         .await
-        .expect("another account's key is out of the rule's scope");
+        .expect("another key is out of the rule's scope");
     let exempt = kms_client_with(&proxy.url(), EXEMPT_ACCESS_KEY_ID, EXEMPT_SECRET_KEY, 1);
     exempt
         .delete_alias()
@@ -673,7 +681,7 @@ mode = "dry-run"
     let audit = proxy.settled_audit().await;
     let decisions = decision_records(&audit);
     // The dry-run namespace rule recorded every alias outside alias/team-, and denied none.
-    let forwarded = &decisions[2];
+    let forwarded = &decisions[3];
     assert_eq!(forwarded["decision"], "allow");
     assert_eq!(
         violated_rules(forwarded, "dry_run_violations"),

@@ -360,7 +360,7 @@ fn alias_rules_take_mode_key_ids_and_exempt_principals() {
 id = "protected"
 type = "protected-alias"
 aliases = ["alias/payments-*"]
-key_ids = ["arn:aws:kms:*:111122223333:key/*"]
+key_ids = ["k"]
 exempt_principals = ["AKIDADMIN"]
 
 [[policy.rule]]
@@ -384,12 +384,20 @@ mode = "dry-run"
         access_key_id: Some("AKIDADMIN"),
     };
     assert!(p.evaluate(&in_account, &admin).allowed());
+    // Another key is out of the rule's scope; the same key id in another account's ARN is not
+    // (key_ids match the id inside any ARN).
     let elsewhere = alias_change(
         TagOperation::CreateAlias,
         "alias/payments-x",
-        Some("arn:aws:kms:us-east-1:444455556666:key/k"),
+        Some("arn:aws:kms:us-east-1:111122223333:key/other"),
     );
     assert!(p.evaluate(&elsewhere, &ctx).allowed());
+    let same_id = alias_change(
+        TagOperation::CreateAlias,
+        "alias/payments-x",
+        Some("arn:aws:kms:eu-west-1:444455556666:key/k"),
+    );
+    assert_eq!(rules_violated(&p.evaluate(&same_id, &ctx)), ["protected"]);
     // DeleteAlias names no key: the alias may point at a listed one, so the rule applies.
     let delete = alias_change(TagOperation::DeleteAlias, "alias/payments-x", None);
     assert_eq!(rules_violated(&p.evaluate(&delete, &ctx)), ["protected"]);
