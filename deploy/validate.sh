@@ -4,7 +4,8 @@
 # each kustomization.yaml lists files that exist, and that the proxy configs embedded in ConfigMaps
 # are valid TOML with only known keys. Then the Prometheus rules under deploy/prometheus:
 # `promtool check rules` and `promtool test rules` (the unit tests of every alert), and that the
-# PrometheusRule is what alerts.yml generates. Exits non-zero on any problem.
+# PrometheusRule is what alerts.yml generates; and that the Grafana dashboard's queries parse and
+# use its data source variable. Exits non-zero on any problem.
 #
 #   bash deploy/validate.sh                 # what CI runs
 #   KMS_TAG_GUARD_BIN=target/debug/kms-tag-guard bash deploy/validate.sh
@@ -57,3 +58,6 @@ fi
 promtool check rules deploy/prometheus/alerts.yml
 (cd deploy/prometheus && promtool test rules alerts.test.yml)
 "$venv/bin/python" deploy/prometheus/prometheusrule.py --check
+
+echo "== deploy/validate.sh: Grafana dashboard deploy/grafana/kms-tag-guard.json"
+"$venv/bin/python" deploy/grafana/check_dashboard.py
