@@ -4,7 +4,8 @@
 //! driven through a pass, an allowed and a denied request, its `/metrics` scraped, and every
 //! metric name in every PromQL expression of both files looked up in the exposition, with the
 //! names as the exposition writes them (`_total` for counters; `_bucket`, `_count`, `_sum` for
-//! histograms; gauges bare).
+//! histograms; gauges bare). The label names the selectors match on are checked against the
+//! series of the metrics that have some (a typo in `decision="deny"` matches nothing, silently).
 //!
 //! The expressions are read with a small reader of the YAML shapes alerts.yml uses (`expr:` inline
 //! or as a block scalar); it refuses anything else, and checks that it found one expression per
@@ -129,6 +130,47 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
+/// The label names each selector of an expression matches on: `name{label="v", other=~"w"}`
+/// gives `(name, [label, other])`.
+fn selector_labels(expr: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for name in metric_names(expr) {
+        for (at, _) in expr.match_indices(&name) {
+            let rest = &expr[at + name.len()..];
+            let Some(rest) = rest.strip_prefix('{') else {
+                continue;
+            };
+            // The matchers up to the closing brace outside a quoted value.
+            let (mut quoted, mut escaped, mut end) = (false, false, None);
+            for (i, c) in rest.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    '}' if !quoted => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let end = end.unwrap_or_else(|| panic!("an unclosed selector in {expr}"));
+            let labels = rest[..end]
+                .split(',')
+                .map(|m| {
+                    m.trim()
+                        .chars()
+                        .take_while(|&c| c.is_ascii_alphanumeric() || c == '_')
+                        .collect::<String>()
+                })
+                .filter(|l| !l.is_empty())
+                .collect();
+            out.push((name.clone(), labels));
+        }
+    }
+    out
+}
+
 /// The names an OpenMetrics exposition exports: every sample's name, and for every family its
 /// `# TYPE` declares, the sample names of that type (a labelled counter that has not counted
 /// anything yet, e.g. no upstream error so far, has its family and no sample).
@@ -182,6 +224,18 @@ fn metric_names_are_read_as_promql_writes_them() {
         [
             "kms_tag_guard_connections_open",
             "kms_tag_guard_request_duration_seconds_bucket"
+        ]
+    );
+    assert_eq!(
+        selector_labels(
+            r#"sum(kms_tag_guard_a{x="}",y=~"$job"}) / kms_tag_guard_b{} + kms_tag_guard_a"#
+        ),
+        [
+            (
+                "kms_tag_guard_a".to_owned(),
+                vec!["x".to_owned(), "y".to_owned()]
+            ),
+            ("kms_tag_guard_b".to_owned(), vec![]),
         ]
     );
     let rules = rule_expressions(
@@ -270,6 +324,25 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         used.len(),
         queries.len()
     );
+
+    // Label names the selectors match on are the metric's own (for the metrics that have series
+    // by now; `job`, `instance` and `namespace` are Prometheus' target labels).
+    let mut wrong_labels = Vec::new();
+    for (whence, expr) in &queries {
+        for (name, labels) in selector_labels(expr) {
+            let series = scraped.series(&name);
+            if series.is_empty() {
+                continue;
+            }
+            for label in labels {
+                let target = matches!(label.as_str(), "job" | "instance" | "namespace");
+                if !target && !series.iter().any(|s| s.labels.contains_key(&label)) {
+                    wrong_labels.push(format!("{whence}: {name} has no label {label:?}"));
+                }
+            }
+        }
+    }
+    assert!(wrong_labels.is_empty(), "{wrong_labels:#?}");
 
     let missing = unexported(&queries, &samples, &declared);
     assert!(
