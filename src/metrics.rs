@@ -100,6 +100,21 @@ struct LimitLabels {
     action: ConnectionLimitAction,
 }
 
+/// Which certificate `kms_tag_guard_certificate_expiry_seconds` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Certificate {
+    /// The listener's certificate (`[listener] tls_cert`).
+    listener_cert,
+    /// The interception CA (`[intercept] ca_cert`).
+    ca,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertificateLabels {
+    what: Certificate,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     operation: &'static str,
@@ -148,6 +163,7 @@ pub struct Metrics {
     buffered_body_bytes: Gauge,
     buffered_body_bytes_max: Gauge,
     body_budget_refusals: Counter,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -294,6 +310,13 @@ impl Metrics {
             "Tag changes refused with 503 because their body did not fit in [limits].max_buffered_body_bytes",
             body_budget_refusals.clone(),
         );
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register_with_unit(
+            "kms_tag_guard_certificate_expiry",
+            "When the certificate in use ends (its notAfter), in seconds since the Unix epoch: the listener's (listener_cert) and the interception CA (ca)",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -316,6 +339,7 @@ impl Metrics {
             buffered_body_bytes,
             buffered_body_bytes_max,
             body_budget_refusals,
+            certificate_expiry,
         }
     }
 
@@ -417,6 +441,13 @@ impl Metrics {
         self.body_budget_refusals.inc();
     }
 
+    /// The certificate `what` in use ends at `not_after` (seconds since the Unix epoch).
+    pub fn certificate_expiry(&self, what: Certificate, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&CertificateLabels { what })
+            .set(not_after);
+    }
+
     /// Marks `sha256` as the policy in force, and only it.
     pub fn policy_in_force(&self, sha256: &str) {
         self.policy_info.clear();
@@ -453,6 +484,7 @@ mod tests {
         m.audit_write_failure();
         m.policy_in_force("abc");
         m.policy_in_force("def");
+        m.certificate_expiry(Certificate::ca, 1_900_000_000);
         let text = m.encode();
         for line in [
             "kms_tag_guard_requests_total{operation=\"Encrypt\",decision=\"pass\"} 1",
@@ -463,6 +495,7 @@ mod tests {
             "kms_tag_guard_reloads_total{what=\"policy\",result=\"error\"} 1",
             "kms_tag_guard_audit_write_failures_total 1",
             "kms_tag_guard_policy_info{sha256=\"def\"} 1",
+            "kms_tag_guard_certificate_expiry_seconds{what=\"ca\"} 1900000000",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }

@@ -24,7 +24,7 @@ use crate::audit::AuditLog;
 use crate::config::{sha256_hex, Config, ConfigErrors, ConfigSource};
 use crate::files::{self, Stamp};
 use crate::metrics::Metrics;
-use crate::metrics::{ReloadResult, Reloaded};
+use crate::metrics::{Certificate, ReloadResult, Reloaded};
 use crate::policy::Policy;
 use crate::tls::{LeafMinter, ListenerCert, TlsError};
 
@@ -83,7 +83,7 @@ impl Reloader {
         listener_cert: Option<Arc<ListenerCert>>,
         minter: Option<Arc<LeafMinter>>,
     ) -> Reloader {
-        Reloader {
+        let reloader = Reloader {
             shared,
             path: match &config.source {
                 ConfigSource::File(path) => Some(path.clone()),
@@ -97,6 +97,20 @@ impl Reloader {
             org_file: config.org_tag_policy.as_ref().map(|f| f.path.clone()),
             last_org_read: None,
             minter,
+        };
+        reloader.report_expiry();
+        reloader
+    }
+
+    /// Sets `kms_tag_guard_certificate_expiry_seconds` to the notAfter of the certificates in
+    /// use: at start, and after every look at their files (a failed reload keeps the old one).
+    fn report_expiry(&self) {
+        let metrics = &self.shared.metrics;
+        if let Some(cert) = &self.listener_cert {
+            metrics.certificate_expiry(Certificate::listener_cert, cert.not_after());
+        }
+        if let Some(minter) = &self.minter {
+            metrics.certificate_expiry(Certificate::ca, minter.not_after());
         }
     }
 
@@ -136,6 +150,7 @@ impl Reloader {
             let done = tokio::task::spawn_blocking(move || minter.reload_if_changed(forced)).await;
             self.report(Reloaded::ca, "interception CA", done);
         }
+        self.report_expiry();
     }
 
     fn report(

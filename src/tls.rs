@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -79,11 +80,12 @@ fn read(path: &Path) -> Result<(Vec<u8>, Stamp), TlsError> {
     files::read(path, files::MAX_PEM_BYTES).map_err(|e| TlsError::File(e.to_string()))
 }
 
+/// The certified key of a PEM pair, and its certificate's notAfter (seconds since the epoch).
 fn certified_key(
     cert_pem: &[u8],
     key_pem: &[u8],
     files: &TlsFiles,
-) -> Result<CertifiedKey, TlsError> {
+) -> Result<(CertifiedKey, i64), TlsError> {
     let cert_path = files.cert.display().to_string();
     let key_path = files.key.display().to_string();
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
@@ -95,7 +97,7 @@ fn certified_key(
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert_path });
     }
-    check_valid_now(&chain[0], &cert_path, SystemTime::now())?;
+    let not_after = check_valid_now(&chain[0], &cert_path, SystemTime::now())?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         detail: e.to_string(),
@@ -104,13 +106,15 @@ fn certified_key(
         path: key_path,
         detail: e.to_string(),
     })?;
-    Ok(certified)
+    Ok((certified, not_after))
 }
 
 /// The listener's certificate, swapped in place when the files on disk change.
 pub struct ListenerCert {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
+    /// The notAfter of the certificate in `current`, in seconds since the epoch.
+    not_after: AtomicI64,
     seen: Mutex<Seen>,
 }
 
@@ -133,10 +137,11 @@ impl fmt::Debug for ListenerCert {
 impl ListenerCert {
     pub fn load(files: &TlsFiles) -> Result<ListenerCert, TlsError> {
         let ((cert, cert_stamp), (key, key_stamp)) = (read(&files.cert)?, read(&files.key)?);
-        let certified = certified_key(&cert, &key, files)?;
+        let (certified, not_after) = certified_key(&cert, &key, files)?;
         Ok(ListenerCert {
             files: files.clone(),
             current: ArcSwap::from_pointee(certified),
+            not_after: AtomicI64::new(not_after),
             seen: Mutex::new(Seen {
                 fingerprint: fingerprint(&cert, &key),
                 stamps: (cert_stamp, key_stamp),
@@ -166,9 +171,15 @@ impl ListenerCert {
             return Ok(false);
         }
         seen.fingerprint = print;
-        let certified = certified_key(&cert, &key, &self.files)?;
+        let (certified, not_after) = certified_key(&cert, &key, &self.files)?;
         self.current.store(Arc::new(certified));
+        self.not_after.store(not_after, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// When the certificate in use ends (its notAfter), in seconds since the Unix epoch.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
     }
 
     fn lock_seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -217,6 +228,8 @@ pub struct LeafMinter {
 struct Signer {
     issuer: Issuer<'static, KeyPair>,
     ca: CertificateDer<'static>,
+    /// The CA certificate's notAfter, in seconds since the epoch.
+    not_after: i64,
     /// Counts CAs loaded: a leaf minted by an earlier one is not cached after a reload.
     generation: u64,
 }
@@ -355,6 +368,11 @@ impl LeafMinter {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When the CA in use ends (its notAfter), in seconds since the Unix epoch.
+    pub fn not_after(&self) -> i64 {
+        self.signer.load().not_after
+    }
+
     /// How many leaves the cache holds.
     pub fn len(&self) -> usize {
         self.lock().entries.len()
@@ -476,7 +494,7 @@ fn load_ca(
             detail: e.to_string(),
         })?;
     check_ca(&ca, &key, files)?;
-    check_valid_now(&ca, &files.cert.display().to_string(), SystemTime::now())?;
+    let not_after = check_valid_now(&ca, &files.cert.display().to_string(), SystemTime::now())?;
     let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|e| TlsError::Read {
         path: files.cert.display().to_string(),
         detail: format!("not a CA certificate rcgen can sign with: {e}"),
@@ -485,6 +503,7 @@ fn load_ca(
         Signer {
             issuer,
             ca,
+            not_after,
             generation,
         },
         seen,
@@ -493,8 +512,13 @@ fn load_ca(
 
 /// Refuses a certificate that has expired or is not valid yet (with [`CLOCK_SKEW`] of grace
 /// for a `notBefore` just ahead of this host's clock): a pair a client would refuse is kept out
-/// of service, at start and on every reload.
-fn check_valid_now(cert: &CertificateDer<'_>, path: &str, now: SystemTime) -> Result<(), TlsError> {
+/// of service, at start and on every reload. Returns the certificate's notAfter, in seconds since
+/// the Unix epoch.
+fn check_valid_now(
+    cert: &CertificateDer<'_>,
+    path: &str,
+    now: SystemTime,
+) -> Result<i64, TlsError> {
     let invalid = |detail: String| TlsError::NotValidNow {
         path: path.to_owned(),
         detail,
@@ -517,7 +541,7 @@ fn check_valid_now(cert: &CertificateDer<'_>, path: &str, now: SystemTime) -> Re
             validity.not_before
         )));
     }
-    Ok(())
+    Ok(not_after)
 }
 
 /// Refuses a key file that users other than its owner may write, or read (group read allowed

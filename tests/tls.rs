@@ -2662,3 +2662,100 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A leaf for `localhost` signed by `ca`, valid until 1 January of `not_after` (a year).
+fn leaf_until(ca: &TestCa, not_after: i32) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(not_after, 1, 1);
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Issue 21, point 7: `kms_tag_guard_certificate_expiry_seconds` is the notAfter of the listener
+/// certificate and of the interception CA in use: set at start, moved by a reload that puts a
+/// new one in use, and left alone by a reload that is refused (the old one stays in use).
+#[tokio::test]
+async fn certificate_expiry_gauges_follow_the_certificates_in_use() {
+    // 1 January 2080, 2085, 2090 and 2095, 00:00 UTC, in seconds since the epoch.
+    const Y2080: f64 = 3_471_292_800.0;
+    const Y2085: f64 = 3_629_145_600.0;
+    const Y2090: f64 = 3_786_912_000.0;
+    const Y2095: f64 = 3_944_678_400.0;
+    const EXPIRY: &str = "kms_tag_guard_certificate_expiry_seconds";
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let ca = ca_valid("expiry test CA", 2020, 2090);
+    let (ca_cert, ca_key) = ca.write_pair(dir.path(), "ca");
+    let (tls_cert, tls_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let (cert_pem, key_pem) = leaf_until(&ca, 2080);
+    install(&tls_cert, &tls_key, &cert_pem, &key_pem);
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            admin: true,
+            listener: format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"",
+                tls_cert.display(),
+                tls_key.display()
+            ),
+            intercept: intercept_section(&ca_cert, &ca_key, "[]"),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let expiry = |what: &'static str| async move {
+        common::ops::scrape(admin)
+            .await
+            .get(EXPIRY, &[("what", what)])
+    };
+    assert_eq!(expiry("listener_cert").await, Some(Y2080), "at start");
+    assert_eq!(expiry("ca").await, Some(Y2090), "at start");
+
+    // New ones in use: the gauges move.
+    let (cert_pem, key_pem) = leaf_until(&ca, 2085);
+    install(&tls_cert, &tls_key, &cert_pem, &key_pem);
+    install_ca(
+        &ca_valid("second expiry test CA", 2020, 2095),
+        &ca_cert,
+        &ca_key,
+    );
+    reload_and_wait(&proxy).await;
+    assert!(
+        poll_until_async(Duration::from_secs(2), || async {
+            expiry("listener_cert").await == Some(Y2085) && expiry("ca").await == Some(Y2095)
+        })
+        .await,
+        "after a reload: listener {:?}, CA {:?}",
+        expiry("listener_cert").await,
+        expiry("ca").await
+    );
+
+    // Refused replacements (expired): the gauges keep the certificates still in use.
+    let (cert_pem, key_pem) = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        (
+            params.signed_by(&key, &ca.issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    install(&tls_cert, &tls_key, &cert_pem, &key_pem);
+    install_ca(&ca_valid("expired CA", 2001, 2002), &ca_cert, &ca_key);
+    reload_and_wait(&proxy).await;
+    assert!(
+        poll_until_async(Duration::from_secs(2), || async {
+            reloads(admin, "ca", "error").await >= 1.0
+                && reloads(admin, "listener_cert", "error").await >= 1.0
+        })
+        .await,
+        "the refused reloads are counted"
+    );
+    assert_eq!(expiry("listener_cert").await, Some(Y2085));
+    assert_eq!(expiry("ca").await, Some(Y2095));
+    assert_eq!(fake.count(), 0);
+}
