@@ -1,7 +1,8 @@
 //! The clients Debian packages: the AWS SDK for Go v1 (`golang-github-aws-aws-sdk-go-dev`) and
 //! v2 (`golang-github-aws-aws-sdk-go-v2-dev`, with `golang-go`), the AWS SDK for Ruby
 //! (`ruby-aws-sdk-kms`) and the AWS CLI v2 (`awscli`), through the proxy to the fake KMS, which
-//! verifies every signature: mode A (the endpoint URL to the proxy's plain listener) and mode C
+//! verifies every signature: mode A (the endpoint URL to the proxy's plain listener), mode B
+//! (an `https://` endpoint URL to the proxy's TLS listener, its CA in `AWS_CA_BUNDLE`) and mode C
 //! (no endpoint, the proxy as an HTTP proxy that intercepts KMS names with a CA the client
 //! trusts). deploy/README.md's client matrix says how each is set up; these tests set them up
 //! that way.
@@ -508,6 +509,67 @@ async fn mode_a(client: Client) {
     check(&results, &fake, &proxy, &proxy.addr.to_string()).await;
 }
 
+/// Mode B: the proxy's TLS listener, with a certificate for `localhost` from a test CA that the
+/// client trusts through `AWS_CA_BUNDLE` (in a pod: `https://kms.<region>.amazonaws.com`
+/// resolved to the sidecar, with a certificate for that name).
+async fn mode_b(client: Client) {
+    let Some(runner) = runner(client) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, listener) = listener_pki(dir.path());
+    let fake = FakeKms::start().await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            listener,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let host = format!("localhost:{}", proxy.addr.port());
+    let url = format!("https://{host}");
+    let setup = Setup {
+        endpoint: Some(&url),
+        env: vec![("AWS_CA_BUNDLE", ca.to_string_lossy().into_owned())],
+    };
+    let results = run_calls(&runner, &setup).await;
+    check(&results, &fake, &proxy, &host).await;
+}
+
+/// A test CA and a `localhost` leaf it issued, in `dir`: the CA's path and the `[listener]`
+/// lines for a TLS listener with the leaf.
+fn listener_pki(dir: &Path) -> (PathBuf, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "other_sdks test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let (ca_path, cert_path, key_path) =
+        (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let listener = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_path.display(),
+        key_path.display()
+    );
+    (ca_path, listener)
+}
+
 /// A mode C gateway in front of `fake` that intercepts KMS names with a CA that `kms-tag-guard
 /// ca init` writes in `dir`; the gateway and the CA certificate's path (what clients trust).
 async fn gateway(fake: &FakeKms, dir: &Path) -> (TestProxy, PathBuf) {
@@ -569,6 +631,11 @@ async fn go_v1_mode_a_endpoint() {
 }
 
 #[tokio::test]
+async fn go_v1_mode_b_tls_listener_and_ca_bundle() {
+    mode_b(Client::GoV1).await;
+}
+
+#[tokio::test]
 async fn go_v1_mode_c_https_proxy_and_ca_bundle() {
     mode_c(Client::GoV1, "HTTPS_PROXY").await;
 }
@@ -576,6 +643,11 @@ async fn go_v1_mode_c_https_proxy_and_ca_bundle() {
 #[tokio::test]
 async fn go_v2_mode_a_endpoint_resolver_from_url() {
     mode_a(Client::GoV2).await;
+}
+
+#[tokio::test]
+async fn go_v2_mode_b_tls_listener_and_ca_bundle() {
+    mode_b(Client::GoV2).await;
 }
 
 #[tokio::test]
@@ -590,6 +662,11 @@ async fn ruby_mode_a_endpoint() {
 
 /// Ruby's Net::HTTP takes its proxy from `http_proxy`/`HTTP_PROXY` even for https:// (it asks
 /// an `http://` URI of the target for its proxy), so that is the variable for mode C.
+#[tokio::test]
+async fn ruby_mode_b_tls_listener_and_ca_bundle() {
+    mode_b(Client::Ruby).await;
+}
+
 #[tokio::test]
 async fn ruby_mode_c_http_proxy() {
     mode_c(Client::Ruby, "HTTP_PROXY").await;
@@ -625,6 +702,11 @@ async fn ruby_ignores_https_proxy() {
 #[tokio::test]
 async fn aws_cli_v2_mode_a_endpoint_url() {
     mode_a(Client::AwsCli).await;
+}
+
+#[tokio::test]
+async fn aws_cli_v2_mode_b_tls_listener_and_ca_bundle() {
+    mode_b(Client::AwsCli).await;
 }
 
 #[tokio::test]
