@@ -261,10 +261,16 @@ async fn run_calls(runner: &Runner, setup: &Setup<'_>) -> Vec<Value> {
     if runner.client == Client::AwsCli {
         return run_cli(runner, setup, home.path()).await;
     }
+    let go = matches!(runner.client, Client::GoV1 | Client::GoV2);
+    let tls = setup.endpoint.is_none_or(|e| e.starts_with("https://"));
     let mut env = setup.env.clone();
     env.push(("KMS_DRIVER_KEY_ID", KEY_ID.into()));
     if let Some(endpoint) = setup.endpoint {
         env.push(("KMS_DRIVER_ENDPOINT", endpoint.into()));
+    }
+    if go {
+        // Go's HTTP/2 transport says what it does on stderr.
+        env.push(("GODEBUG", "http2debug=1".into()));
     }
     let mut command = clean_command(&runner.program, home.path(), &env);
     command.args(&runner.args);
@@ -280,6 +286,16 @@ async fn run_calls(runner: &Runner, setup: &Setup<'_>) -> Vec<Value> {
         .collect();
     let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, CALLS, "{shown}");
+    if go {
+        // Both Go SDKs' transports set ForceAttemptHTTP2: over TLS (modes B and C) they speak
+        // h2 to the proxy, in plain text (mode A) HTTP/1.1.
+        assert_eq!(
+            stderr.contains("http2: Transport"),
+            tls,
+            "{:?} speaks h2 exactly over TLS\n{shown}",
+            runner.client
+        );
+    }
     results
 }
 
@@ -670,6 +686,13 @@ async fn ruby_mode_b_tls_listener_and_ca_bundle() {
 #[tokio::test]
 async fn ruby_mode_c_http_proxy() {
     mode_c(Client::Ruby, "HTTP_PROXY").await;
+}
+
+/// The client option `http_proxy:` (the driver passes `KMS_DRIVER_HTTP_PROXY_OPTION` to
+/// `Aws::KMS::Client.new`): a proxy for this client only, no environment variable.
+#[tokio::test]
+async fn ruby_mode_c_http_proxy_option() {
+    mode_c(Client::Ruby, "KMS_DRIVER_HTTP_PROXY_OPTION").await;
 }
 
 /// The trap: `HTTPS_PROXY` alone leaves Ruby without a proxy (it would call KMS directly, past
