@@ -1,15 +1,19 @@
-//! The clients Debian packages: the AWS SDK for Go v1 (`golang-github-aws-aws-sdk-go-dev`) and
-//! v2 (`golang-github-aws-aws-sdk-go-v2-dev`, with `golang-go`), the AWS SDK for Ruby
-//! (`ruby-aws-sdk-kms`) and the AWS CLI v2 (`awscli`), through the proxy to the fake KMS, which
-//! verifies every signature: mode A (the endpoint URL to the proxy's plain listener), mode B
-//! (an `https://` endpoint URL to the proxy's TLS listener, its CA in `AWS_CA_BUNDLE`) and mode C
-//! (no endpoint, the proxy as an HTTP proxy that intercepts KMS names with a CA the client
+//! The clients Debian packages, and the JavaScript v2 SDK: the AWS SDK for Go v1
+//! (`golang-github-aws-aws-sdk-go-dev`) and v2 (`golang-github-aws-aws-sdk-go-v2-dev`, with
+//! `golang-go`), the AWS SDK for Ruby (`ruby-aws-sdk-kms`), the AWS CLI v2 (`awscli`), and the AWS
+//! SDK for JavaScript v2 (`aws-sdk` from npm, pinned by tests/js-v2/package-lock.json, installed
+//! like tests/js), through the proxy to the fake KMS, which verifies every signature: mode A (the
+//! endpoint URL to the proxy's plain listener), mode B (an `https://` endpoint URL to the proxy's
+//! TLS listener, its CA trusted through `AWS_CA_BUNDLE`, or `NODE_EXTRA_CA_CERTS` for Node) and
+//! mode C (no endpoint, the proxy as an HTTP proxy that intercepts KMS names with a CA the client
 //! trusts). deploy/README.md's client matrix says how each is set up; these tests set them up
-//! that way.
+//! that way, and show the traps it names (Ruby and `HTTPS_PROXY`, JavaScript v2's
+//! `httpOptions.proxy`).
 //!
 //! Each client makes the same six calls (tests/go/README.md): Encrypt, Decrypt, an allowed and
-//! a denied TagResource, CreateKey with and without the required tag. A client whose package is
-//! missing is skipped with a message naming the package (`.ci/run` installs them). The Go
+//! a denied TagResource, CreateKey with and without the required tag. A client whose Debian
+//! package is missing is skipped with a message naming the package (`.ci/run` installs them);
+//! JavaScript v2 needs node and npm, as tests/node_sdk.rs does. The Go
 //! programs are built once, in GOPATH mode against /usr/share/gocode (no module proxy needed),
 //! under `<target>/other-sdks/`, and rebuilt only when their source or the Go toolchain changes.
 
@@ -19,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fake_kms::base64_decode;
+use common::fake_kms::{base64_decode, base64_encode};
 use common::ops::scrape;
 use common::*;
 use serde_json::{json, Value};
@@ -46,6 +50,18 @@ enum Client {
     GoV2,
     Ruby,
     AwsCli,
+    JsV2,
+}
+
+impl Client {
+    /// The variable that makes the client trust a CA (a bundle of roots plus the CA in
+    /// production; the CA alone here).
+    fn ca_variable(self) -> &'static str {
+        match self {
+            Client::JsV2 => "NODE_EXTRA_CA_CERTS",
+            _ => "AWS_CA_BUNDLE",
+        }
+    }
 }
 
 /// What runs a client's six calls: a program and its arguments.
@@ -88,6 +104,18 @@ fn runner(client: Client) -> Option<Runner> {
                 }),
                 _ => skip(client, "ruby with aws-sdk-kms is not installed (Debian: apt-get install ruby-aws-sdk-kms)"),
             }
+        }
+        Client::JsV2 => {
+            // Like tests/node_sdk.rs: node and npm are required, not optional.
+            let dir = common::deps::node_modules_of("tests/js-v2", "js-v2-sdk");
+            Some(Runner {
+                client,
+                program: "node".into(),
+                args: vec![
+                    repo_path("tests/js-v2/kms-driver.cjs"),
+                    dir.to_string_lossy().into_owned(),
+                ],
+            })
         }
         Client::AwsCli => {
             // Debian's awscli is the CLI v2; a `pip install awscli` earlier on the PATH is v1,
@@ -187,6 +215,7 @@ fn clean_command(program: &Path, home: &Path, env: &[(&str, String)]) -> Command
         let name = name.to_string_lossy().into_owned();
         let upper = name.to_ascii_uppercase();
         if upper.starts_with("AWS_")
+            || upper.starts_with("NODE_")
             || upper.starts_with("SSL_CERT")
             || matches!(
                 upper.as_str(),
@@ -206,6 +235,7 @@ fn clean_command(program: &Path, home: &Path, env: &[(&str, String)]) -> Command
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_REGION", REGION)
         .env("AWS_DEFAULT_REGION", REGION)
+        .env("AWS_SDK_JS_SUPPRESS_MAINTENANCE_MODE_MESSAGE", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -545,7 +575,7 @@ async fn mode_b(client: Client) {
     let url = format!("https://{host}");
     let setup = Setup {
         endpoint: Some(&url),
-        env: vec![("AWS_CA_BUNDLE", ca.to_string_lossy().into_owned())],
+        env: vec![(client.ca_variable(), ca.to_string_lossy().into_owned())],
     };
     let results = run_calls(&runner, &setup).await;
     check(&results, &fake, &proxy, &host).await;
@@ -626,7 +656,7 @@ async fn mode_c(client: Client, proxy_variable: &str) {
         endpoint: None,
         env: vec![
             (proxy_variable, proxy.url()),
-            ("AWS_CA_BUNDLE", ca.to_string_lossy().into_owned()),
+            (client.ca_variable(), ca.to_string_lossy().into_owned()),
         ],
     };
     let results = run_calls(&runner, &setup).await;
@@ -735,4 +765,86 @@ async fn aws_cli_v2_mode_b_tls_listener_and_ca_bundle() {
 #[tokio::test]
 async fn aws_cli_v2_mode_c_https_proxy_and_ca_bundle() {
     mode_c(Client::AwsCli, "HTTPS_PROXY").await;
+}
+
+#[tokio::test]
+async fn js_v2_mode_a_endpoint() {
+    mode_a(Client::JsV2).await;
+}
+
+#[tokio::test]
+async fn js_v2_mode_b_tls_listener_and_node_extra_ca_certs() {
+    mode_b(Client::JsV2).await;
+}
+
+/// An `hpagent` HttpsProxyAgent as `httpOptions.agent`: CONNECT, then TLS inside the tunnel.
+#[tokio::test]
+async fn js_v2_mode_c_hpagent_agent() {
+    mode_c(Client::JsV2, "KMS_DRIVER_PROXY").await;
+}
+
+/// The trap: the JavaScript v2 SDK's own `httpOptions.proxy` sends the request to the proxy in
+/// clear text (`POST https://kms.us-east-1.amazonaws.com/`, no CONNECT), Encrypt's plaintext
+/// included. A listener on loopback stands in for the proxy and reads what arrives.
+#[tokio::test]
+async fn js_v2_http_options_proxy_sends_clear_text() {
+    let runner = runner(Client::JsV2).expect("node");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    // The first request, then close: the SDK fails that call and the next ones alike.
+    let seen = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&bytes);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break;
+                }
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let home = tempfile::tempdir().unwrap();
+    let mut command = clean_command(
+        &runner.program,
+        home.path(),
+        &[
+            ("KMS_DRIVER_HTTP_OPTIONS_PROXY", proxy),
+            ("KMS_DRIVER_KEY_ID", KEY_ID.into()),
+        ],
+    );
+    command.args(&runner.args);
+    let (_, stdout, _) = run(command).await;
+    let request = seen.join().unwrap();
+    assert!(
+        request.starts_with("POST https://kms.us-east-1.amazonaws.com/ HTTP/1.1\r\n"),
+        "{request}\n{stdout}"
+    );
+    let plaintext = base64_encode(b"hello from js v2");
+    assert!(
+        request.contains(&format!("\"Plaintext\":\"{plaintext}\"")),
+        "Encrypt's plaintext crossed in clear text: {request}"
+    );
+    assert!(
+        request.contains("\r\nAuthorization: AWS4-HMAC-SHA256 "),
+        "{request}"
+    );
 }
