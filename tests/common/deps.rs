@@ -180,9 +180,16 @@ pub fn python_venv(name: &str, requirements: &str, min_version: (u32, u32)) -> P
 pub const NODE_MAJOR_MIN: u32 = 20;
 
 /// `tests/js`'s `package.json` and `package-lock.json` copied to `<target>/node-sdk` and
-/// installed there with `npm ci` (the source tree stays clean); returns that directory, which
-/// `tests/js/kms-driver.mjs` takes as `KMS_DRIVER_NODE_MODULES`.
+/// installed there with `npm ci` (the source tree stays clean); returns that directory (holding
+/// `node_modules`), which `tests/js/kms-driver.mjs` takes as `KMS_DRIVER_NODE_MODULES`.
 pub fn node_modules() -> PathBuf {
+    node_modules_of("tests/js", "node-sdk")
+}
+
+/// The `node_modules` of the npm package in `package_dir` (a path relative to the repo root,
+/// with its package.json and package-lock.json), installed with `npm ci` into `<target>/<name>`;
+/// returns that directory.
+pub fn node_modules_of(package_dir: &str, name: &str) -> PathBuf {
     let hint = format!(
         "Node.js {NODE_MAJOR_MIN} or later with npm (https://nodejs.org, or Debian/NodeSource: \
          apt-get install nodejs npm)"
@@ -198,13 +205,13 @@ pub fn node_modules() -> PathBuf {
         major >= NODE_MAJOR_MIN,
         "node {version} is too old; this test needs {hint}"
     );
-    let js = repo_root().join("tests/js");
-    let package = fs::read(js.join("package.json")).expect("tests/js/package.json");
-    let lock = fs::read(js.join("package-lock.json")).expect("tests/js/package-lock.json");
+    let js = repo_root().join(package_dir);
+    let package = fs::read(js.join("package.json")).expect("the package's package.json");
+    let lock = fs::read(js.join("package-lock.json")).expect("the package's package-lock.json");
     let mut stamp = package.clone();
     stamp.extend_from_slice(b"\n--- package-lock.json ---\n");
     stamp.extend_from_slice(&lock);
-    let dir = target_dir().join("node-sdk");
+    let dir = target_dir().join(name);
     ensure_installed(&dir, &stamp, |dir| {
         require_program("npm", &hint);
         fs::write(dir.join("package.json"), &package).map_err(|e| e.to_string())?;
@@ -219,7 +226,7 @@ pub fn node_modules() -> PathBuf {
                 "--loglevel=error",
             ])
             .current_dir(dir))
-        .map_err(|e| format!("npm could not install tests/js/package-lock.json: {e}"))?;
+        .map_err(|e| format!("npm could not install {package_dir}/package-lock.json: {e}"))?;
         Ok(())
     })
 }
