@@ -368,6 +368,59 @@ impl Writer {
     }
 }
 
+/// Whether the audit file could be opened for appending, without creating or changing it: an
+/// existing file is opened for appending (and closed); for a new one, its directory must exist and
+/// be writable. `start` checks this before it listens; `kms-tag-guard check` does too.
+pub fn check_path(path: &AuditPath) -> Result<(), AuditError> {
+    let AuditPath::File(file) = path else {
+        return Ok(());
+    };
+    let failed = |source: io::Error| AuditError::Open {
+        path: file.display().to_string(),
+        source,
+    };
+    if std::fs::symlink_metadata(file).is_ok() {
+        return OpenOptions::new()
+            .append(true)
+            .open(file)
+            .map(drop)
+            .map_err(failed);
+    }
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(failed(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            )))
+        }
+        Err(e) => {
+            return Err(failed(io::Error::new(
+                e.kind(),
+                format!("its directory {} does not exist ({e})", dir.display()),
+            )))
+        }
+    }
+    let c_dir = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+        .map_err(|e| failed(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: a NUL-terminated path; access(2) reads it and nothing else.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(failed(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "cannot create a file in {}: {}",
+                dir.display(),
+                io::Error::last_os_error()
+            ),
+        )));
+    }
+    Ok(())
+}
+
 fn open_sink(path: &AuditPath) -> Result<Sink, AuditError> {
     match path {
         AuditPath::Stdout => Ok(Sink::Stdout),

@@ -30,4 +30,4 @@ pub mod tls;
 pub mod toml_reader;
 
 pub use config::Config;
-pub use proxy::{start, RunningProxy, StartError};
+pub use proxy::{prepare, start, Prepared, RunningProxy, StartError};

@@ -122,7 +122,13 @@ fn check_accepts_every_shipped_config() {
     let configs = shipped_configs();
     assert!(configs.len() >= 2, "{configs:?}");
     for config in configs {
-        let out = run([Path::new("check"), Path::new("--config"), &config]);
+        // The files they name (/var/log/..., /etc/...) are the deployment's, not this machine's.
+        let out = run([
+            Path::new("check"),
+            Path::new("--no-files"),
+            Path::new("--config"),
+            &config,
+        ]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -259,9 +265,22 @@ keys = ["team:owner"]
     let error_lines = text
         .lines()
         .map(str::trim_start)
-        .filter(|l| l.starts_with("listener.") || l.starts_with("policy."))
+        .filter(|l| l.starts_with("line "))
         .count();
     assert_eq!(error_lines, 3, "exactly the three mistakes\n{text}");
+    // Each with its line and column, a rule's with its id, an unknown key with the known one.
+    for expected in [
+        "line 3, column 1: listener.adress: unknown key; did you mean `address`?",
+        "line 14, column 1, rule \"cost-center\": policy.rule[1].pattern: invalid regex",
+        "line 17, column 1, rule \"abac-keys\": policy.rule[2].id:",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing\n{text}");
+    }
+    // The regex error keeps its layout: the caret under the fault, on a line of its own.
+    assert!(
+        text.contains("          ^[0-9]{4\n                ^^\n"),
+        "{text}"
+    );
     assert!(
         text.contains(&config.display().to_string()),
         "names the file\n{text}"
@@ -643,4 +662,149 @@ fn usage_errors_do_not_exit_zero() {
             describe(&out)
         );
     }
+}
+
+// ------------------------------------------------------------- check: serve without listening
+
+/// A listener certificate and key, and an interception CA, written by the binary's `ca init`
+/// and rcgen (a self-signed server certificate).
+fn write_listener_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("tls.pem"), dir.join("tls.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+fn check_config(text: &str, dir: &tempfile::TempDir) -> Output {
+    let config = scratch(dir, "check.toml", text);
+    run([Path::new("check"), Path::new("--config"), &config])
+}
+
+#[test]
+fn check_refuses_what_serve_would_refuse_to_start_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let (cert, key) = write_listener_pair(dir.path());
+    let ca = dir.path().join("ca");
+    assert_eq!(
+        run([Path::new("ca"), Path::new("init"), Path::new("--out"), &ca])
+            .status
+            .code(),
+        Some(0)
+    );
+    let good = format!(
+        "[listener]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[intercept]\nca_cert = \"{d}/ca/ca.pem\"\nca_key = \"{d}/ca/ca.key\"\n[audit]\npath = \"{d}/audit.jsonl\"\n{GOOD_CONFIG}",
+        cert.display(),
+        key.display()
+    );
+    let out = check_config(&good, &dir);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        !dir.path().join("audit.jsonl").exists(),
+        "check creates no audit file"
+    );
+
+    // Each of these makes serve refuse to start: check exits 78 and says why.
+    let missing_cert = good.replace("tls.pem", "absent.pem");
+    let out = check_config(&missing_cert, &dir);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(stderr(&out).contains("absent.pem"), "{}", describe(&out));
+
+    let missing_ca = good.replace("ca/ca.pem", "ca/absent-ca.pem");
+    let out = check_config(&missing_ca, &dir);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(stderr(&out).contains("absent-ca.pem"), "{}", describe(&out));
+
+    let no_dir = good.replace("audit.jsonl", "no-such-dir/audit.jsonl");
+    let out = check_config(&no_dir, &dir);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(stderr(&out).contains("no-such-dir"), "{}", describe(&out));
+
+    let upstream_ca = format!("{good}\n[upstream]\nca_file = \"{d}/absent-roots.pem\"\n");
+    let out = check_config(&upstream_ca, &dir);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("absent-roots.pem"),
+        "{}",
+        describe(&out)
+    );
+
+    // A CA key others can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ca.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check_config(&good, &dir);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    assert!(stderr(&out).contains("ca.key"), "{}", describe(&out));
+    // --no-files checks the settings alone.
+    let config = dir.path().join("check.toml");
+    let out = run([
+        Path::new("check"),
+        Path::new("--no-files"),
+        Path::new("--config"),
+        &config,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn serve_exits_78_for_a_file_the_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(
+        &dir,
+        "serve.toml",
+        &format!(
+            "[listener]\naddress = \"127.0.0.1:0\"\n[audit]\npath = \"{}/no-such-dir/audit.jsonl\"\n{GOOD_CONFIG}",
+            dir.path().display()
+        ),
+    );
+    let out = run([Path::new("serve"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+}
+
+#[test]
+fn check_warns_that_a_config_without_rules_enforces_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for text in ["", "[admin]\naddress = \"\"\n"] {
+        let out = check_config(text, &dir);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert!(
+            stderr(&out).contains("enforce nothing"),
+            "{}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn a_misspelt_rule_type_is_one_error_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check_config(
+        "[[policy.rule]]\nid = \"cost\"\ntype = \"value-patern\"\nkey = \"cost\"\npattern = \"^[0-9]+$\"\n",
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    let text = stderr(&out);
+    assert!(text.contains(": 1 error(s)"), "no follow-on errors\n{text}");
+    assert!(
+        text.contains("line 3, column 1, rule \"cost\": policy.rule[0].type: \"value-patern\" is not a rule type; did you mean `value-pattern`?"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let out = run([Path::new("check"), Path::new("--config"), &missing]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", describe(&out));
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert_eq!(text.matches("nope.toml").count(), 1, "{text}");
+    assert!(text.starts_with("cannot read "), "{text}");
+    assert!(!text.contains("cannot read the file"), "{text}");
 }
