@@ -808,3 +808,344 @@ fn a_missing_config_file_is_reported_once() {
     assert!(text.starts_with("cannot read "), "{text}");
     assert!(!text.contains("cannot read the file"), "{text}");
 }
+
+// ------------------------------------------------------------------- test: report formats
+
+const TWO_CASES: &str = r#"# two cases: one passes, one fails
+[[case]]
+name = "allowed key"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"x"}]}'
+expect = "allow"
+
+[[case]]
+name = "wrongly expected <deny> & more"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"x"}]}'
+expect = "deny"
+"#;
+
+fn run_two_cases(extra: &[&str]) -> (Output, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "kms-tag-guard.toml", GOOD_CONFIG);
+    let cases = scratch(&dir, "cases.toml", TWO_CASES);
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["test".as_ref(), "--config".as_ref(), config.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(cases.as_os_str());
+    let out = run(args);
+    (out, config, dir)
+}
+
+#[test]
+fn test_names_its_config_first_and_each_failure_by_file_and_line() {
+    let (out, config, dir) = run_two_cases(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("config: {} (1 rules", config.display())),
+        "{text}"
+    );
+    let cases = dir.path().join("cases.toml");
+    assert!(
+        text.contains(&format!("FAIL {}:8: wrongly expected", cases.display())),
+        "{text}"
+    );
+    assert!(
+        !text.contains("allowed key"),
+        "passes are not listed without -v: {text}"
+    );
+    let (out, _, _) = run_two_cases(&["-v"]);
+    assert!(
+        stdout(&out).contains(&format!("ok   {}:2: allowed key", cases.display()).replace(
+            &dir.path().display().to_string(),
+            &dir.path().display().to_string()
+        )) || stdout(&out).contains(":2: allowed key"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn test_reports_as_json() {
+    let (out, config, _dir) = run_two_cases(&["--format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["config"], config.display().to_string());
+    assert_eq!(report["passed"], 1);
+    assert_eq!(report["failed"], 1);
+    assert_eq!(report["cases"][1]["line"], 8);
+    assert_eq!(report["cases"][1]["passed"], false);
+    assert!(report["cases"][1]["failure"]
+        .as_str()
+        .unwrap()
+        .contains("expected deny, got allow"));
+}
+
+#[test]
+fn test_reports_as_junit_xml() {
+    let (out, _config, _dir) = run_two_cases(&["--format", "junit"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let xml = stdout(&out);
+    assert!(xml.starts_with("<?xml version=\"1.0\""), "{xml}");
+    assert!(
+        xml.contains("<testsuites name=\"kms-tag-guard test\" tests=\"2\" failures=\"1\">"),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("name=\"wrongly expected &lt;deny&gt; &amp; more\""),
+        "{xml}"
+    );
+    assert_eq!(xml.matches("<testcase ").count(), 2, "{xml}");
+    assert_eq!(xml.matches("<failure ").count(), 1, "{xml}");
+    // Read by a real XML parser where one is installed (python3's, as CI's reporters are).
+    let parsed = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as E; r = E.fromstring(sys.stdin.read()); \
+             cs = r.findall('./testsuite/testcase'); \
+             print(len(cs), sum(1 for c in cs if c.find('failure') is not None), cs[1].get('name'))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    match parsed {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(xml.as_bytes())
+                .unwrap();
+            let result = child.wait_with_output().unwrap();
+            assert!(result.status.success(), "{xml}");
+            assert_eq!(
+                String::from_utf8_lossy(&result.stdout).trim(),
+                "2 1 wrongly expected <deny> & more"
+            );
+        }
+        Err(e) => eprintln!("python3 not available ({e}): the XML was checked by shape only"),
+    }
+}
+
+// ------------------------------------------------------------------------------------ explain
+
+#[test]
+fn explain_gives_each_rules_verdict_and_exits_by_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scratch(&dir, "kms-tag-guard.toml", GOOD_CONFIG);
+    let explain = |body: &str| {
+        run([
+            Path::new("explain"),
+            Path::new("--config"),
+            &config,
+            Path::new("--operation"),
+            Path::new("TagResource"),
+            Path::new("--body"),
+            Path::new(body),
+        ])
+    };
+    let out = explain(r#"{"KeyId":"k","Tags":[{"TagKey":"project","TagValue":"x"}]}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("abac-keys") && text.contains("deny:"),
+        "{text}"
+    );
+    assert_eq!(text.lines().last(), Some("decision: deny"), "{text}");
+    let out = explain(r#"{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"x"}]}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("abac-keys") && l.ends_with("pass")),
+        "{text}"
+    );
+    assert_eq!(text.lines().last(), Some("decision: allow"), "{text}");
+    // A body the proxy cannot read is denied by its own request check.
+    let out = explain("{not json");
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(stdout(&out).contains("request"), "{}", describe(&out));
+
+    // "-" reads the body from standard input.
+    let mut child = bin()
+        .args([
+            "explain",
+            "--operation",
+            "TagResource",
+            "--body",
+            "-",
+            "--config",
+        ])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"KeyId":"k","Tags":[{"TagKey":"Project","TagValue":"x"}]}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(stdout(&out).lines().last(), Some("decision: deny"));
+}
+
+// ------------------------------------------------------------------------------------ ca init
+
+#[test]
+fn ca_init_prints_validity_fingerprint_and_the_lines_to_paste() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("ca");
+    let out = run([
+        Path::new("ca"),
+        Path::new("init"),
+        Path::new("--out"),
+        &out_dir,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("valid from 20") && text.contains(" until 20"),
+        "{text}"
+    );
+    // The fingerprint is the SHA-256 of the certificate's DER.
+    let pem = std::fs::read_to_string(out_dir.join("ca.pem")).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    use sha2::Digest;
+    let expected: Vec<String> = sha2::Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    assert!(
+        text.contains(&format!("SHA-256 fingerprint: {}", expected.join(":"))),
+        "{text}"
+    );
+    // The lines to paste make a configuration check accepts, CA files included.
+    let snippet = &text[text.find("[intercept]").expect("the [intercept] lines")..];
+    let config = scratch(&dir, "pasted.toml", &format!("{snippet}{GOOD_CONFIG}"));
+    let out = run([Path::new("check"), Path::new("--config"), &config]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    // --out naming a file: a clear error.
+    let file = scratch(&dir, "a-file", "x");
+    let out = run([
+        Path::new("ca"),
+        Path::new("init"),
+        Path::new("--out"),
+        &file,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("is not a directory"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stderr(&out).contains("os error"), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------- CLI conventions
+
+#[test]
+fn help_lists_exit_codes_and_every_option_has_help() {
+    let out = run(["--help"]);
+    let help = stdout(&out);
+    for code in ["0 ", "1 ", "2 ", "78 "] {
+        assert!(
+            help.contains(&format!("\n  {code}")),
+            "exit code {code} missing\n{help}"
+        );
+    }
+    for command in [
+        &["serve"][..],
+        &["check"],
+        &["test"],
+        &["explain"],
+        &["ca", "init"],
+    ] {
+        let mut args = command.to_vec();
+        // -h: the short help, one line per option.
+        args.push("-h");
+        let out = run(&args);
+        let help = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        // Every option line has words after it.
+        for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+            let rest = line
+                .trim_start()
+                .split_once("  ")
+                .map_or("", |(_, help)| help.trim());
+            assert!(
+                !rest.is_empty(),
+                "{command:?}: no help for {line:?}\n{help}"
+            );
+        }
+        assert_eq!(
+            help.contains("--log-format"),
+            command == ["serve"],
+            "{command:?}\n{help}"
+        );
+    }
+    // --log-format acts on serve only, and is refused elsewhere.
+    let out = run(["check", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+#[test]
+fn version_names_the_commit_when_built_from_git() {
+    let out = run(["--version"]);
+    let text = stdout(&out);
+    let head = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root())
+        .output();
+    match head {
+        Ok(h) if h.status.success() => {
+            // The commit the binary was built from: HEAD, or an earlier one when nothing was
+            // rebuilt since; a commit of this repository either way.
+            let start = text.find("(commit ").expect("a commit") + "(commit ".len();
+            let commit = &text[start..text[start..].find(')').unwrap() + start];
+            let known = Command::new("git")
+                .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+                .current_dir(root())
+                .status()
+                .unwrap();
+            assert!(known.success(), "{text}");
+        }
+        _ => assert!(!text.contains("commit"), "{text}"),
+    }
+}
+
+#[test]
+fn completions_and_man_come_from_the_same_definition() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef kms-tag-guard"),
+        ("fish", "complete -c kms-tag-guard"),
+    ] {
+        let out = run(["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let text = stdout(&out);
+        assert!(text.contains(marker), "{shell}\n{text}");
+        for word in ["explain", "config", "log-format", "junit"] {
+            assert!(text.contains(word), "{shell}: {word} missing");
+        }
+    }
+    let out = run(["man"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(".ie") || text.contains(".TH kms-tag-guard"),
+        "{text}"
+    );
+    assert!(
+        text.contains("explain") && text.contains("Exit codes"),
+        "{text}"
+    );
+}
