@@ -25,6 +25,7 @@ pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod reload;
+pub mod schema;
 mod text;
 pub mod tls;
 pub mod toml_reader;

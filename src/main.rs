@@ -125,6 +125,9 @@ enum Command {
     },
     /// Print the manual page (roff) to standard output, e.g. `kms-tag-guard man | man -l -`.
     Man,
+    /// Print the JSON Schema of the configuration file (docs/config.schema.json), made from the
+    /// configuration reader's keys and types.
+    Schema,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +183,10 @@ fn main() -> ExitCode {
                 "kms-tag-guard",
                 &mut std::io::stdout(),
             );
+            ExitCode::SUCCESS
+        }
+        Command::Schema => {
+            print!("{}", kms_tag_guard::schema::schema_text());
             ExitCode::SUCCESS
         }
         Command::Man => {

@@ -101,6 +101,21 @@ impl Errors {
     }
 }
 
+thread_local! {
+    /// While [`keys_asked`] runs: every key a reader asks for, with the type it expects.
+    static KEYS_ASKED: std::cell::RefCell<Option<Vec<(String, &'static str)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `read` and returns every key path its readers asked for, with the type each expects
+/// ("a string", "an integer", "true or false", "a list of strings", "a table"): the keys the
+/// reader knows, for the configuration's JSON Schema (`crate::schema`).
+pub fn keys_asked(read: impl FnOnce()) -> Vec<(String, &'static str)> {
+    KEYS_ASKED.with(|log| *log.borrow_mut() = Some(Vec::new()));
+    read();
+    KEYS_ASKED.with(|log| log.borrow_mut().take().unwrap_or_default())
+}
+
 /// Reads the keys of one table, remembering which were read so the rest can be reported.
 pub struct Reader<'t> {
     table: &'t Table,
@@ -141,9 +156,14 @@ impl<'t> Reader<'t> {
         &mut self,
         key: &str,
         errors: &mut Errors,
-        expected: &str,
+        expected: &'static str,
         convert: impl FnOnce(&'t Value) -> Option<T>,
     ) -> Option<T> {
+        KEYS_ASKED.with(|log| {
+            if let Some(log) = log.borrow_mut().as_mut() {
+                log.push((self.key_path(key), expected));
+            }
+        });
         let value = self.get(key)?;
         let converted = convert(value);
         if converted.is_none() {

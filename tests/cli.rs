@@ -1149,3 +1149,157 @@ fn completions_and_man_come_from_the_same_definition() {
         "{text}"
     );
 }
+
+// ------------------------------------------------------------------------------ config schema
+
+/// The mistakes of a TOML value against the parts of JSON Schema docs/config.schema.json uses:
+/// `type`, `properties`, `additionalProperties: false`, `items`, `oneOf`, `const`, `required`.
+fn schema_mistakes(schema: &serde_json::Value, value: &toml::Value, path: &str) -> Vec<String> {
+    use serde_json::Value as J;
+    let mut out = Vec::new();
+    if let Some(options) = schema.get("oneOf").and_then(J::as_array) {
+        let fitting = options
+            .iter()
+            .filter(|o| schema_mistakes(o, value, path).is_empty())
+            .count();
+        if fitting != 1 {
+            out.push(format!(
+                "{path}: fits {fitting} of the oneOf schemas, not exactly one"
+            ));
+        }
+        return out;
+    }
+    if let Some(constant) = schema.get("const") {
+        if value.as_str() != constant.as_str() {
+            out.push(format!("{path}: is not {constant}"));
+        }
+    }
+    let Some(kind) = schema.get("type").and_then(J::as_str) else {
+        return out;
+    };
+    let fits = match kind {
+        "string" => value.is_str(),
+        "integer" => value.is_integer(),
+        "boolean" => value.is_bool(),
+        "array" => value.is_array(),
+        "object" => value.is_table(),
+        other => panic!("the validator does not know type {other}"),
+    };
+    if !fits {
+        out.push(format!(
+            "{path}: expected {kind}, found {}",
+            value.type_str()
+        ));
+        return out;
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (i, item) in array.iter().enumerate() {
+            out.extend(schema_mistakes(items, item, &format!("{path}[{i}]")));
+        }
+    }
+    if let Some(table) = value.as_table() {
+        let properties = schema["properties"].as_object().unwrap();
+        for (key, item) in table {
+            match properties.get(key) {
+                Some(s) => out.extend(schema_mistakes(s, item, &format!("{path}.{key}"))),
+                None if schema["additionalProperties"] == J::Bool(false) => {
+                    out.push(format!("{path}.{key}: not in the schema"))
+                }
+                None => {}
+            }
+        }
+        for required in schema
+            .get("required")
+            .and_then(J::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !table.contains_key(required.as_str().unwrap()) {
+                out.push(format!("{path}: {required} is required"));
+            }
+        }
+    }
+    out
+}
+
+/// The TOML of a ConfigMap's `kms-tag-guard.toml: |` block.
+fn configmap_toml(yaml: &str) -> String {
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "kms-tag-guard.toml: |");
+    lines.next().expect("a kms-tag-guard.toml block");
+    let block: Vec<&str> = lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .collect();
+    block
+        .iter()
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_checked_in_schema_is_the_generated_one_and_the_shipped_configs_fit_it() {
+    let checked_in = std::fs::read_to_string(root().join("docs/config.schema.json")).unwrap();
+    let out = run(["schema"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        stdout(&out),
+        checked_in,
+        "docs/config.schema.json is stale: run `kms-tag-guard schema > docs/config.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&checked_in).unwrap();
+
+    let mut texts: Vec<(String, String)> = shipped_configs()
+        .into_iter()
+        .map(|p| {
+            (
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    for dir in ["mode-a-sidecar", "mode-c-gateway"] {
+        let path = root().join("deploy/k8s").join(dir).join("configmap.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        texts.push((path.display().to_string(), configmap_toml(&yaml)));
+    }
+    for (name, text) in &texts {
+        let value: toml::Value = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mistakes = schema_mistakes(&schema, &value, "");
+        assert!(mistakes.is_empty(), "{name}: {mistakes:#?}");
+    }
+
+    // The schema knows what the reader refuses: a misspelt key, a wrong type, an unknown rule
+    // type; and every key it lists is one the reader accepts.
+    for bad in [
+        "[listener]\nadress = \"127.0.0.1:1\"\n",
+        "[limits]\nmax_body_bytes = \"big\"\n",
+        "[[policy.rule]]\nid = \"a\"\ntype = \"value-patern\"\n",
+    ] {
+        let value: toml::Value = toml::from_str(bad).unwrap();
+        assert!(!schema_mistakes(&schema, &value, "").is_empty(), "{bad}");
+    }
+    let sections = schema["properties"].as_object().unwrap();
+    for (section, s) in sections {
+        for key in s["properties"].as_object().unwrap().keys() {
+            if key == "rule" {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let config = scratch(&dir, "one-key.toml", &format!("[{section}]\n{key} = []\n"));
+            let out = run([
+                Path::new("check"),
+                Path::new("--no-files"),
+                Path::new("--config"),
+                &config,
+            ]);
+            // A wrong type, never an unknown key.
+            assert!(
+                !stderr(&out).contains("unknown key"),
+                "{section}.{key}: {}",
+                describe(&out)
+            );
+        }
+    }
+}
