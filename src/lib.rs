@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cases;
 pub mod config;
 pub mod decide;
+pub mod effective;
 pub mod endpoints;
 pub mod fds;
 pub mod files;

@@ -78,6 +78,10 @@ enum Command {
         /// checked away from the machine it runs on (CI). serve may still refuse it.
         #[arg(long)]
         no_files: bool,
+        /// After the check, print the effective configuration (defaults filled in) as TOML
+        /// instead of the list of rules.
+        #[arg(long)]
+        print: bool,
     },
     /// Interception CA for HTTPS_PROXY clients.
     Ca {
@@ -155,7 +159,11 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
-        Command::Check { config, no_files } => check(config.as_deref(), no_files),
+        Command::Check {
+            config,
+            no_files,
+            print,
+        } => check(config.as_deref(), no_files, print),
         Command::Test {
             config,
             verbose,
@@ -215,7 +223,7 @@ fn config_failure(errors: &ConfigErrors) -> ExitCode {
 
 /// `serve` up to the point where it would listen: the configuration, then every file it names
 /// (`kms_tag_guard::prepare`, the step `serve` runs first).
-fn check(path: Option<&Path>, no_files: bool) -> ExitCode {
+fn check(path: Option<&Path>, no_files: bool, print: bool) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
@@ -241,7 +249,19 @@ fn check(path: Option<&Path>, no_files: bool) -> ExitCode {
         return ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 });
     }
     let count = config.policy.rule_count();
-    println!("ok: {count} rules");
+    if print {
+        // The text read a moment ago: the [policy] section is printed as written.
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+            None => kms_tag_guard::config::DEFAULT_CONFIG.to_owned(),
+        };
+        print!(
+            "{}",
+            kms_tag_guard::effective::effective_toml(&config, &text)
+        );
+    } else {
+        println!("ok: {count} rules");
+    }
     if count == 0 {
         eprintln!(
             "warning: {} has no rules: the proxy would enforce nothing beyond its request checks; add [[policy.rule]] tables (docs/configuration.md)",
@@ -253,8 +273,10 @@ fn check(path: Option<&Path>, no_files: bool) -> ExitCode {
             config.source
         );
     }
-    for rule in config.policy.rule_summaries() {
-        println!("  {rule}");
+    if !print {
+        for rule in config.policy.rule_summaries() {
+            println!("  {rule}");
+        }
     }
     ExitCode::SUCCESS
 }

@@ -1303,3 +1303,48 @@ fn the_checked_in_schema_is_the_generated_one_and_the_shipped_configs_fit_it() {
         }
     }
 }
+
+#[test]
+fn check_print_shows_the_effective_configuration_which_reads_back_the_same() {
+    for config in shipped_configs() {
+        let print = |config: &Path| {
+            run([
+                Path::new("check"),
+                Path::new("--no-files"),
+                Path::new("--print"),
+                Path::new("--config"),
+                config,
+            ])
+        };
+        let out = print(&config);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let text = stdout(&out);
+        // Defaults filled in: every section and the settings the file leaves out.
+        for expected in [
+            "[listener]\naddress = ",
+            "[limits]\nmax_body_bytes = ",
+            "queue_capacity = ",
+            "[policy]\nmode = ",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{}: {expected:?}\n{text}",
+                config.display()
+            );
+        }
+        assert_eq!(
+            text.matches("\n[[policy.rule]]\n").count(),
+            count_tables(&config, "[[policy.rule]]"),
+            "{text}"
+        );
+        // Printed next to the original (relative org_tag_policy paths), it reads back the same.
+        // Not *.toml: other tests list the shipped configs by extension.
+        let copy = config.with_file_name(".effective-copy.tmp");
+        std::fs::write(&copy, &text).unwrap();
+        let again = print(&copy);
+        std::fs::remove_file(&copy).unwrap();
+        assert_eq!(again.status.code(), Some(0), "{}", describe(&again));
+        let strip = |t: &str| t.lines().skip(1).collect::<Vec<_>>().join("\n");
+        assert_eq!(strip(&stdout(&again)), strip(&text), "{}", config.display());
+    }
+}
