@@ -185,26 +185,37 @@ fn main() -> ExitCode {
             command: CaCommand::Init { out },
         } => ca_init(&out),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "kms-tag-guard",
-                &mut std::io::stdout(),
-            );
-            ExitCode::SUCCESS
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kms-tag-guard", &mut script);
+            write_stdout(&script, "the completion script")
         }
-        Command::Schema => {
-            print!("{}", kms_tag_guard::schema::schema_text());
-            ExitCode::SUCCESS
-        }
+        Command::Schema => write_stdout(
+            kms_tag_guard::schema::schema_text().as_bytes(),
+            "the schema",
+        ),
         Command::Man => {
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => write_stdout(&page, "the manual page"),
                 Err(error) => {
-                    eprintln!("kms-tag-guard: cannot write the manual page: {error}");
+                    eprintln!("kms-tag-guard: cannot make the manual page: {error}");
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Writes generated text to standard output; a reader that stopped early (`| head`) is no error.
+fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot write {what}: {error}");
+            ExitCode::FAILURE
         }
     }
 }
