@@ -18,6 +18,15 @@ const RULE_TYPES: [&str; 7] = [
     "alias-target",
 ];
 
+/// The keys whose string takes one of a few words: (key path, rule type or "" for a section's
+/// key, the words). A test feeds each word, and one not listed, through the reader.
+pub const CHOICES: [(&str, &str, &[&str]); 4] = [
+    ("policy.mode", "", &["enforce", "dry-run"]),
+    ("policy.unknown_operations", "", &["reject", "forward"]),
+    ("upstream.resolver", "", &["system", "dns"]),
+    ("mode", "*", &["enforce", "dry-run"]),
+];
+
 /// The JSON Schema (draft 2020-12) of a configuration file.
 pub fn schema() -> Value {
     // One empty configuration for the sections, one rule of each type for the rules' keys.
@@ -33,17 +42,25 @@ pub fn schema() -> Value {
     let mut root = object();
     let mut rules: Vec<Value> = RULE_TYPES.iter().map(|_| object()).collect();
     for (path, expected) in keys {
-        let kind = json_type(expected);
+        let mut kind = json_type(expected);
         if let Some(rest) = path.strip_prefix("policy.rule[") {
             let (index, key) = rest.split_once("].").expect("a rule's key path");
             let i: usize = index.parse().expect("a rule index");
-            let kind = if key == "type" {
-                json!({"const": RULE_TYPES[i]})
-            } else {
-                kind
-            };
+            if key == "type" {
+                kind = json!({"const": RULE_TYPES[i]});
+            } else if let Some((_, _, words)) =
+                CHOICES.iter().find(|(k, r, _)| *k == key && *r == "*")
+            {
+                kind["enum"] = json!(words);
+            } else if key == "on" {
+                kind["items"]["enum"] = json!(["set", "remove"]);
+            }
             insert(&mut rules[i], &[key], kind);
         } else {
+            if let Some((_, _, words)) = CHOICES.iter().find(|(k, r, _)| *k == path && r.is_empty())
+            {
+                kind["enum"] = json!(words);
+            }
             let parts: Vec<&str> = path.split('.').collect();
             insert(&mut root, &parts, kind);
         }

@@ -1153,7 +1153,8 @@ fn completions_and_man_come_from_the_same_definition() {
 // ------------------------------------------------------------------------------ config schema
 
 /// The mistakes of a TOML value against the parts of JSON Schema docs/config.schema.json uses:
-/// `type`, `properties`, `additionalProperties: false`, `items`, `oneOf`, `const`, `required`.
+/// `type`, `properties`, `additionalProperties: false`, `items`, `oneOf`, `const`, `enum`,
+/// `required`.
 fn schema_mistakes(schema: &serde_json::Value, value: &toml::Value, path: &str) -> Vec<String> {
     use serde_json::Value as J;
     let mut out = Vec::new();
@@ -1168,6 +1169,11 @@ fn schema_mistakes(schema: &serde_json::Value, value: &toml::Value, path: &str) 
             ));
         }
         return out;
+    }
+    if let Some(words) = schema.get("enum").and_then(J::as_array) {
+        if !words.iter().any(|w| w.as_str() == value.as_str()) {
+            out.push(format!("{path}: {value:?} is not one of {words:?}"));
+        }
     }
     if let Some(constant) = schema.get("const") {
         if value.as_str() != constant.as_str() {
@@ -1279,6 +1285,52 @@ fn the_checked_in_schema_is_the_generated_one_and_the_shipped_configs_fit_it() {
     ] {
         let value: toml::Value = toml::from_str(bad).unwrap();
         assert!(!schema_mistakes(&schema, &value, "").is_empty(), "{bad}");
+    }
+    // The words the schema lists for a key are those the reader takes, and no others.
+    let rule_words = |words: &[&str]| -> Vec<String> {
+        words
+            .iter()
+            .map(|w| format!("[[policy.rule]]\nid = \"r\"\ntype = \"forbidden-key\"\nkeys = [\"k\"]\nmode = \"{w}\"\n"))
+            .collect()
+    };
+    for (key, rule, words) in kms_tag_guard::schema::CHOICES {
+        let configs = |words: &[&str]| -> Vec<String> {
+            if rule.is_empty() {
+                let (section, key) = key.split_once('.').unwrap();
+                words
+                    .iter()
+                    .map(|w| format!("[{section}]\n{key} = \"{w}\"\n"))
+                    .collect()
+            } else {
+                rule_words(words)
+            }
+        };
+        for (text, good) in configs(words)
+            .into_iter()
+            .map(|t| (t, true))
+            .chain(configs(&["bogus"]).into_iter().map(|t| (t, false)))
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let config = scratch(&dir, "choice.toml", &text);
+            let out = run([
+                Path::new("check"),
+                Path::new("--no-files"),
+                Path::new("--config"),
+                &config,
+            ]);
+            assert_eq!(
+                out.status.code() == Some(0),
+                good,
+                "{text}: {}",
+                describe(&out)
+            );
+            let value: toml::Value = toml::from_str(&text).unwrap();
+            assert_eq!(
+                schema_mistakes(&schema, &value, "").is_empty(),
+                good,
+                "{text}"
+            );
+        }
     }
     let sections = schema["properties"].as_object().unwrap();
     for (section, s) in sections {
