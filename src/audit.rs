@@ -648,6 +648,71 @@ impl Writer {
     }
 }
 
+/// Whether the audit file could be opened for appending, without creating or changing it: an
+/// existing file is opened for appending (and closed); for a new one, its directory must exist and
+/// be writable. `start` checks this before it listens; `kms-tag-guard check` does too.
+pub fn check_path(path: &AuditPath) -> Result<(), AuditError> {
+    let AuditPath::File(file) = path else {
+        return Ok(());
+    };
+    let failed = |source: io::Error| AuditError::Open {
+        path: file.display().to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::metadata(file) {
+        // A FIFO or a device (a log shipper's pipe, /dev/stdout) is opened when serving starts;
+        // opening one here could wait for a reader.
+        if !meta.is_file() {
+            return if meta.is_dir() {
+                Err(failed(io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    format!("{} is a directory; name a file in it", file.display()),
+                )))
+            } else {
+                Ok(())
+            };
+        }
+        return OpenOptions::new()
+            .append(true)
+            .open(file)
+            .map(drop)
+            .map_err(failed);
+    }
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(failed(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            )))
+        }
+        Err(e) => {
+            return Err(failed(io::Error::new(
+                e.kind(),
+                format!("its directory {} does not exist ({e})", dir.display()),
+            )))
+        }
+    }
+    let c_dir = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+        .map_err(|e| failed(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: a NUL-terminated path; access(2) reads it and nothing else.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(failed(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "cannot create a file in {}: {}",
+                dir.display(),
+                io::Error::last_os_error()
+            ),
+        )));
+    }
+    Ok(())
+}
+
 /// Opens the sink. `nonblocking_open`: a FIFO without a reader is an error rather than a wait
 /// (the writer's retries must not hang in `open`); writes stay blocking.
 fn open_sink(path: &AuditPath, nonblocking_open: bool) -> Result<Sink, AuditError> {

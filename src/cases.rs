@@ -18,6 +18,8 @@ use crate::policy::Decision;
 #[derive(Debug, Clone)]
 pub struct Case {
     pub file: PathBuf,
+    /// The line of the case's `[[case]]` header, where the file has one per case.
+    pub line: Option<usize>,
     pub name: String,
     headers: HeaderMap,
     body: Vec<u8>,
@@ -57,19 +59,130 @@ impl Report {
     }
 }
 
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl CaseResult {
+    /// `file:line` (or `file`) of the case.
+    pub fn place(&self) -> String {
+        match self.case.line {
+            Some(line) => format!("{}:{line}", self.case.file.display()),
+            None => self.case.file.display().to_string(),
+        }
+    }
+}
+
+impl Report {
+    /// The report as text: each failure (and with `verbose`, each pass), then the counts.
+    pub fn text(&self, verbose: bool) -> String {
+        let mut out = String::new();
         for result in &self.results {
-            if let Some(failure) = &result.failure {
-                writeln!(
-                    f,
-                    "FAIL {}: {}: {failure}",
-                    result.case.file.display(),
+            match &result.failure {
+                Some(failure) => out.push_str(&format!(
+                    "FAIL {}: {}: {failure}\n",
+                    result.place(),
                     result.case.name
-                )?;
+                )),
+                None if verbose => {
+                    out.push_str(&format!("ok   {}: {}\n", result.place(), result.case.name))
+                }
+                None => {}
             }
         }
-        writeln!(f, "{} passed, {} failed", self.passed(), self.failed())
+        out.push_str(&format!(
+            "{} passed, {} failed\n",
+            self.passed(),
+            self.failed()
+        ));
+        out
+    }
+
+    /// The report as one JSON object: the configuration, the counts and every case.
+    pub fn json(&self, config: &str) -> String {
+        let cases: Vec<serde_json::Value> = self
+            .results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "file": r.case.file.display().to_string(),
+                    "line": r.case.line,
+                    "name": r.case.name,
+                    "passed": r.failure.is_none(),
+                    "failure": r.failure,
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "config": config,
+            "passed": self.passed(),
+            "failed": self.failed(),
+            "cases": cases,
+        });
+        format!("{report:#}\n")
+    }
+
+    /// The report as JUnit XML (one test suite, one test case per case, its file as the class
+    /// name), which CI systems (GitLab, Jenkins, GitHub actions' reporters) read.
+    pub fn junit(&self, config: &str) -> String {
+        let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        out.push_str(&format!(
+            "<testsuites name=\"kms-tag-guard test\" tests=\"{}\" failures=\"{}\">\n",
+            self.results.len(),
+            self.failed()
+        ));
+        out.push_str(&format!(
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"0\">\n",
+            xml_escape(config),
+            self.results.len(),
+            self.failed()
+        ));
+        for r in &self.results {
+            let file = r.case.file.display().to_string();
+            let line = r
+                .case
+                .line
+                .map(|l| format!(" line=\"{l}\""))
+                .unwrap_or_default();
+            let head = format!(
+                "    <testcase name=\"{}\" classname=\"{}\" file=\"{}\"{line}",
+                xml_escape(&r.case.name),
+                xml_escape(&file),
+                xml_escape(&file)
+            );
+            match &r.failure {
+                None => out.push_str(&format!("{head}/>\n")),
+                Some(failure) => out.push_str(&format!(
+                    "{head}>\n      <failure message=\"{}\">{}: {}</failure>\n    </testcase>\n",
+                    xml_escape(failure),
+                    xml_escape(&r.place()),
+                    xml_escape(failure)
+                )),
+            }
+        }
+        out.push_str("  </testsuite>\n</testsuites>\n");
+        out
+    }
+}
+
+/// Text as XML character data or an attribute value; characters XML 1.0 cannot hold become
+/// U+FFFD.
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => out.push_str(&format!("&#{};", c as u32)),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text(false))
     }
 }
 
@@ -106,15 +219,38 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, CaseFileError> {
         .get("case")
         .and_then(toml::Value::as_array)
         .ok_or_else(|| error("no [[case]] tables".into()))?;
+    let lines = case_header_lines(&text);
+    // One `[[case]]` header per case: then each case has the line of its header.
+    let lines = (lines.len() == items.len()).then_some(lines);
     items
         .iter()
         .enumerate()
         .map(|(i, item)| {
+            let line = lines.as_ref().map(|lines| lines[i]);
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
             let table = item
                 .as_table()
-                .ok_or_else(|| error(format!("case[{i}] is not a table")))?;
-            parse_case(path, table).map_err(|m| error(format!("case[{i}]: {m}")))
+                .ok_or_else(|| error(format!("case[{i}]{at} is not a table")))?;
+            let mut case =
+                parse_case(path, table).map_err(|m| error(format!("case[{i}]{at}: {m}")))?;
+            case.line = line;
+            Ok(case)
         })
+        .collect()
+}
+
+/// The 1-based lines of the `[[case]]` headers of a case file, in order (a header line is
+/// `[[case]]`, spaces allowed inside the brackets and a comment after it).
+fn case_header_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let line = line.split('#').next().unwrap_or("").trim();
+            line.strip_prefix("[[")
+                .and_then(|l| l.strip_suffix("]]"))
+                .is_some_and(|name| name.trim() == "case")
+        })
+        .map(|(i, _)| i + 1)
         .collect()
 }
 
@@ -207,6 +343,7 @@ fn parse_case(path: &Path, t: &toml::Table) -> Result<Case, String> {
     }
     Ok(Case {
         file: path.to_owned(),
+        line: None,
         name,
         headers,
         body,
@@ -233,6 +370,26 @@ pub fn decide(config: &Config, case: &Case) -> Decision {
         tunnel_host: None,
     };
     decision(&head, &case.body, &Rules::of(config))
+}
+
+/// One request, judged on its own (`kms-tag-guard explain`): the operation, its JSON body and
+/// the caller's access key id (for rules limited by `key_ids` or `exempt_principals`).
+pub fn request(
+    operation: &str,
+    body: Vec<u8>,
+    access_key_id: Option<&str>,
+) -> Result<Case, String> {
+    let mut t = toml::Table::new();
+    t.insert("name".into(), "explain".into());
+    t.insert("operation".into(), operation.into());
+    t.insert("expect".into(), "allow".into());
+    t.insert("body".into(), "".into());
+    if let Some(akid) = access_key_id {
+        t.insert("access_key_id".into(), akid.into());
+    }
+    let mut case = parse_case(Path::new("-"), &t)?;
+    case.body = body;
+    Ok(case)
 }
 
 /// Runs cases against a configuration.

@@ -205,11 +205,14 @@ impl Config {
         let source = ConfigSource::File(path.to_owned());
         match read_config_text(path) {
             Ok(text) => Config::parse(&text, source),
+            // Reported once, as the file system said it: no error count, no repeated path.
             Err(message) => Err(ConfigErrors {
-                origin: source.to_string(),
+                origin: String::new(),
                 errors: vec![ConfigError {
                     path: String::new(),
                     message,
+                    at: None,
+                    rule: None,
                 }],
             }),
         }
@@ -222,16 +225,18 @@ impl Config {
             Ok(t) => t,
             Err(e) => {
                 errors.push("", format!("not valid TOML: {}", e.message().trim_end()));
-                if let Some(span) = e.span() {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    errors.0[0].message.push_str(&format!(" (line {line})"));
-                }
+                errors.0[0].at = e
+                    .span()
+                    .map(|span| crate::toml_reader::line_column(text, span.start));
                 return Err(errors.into_result(&source));
             }
         };
         let mut root = Reader::new(&table, "");
         let mut config = read_config(&mut root, &mut errors, source.clone(), sha256_hex(text));
         root.finish(&mut errors);
+        if !errors.is_empty() {
+            crate::toml_reader::Places::of(text).mark(&mut errors.0);
+        }
         if errors.is_empty() {
             config.restart_sections = table;
             config.restart_sections.remove("policy");
@@ -244,9 +249,11 @@ impl Config {
 
 /// The text of a configuration file, or why it cannot be had.
 fn read_config_text(path: &Path) -> Result<String, String> {
-    let (bytes, _) = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)
-        .map_err(|e| format!("cannot read the file: {e}"))?;
-    String::from_utf8(bytes).map_err(|e| format!("the file is not UTF-8 text: {e}"))
+    let (bytes, _) = crate::files::read(path, crate::files::MAX_CONFIG_BYTES).map_err(|e| {
+        format!("{e}; --config names the configuration file (docs/configuration.md)")
+    })?;
+    String::from_utf8(bytes)
+        .map_err(|e| format!("{}: the file is not UTF-8 text: {e}", path.display()))
 }
 
 /// How many minted leaves the cache holds unless `[intercept].leaf_cache_size` says otherwise:
@@ -622,7 +629,15 @@ mod tests {
             .unwrap_err()
             .errors
             .iter()
-            .map(ToString::to_string)
+            .map(|e| {
+                // Without the line and column: these tests name the mistakes by key path.
+                let e = ConfigError {
+                    at: None,
+                    rule: None,
+                    ..e.clone()
+                };
+                e.to_string()
+            })
             .collect()
     }
 
@@ -733,9 +748,13 @@ type = "nope"
 
     #[test]
     fn reports_toml_syntax_errors_with_a_line() {
-        let errors = errors_of("[listener]\naddress = \n");
+        let errors = Config::parse("[listener]\naddress = \n", ConfigSource::BuiltIn)
+            .unwrap_err()
+            .errors;
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("line 2"), "{errors:?}");
+        assert_eq!(errors[0].at, Some((2, 11)), "{errors:?}");
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(errors[0].starts_with("line 2, column 11: "), "{errors:?}");
     }
 
     #[test]

@@ -1,26 +1,38 @@
 //! The `kms-tag-guard` command line: parses arguments, maps outcomes to exit codes.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kms_tag_guard::config::ConfigErrors;
 use kms_tag_guard::{cases, Config};
 
-/// Exit code for an invalid configuration or case file (EX_CONFIG).
+/// Exit code for an invalid configuration or case file, or a file the configuration names that
+/// `serve` would refuse (EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+
+/// The exit codes, as `--help` lists them.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success (serve: stopped by SIGTERM or SIGINT; test: every case passed; explain: allowed)
+  1   failure (test: a case failed; explain: denied; serve: a port in use, no threads, ...)
+  2   usage: an unknown command or option, a missing argument
+  78  configuration: the configuration, a case file or a file the configuration names is invalid";
+
+/// The version, with the commit it was built from where known (build.rs).
+const VERSION: &str = env!("KMS_TAG_GUARD_VERSION");
 
 #[derive(Parser)]
 #[command(
     name = "kms-tag-guard",
-    version,
-    about = "A policy-enforcing reverse proxy for the AWS KMS API"
+    version = VERSION,
+    about = "A policy-enforcing reverse proxy for the AWS KMS API",
+    after_help = EXIT_CODES,
+    subcommand_required = true,
+    arg_required_else_help = true
 )]
 struct Cli {
-    /// Log format on standard error: "text" for terminals, "json" (one object per line) for log
-    /// pipelines. RUST_LOG filters (default "info").
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,38 +43,105 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    /// Failures (with -v: every case) and the counts
+    Text,
+    /// One JSON object: the configuration, the counts, every case
+    Json,
+    /// JUnit XML, which CI systems read
+    Junit,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (without --config: the configuration compiled into the binary).
+    #[command(after_help = EXIT_CODES)]
     Serve {
+        /// The configuration file (TOML; docs/configuration.md). Without it: the built-in
+        /// config/kms-tag-guard.toml.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Log format on standard error: "text" for terminals, "json" (one object per line) for
+        /// log pipelines. RUST_LOG filters (default "info").
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
-    /// Validate a configuration and its policy; print every error with its key path.
+    /// Check a configuration as `serve` would, without listening: the settings, the policy and
+    /// every file they name (certificates, keys, the CA file, the audit file's directory).
+    #[command(after_help = EXIT_CODES)]
     Check {
+        /// The configuration file to check. Without it: the built-in configuration.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Check the settings and the policy only, not the files they name: for a configuration
+        /// checked away from the machine it runs on (CI). serve may still refuse it.
+        #[arg(long)]
+        no_files: bool,
+        /// After the check, print the effective configuration (defaults filled in) as TOML
+        /// instead of the list of rules.
+        #[arg(long)]
+        print: bool,
     },
     /// Interception CA for HTTPS_PROXY clients.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// Run policy test cases against a configuration.
+    /// Run policy test cases against a configuration (docs/policy-tests.md).
+    #[command(after_help = EXIT_CODES)]
     Test {
+        /// The configuration whose policy the cases test. Without it: the built-in
+        /// configuration.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Show the cases that pass too (text format).
+        #[arg(short, long)]
+        verbose: bool,
+        /// The report's format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
         /// Case files (TOML with [[case]] tables).
         #[arg(required = true, value_name = "CASES")]
         cases: Vec<PathBuf>,
     },
+    /// Judge one request: each rule's verdict and the decision (exit 0 allowed, 1 denied).
+    #[command(after_help = EXIT_CODES)]
+    Explain {
+        /// The configuration whose policy judges. Without it: the built-in configuration.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The KMS operation, e.g. TagResource, CreateKey, CreateAlias.
+        #[arg(long, value_name = "NAME")]
+        operation: String,
+        /// The request's JSON body, as the SDK sends it; "-" reads it from standard input.
+        #[arg(long, value_name = "JSON")]
+        body: String,
+        /// The caller's access key id, for rules limited by key_ids or exempt_principals.
+        #[arg(long, value_name = "AKID")]
+        access_key_id: Option<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, ...) to standard output.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output, e.g. `kms-tag-guard man | man -l -`.
+    Man,
+    /// Print the JSON Schema of the configuration file (docs/config.schema.json), made from the
+    /// configuration reader's keys and types.
+    Schema,
 }
 
 #[derive(Subcommand)]
 enum CaCommand {
     /// Write a new CA (ca.pem, ca.key with mode 0600) whose name constraints permit only the KMS
     /// host names (no IP address).
+    #[command(after_help = EXIT_CODES)]
     Init {
+        /// The directory to write ca.pem and ca.key into (created if absent; neither file may
+        /// exist yet).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
@@ -79,34 +158,65 @@ fn main() -> ExitCode {
         default_hangup();
     }
     match cli.command {
-        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
-        Command::Check { config } => match load(config.as_deref()) {
-            Ok(config) => {
-                println!("ok: {} rules", config.policy.rule_count());
-                for rule in config.policy.rule_summaries() {
-                    println!("  {rule}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(errors) => config_failure(&errors),
-        },
-        Command::Test { config, cases } => test(config.as_deref(), &cases),
+        Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
+        Command::Check {
+            config,
+            no_files,
+            print,
+        } => check(config.as_deref(), no_files, print),
+        Command::Test {
+            config,
+            verbose,
+            format,
+            cases,
+        } => test(config.as_deref(), &cases, verbose, format),
+        Command::Explain {
+            config,
+            operation,
+            body,
+            access_key_id,
+        } => explain(
+            config.as_deref(),
+            &operation,
+            &body,
+            access_key_id.as_deref(),
+        ),
         Command::Ca {
             command: CaCommand::Init { out },
-        } => match kms_tag_guard::tls::ca_init(&out) {
-            Ok((cert, key)) => {
-                println!(
-                    "wrote {} and {} (keep the key secret; give clients the certificate)",
-                    cert.display(),
-                    key.display()
-                );
-                ExitCode::SUCCESS
+        } => ca_init(&out),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kms-tag-guard", &mut script);
+            write_stdout(&script, "the completion script")
+        }
+        Command::Schema => write_stdout(
+            kms_tag_guard::schema::schema_text().as_bytes(),
+            "the schema",
+        ),
+        Command::Man => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => write_stdout(&page, "the manual page"),
+                Err(error) => {
+                    eprintln!("kms-tag-guard: cannot make the manual page: {error}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(error) => {
-                eprintln!("kms-tag-guard: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        }
+    }
+}
+
+/// Writes generated text to standard output; a reader that stopped early (`| head`) is no error.
+fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot write {what}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -122,7 +232,67 @@ fn config_failure(errors: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn test(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
+/// `serve` up to the point where it would listen: the configuration, then every file it names
+/// (`kms_tag_guard::prepare`, the step `serve` runs first).
+fn check(path: Option<&Path>, no_files: bool, print: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let prepared = if no_files {
+        Ok(())
+    } else {
+        let _inside = runtime.enter();
+        kms_tag_guard::prepare(&config).map(drop)
+    };
+    if let Err(error) = prepared {
+        eprintln!("{}: serve would not start: {error}", config.source);
+        return ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 });
+    }
+    let count = config.policy.rule_count();
+    if print {
+        // The text read a moment ago: the [policy] section is printed as written.
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+            None => kms_tag_guard::config::DEFAULT_CONFIG.to_owned(),
+        };
+        print!(
+            "{}",
+            kms_tag_guard::effective::effective_toml(&config, &text)
+        );
+    } else {
+        println!("ok: {count} rules");
+    }
+    if count == 0 {
+        eprintln!(
+            "warning: {} has no rules: the proxy would enforce nothing beyond its request checks; add [[policy.rule]] tables (docs/configuration.md)",
+            config.source
+        );
+    } else if config.policy.enforces_no_rule() {
+        eprintln!(
+            "warning: {}: every rule is in dry-run: the proxy would deny no tag change",
+            config.source
+        );
+    }
+    if !print {
+        for rule in config.policy.rule_summaries() {
+            println!("  {rule}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn test(config: Option<&Path>, files: &[PathBuf], verbose: bool, format: ReportFormat) -> ExitCode {
     let config = match load(config) {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
@@ -137,13 +307,139 @@ fn test(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
             }
         }
     }
+    let source = config.source.to_string();
     let report = cases::run(&config, all);
-    print!("{report}");
+    match format {
+        ReportFormat::Text => {
+            println!(
+                "config: {source} ({} rules, sha256 {})",
+                config.policy.rule_count(),
+                &config.sha256[..12]
+            );
+            print!("{}", report.text(verbose));
+        }
+        ReportFormat::Json => print!("{}", report.json(&source)),
+        ReportFormat::Junit => print!("{}", report.junit(&source)),
+    }
     if report.failed() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn explain(
+    config: Option<&Path>,
+    operation: &str,
+    body: &str,
+    access_key_id: Option<&str>,
+) -> ExitCode {
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    if operation.is_empty() || !operation.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        eprintln!(
+            "kms-tag-guard: --operation {operation:?}: give an operation's name, e.g. TagResource"
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(akid) = access_key_id {
+        if akid.is_empty() || !akid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            eprintln!("kms-tag-guard: --access-key-id {akid:?}: give an access key id such as AKIAIOSFODNN7EXAMPLE");
+            return ExitCode::from(2);
+        }
+    }
+    let body = if body == "-" {
+        let mut bytes = Vec::new();
+        if let Err(error) = std::io::stdin().read_to_end(&mut bytes) {
+            eprintln!("kms-tag-guard: cannot read the body from standard input: {error}");
+            return ExitCode::FAILURE;
+        }
+        bytes
+    } else {
+        body.as_bytes().to_vec()
+    };
+    let case = match cases::request(operation, body, access_key_id) {
+        Ok(case) => case,
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let decision = cases::decide(&config, &case);
+    println!(
+        "config: {} ({} rules)",
+        config.source,
+        config.policy.rule_count()
+    );
+    println!("request: {operation}");
+    let named = |violations: &[kms_tag_guard::policy::Violation], id: &str| {
+        violations
+            .iter()
+            .filter(|v| &*v.rule == id)
+            .map(|v| v.message.clone())
+            .collect::<Vec<_>>()
+    };
+    let summaries = config.policy.rule_summaries();
+    for rule in &summaries {
+        let enforced = named(&decision.violations, &rule.id);
+        let dry = named(&decision.dry_run_violations, &rule.id);
+        if !enforced.is_empty() {
+            println!("  {:<24} deny: {}", rule.id, enforced.join("; "));
+        } else if !dry.is_empty() {
+            println!("  {:<24} dry-run, would deny: {}", rule.id, dry.join("; "));
+        } else {
+            println!("  {:<24} pass", rule.id);
+        }
+    }
+    // The proxy's own checks (the request's shape, max_tags) are not rules of the file.
+    for v in &decision.violations {
+        if !summaries.iter().any(|r| *r.id == *v.rule) {
+            println!("  {:<24} deny: {}", v.rule, v.message);
+        }
+    }
+    if decision.allowed() {
+        println!("decision: allow");
+        ExitCode::SUCCESS
+    } else {
+        println!("decision: deny");
+        ExitCode::FAILURE
+    }
+}
+
+fn ca_init(out: &Path) -> ExitCode {
+    match kms_tag_guard::tls::ca_init_described(out) {
+        Ok(ca) => {
+            let date = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+            println!(
+                "wrote {} and {} (keep the key secret; give clients the certificate)",
+                ca.cert.display(),
+                ca.key.display()
+            );
+            println!(
+                "valid from {} until {}",
+                date(ca.not_before),
+                date(ca.not_after)
+            );
+            println!("SHA-256 fingerprint: {}", ca.sha256);
+            println!();
+            println!("Add to the configuration:");
+            println!("[intercept]");
+            println!("ca_cert = {:?}", absolute(&ca.cert).display().to_string());
+            println!("ca_key = {:?}", absolute(&ca.key).display().to_string());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The path from the root, so that the lines printed work from any directory.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
@@ -196,7 +492,7 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
             Ok(proxy) => proxy,
             Err(error) => {
                 eprintln!("kms-tag-guard: {error}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 });
             }
         };
         let signal = loop {

@@ -54,6 +54,8 @@ pub enum TlsError {
     NotValidNow { path: String, detail: String },
     #[error("{0} already exists; move it away or choose another --out directory")]
     Exists(PathBuf),
+    #[error("{0} exists and is not a directory; --out names the directory to write ca.pem and ca.key into (it is created if absent)")]
+    NotADirectory(PathBuf),
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -721,6 +723,25 @@ pub fn ca_name_constraints() -> NameConstraints {
 /// name constraints permit only the KMS host names and exclude every IP address
 /// ([`ca_name_constraints`]). Refuses to overwrite.
 pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    ca_init_described(dir).map(|ca| (ca.cert, ca.key))
+}
+
+/// A CA [`ca_init_described`] wrote.
+#[derive(Debug, Clone)]
+pub struct NewCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The SHA-256 of the certificate's DER, upper-case hex pairs joined by `:`.
+    pub sha256: String,
+}
+
+/// [`ca_init`], and what to tell the operator about the CA it wrote.
+pub fn ca_init_described(dir: &Path) -> Result<NewCa, TlsError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(TlsError::NotADirectory(dir.to_owned()));
+    }
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca.key");
     for path in [&cert_path, &key_path] {
@@ -758,7 +779,19 @@ pub fn ca_init(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         path: cert_path.display().to_string(),
         source,
     })?;
-    Ok((cert_path, key_path))
+    use sha2::Digest;
+    let sha256 = sha2::Sha256::digest(cert.der())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(NewCa {
+        cert: cert_path,
+        key: key_path,
+        not_before: params.not_before.into(),
+        not_after: params.not_after.into(),
+        sha256,
+    })
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {

@@ -20,6 +20,17 @@ pub(crate) struct OrgPolicyText<'a> {
     pub text: &'a str,
 }
 
+/// The rule types a `[[policy.rule]]` may name.
+const RULE_TYPES: [&str; 7] = [
+    "required-prefix",
+    "forbidden-key",
+    "value-pattern",
+    "required-key",
+    "alias-prefix",
+    "protected-alias",
+    "alias-target",
+];
+
 /// Compiles the `[policy]` section `r` reads, and the rules of the tag policy `org` (whose
 /// `org_tag_policy` key the caller has read).
 pub(crate) fn compile(
@@ -56,9 +67,24 @@ pub(crate) fn compile(
                         errors.push(&path, "expected a table ([[policy.rule]])");
                         continue;
                     };
+                    let first_error = errors.0.len();
                     let mut rr = Reader::new(table, &path);
                     let rule = read_rule(&mut rr, errors, &mut ids);
-                    rr.finish(errors);
+                    // A misspelt type reads none of its keys: they would each be reported
+                    // unknown, after the one mistake that matters.
+                    let known_type = table
+                        .get("type")
+                        .and_then(toml::Value::as_str)
+                        .is_none_or(|t| RULE_TYPES.contains(&t));
+                    if known_type {
+                        rr.finish(errors);
+                    }
+                    // Each error names the rule by its id too, not only by its place.
+                    if let Some(id) = table.get("id").and_then(toml::Value::as_str) {
+                        for e in &mut errors.0[first_error..] {
+                            e.rule = Some(id.to_owned());
+                        }
+                    }
                     rules.extend(rule);
                 }
             }
@@ -176,9 +202,13 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         }
         Some("alias-target") => read_alias_target(r, errors),
         Some(other) => {
+            let hint = match crate::toml_reader::nearest(other, RULE_TYPES) {
+                Some(near) => format!("did you mean `{near}`? The types are"),
+                None => "use".to_owned(),
+            };
             errors.push(
                 &r.key_path("type"),
-                format!("{other:?} is not a rule type; use required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target"),
+                format!("{other:?} is not a rule type; {hint} required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target"),
             );
             None
         }
@@ -226,8 +256,12 @@ fn regex(path: &str, pattern: &str, ignore_case: bool, errors: &mut Errors) -> O
         .size_limit(1 << 20)
         .build()
         .map_err(|e| {
-            let detail = e.to_string().replace('\n', " ");
-            errors.push(path, format!("invalid regex {pattern:?}: {detail}"));
+            // regex's own layout: the pattern, a caret under the fault, what is wrong.
+            let detail = e.to_string();
+            errors.push(
+                path,
+                format!("invalid regex {pattern:?}:\n{}", detail.trim_end()),
+            );
         })
         .ok()
 }

@@ -102,12 +102,29 @@ impl RunningProxy {
     }
 }
 
-/// Opens the audit log, sets up the upstream client, binds the listeners and starts serving.
-pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
-    let listener_cert = match &config.listener.tls {
-        Some(files) => Some(Arc::new(
-            ListenerCert::load(files).map_err(StartError::Tls)?,
-        )),
+/// Everything `start` reads and checks before it listens: the listener's certificate and key,
+/// the interception CA (its checks, the key's permissions), the upstream's CA file, the audit
+/// file's directory. `kms-tag-guard check` runs this and stops, so that it refuses exactly what
+/// `serve` would refuse to start with.
+pub struct Prepared {
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<ListenerCert>)>,
+    minter: Option<Arc<LeafMinter>>,
+    metrics: Arc<Metrics>,
+    upstream: Upstream,
+    own_addresses: OwnAddresses,
+}
+
+/// Reads and checks every file the configuration names, as `start` does (see [`Prepared`]). Call
+/// it inside a Tokio runtime.
+pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
+    let tls = match &config.listener.tls {
+        Some(files) => {
+            let cert = Arc::new(ListenerCert::load(files).map_err(StartError::Tls)?);
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(Arc::clone(&cert) as _).map_err(StartError::Tls)?,
+            ));
+            Some((acceptor, cert))
+        }
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
@@ -121,6 +138,39 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         None => None,
     };
     let own_addresses = OwnAddresses::default();
+    let upstream = Upstream::new(
+        &config.upstream,
+        Arc::clone(&metrics),
+        own_addresses.clone(),
+    )?;
+    crate::audit::check_path(&config.audit.path)?;
+    Ok(Prepared {
+        tls,
+        minter,
+        metrics,
+        upstream,
+        own_addresses,
+    })
+}
+
+impl StartError {
+    /// Whether the configuration (or a file it names) is at fault, rather than the machine
+    /// (a port in use, no threads): `serve` and `check` exit with 78 (EX_CONFIG) for these.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, StartError::Bind { .. } | StartError::Threads(_))
+    }
+}
+
+/// Checks the configuration's files ([`prepare`]), opens the audit log, binds the listeners and
+/// starts serving.
+pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
+    let Prepared {
+        tls,
+        minter,
+        metrics,
+        upstream,
+        own_addresses,
+    } = prepare(&config)?;
     metrics.policy_in_force(&config.sha256);
     let budget = Arc::new(budget::Budget::new(
         connection_limit(config.limits.max_connections),
@@ -130,11 +180,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let shared = Arc::new(Shared {
         policy: Arc::new(ArcSwap::new(Arc::clone(&config.policy))),
         audit: Arc::new(AuditLog::open(&config.audit, Arc::clone(&metrics))?),
-        upstream: Upstream::new(
-            &config.upstream,
-            Arc::clone(&metrics),
-            own_addresses.clone(),
-        )?,
+        upstream,
         limits: config.limits.clone(),
         bodies: bodies::BodyBudget::new(
             config.limits.max_buffered_body_bytes,
@@ -179,15 +225,6 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         reload: Arc::new(Notify::new()),
         admin: Arc::clone(&admin_state),
     });
-    let tls = match listener_cert {
-        Some(cert) => Some((
-            tokio_rustls::TlsAcceptor::from(Arc::new(
-                crate::tls::server_config(Arc::clone(&cert) as _).map_err(StartError::Tls)?,
-            )),
-            cert,
-        )),
-        None => None,
-    };
     let reloader = Reloader::new(
         Live {
             policy: Arc::clone(&shared.policy),

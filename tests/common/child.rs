@@ -17,7 +17,8 @@ pub struct ChildOptions {
     /// and admin addresses are read from the child's "listening" log line, so ephemeral ports
     /// (the default) work.
     pub config: ProxyConfig,
-    /// Arguments before `serve` (e.g. `--log-format json`).
+    /// More arguments of `serve`, after `serve --config FILE` (e.g. `--log-format json`, an
+    /// option of `serve` only).
     pub global_args: Vec<String>,
     /// `RUST_LOG` for the child (unset: the binary's default, info).
     pub rust_log: Option<String>,
@@ -107,10 +108,12 @@ pub fn try_spawn_proxy(opts: &ChildOptions) -> Result<ChildProxy, (ExitStatus, S
     let bin = std::env::var("KMS_TAG_GUARD_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kms-tag-guard").to_owned());
     let bin = bin.as_str();
-    let mut args: Vec<String> = opts.global_args.clone();
-    args.push("serve".into());
-    args.push("--config".into());
-    args.push(config_path.display().to_string());
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--config".into(),
+        config_path.display().to_string(),
+    ];
+    args.extend(opts.global_args.iter().cloned());
     let ulimit = match (opts.nofile, opts.soft_nofile) {
         (None, None) => None,
         (Some(n), None) => Some(format!(
