@@ -239,15 +239,9 @@ fn check(path: Option<&Path>, no_files: bool, print: bool) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("kms-tag-guard: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let prepared = if no_files {
         Ok(())
@@ -469,15 +463,9 @@ fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
     }
     // Connections are served on the proxy's own connection threads; this runtime only accepts
     // them and runs the admin port, reloads and signals.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("kms-tag-guard: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(async {
         // Registered once, before serving, so no signal is missed between two waits.
@@ -582,4 +570,15 @@ fn init_logging(format: LogFormat) -> Option<kms_tag_guard::logs::LogGuard> {
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
     Some(guard)
+}
+
+/// The single-threaded runtime `serve` accepts on (and `check` prepares on).
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("kms-tag-guard: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
 }

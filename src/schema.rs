@@ -5,18 +5,8 @@
 use serde_json::{json, Value};
 
 use crate::config::{Config, ConfigSource};
+use crate::policy::RULE_TYPES;
 use crate::toml_reader::keys_asked;
-
-/// The rule types, each with the keys its reader asks for (the keys every rule takes included).
-const RULE_TYPES: [&str; 7] = [
-    "required-prefix",
-    "forbidden-key",
-    "value-pattern",
-    "required-key",
-    "alias-prefix",
-    "protected-alias",
-    "alias-target",
-];
 
 /// The keys whose string takes one of a few words: (key path, rule type or "" for a section's
 /// key, the words). A test feeds each word, and one not listed, through the reader.

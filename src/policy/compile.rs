@@ -21,7 +21,7 @@ pub(crate) struct OrgPolicyText<'a> {
 }
 
 /// The rule types a `[[policy.rule]]` may name.
-const RULE_TYPES: [&str; 7] = [
+pub const RULE_TYPES: [&str; 7] = [
     "required-prefix",
     "forbidden-key",
     "value-pattern",

@@ -7,7 +7,7 @@ mod compile;
 mod org;
 mod rules;
 
-pub(crate) use compile::{compile, OrgPolicyText};
+pub(crate) use compile::{compile, OrgPolicyText, RULE_TYPES};
 
 use std::sync::Arc;
 
