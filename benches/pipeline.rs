@@ -169,6 +169,7 @@ fn decide_benches(c: &mut Criterion) {
     let change = parse_tag_request(TagOperation::TagResource, TAG_BODY.as_bytes()).unwrap();
     let context = Context {
         access_key_id: Some("AKIAIOSFODNN7EXAMPLE"),
+        caller: None,
     };
     let mut group = c.benchmark_group("evaluate");
     for (name, config) in [("default_policy", &default), ("policy_of_50_rules", &fifty)] {

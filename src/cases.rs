@@ -368,6 +368,7 @@ pub fn decide(config: &Config, case: &Case) -> Decision {
         uri: &Uri::from_static("/"),
         headers: &case.headers,
         tunnel_host: None,
+        caller: None,
     };
     decision(&head, &case.body, &Rules::of(config))
 }

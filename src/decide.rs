@@ -30,6 +30,9 @@ pub struct Head<'a> {
     pub headers: &'a HeaderMap,
     /// For a request inside an intercepted CONNECT tunnel: the host the tunnel was opened to.
     pub tunnel_host: Option<&'a str>,
+    /// The caller's workload identity: the SPIFFE ID (or DNS name) of the verified client
+    /// certificate of the connection the request came on. `None` without one.
+    pub caller: Option<&'a str>,
 }
 
 /// A request's body, as far as it has been read.
@@ -112,6 +115,8 @@ pub struct Judgement {
     /// The SHA-256 of the configuration whose policy was in force for the request (the one it
     /// loaded, even if a reload landed meanwhile): `policy_sha256` in its record.
     pub policy_sha256: Option<Arc<str>>,
+    /// The caller's workload identity ([`Head::caller`]): `caller` in its records.
+    pub caller: Option<Arc<str>>,
 }
 
 /// The SDK's invocation id (`amz-sdk-invocation-id`, the same for every retry of one call) and
@@ -158,6 +163,7 @@ impl Judgement {
             call: SdkCall::default(),
             decision: Decision::unreadable(reason.to_string()),
             policy_sha256: None,
+            caller: None,
         }
     }
 
@@ -165,12 +171,10 @@ impl Judgement {
     /// sender (credential scope, SDK call). A credential that cannot be read is left out, and
     /// the query is never read: a request with one is refused by `classify` before any judging,
     /// and what a refused request's query says is not copied into its record.
-    pub fn refused(
-        reason: impl std::fmt::Display,
-        headers: &HeaderMap,
-        policy: &Policy,
-    ) -> Judgement {
+    pub fn refused(reason: impl std::fmt::Display, head: &Head<'_>, policy: &Policy) -> Judgement {
+        let headers = head.headers;
         Judgement {
+            caller: head.caller.map(Arc::from),
             credential: read_credential(headers, None).ok().flatten(),
             call: SdkCall::read(headers),
             policy_sha256: Some(Arc::clone(policy.sha256())),
@@ -254,7 +258,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
     Verdict::Judged {
         operation: op,
         host,
-        judgement: judge(op, head.headers, head.uri.query(), bytes, rules.policy),
+        judgement: judge(op, head, bytes, rules.policy),
     }
 }
 
@@ -290,7 +294,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 fn refused_head(head: &Head, refused: Refused, policy: &Policy) -> Refusal {
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = refused.may_change_tags.then(|| {
-        let judgement = Judgement::refused(&refused.reason, head.headers, policy);
+        let judgement = Judgement::refused(&refused.reason, head, policy);
         (judgement, target_text(head.headers))
     });
     Refusal {
@@ -308,7 +312,7 @@ pub fn streamed_body_refused(
     reason: Unreadable,
     policy: &Policy,
 ) -> Refusal {
-    let judgement = Judgement::refused(&reason, head.headers, policy);
+    let judgement = Judgement::refused(&reason, head, policy);
     Refusal {
         answer: ProxyError::from(reason),
         operation,
@@ -325,7 +329,7 @@ pub fn refused_tag_change(
     answer: ProxyError,
     policy: &Policy,
 ) -> Refusal {
-    let judgement = Judgement::refused(&answer, head.headers, policy);
+    let judgement = Judgement::refused(&answer, head, policy);
     Refusal {
         answer,
         operation: operation.name(),
@@ -343,7 +347,7 @@ pub fn malformed_head(head: &Head, answer: ProxyError, policy: &Policy) -> Refus
     };
     let operation = names_pass_through(head.headers).map_or(UNKNOWN_OPERATION, |op| op.name());
     let record = may_change_tags.then(|| {
-        let judgement = Judgement::refused(&answer, head.headers, policy);
+        let judgement = Judgement::refused(&answer, head, policy);
         (judgement, target_text(head.headers))
     });
     Refusal {
@@ -367,13 +371,9 @@ pub fn target_text(headers: &HeaderMap) -> String {
 }
 
 /// Credential, the body's protocol, strict parse, policy: the judgement of a tag change.
-fn judge(
-    operation: TagOperation,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    body: &[u8],
-    policy: &Policy,
-) -> Judgement {
+fn judge(operation: TagOperation, head: &Head<'_>, body: &[u8], policy: &Policy) -> Judgement {
+    let (headers, query) = (head.headers, head.uri.query());
+    let caller = head.caller.map(Arc::from);
     let call = SdkCall::read(headers);
     let policy_sha256 = Some(Arc::clone(policy.sha256()));
     let credential = match read_credential(headers, query) {
@@ -384,6 +384,7 @@ fn judge(
                 alias: claimed_alias(operation, body),
                 call,
                 policy_sha256,
+                caller,
                 ..Judgement::unreadable(e)
             }
         }
@@ -402,12 +403,14 @@ fn judge(
                 alias: claimed_alias(operation, body),
                 call,
                 policy_sha256,
+                caller,
                 ..Judgement::unreadable(e)
             }
         }
     };
     let context = Context {
         access_key_id: credential.as_ref().map(|c| c.access_key_id.as_str()),
+        caller: head.caller,
     };
     let decision = policy.evaluate(&change, &context);
     Judgement {
@@ -418,6 +421,7 @@ fn judge(
         call,
         decision,
         policy_sha256,
+        caller,
     }
 }
 

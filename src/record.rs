@@ -90,6 +90,8 @@ pub struct OpenChange {
     /// `fail_closed = false`), and the outcome then takes its chance like any record.
     slot: Option<OutcomeSlot>,
     request_id: String,
+    /// The caller's workload identity, for the outcome record.
+    caller: Option<Arc<str>>,
     started: Instant,
     open: bool,
     /// Still waiting for its decision record: not forwarded.
@@ -111,7 +113,12 @@ impl Drop for OpenChange {
             } else {
                 ProxyError::ShutDown
             };
-            let record = outcome_record(&self.request_id, self.started, Err(&why));
+            let record = outcome_record(
+                &self.request_id,
+                self.caller.as_deref(),
+                self.started,
+                Err(&why),
+            );
             write_outcome(&self.audit, self.slot.take(), &record);
         }
     }
@@ -138,6 +145,7 @@ pub async fn decision(
         audit: Arc::clone(audit),
         slot,
         request_id: request_id.to_owned(),
+        caller: judgement.caller.clone(),
         started,
         open: judgement.allowed(),
         deciding: true,
@@ -210,7 +218,12 @@ pub async fn refusal(audit: &AuditLog, source: SocketAddr, refusal: Refusal) -> 
 /// for the audit log, never finds its queue full).
 pub fn outcome(mut change: OpenChange, result: Result<KmsAnswer<'_>, &ProxyError>) {
     change.open = false;
-    let record = outcome_record(&change.request_id, change.started, result);
+    let record = outcome_record(
+        &change.request_id,
+        change.caller.as_deref(),
+        change.started,
+        result,
+    );
     write_outcome(&change.audit, change.slot.take(), &record);
 }
 
@@ -227,6 +240,7 @@ fn write_outcome(audit: &AuditLog, slot: Option<OutcomeSlot>, record: &OutcomeRe
 /// The outcome record of a forwarded change, every string in it bounded.
 fn outcome_record<'a>(
     request_id: &'a str,
+    caller: Option<&'a str>,
     started: Instant,
     result: Result<KmsAnswer<'_>, &ProxyError>,
 ) -> OutcomeRecord<'a> {
@@ -267,6 +281,7 @@ fn outcome_record<'a>(
         ts: timestamp(),
         event: "outcome",
         request_id,
+        caller: caller.map(|c| bounded(c, MAX_VALUE_CHARS)),
         upstream_status,
         aws_request_id,
         aws_error,
@@ -281,7 +296,12 @@ fn outcome_record<'a>(
 pub fn outcome_after_head(mut change: OpenChange, head: KmsAnswer<'_>, error: &ProxyError) {
     change.open = false;
     warn!(request_id = %change.request_id, status = head.status, %error, "the answer to a forwarded tag change broke off after its head");
-    let mut record = outcome_record(&change.request_id, change.started, Ok(head));
+    let mut record = outcome_record(
+        &change.request_id,
+        change.caller.as_deref(),
+        change.started,
+        Ok(head),
+    );
     record.error = Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned());
     write_outcome(&change.audit, change.slot.take(), &record);
 }
@@ -362,6 +382,10 @@ pub struct DecisionRecord<'a> {
     pub target_key_id: Option<Cow<'a, str>>,
     pub region: Option<Cow<'a, str>>,
     pub access_key_id: Option<Cow<'a, str>>,
+    /// The caller's workload identity: the SPIFFE ID (or DNS name) of the connection's verified
+    /// client certificate (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Cow<'a, str>>,
     pub source: Option<SocketAddr>,
     /// The SHA-256 of the configuration whose policy was in force for the request: the
     /// `kms_tag_guard_policy_info{sha256}` of that policy, even when a reload landed before the
@@ -424,6 +448,10 @@ impl<'a> DecisionRecord<'a> {
                 .and_then(|c| c.region.as_deref())
                 .map(|r| bounded(r, MAX_REGION_CHARS)),
             access_key_id: credential.map(|c| bounded(&c.access_key_id, MAX_ID_CHARS)),
+            caller: judgement
+                .caller
+                .as_deref()
+                .map(|c| bounded(c, MAX_VALUE_CHARS)),
             source,
             policy_sha256: judgement.policy_sha256.as_deref(),
             invocation_id: judgement
@@ -479,6 +507,9 @@ pub struct OutcomeRecord<'a> {
     pub ts: String,
     pub event: &'static str,
     pub request_id: &'a str,
+    /// The caller's workload identity, as in the decision record (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Cow<'a, str>>,
     pub upstream_status: Option<u16>,
     pub aws_request_id: Option<String>,
     /// The KMS error type (`__type`) of an error answer; for a failed forward, the error the proxy
@@ -561,6 +592,7 @@ mod tests {
                     dry_run_violations_omitted: 0,
                 },
                 policy_sha256: Some("ab".repeat(32).into()),
+                caller: Some(target.as_str().into()),
             };
             let record = DecisionRecord::new("id", &target, None, &judgement);
             let line = encode(&record);
@@ -580,7 +612,7 @@ mod tests {
                 body: b"",
             };
             for result in [Ok(answer), Err(&ProxyError::UpstreamBroken(key_id.clone()))] {
-                let line = encode(&outcome_record("id", Instant::now(), result));
+                let line = encode(&outcome_record("id", None, Instant::now(), result));
                 prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
                 serde_json::from_slice::<serde_json::Value>(&line).unwrap();
             }

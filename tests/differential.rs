@@ -810,6 +810,7 @@ fn decide(config: &Config, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Decis
         uri,
         headers,
         tunnel_host: None,
+        caller: None,
     };
     decision(&head, body, &Rules::of(config))
 }
@@ -818,6 +819,7 @@ fn decide(config: &Config, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Decis
 fn forbidden_readings(config: &Config, attack: &Attack) -> Vec<(String, TagChange)> {
     let context = Context {
         access_key_id: Some(ACCESS_KEY_ID),
+        caller: None,
     };
     let mut out = Vec::new();
     for (name, reader) in READERS {

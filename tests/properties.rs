@@ -103,6 +103,7 @@ fn decide_request(
         uri,
         headers,
         tunnel_host: None,
+        caller: None,
     };
     decision(&head, body, &Rules::of(config))
 }

@@ -136,6 +136,9 @@ impl std::fmt::Display for RuleSummary {
 pub struct Context<'a> {
     /// From the SigV4 credential scope (read, not verified: KMS verifies it).
     pub access_key_id: Option<&'a str>,
+    /// The caller's workload identity (the SPIFFE ID or DNS name of the connection's verified
+    /// client certificate), `None` without one.
+    pub caller: Option<&'a str>,
 }
 
 /// One broken rule.

@@ -191,6 +191,7 @@ exempt_principals = ["AKIDADMIN"]
     assert!(!p.evaluate(&change, &Context::default()).allowed());
     let admin = Context {
         access_key_id: Some("AKIDADMIN"),
+        caller: None,
     };
     assert!(p.evaluate(&change, &admin).allowed());
     // Another account's ARN: the key id inside may name a key of the account to a reader that
@@ -382,6 +383,7 @@ mode = "dry-run"
     assert_eq!(&*d.dry_run_violations[0].rule, "trial");
     let admin = Context {
         access_key_id: Some("AKIDADMIN"),
+        caller: None,
     };
     assert!(p.evaluate(&in_account, &admin).allowed());
     // Another key is out of the rule's scope; the same key id in another account's ARN is not

@@ -73,6 +73,7 @@ pub(crate) async fn handle(
         uri: &parts.uri,
         headers: &parts.headers,
         tunnel_host: origin.tunnel_host.as_deref(),
+        caller: None,
     };
     let (response, operation, outcome, class) = match decide(&head, Body::Unread, &rules) {
         Verdict::Stream { operation, host } => {
@@ -135,6 +136,7 @@ async fn pass_through(
             uri: &uri,
             headers: &head_copy,
             tunnel_host: None,
+            caller: None,
         };
         let refused =
             streamed_body_refused(&head, operation, reason.clone(), &shared.policy.load());
@@ -275,6 +277,7 @@ async fn tag_change(
                 uri: &parts.uri,
                 headers: &parts.headers,
                 tunnel_host: None,
+                caller: None,
             };
             let handled = record::refusal(
                 &shared.audit,
@@ -291,6 +294,7 @@ async fn tag_change(
         uri: &parts.uri,
         headers: &parts.headers,
         tunnel_host,
+        caller: None,
     };
     let (host, judgement): (String, Judgement) = match decide(&head, Body::Whole(&bytes), rules) {
         Verdict::Judged {

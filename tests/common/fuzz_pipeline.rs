@@ -125,6 +125,7 @@ pub fn check(data: &[u8], configs: &[Config]) -> Result<(), String> {
             uri: &uri,
             headers: &headers,
             tunnel_host: None,
+            caller: None,
         };
         let decision = decision(&head, body, &Rules::of(config));
         if let (Ok(Route::Judge(op)), true) = (&route, decision.allowed()) {

@@ -274,6 +274,7 @@ where
             uri: &head.parts.uri,
             headers: &head.parts.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
+            caller: None,
         }
     }
 
@@ -531,6 +532,7 @@ where
             uri: &uri,
             headers: &lenient.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
+            caller: None,
         };
         let refusal = malformed_head(&view, answer, &self.shared.policy.load());
         let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
