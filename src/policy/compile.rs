@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
+use super::caller::{CallerPattern, ValueTemplate};
 use super::org::ORG_RULE_PREFIX;
 use super::rules::{KeyMatcher, Rule, RuleKind, ValueMatcher};
 use super::{Mode, Policy, UnknownOperations, MAX_TAGS_RULE, REQUEST_RULE};
@@ -21,15 +22,19 @@ pub(crate) struct OrgPolicyText<'a> {
 }
 
 /// The rule types a `[[policy.rule]]` may name.
-pub const RULE_TYPES: [&str; 7] = [
+pub const RULE_TYPES: [&str; 8] = [
     "required-prefix",
     "forbidden-key",
     "value-pattern",
     "required-key",
+    "caller-value",
     "alias-prefix",
     "protected-alias",
     "alias-target",
 ];
+
+/// [`RULE_TYPES`] as messages list them.
+const RULE_TYPES_TEXT: &str = "required-prefix, forbidden-key, value-pattern, required-key, caller-value, alias-prefix, protected-alias or alias-target";
 
 /// Compiles the `[policy]` section `r` reads, and the rules of the tag policy `org` (whose
 /// `org_tag_policy` key the caller has read).
@@ -97,6 +102,10 @@ pub(crate) fn compile(
                 mode: i.mode,
                 key_ids: Vec::new(),
                 exempt_principals: Vec::new(),
+                // Imported entries apply to every caller, as the tag policy does to every
+                // principal.
+                callers: Vec::new(),
+                exempt_callers: Vec::new(),
                 kind: RuleKind::OrgTag(i.tag),
                 origin: i.origin.into(),
             })),
@@ -182,12 +191,14 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
             }
         })
         .collect();
+    let callers = caller_globs(r, "callers", errors);
+    let exempt_callers = caller_globs(r, "exempt_callers", errors);
     let kind = match r.string("type", errors) {
         None => {
             if !r.has("type") {
                 errors.push(
                     &r.key_path("type"),
-                    "every rule needs a type: required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target",
+                    format!("every rule needs a type: {RULE_TYPES_TEXT}"),
                 );
             }
             None
@@ -196,6 +207,7 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         Some("forbidden-key") => read_forbidden_key(r, errors),
         Some("value-pattern") => read_value_pattern(r, errors),
         Some("required-key") => read_required_key(r, errors),
+        Some("caller-value") => read_caller_value(r, errors),
         Some("alias-prefix") => read_alias_prefix(r, errors),
         Some("protected-alias") => {
             alias_globs(r, "aliases", errors).map(|aliases| RuleKind::ProtectedAlias { aliases })
@@ -208,7 +220,7 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
             };
             errors.push(
                 &r.key_path("type"),
-                format!("{other:?} is not a rule type; {hint} required-prefix, forbidden-key, value-pattern, required-key, alias-prefix, protected-alias or alias-target"),
+                format!("{other:?} is not a rule type; {hint} {RULE_TYPES_TEXT}"),
             );
             None
         }
@@ -218,8 +230,93 @@ fn read_rule(r: &mut Reader, errors: &mut Errors, ids: &mut HashSet<String>) -> 
         mode,
         key_ids,
         exempt_principals,
+        callers: callers?,
+        exempt_callers: exempt_callers?,
         kind: kind?,
         origin: r.key_path("").trim_end_matches('.').into(),
+    })
+}
+
+/// A list of caller globs (`callers`, `exempt_callers`): absent is none; present, it may not be
+/// empty (`callers = []` would silently turn the rule off). `None` when a glob is bad (reported).
+fn caller_globs(r: &mut Reader, key: &str, errors: &mut Errors) -> Option<Vec<CallerPattern>> {
+    let path = r.key_path(key);
+    let Some(items) = r.strings(key, errors) else {
+        return (!r.has(key)).then(Vec::new);
+    };
+    if items.is_empty() {
+        let hint = if key == "callers" {
+            "leave `callers` out to apply the rule to every caller"
+        } else {
+            "leave `exempt_callers` out to exempt no caller"
+        };
+        errors.push(&path, format!("may not be empty; {hint}"));
+        return None;
+    }
+    let mut globs = Vec::new();
+    for (i, g) in items.iter().enumerate() {
+        match CallerPattern::glob(g) {
+            Ok(glob) => globs.push(glob),
+            Err(e) => errors.push(&format!("{path}[{i}]"), e),
+        }
+    }
+    (globs.len() == items.len()).then_some(globs)
+}
+
+/// `key`, `caller` (a template with `{name}`s) and `value` (a template over those names).
+fn read_caller_value(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
+    let key = r.string("key", errors);
+    let caller = r.string("caller", errors);
+    let value = r.string("value", errors);
+    let key = match key {
+        Some(k) if !k.is_empty() => Some(k.to_owned()),
+        Some(_) => {
+            errors.push(&r.key_path("key"), "may not be an empty string");
+            None
+        }
+        None => {
+            if !r.has("key") {
+                errors.push(
+                    &r.key_path("key"),
+                    "a caller-value rule needs `key`, the tag key whose value it binds to the caller",
+                );
+            }
+            None
+        }
+    };
+    let caller = match caller {
+        Some(c) => CallerPattern::template(c)
+            .map_err(|e| errors.push(&r.key_path("caller"), e))
+            .ok(),
+        None => {
+            if !r.has("caller") {
+                errors.push(
+                    &r.key_path("caller"),
+                    "a caller-value rule needs `caller`, a template over the caller's identity, as in \"spiffe://example.org/ns/{team}/sa/*\"",
+                );
+            }
+            None
+        }
+    };
+    let value = match (value, &caller) {
+        (Some(v), Some(c)) => ValueTemplate::new(v, c.names())
+            .map_err(|e| errors.push(&r.key_path("value"), e))
+            .ok(),
+        (Some(_), None) => None,
+        (None, _) => {
+            if !r.has("value") {
+                errors.push(
+                    &r.key_path("value"),
+                    "a caller-value rule needs `value`, a template over the names of `caller`, as in \"{team}\"",
+                );
+            }
+            None
+        }
+    };
+    Some(RuleKind::CallerValue {
+        key: key?,
+        caller: caller?,
+        value: value?,
     })
 }
 

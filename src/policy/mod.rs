@@ -3,6 +3,7 @@
 //! Pure: no I/O, no async, no HTTP. `evaluate` turns a [`TagChange`] and its [`Context`] into a
 //! [`Decision`] that lists every violation, so one denial tells the caller everything to fix.
 
+pub mod caller;
 mod compile;
 mod org;
 mod rules;
@@ -92,11 +93,16 @@ impl Policy {
     pub fn rule_summaries(&self) -> Vec<RuleSummary> {
         self.rules
             .iter()
-            .map(|r| RuleSummary {
-                id: r.id.to_string(),
-                kind: r.kind.type_name(),
-                mode: r.mode.unwrap_or(self.mode),
-                origin: r.origin.to_string(),
+            .map(|r| {
+                let (callers, exempt_callers) = r.caller_scope();
+                RuleSummary {
+                    id: r.id.to_string(),
+                    kind: r.kind.type_name(),
+                    mode: r.mode.unwrap_or(self.mode),
+                    origin: r.origin.to_string(),
+                    callers,
+                    exempt_callers,
+                }
             })
             .collect()
     }
@@ -115,6 +121,10 @@ pub struct RuleSummary {
     pub kind: &'static str,
     pub mode: Mode,
     pub origin: String,
+    /// The `callers` globs: empty when the rule applies to every caller.
+    pub callers: Vec<String>,
+    /// The `exempt_callers` globs.
+    pub exempt_callers: Vec<String>,
 }
 
 impl std::fmt::Display for RuleSummary {
@@ -127,7 +137,25 @@ impl std::fmt::Display for RuleSummary {
             f,
             "{} ({}, {mode}) from {}",
             self.id, self.kind, self.origin
-        )
+        )?;
+        let list = |globs: &[String]| {
+            globs
+                .iter()
+                .map(|g| format!("{g:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.callers.is_empty() {
+            write!(
+                f,
+                "; applies only to callers {} (not to callers without an identity)",
+                list(&self.callers)
+            )?;
+        }
+        if !self.exempt_callers.is_empty() {
+            write!(f, "; exempt callers {}", list(&self.exempt_callers))?;
+        }
+        Ok(())
     }
 }
 
@@ -263,15 +291,16 @@ impl Policy {
                 Mode::DryRun => dry_run.push(violation),
             }
         }
+        let caller = context.caller.map(caller::Caller::new);
         for rule in &self.rules {
-            if !rule.applies_to(change, context) {
+            if !rule.applies_to(change, context, caller.as_ref()) {
                 continue;
             }
             let sink = match rule.mode.unwrap_or(self.mode) {
                 Mode::Enforce => &mut enforced,
                 Mode::DryRun => &mut dry_run,
             };
-            rule.check(change, sink);
+            rule.check(change, caller.as_ref(), sink);
         }
         Decision {
             violations: enforced.kept,

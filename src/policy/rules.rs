@@ -1,10 +1,11 @@
-//! The rule types and what each one checks: four on tags, three on aliases, and the rules
+//! The rule types and what each one checks: five on tags, three on aliases, and the rules
 //! imported from an AWS Organizations tag policy (`super::org`).
 
 use std::sync::Arc;
 
 use regex::Regex;
 
+use super::caller::{Caller, CallerPattern, ValueTemplate};
 use super::org::OrgTag;
 use super::{quoted, shown_key, Context, Mode, Violation, Violations};
 use crate::fold::{eq_ignore_case, fold};
@@ -21,6 +22,11 @@ pub struct Rule {
     pub(super) key_ids: Vec<KeyGlob>,
     /// Access key ids the rule does not apply to.
     pub(super) exempt_principals: Vec<String>,
+    /// When not empty, the rule applies only to callers matching one of these (never to a
+    /// caller without an identity).
+    pub(super) callers: Vec<CallerPattern>,
+    /// Callers the rule does not apply to.
+    pub(super) exempt_callers: Vec<CallerPattern>,
     pub(super) kind: RuleKind,
     /// Where the rule was written: `policy.rule[N]`, or the tag policy file and policy key it
     /// was imported from.
@@ -63,6 +69,13 @@ pub(super) enum RuleKind {
         aliases: Vec<KeyGlob>,
         targets: Vec<KeyGlob>,
     },
+    /// A tag whose key equals `key` ignoring case may be set only by a caller matching
+    /// `caller`, and only to a value `value` denotes over what `caller` captured.
+    CallerValue {
+        key: String,
+        caller: CallerPattern,
+        value: ValueTemplate,
+    },
     /// One entry of an imported AWS Organizations tag policy.
     OrgTag(OrgTag),
 }
@@ -78,6 +91,7 @@ impl RuleKind {
             RuleKind::AliasPrefix { .. } => "alias-prefix",
             RuleKind::ProtectedAlias { .. } => "protected-alias",
             RuleKind::AliasTarget { .. } => "alias-target",
+            RuleKind::CallerValue { .. } => "caller-value",
             RuleKind::OrgTag(_) => "org-tag-policy",
         }
     }
@@ -98,10 +112,27 @@ pub(super) enum ValueMatcher {
 }
 
 impl Rule {
-    /// Whether the rule applies to this request at all.
-    pub(super) fn applies_to(&self, change: &TagChange, context: &Context) -> bool {
+    /// Whether the rule applies to this request at all; `caller` is `context.caller`, read.
+    pub(super) fn applies_to(
+        &self,
+        change: &TagChange,
+        context: &Context,
+        caller: Option<&Caller>,
+    ) -> bool {
         if let Some(akid) = context.access_key_id {
             if self.exempt_principals.iter().any(|p| p == akid) {
+                return false;
+            }
+        }
+        if let Some(caller) = caller {
+            if self.exempt_callers.iter().any(|p| p.matches(caller)) {
+                return false;
+            }
+        }
+        if !self.callers.is_empty() {
+            // A caller without an identity matches no `callers`.
+            let Some(caller) = caller else { return false };
+            if !self.callers.iter().any(|p| p.matches(caller)) {
                 return false;
             }
         }
@@ -119,8 +150,8 @@ impl Rule {
     }
 
     /// Adds every violation of this rule to `out`. Messages are built only for the violations
-    /// `out` keeps.
-    pub(super) fn check(&self, change: &TagChange, out: &mut Violations) {
+    /// `out` keeps. `caller` is the request's caller identity, read.
+    pub(super) fn check(&self, change: &TagChange, caller: Option<&Caller>, out: &mut Violations) {
         let violation = |key: &str, message: String| Violation {
             rule: self.id.clone(),
             key: Some(shown_key(key)),
@@ -301,8 +332,75 @@ impl Rule {
                     });
                 }
             }
+            RuleKind::CallerValue {
+                key,
+                caller: template,
+                value,
+            } => {
+                let sets_tags = matches!(
+                    change.operation,
+                    TagOperation::TagResource
+                        | TagOperation::CreateKey
+                        | TagOperation::ReplicateKey
+                );
+                if !sets_tags {
+                    return;
+                }
+                // What the caller may set, read once: `None` when it may not set the key.
+                let mut captured: Option<Option<Vec<String>>> = None;
+                for tag in change.set.iter().filter(|t| eq_ignore_case(key, &t.key)) {
+                    let captures =
+                        captured.get_or_insert_with(|| caller.and_then(|c| template.captures(c)));
+                    let allowed = captures
+                        .as_ref()
+                        .is_some_and(|c| value.allows(c, &tag.value));
+                    if allowed {
+                        continue;
+                    }
+                    out.add(&self.id, || {
+                        let message = match (caller, captures) {
+                            (None, _) => format!(
+                                "tag key {} may be set only by a caller whose workload identity matches {:?}, and this request has no identity: send it with the workload's client certificate, or ask the owners of the key to tag it",
+                                quoted(&tag.key),
+                                template.as_str()
+                            ),
+                            (Some(c), None) => format!(
+                                "caller {} may not set tag key {}: only callers matching {:?} may, each to its own value ({:?}); ask the owners of the key to tag it",
+                                quoted(c.raw),
+                                quoted(&tag.key),
+                                template.as_str(),
+                                value.as_str()
+                            ),
+                            (Some(c), Some(captures)) => {
+                                let mine = value.render(captures);
+                                let wanted = if value.has_star() {
+                                    format!("a value matching {} (* stands for one or more characters)", quoted(&mine))
+                                } else {
+                                    quoted(&mine)
+                                };
+                                format!(
+                                    "caller {} may set tag key {} only to {wanted} ({:?} of {:?}); {} is not that: set the value to {wanted}",
+                                    quoted(c.raw),
+                                    quoted(&tag.key),
+                                    value.as_str(),
+                                    template.as_str(),
+                                    quoted(&tag.value)
+                                )
+                            }
+                        };
+                        violation(&tag.key, message)
+                    });
+                }
+            }
             RuleKind::OrgTag(entry) => entry.check(&self.id, change, out),
         }
+    }
+
+    /// The rule's scope by caller, for `kms-tag-guard check`: the globs of `callers` and of
+    /// `exempt_callers`.
+    pub(super) fn caller_scope(&self) -> (Vec<String>, Vec<String>) {
+        let texts = |ps: &[CallerPattern]| ps.iter().map(|p| p.as_str().to_owned()).collect();
+        (texts(&self.callers), texts(&self.exempt_callers))
     }
 }
 

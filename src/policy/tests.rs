@@ -629,3 +629,305 @@ fn unclear_aws_semantics_take_the_stricter_reading() {
     assert!(d.allowed());
     assert_eq!(d.dry_run_violations.len(), 1);
 }
+
+// ------------------------------------------------------------------------------ callers
+
+fn as_caller(caller: &str) -> Context<'_> {
+    Context {
+        access_key_id: None,
+        caller: Some(caller),
+    }
+}
+
+const PAYMENTS_API: &str = "spiffe://example.org/ns/payments/sa/api";
+const PLATFORM_CI: &str = "spiffe://example.org/ns/platform/sa/ci";
+
+#[test]
+fn callers_and_exempt_callers_scope_a_rule() {
+    let p = policy(
+        r#"
+[[policy.rule]]
+id = "tenants-prefix"
+type = "required-prefix"
+prefixes = ["app:"]
+callers = ["spiffe://example.org/ns/*/sa/*"]
+exempt_callers = ["spiffe://example.org/ns/platform/sa/*"]
+
+[[policy.rule]]
+id = "everyone"
+type = "forbidden-key"
+keys = ["Project"]
+exempt_callers = ["spiffe://example.org/ns/platform/sa/ci", "ci.platform.svc"]
+"#,
+    );
+    let tag = |k: &str| set(TagOperation::TagResource, &[(k, "x")]);
+    // A tenant is held to the scoped rule.
+    assert_eq!(
+        rules_violated(&p.evaluate(&tag("team"), &as_caller(PAYMENTS_API))),
+        ["tenants-prefix"]
+    );
+    assert!(p
+        .evaluate(&tag("app:x"), &as_caller(PAYMENTS_API))
+        .allowed());
+    // The platform team is exempt from both.
+    assert!(p.evaluate(&tag("team"), &as_caller(PLATFORM_CI)).allowed());
+    assert!(p
+        .evaluate(&tag("Project"), &as_caller(PLATFORM_CI))
+        .allowed());
+    assert!(p
+        .evaluate(&tag("Project"), &as_caller("CI.platform.svc"))
+        .allowed());
+    // A caller outside `callers`, or none at all, is not held to the scoped rule, but to the
+    // unscoped one.
+    for context in [
+        Context::default(),
+        as_caller("spiffe://example.org/ns/payments/sa/api/extra"),
+        as_caller("spiffe://other.org/ns/payments/sa/api"),
+        as_caller("api.payments.svc"),
+    ] {
+        let d = p.evaluate(&tag("Project"), &context);
+        assert_eq!(rules_violated(&d), ["everyone"], "{context:?}");
+    }
+    // An identity that merely looks like the exempt one is not exempt.
+    for look_alike in [
+        "spiffe://example.org/ns/platform/sa/ci/x",
+        "spiffe://example.org/ns/platform/sa/../sa/ci",
+        "spiffe://Example.org/ns/platform/sa/ci",
+        "spiffe://example.org/ns/platform/sa/CI",
+        "spiffe://example.org/ns/platform/sa/c%69",
+        "spiffe://example.org/ns/platformx/sa/ci",
+        "spiffe://example.org.evil/ns/platform/sa/ci",
+        "ci.platform.svc.evil",
+        "*.platform.svc",
+    ] {
+        let d = p.evaluate(&tag("Project"), &as_caller(look_alike));
+        assert!(rules_violated(&d).contains(&"everyone"), "{look_alike}");
+    }
+    // The access key id exemption and the caller scope both hold.
+    let admin = Context {
+        access_key_id: Some("AKIDADMIN"),
+        caller: Some(PAYMENTS_API),
+    };
+    assert_eq!(
+        rules_violated(&p.evaluate(&tag("x"), &admin)),
+        ["tenants-prefix"]
+    );
+}
+
+const CALLER_VALUE: &str = r#"
+[[policy.rule]]
+id = "team-is-yours"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team}/sa/*"
+value = "{team}"
+
+[[policy.rule]]
+id = "service-is-yours"
+type = "caller-value"
+key = "service"
+caller = "spiffe://example.org/ns/{ns}/sa/{sa}"
+value = "{ns}-{sa}-*"
+exempt_callers = ["spiffe://example.org/ns/platform/sa/*"]
+"#;
+
+#[test]
+fn caller_value_binds_the_value_to_the_caller() {
+    let p = policy(CALLER_VALUE);
+    let check = |op: TagOperation, tags: &[(&str, &str)], caller: Option<&str>| {
+        let context = Context {
+            access_key_id: None,
+            caller,
+        };
+        let d = p.evaluate(&set(op, tags), &context);
+        rules_violated(&d)
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let tag = TagOperation::TagResource;
+    let me = Some(PAYMENTS_API);
+    assert!(check(tag, &[("team", "payments")], me).is_empty());
+    // The key is compared as IAM compares tag keys.
+    assert!(check(tag, &[("TEAM", "payments")], me).is_empty());
+    assert_eq!(check(tag, &[("Team", "billing")], me), ["team-is-yours"]);
+    assert_eq!(check(tag, &[("Tea\u{212a}", "x")], me), [] as [&str; 0]);
+    assert_eq!(
+        check(tag, &[("\u{17f}ervice", "x")], me),
+        ["service-is-yours"]
+    );
+    // Exact values: no prefix, no case.
+    for value in ["payment", "payments2", "Payments", "payments ", ""] {
+        assert_eq!(
+            check(tag, &[("team", value)], me),
+            ["team-is-yours"],
+            "{value:?}"
+        );
+    }
+    // No identity, or one the template does not match: the key may not be set at all.
+    assert_eq!(check(tag, &[("team", "payments")], None), ["team-is-yours"]);
+    assert_eq!(
+        check(
+            tag,
+            &[("team", "payments")],
+            Some("spiffe://example.org/ns/payments")
+        ),
+        ["team-is-yours"]
+    );
+    assert_eq!(
+        check(tag, &[("team", "payments")], Some("api.payments.svc")),
+        ["team-is-yours"]
+    );
+    // CreateKey and ReplicateKey are held to it too.
+    for op in [TagOperation::CreateKey, TagOperation::ReplicateKey] {
+        assert!(check(op, &[("team", "payments")], me).is_empty());
+        assert_eq!(check(op, &[("team", "billing")], me), ["team-is-yours"]);
+        assert_eq!(check(op, &[("team", "payments")], None), ["team-is-yours"]);
+    }
+    // Other keys are not its business, and neither is removal.
+    assert!(check(tag, &[("app:x", "y")], None).is_empty());
+    assert!(p.evaluate(&untag(&["team"]), &Context::default()).allowed());
+    // `*` is one or more characters after the caller's own parts.
+    assert!(check(tag, &[("service", "payments-api-eu")], me).is_empty());
+    for value in [
+        "payments-api-",
+        "payments-apix-eu",
+        "payments-api",
+        "billing-api-eu",
+    ] {
+        assert_eq!(
+            check(tag, &[("service", value)], me),
+            ["service-is-yours"],
+            "{value:?}"
+        );
+    }
+    // The platform team is exempt from the second rule, not from the first.
+    assert!(check(tag, &[("service", "anything")], Some(PLATFORM_CI)).is_empty());
+    assert_eq!(
+        check(tag, &[("team", "payments")], Some(PLATFORM_CI)),
+        ["team-is-yours"]
+    );
+}
+
+#[test]
+fn caller_value_denials_name_the_caller_and_what_it_may_set() {
+    let p = policy(CALLER_VALUE);
+    let message = |tags: &[(&str, &str)], caller: Option<&str>| {
+        let context = Context {
+            access_key_id: None,
+            caller,
+        };
+        p.evaluate(&set(TagOperation::TagResource, tags), &context)
+            .denial_message()
+    };
+    let m = message(&[("team", "billing")], Some(PAYMENTS_API));
+    assert!(m.contains(PAYMENTS_API), "{m}");
+    assert!(m.contains("only to \"payments\""), "{m}");
+    assert!(m.contains("set the value to \"payments\""), "{m}");
+    assert!(m.contains("\"billing\""), "{m}");
+    let m = message(&[("service", "x")], Some(PAYMENTS_API));
+    assert!(m.contains("a value matching \"payments-api-*\""), "{m}");
+    let m = message(&[("team", "payments")], None);
+    assert!(m.contains("has no identity"), "{m}");
+    assert!(m.contains("client certificate"), "{m}");
+    let m = message(&[("team", "payments")], Some("api.payments.svc"));
+    assert!(
+        m.contains("caller \"api.payments.svc\" may not set tag key \"team\""),
+        "{m}"
+    );
+    assert!(m.contains("spiffe://example.org/ns/{team}/sa/*"), "{m}");
+}
+
+#[test]
+fn caller_rules_are_checked_at_load_with_key_paths() {
+    let errors = Config::parse(
+        r#"
+[[policy.rule]]
+id = "a"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team}/sa/{team}"
+value = "{team}"
+
+[[policy.rule]]
+id = "b"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team}/sa/*"
+value = "{owner}"
+
+[[policy.rule]]
+id = "c"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{te/am}"
+value = "x"
+
+[[policy.rule]]
+id = "d"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team"
+value = "{team"
+
+[[policy.rule]]
+id = "e"
+type = "caller-value"
+
+[[policy.rule]]
+id = "f"
+type = "forbidden-key"
+keys = ["x"]
+callers = []
+exempt_callers = ["spiffe://example.org/ns/a/../b", "spiffe://example.org/ns/{team}"]
+"#,
+        ConfigSource::BuiltIn,
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "policy.rule[0].caller",
+        "appears twice",
+        "policy.rule[1].value",
+        "{owner} is not a name of `caller`",
+        "policy.rule[2].caller",
+        "may not span segments",
+        "policy.rule[3].caller",
+        "policy.rule[4].key",
+        "policy.rule[4].caller",
+        "policy.rule[4].value",
+        "policy.rule[5].callers: may not be empty",
+        "policy.rule[5].exempt_callers[0]",
+        "policy.rule[5].exempt_callers[1]",
+    ] {
+        assert!(errors.contains(expected), "{expected}: {errors}");
+    }
+}
+
+#[test]
+fn rule_summaries_show_each_rules_caller_scope() {
+    let p = policy(
+        r#"
+[[policy.rule]]
+id = "scoped"
+type = "forbidden-key"
+keys = ["x"]
+callers = ["spiffe://example.org/ns/payments/**"]
+exempt_callers = ["spiffe://example.org/ns/payments/sa/admin"]
+
+[[policy.rule]]
+id = "plain"
+type = "forbidden-key"
+keys = ["x"]
+"#,
+    );
+    let lines: Vec<String> = p.rule_summaries().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines[0],
+        "scoped (forbidden-key, enforce) from policy.rule[0]; applies only to callers \"spiffe://example.org/ns/payments/**\" (not to callers without an identity); exempt callers \"spiffe://example.org/ns/payments/sa/admin\""
+    );
+    assert_eq!(
+        lines[1],
+        "plain (forbidden-key, enforce) from policy.rule[1]"
+    );
+}
