@@ -21,6 +21,9 @@ pub struct Case {
     /// The line of the case's `[[case]]` header, where the file has one per case.
     pub line: Option<usize>,
     pub name: String,
+    /// The caller's workload identity the case is sent with, as a verified client certificate
+    /// would give it.
+    pub caller: Option<String>,
     headers: HeaderMap,
     body: Vec<u8>,
     expect_allow: bool,
@@ -67,6 +70,14 @@ impl CaseResult {
             None => self.case.file.display().to_string(),
         }
     }
+
+    /// The case's name, and its caller when it has one.
+    pub fn title(&self) -> String {
+        match &self.case.caller {
+            Some(caller) => format!("{} (as caller {caller})", self.case.name),
+            None => self.case.name.clone(),
+        }
+    }
 }
 
 impl Report {
@@ -78,10 +89,10 @@ impl Report {
                 Some(failure) => out.push_str(&format!(
                     "FAIL {}: {}: {failure}\n",
                     result.place(),
-                    result.case.name
+                    result.title()
                 )),
                 None if verbose => {
-                    out.push_str(&format!("ok   {}: {}\n", result.place(), result.case.name))
+                    out.push_str(&format!("ok   {}: {}\n", result.place(), result.title()))
                 }
                 None => {}
             }
@@ -104,6 +115,7 @@ impl Report {
                     "file": r.case.file.display().to_string(),
                     "line": r.case.line,
                     "name": r.case.name,
+                    "caller": r.case.caller,
                     "passed": r.failure.is_none(),
                     "failure": r.failure,
                 })
@@ -149,9 +161,10 @@ impl Report {
             match &r.failure {
                 None => out.push_str(&format!("{head}/>\n")),
                 Some(failure) => out.push_str(&format!(
-                    "{head}>\n      <failure message=\"{}\">{}: {}</failure>\n    </testcase>\n",
+                    "{head}>\n      <failure message=\"{}\">{}: {}: {}</failure>\n    </testcase>\n",
                     xml_escape(failure),
                     xml_escape(&r.place()),
+                    xml_escape(&r.title()),
                     xml_escape(failure)
                 )),
             }
@@ -186,7 +199,7 @@ impl fmt::Display for Report {
     }
 }
 
-const CASE_KEYS: [&str; 11] = [
+const CASE_KEYS: [&str; 12] = [
     "name",
     "operation",
     "target",
@@ -195,6 +208,7 @@ const CASE_KEYS: [&str; 11] = [
     "pad_body_to",
     "headers",
     "access_key_id",
+    "caller",
     "expect",
     "rules",
     "dry_run_rules",
@@ -341,10 +355,18 @@ fn parse_case(path: &Path, t: &toml::Table) -> Result<Case, String> {
     for (k, v) in extra {
         headers.append(k, v);
     }
+    let caller = match string("caller")? {
+        None => None,
+        Some(c) if crate::policy::caller::well_formed(c) => Some(c.to_owned()),
+        Some(c) => return Err(format!(
+            "{name:?}: caller {c:?} is not an identity the listener would accept: a SPIFFE ID (spiffe://example.org/ns/payments/sa/api: lower-case trust domain, path segments of letters, digits, '.', '-', '_', no '.' or '..' segment) or a DNS name"
+        )),
+    };
     Ok(Case {
         file: path.to_owned(),
         line: None,
         name,
+        caller,
         headers,
         body,
         expect_allow,
@@ -368,17 +390,19 @@ pub fn decide(config: &Config, case: &Case) -> Decision {
         uri: &Uri::from_static("/"),
         headers: &case.headers,
         tunnel_host: None,
-        caller: None,
+        caller: case.caller.as_deref(),
     };
     decision(&head, &case.body, &Rules::of(config))
 }
 
-/// One request, judged on its own (`kms-tag-guard explain`): the operation, its JSON body and
-/// the caller's access key id (for rules limited by `key_ids` or `exempt_principals`).
+/// One request, judged on its own (`kms-tag-guard explain`): the operation, its JSON body, the
+/// caller's access key id (for rules limited by `key_ids` or `exempt_principals`) and workload
+/// identity (for `callers`, `exempt_callers` and `caller-value` rules).
 pub fn request(
     operation: &str,
     body: Vec<u8>,
     access_key_id: Option<&str>,
+    caller: Option<&str>,
 ) -> Result<Case, String> {
     let mut t = toml::Table::new();
     t.insert("name".into(), "explain".into());
@@ -387,6 +411,9 @@ pub fn request(
     t.insert("body".into(), "".into());
     if let Some(akid) = access_key_id {
         t.insert("access_key_id".into(), akid.into());
+    }
+    if let Some(caller) = caller {
+        t.insert("caller".into(), caller.into());
     }
     let mut case = parse_case(Path::new("-"), &t)?;
     case.body = body;
@@ -544,6 +571,162 @@ rules = ["request"]
             "{text}"
         );
         assert!(text.ends_with("7 passed, 1 failed\n"), "{text}");
+    }
+
+    const CALLER_CONFIG: &str = r#"
+[[policy.rule]]
+id = "team-is-yours"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team}/sa/*"
+value = "{team}"
+
+[[policy.rule]]
+id = "tenants"
+type = "required-prefix"
+prefixes = ["app:", "team", "Team"]
+callers = ["spiffe://example.org/ns/*/sa/*"]
+exempt_callers = ["spiffe://example.org/ns/platform/sa/*"]
+"#;
+
+    #[test]
+    fn cases_are_sent_as_their_caller() {
+        let report = run_text(
+            CALLER_CONFIG,
+            r#"
+[[case]]
+name = "a team tags its own keys"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"payments"}]}'
+caller = "spiffe://example.org/ns/payments/sa/api"
+expect = "allow"
+rules = []
+
+[[case]]
+name = "not as another team"
+operation = "CreateKey"
+body = '{"Tags":[{"TagKey":"team","TagValue":"billing"}]}'
+caller = "spiffe://example.org/ns/payments/sa/api"
+expect = "deny"
+rules = ["team-is-yours"]
+
+[[case]]
+name = "without an identity the key cannot be set, and the tenant rule does not apply"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"payments"},{"TagKey":"x","TagValue":"y"}]}'
+expect = "deny"
+rules = ["team-is-yours"]
+
+[[case]]
+name = "tenants are held to the prefix"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"x","TagValue":"y"}]}'
+caller = "spiffe://example.org/ns/payments/sa/api"
+expect = "deny"
+rules = ["tenants"]
+
+[[case]]
+name = "the platform team is exempt"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"x","TagValue":"y"}]}'
+caller = "spiffe://example.org/ns/platform/sa/ci"
+expect = "allow"
+
+[[case]]
+name = "a wrong expectation shows the caller"
+operation = "TagResource"
+body = '{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"billing"}]}'
+caller = "spiffe://example.org/ns/payments/sa/api"
+expect = "allow"
+"#,
+        );
+        assert_eq!(report.passed(), 5, "{report}");
+        let text = report.text(false);
+        assert!(
+            text.contains("a wrong expectation shows the caller (as caller spiffe://example.org/ns/payments/sa/api): expected allow, got deny"),
+            "{text}"
+        );
+        // The denial names the caller and the value it may set.
+        assert!(
+            text.contains("caller \"spiffe://example.org/ns/payments/sa/api\" may set tag key \"team\" only to \"payments\""),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.json("c")).unwrap();
+        assert_eq!(
+            json["cases"][0]["caller"],
+            "spiffe://example.org/ns/payments/sa/api"
+        );
+        assert!(json["cases"][2]["caller"].is_null());
+        let junit = report.junit("c");
+        assert!(
+            junit.contains("(as caller spiffe://example.org/ns/payments/sa/api): expected allow"),
+            "{junit}"
+        );
+    }
+
+    #[test]
+    fn a_case_caller_must_be_an_identity_the_listener_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for caller in [
+            "spiffe://Example.org/ns/a",
+            "spiffe://example.org/ns/../a",
+            "",
+            "a b",
+        ] {
+            std::fs::write(
+                &path,
+                format!("[[case]]\nname = \"x\"\nexpect = \"allow\"\noperation = \"TagResource\"\nbody = \"{{}}\"\ncaller = {caller:?}\n"),
+            )
+            .unwrap();
+            let e = load_cases(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("not an identity the listener would accept"),
+                "{caller}: {e}"
+            );
+        }
+    }
+
+    /// The one decision, with the head's caller: the denial and the record carry it.
+    #[test]
+    fn decide_judges_the_heads_caller() {
+        use crate::decide::{decide, Body, Verdict};
+        let config = Config::parse(CALLER_CONFIG, ConfigSource::BuiltIn).unwrap();
+        let case = request(
+            "TagResource",
+            br#"{"KeyId":"k","Tags":[{"TagKey":"Team","TagValue":"billing"}]}"#.to_vec(),
+            None,
+            None,
+        )
+        .unwrap();
+        let judge = |caller: Option<&str>| {
+            let head = Head {
+                method: &Method::POST,
+                uri: &Uri::from_static("/"),
+                headers: &case.headers,
+                tunnel_host: None,
+                caller,
+            };
+            match decide(&head, Body::Whole(&case.body), &Rules::of(&config)) {
+                Verdict::Judged { judgement, .. } => judgement,
+                other => panic!("{other:?}"),
+            }
+        };
+        for caller in [
+            Some("spiffe://example.org/ns/payments/sa/api"),
+            Some("spiffe://example.org/ns/billing/sa/api/x"),
+            None,
+        ] {
+            let j = judge(caller);
+            assert!(!j.allowed(), "{caller:?}");
+            assert_eq!(j.caller.as_deref(), caller);
+            let message = j.decision.denial_message();
+            if let Some(caller) = caller {
+                assert!(message.contains(caller), "{message}");
+            }
+        }
+        let j = judge(Some("spiffe://example.org/ns/billing/sa/api"));
+        assert!(j.allowed(), "{:?}", j.decision);
     }
 
     #[test]

@@ -120,6 +120,10 @@ enum Command {
         /// The caller's access key id, for rules limited by key_ids or exempt_principals.
         #[arg(long, value_name = "AKID")]
         access_key_id: Option<String>,
+        /// The caller's workload identity (the SPIFFE ID or DNS name of its client certificate),
+        /// for rules limited by callers or exempt_callers, and caller-value rules.
+        #[arg(long, value_name = "ID")]
+        caller: Option<String>,
     },
     /// Print a shell completion script (bash, zsh, fish, ...) to standard output.
     Completions {
@@ -175,11 +179,13 @@ fn main() -> ExitCode {
             operation,
             body,
             access_key_id,
+            caller,
         } => explain(
             config.as_deref(),
             &operation,
             &body,
             access_key_id.as_deref(),
+            caller.as_deref(),
         ),
         Command::Ca {
             command: CaCommand::Init { out },
@@ -327,6 +333,7 @@ fn explain(
     operation: &str,
     body: &str,
     access_key_id: Option<&str>,
+    caller: Option<&str>,
 ) -> ExitCode {
     let config = match load(config) {
         Ok(config) => config,
@@ -354,7 +361,7 @@ fn explain(
     } else {
         body.as_bytes().to_vec()
     };
-    let case = match cases::request(operation, body, access_key_id) {
+    let case = match cases::request(operation, body, access_key_id, caller) {
         Ok(case) => case,
         Err(error) => {
             eprintln!("kms-tag-guard: {error}");
@@ -368,6 +375,9 @@ fn explain(
         config.policy.rule_count()
     );
     println!("request: {operation}");
+    if let Some(caller) = caller {
+        println!("caller: {caller}");
+    }
     let named = |violations: &[kms_tag_guard::policy::Violation], id: &str| {
         violations
             .iter()

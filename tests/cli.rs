@@ -996,6 +996,73 @@ fn explain_gives_each_rules_verdict_and_exits_by_the_decision() {
     assert_eq!(stdout(&out).lines().last(), Some("decision: deny"));
 }
 
+#[test]
+fn explain_and_check_know_the_caller() {
+    let config = root().join("config/examples/caller-rules.toml");
+    let explain = |caller: Option<&str>| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "explain".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--operation".as_ref(),
+            "TagResource".as_ref(),
+            "--body".as_ref(),
+            r#"{"KeyId":"k","Tags":[{"TagKey":"team","TagValue":"payments"}]}"#.as_ref(),
+        ];
+        if let Some(caller) = caller {
+            args.push("--caller".as_ref());
+            args.push(caller.as_ref());
+        }
+        run(args)
+    };
+    let out = explain(Some("spiffe://example.org/ns/payments/sa/api"));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("caller: spiffe://example.org/ns/payments/sa/api\n"),
+        "{}",
+        describe(&out)
+    );
+    let out = explain(Some("spiffe://example.org/ns/billing/sa/api"));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("deny: caller \"spiffe://example.org/ns/billing/sa/api\" may set tag key \"team\" only to \"billing\""),
+        "{text}"
+    );
+    let out = explain(None);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("has no identity"),
+        "{}",
+        describe(&out)
+    );
+    // An identity the listener would never accept is a usage error, not a verdict.
+    let out = explain(Some("spiffe://example.org/ns/../ns/billing/sa/api"));
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("not an identity"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = run([
+        Path::new("check"),
+        Path::new("--no-files"),
+        Path::new("--config"),
+        &config,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("tenant-prefixes (required-prefix, enforce) from policy.rule[4]; applies only to callers \"spiffe://example.org/ns/*/sa/*\" (not to callers without an identity); exempt callers \"spiffe://example.org/ns/platform/**\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("team-is-yours (caller-value, enforce) from policy.rule[0]; tag key \"team\" set only by callers matching \"spiffe://example.org/ns/{team}/sa/*\", to \"{team}\""),
+        "{text}"
+    );
+}
+
 // ------------------------------------------------------------------------------------ ca init
 
 #[test]

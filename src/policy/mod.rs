@@ -102,6 +102,7 @@ impl Policy {
                     origin: r.origin.to_string(),
                     callers,
                     exempt_callers,
+                    binds: r.binding(),
                 }
             })
             .collect()
@@ -125,6 +126,8 @@ pub struct RuleSummary {
     pub callers: Vec<String>,
     /// The `exempt_callers` globs.
     pub exempt_callers: Vec<String>,
+    /// For a `caller-value` rule: which callers may set its key, and to what.
+    pub binds: Option<String>,
 }
 
 impl std::fmt::Display for RuleSummary {
@@ -138,6 +141,9 @@ impl std::fmt::Display for RuleSummary {
             "{} ({}, {mode}) from {}",
             self.id, self.kind, self.origin
         )?;
+        if let Some(binds) = &self.binds {
+            write!(f, "; {binds}")?;
+        }
         let list = |globs: &[String]| {
             globs
                 .iter()

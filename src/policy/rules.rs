@@ -379,7 +379,7 @@ impl Rule {
                                     quoted(&mine)
                                 };
                                 format!(
-                                    "caller {} may set tag key {} only to {wanted} ({:?} of {:?}); {} is not that: set the value to {wanted}",
+                                    "caller {} may set tag key {} only to {wanted} (the value {:?} for callers matching {:?}); {} is not that: set the value to {wanted}",
                                     quoted(c.raw),
                                     quoted(&tag.key),
                                     value.as_str(),
@@ -393,6 +393,18 @@ impl Rule {
                 }
             }
             RuleKind::OrgTag(entry) => entry.check(&self.id, change, out),
+        }
+    }
+
+    /// For a `caller-value` rule, who may set its key and to what, for `kms-tag-guard check`.
+    pub(super) fn binding(&self) -> Option<String> {
+        match &self.kind {
+            RuleKind::CallerValue { key, caller, value } => Some(format!(
+                "tag key {key:?} set only by callers matching {:?}, to {:?}",
+                caller.as_str(),
+                value.as_str()
+            )),
+            _ => None,
         }
     }
 
