@@ -34,7 +34,7 @@ pub enum IdentityError {
     NotSpiffe { uri: String, why: &'static str },
     #[error("the client certificate has the SPIFFE ID {id} but {why}; an X.509-SVID leaf has a critical key usage with digitalSignature and without keyCertSign or cRLSign")]
     KeyUsage { id: String, why: &'static str },
-    #[error("the client certificate of {0} has expired (a resumed TLS session brought it back); the client must present a current certificate")]
+    #[error("the client certificate expired at {0} (a resumed TLS session brought it back); the client must present a current certificate")]
     Expired(String),
     #[error("the client certificate is a CA certificate (basicConstraints CA:TRUE); a workload presents a leaf")]
     Ca,
@@ -42,19 +42,19 @@ pub enum IdentityError {
     BadDnsName { name: String, why: &'static str },
 }
 
-/// Who a connection's verified client certificate says is calling.
+/// What a connection's verified client certificate says of the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The SPIFFE ID, or the DNS name (lower case).
-    pub id: Arc<str>,
+pub struct Identity {
+    /// The SPIFFE ID, or the DNS name (lower case); `None` when the certificate names neither.
+    pub caller: Option<Arc<str>>,
     /// The certificate's notAfter, in seconds since the Unix epoch: a resumed TLS session brings
     /// back a certificate without verifying it again.
     pub not_after: i64,
 }
 
-/// The identity in a client certificate (DER) that has been verified: `Ok(None)` when it names
-/// none (no URI SAN, no DNS SAN).
-pub fn caller_of(leaf: &[u8]) -> Result<Option<Caller>, IdentityError> {
+/// The identity in a client certificate (DER) that has been verified: `caller` is `None` when it
+/// names none (no URI SAN, no DNS SAN).
+pub fn identity_of(leaf: &[u8]) -> Result<Identity, IdentityError> {
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
     let not_after = cert.validity().not_after.timestamp();
@@ -115,10 +115,10 @@ pub fn caller_of(leaf: &[u8]) -> Result<Option<Caller>, IdentityError> {
                 }
                 Some(_) => {}
             }
-            return Ok(Some(Caller {
-                id: Arc::from(*uri),
+            return Ok(Identity {
+                caller: Some(Arc::from(*uri)),
                 not_after,
-            }));
+            });
         }
         more => return Err(IdentityError::Ambiguous(more.len())),
     }
@@ -127,16 +127,19 @@ pub fn caller_of(leaf: &[u8]) -> Result<Option<Caller>, IdentityError> {
         _ => None,
     });
     let Some(name) = first_dns else {
-        return Ok(None);
+        return Ok(Identity {
+            caller: None,
+            not_after,
+        });
     };
     let id = dns_identity(name).map_err(|why| IdentityError::BadDnsName {
         name: shown(name),
         why,
     })?;
-    Ok(Some(Caller {
-        id: Arc::from(id),
+    Ok(Identity {
+        caller: Some(Arc::from(id)),
         not_after,
-    }))
+    })
 }
 
 /// A name for an error message: quoted and escaped, cut to [`SHOWN_CHARS`].
@@ -240,6 +243,10 @@ mod tests {
         PKCS_ECDSA_P256_SHA256,
     };
 
+    fn caller(der: &[u8]) -> Result<Option<Arc<str>>, IdentityError> {
+        identity_of(der).map(|i| i.caller)
+    }
+
     fn leaf(sans: Vec<SanType>, usages: Vec<KeyUsagePurpose>) -> Vec<u8> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans;
@@ -263,11 +270,11 @@ mod tests {
     #[test]
     fn the_spiffe_id_first_then_the_first_dns_name_then_none() {
         let id = "spiffe://example.org/ns/payments/sa/api";
-        let got = caller_of(&leaf(vec![dns("a.example"), uri(id)], sign())).unwrap();
-        assert_eq!(got.unwrap().id.as_ref(), id);
-        let got = caller_of(&leaf(vec![dns("API.Example"), dns("b.example")], vec![])).unwrap();
-        assert_eq!(got.unwrap().id.as_ref(), "api.example");
-        assert_eq!(caller_of(&leaf(vec![], sign())).unwrap(), None);
+        let got = caller(&leaf(vec![dns("a.example"), uri(id)], sign())).unwrap();
+        assert_eq!(got.as_deref(), Some(id));
+        let got = caller(&leaf(vec![dns("API.Example"), dns("b.example")], vec![])).unwrap();
+        assert_eq!(got.as_deref(), Some("api.example"));
+        assert_eq!(caller(&leaf(vec![], sign())).unwrap(), None);
     }
 
     #[test]
@@ -279,30 +286,30 @@ mod tests {
             ],
             sign(),
         );
-        assert_eq!(caller_of(&both), Err(IdentityError::Ambiguous(2)));
+        assert_eq!(caller(&both), Err(IdentityError::Ambiguous(2)));
     }
 
     #[test]
     fn a_spiffe_leaf_needs_its_key_usage() {
         let id = "spiffe://example.org/w";
         assert!(matches!(
-            caller_of(&leaf(vec![uri(id)], vec![])),
+            caller(&leaf(vec![uri(id)], vec![])),
             Err(IdentityError::KeyUsage { .. })
         ));
         assert!(matches!(
-            caller_of(&leaf(vec![uri(id)], vec![KeyUsagePurpose::KeyEncipherment])),
+            caller(&leaf(vec![uri(id)], vec![KeyUsagePurpose::KeyEncipherment])),
             Err(IdentityError::KeyUsage { .. })
         ));
         for bad in [KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign] {
             assert!(matches!(
-                caller_of(&leaf(
+                caller(&leaf(
                     vec![uri(id)],
                     vec![KeyUsagePurpose::DigitalSignature, bad]
                 )),
                 Err(IdentityError::KeyUsage { .. })
             ));
             assert!(matches!(
-                caller_of(&leaf(vec![dns("a.example")], vec![bad])),
+                caller(&leaf(vec![dns("a.example")], vec![bad])),
                 Err(IdentityError::KeyUsage { .. })
             ));
         }
@@ -315,7 +322,7 @@ mod tests {
         params.subject_alt_names = vec![dns("a.example")];
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let der = params.self_signed(&key).unwrap().der().to_vec();
-        assert_eq!(caller_of(&der), Err(IdentityError::Ca));
+        assert_eq!(caller(&der), Err(IdentityError::Ca));
     }
 
     #[test]
@@ -337,7 +344,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    caller_of(&leaf(vec![uri(bad)], sign())),
+                    caller(&leaf(vec![uri(bad)], sign())),
                     Err(IdentityError::NotSpiffe { .. })
                 ),
                 "{bad}"
@@ -350,7 +357,7 @@ mod tests {
         for bad in ["*.example.org", "a..example", "a.example.", "a_b.example"] {
             assert!(
                 matches!(
-                    caller_of(&leaf(vec![dns(bad)], sign())),
+                    caller(&leaf(vec![dns(bad)], sign())),
                     Err(IdentityError::BadDnsName { .. })
                 ),
                 "{bad}"

@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{ClientAuth, ClientAuthConfig, TlsFiles};
 use crate::files::{self, Stamp};
-use crate::identity::{caller_of, IdentityError};
+use crate::identity::{identity_of, IdentityError};
 use crate::tls::{self, ListenerCert, TlsError, CLOCK_SKEW};
 
 /// The TLS listener: its certificate, and the client certificates it asks for.
@@ -164,13 +164,13 @@ impl ListenerTls {
         else {
             return Ok(None);
         };
-        let Some(caller) = caller_of(leaf.as_ref())? else {
-            return Ok(None);
-        };
-        if unix_now() > caller.not_after {
-            return Err(IdentityError::Expired(caller.id.to_string()));
+        let identity = identity_of(leaf.as_ref())?;
+        if unix_now() > identity.not_after {
+            let at = x509_parser::time::ASN1Time::from_timestamp(identity.not_after)
+                .map_or_else(|_| identity.not_after.to_string(), |t| t.to_string());
+            return Err(IdentityError::Expired(at));
         }
-        Ok(Some(caller.id))
+        Ok(identity.caller)
     }
 }
 
@@ -290,7 +290,7 @@ fn load_bundle(path: &Path, pem: &[u8], now: SystemTime) -> Result<Bundle, TlsEr
 }
 
 /// rustls' WebPKI client verifier (chain to the bundle, validity, the client-auth extended key
-/// usage), then the rules of a workload's certificate ([`caller_of`]): a certificate that names
+/// usage), then the rules of a workload's certificate ([`identity_of`]): a certificate that names
 /// no usable caller fails the handshake, so the client sees its certificate refused.
 #[derive(Debug)]
 struct WorkloadVerifier {
@@ -319,7 +319,7 @@ impl ClientCertVerifier for WorkloadVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        caller_of(end_entity.as_ref()).map_err(|e| {
+        identity_of(end_entity.as_ref()).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })?;
         Ok(verified)

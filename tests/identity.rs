@@ -576,6 +576,72 @@ async fn connect_through_the_tls_listener_gives_every_request_in_the_tunnel_its_
     }
 }
 
+/// rustls resumes a TLS session with the client certificate it was verified with, without
+/// verifying it again: a session resumed after that certificate expired is closed before its
+/// first request.
+#[tokio::test]
+async fn a_session_resumed_after_its_certificate_expired_is_refused() {
+    let pki = Pki::new();
+    let fake = FakeKms::start().await;
+    let proxy = proxy_with(&fake, &pki, "required", String::new()).await;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri(PAYMENTS)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    let ends = now + Duration::from_secs(3);
+    params.not_after = ends.into();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &pki.clients.issuer).unwrap();
+    let leaf = Leaf {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+        cert_path: PathBuf::new(),
+        key_path: PathBuf::new(),
+    };
+    // One client configuration, so one session cache: the second connection resumes.
+    let config = client_config(&pki.listener_ca.pem, Some(&leaf), b"http/1.1");
+    let host = format!("localhost:{}", proxy.addr.port());
+    let raw = RawRequest::signed_kms(
+        &host,
+        "TrentService.TagResource",
+        tag_body(ALLOWED).as_bytes(),
+    );
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let stream = tls_connect(tcp, "localhost", Arc::clone(&config))
+        .await
+        .unwrap();
+    assert_eq!(send(stream, &raw, false).await.unwrap().0, 200);
+    // Until it has expired (at a whole second past its notAfter).
+    while SystemTime::now() < ends + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let stream = tls_connect(tcp, "localhost", Arc::clone(&config))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the control: the session is resumed"
+    );
+    let result = send(stream, &raw, false).await;
+    assert!(result.is_err(), "{result:?}");
+    let records = proxy.settled_audit().await;
+    assert_eq!(
+        callers(&records),
+        [Some(PAYMENTS.to_owned())],
+        "{records:#?}"
+    );
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "only the first request reached KMS"
+    );
+}
+
 // ======================================================================== start, check, reload
 
 #[tokio::test]
