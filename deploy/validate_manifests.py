@@ -33,7 +33,7 @@ from kubernetes_validate.utils import (
 
 # The configuration keys of CONTRACT.md section 3 (docs/configuration.md).
 CONFIG_KEYS = {
-    "listener": {"address", "tls_cert", "tls_key"},
+    "listener": {"address", "tls_cert", "tls_key", "client_ca", "client_auth"},
     "admin": {"address"},
     "upstream": {"allowed_hosts", "endpoint", "ca_file", "resolver", "connect_timeout_ms", "timeout_ms"},
     "intercept": {"ca_cert", "ca_key", "tunnel_hosts", "leaf_cache_size", "ca_key_group_readable",
@@ -47,6 +47,7 @@ CONFIG_KEYS = {
 RULE_KEYS = {
     "id", "type", "prefixes", "exempt_keys", "keys", "patterns", "on", "key", "key_pattern",
     "pattern", "allowed", "mode", "key_ids", "exempt_principals", "aliases", "targets",
+    "callers", "exempt_callers", "caller", "value",
 }
 
 errors = []

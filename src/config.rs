@@ -79,6 +79,27 @@ impl Config {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// Client certificates on the TLS listener (`client_ca`, `client_auth`).
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// `[listener] client_ca` and `client_auth`: the trust anchors client certificates are verified
+/// against, and whether a client may come without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuthConfig {
+    /// A PEM bundle of trust anchors (CA certificates).
+    pub ca: PathBuf,
+    pub mode: ClientAuth,
+}
+
+/// Whether the TLS listener requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A connection without a valid client certificate fails its handshake.
+    Required,
+    /// A connection may come without one (its requests then have no caller identity); one that
+    /// presents a certificate must present a valid one.
+    Optional,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,9 +298,13 @@ fn read_config(
     let empty = EMPTY.get_or_init(Table::new);
 
     let mut r = section(root, "listener", errors, empty);
+    let address = socket_addr(&mut r, "address", errors, "127.0.0.1:8080");
+    let tls = tls_pair(&mut r, "tls_cert", "tls_key", errors);
+    let client_auth = read_client_auth(&mut r, errors, tls.is_some());
     let listener = ListenerConfig {
-        address: socket_addr(&mut r, "address", errors, "127.0.0.1:8080"),
-        tls: tls_pair(&mut r, "tls_cert", "tls_key", errors),
+        address,
+        tls,
+        client_auth,
     };
     r.finish(errors);
 
@@ -468,6 +493,53 @@ fn socket_addr(r: &mut Reader, key: &str, errors: &mut Errors, default: &str) ->
         );
         fallback
     })
+}
+
+/// `[listener] client_ca` and `client_auth` (`required` unless said otherwise once `client_ca`
+/// is set; an error without it, and without the listener's own certificate).
+fn read_client_auth(r: &mut Reader, errors: &mut Errors, tls: bool) -> Option<ClientAuthConfig> {
+    let ca = r.string("client_ca", errors);
+    let mode = match r.string("client_auth", errors) {
+        None | Some("required") => ClientAuth::Required,
+        Some("optional") => ClientAuth::Optional,
+        Some(other) => {
+            errors.push(
+                &r.key_path("client_auth"),
+                format!("{other:?} is not a client_auth; use \"required\" or \"optional\""),
+            );
+            ClientAuth::Required
+        }
+    };
+    match ca {
+        None => {
+            if r.has("client_auth") {
+                errors.push(
+                    &r.key_path("client_auth"),
+                    "needs client_ca: set client_ca to the PEM bundle of the CAs that issue your clients' certificates (or remove client_auth)",
+                );
+            }
+            None
+        }
+        Some("") => {
+            errors.push(
+                &r.key_path("client_ca"),
+                "is empty; name the PEM bundle of the CAs that issue your clients' certificates, or remove the key",
+            );
+            None
+        }
+        Some(ca) => {
+            if !tls {
+                errors.push(
+                    &r.key_path("client_ca"),
+                    "client certificates need the listener to speak TLS: set tls_cert and tls_key too",
+                );
+            }
+            Some(ClientAuthConfig {
+                ca: ca.into(),
+                mode,
+            })
+        }
+    }
 }
 
 fn tls_pair(
@@ -793,5 +865,49 @@ type = "nope"
             "http://127.0.0.1:4566/"
         );
         assert_eq!(c.admin.address, None);
+    }
+
+    #[test]
+    fn client_certificates_need_a_tls_listener_and_a_bundle() {
+        let tls = "[listener]\ntls_cert = \"c\"\ntls_key = \"k\"\n";
+        let c = Config::parse(
+            &format!("{tls}client_ca = \"ca.pem\"\n"),
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(
+            c.listener.client_auth,
+            Some(ClientAuthConfig {
+                ca: "ca.pem".into(),
+                mode: ClientAuth::Required
+            })
+        );
+        let c = Config::parse(
+            &format!("{tls}client_ca = \"ca.pem\"\nclient_auth = \"optional\"\n"),
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(c.listener.client_auth.unwrap().mode, ClientAuth::Optional);
+        for (text, key) in [
+            (
+                format!("{tls}client_auth = \"optional\"\n"),
+                "listener.client_auth:",
+            ),
+            (
+                format!("{tls}client_ca = \"ca.pem\"\nclient_auth = \"maybe\"\n"),
+                "listener.client_auth:",
+            ),
+            (
+                "[listener]\nclient_ca = \"ca.pem\"\n".to_owned(),
+                "listener.client_ca:",
+            ),
+            (format!("{tls}client_ca = \"\"\n"), "listener.client_ca:"),
+        ] {
+            let errors = errors_of(&text);
+            assert!(
+                errors.iter().any(|e| e.starts_with(key)),
+                "{text}: {errors:?}"
+            );
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::config::{AuditPath, Config, Resolver};
+use crate::config::{AuditPath, ClientAuth, Config, Resolver};
 
 /// The configuration `config` (read from `text`) as TOML that reads back as the same settings.
 pub fn effective_toml(config: &Config, text: &str) -> String {
@@ -31,6 +31,14 @@ pub fn effective_toml(config: &Config, text: &str) -> String {
     if let Some(tls) = &config.listener.tls {
         listener.push(("tls_cert", path(&tls.cert)));
         listener.push(("tls_key", path(&tls.key)));
+    }
+    if let Some(client) = &config.listener.client_auth {
+        listener.push(("client_ca", path(&client.ca)));
+        let mode = match client.mode {
+            ClientAuth::Required => "required",
+            ClientAuth::Optional => "optional",
+        };
+        listener.push(("client_auth", string(mode.to_owned())));
     }
     section(&mut out, "listener", &listener);
 

@@ -77,6 +77,8 @@ pub enum Reloaded {
     listener_cert,
     /// The interception CA (`[intercept] ca_cert`, `ca_key`).
     ca,
+    /// The trust bundle of client certificates (`[listener] client_ca`).
+    client_ca,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -108,6 +110,8 @@ pub enum Certificate {
     listener_cert,
     /// The interception CA (`[intercept] ca_cert`).
     ca,
+    /// The client CA bundle (`[listener] client_ca`): the latest notAfter of its CAs.
+    client_ca,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -212,7 +216,7 @@ impl Metrics {
         let all_reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "kms_tag_guard_reloads",
-            "Reloads by what was reloaded (policy, listener_cert, ca) and result; a failed one keeps what was in use",
+            "Reloads by what was reloaded (policy, listener_cert, ca, client_ca) and result; a failed one keeps what was in use",
             all_reloads.clone(),
         );
         let audit_write_failures = Counter::default();
@@ -313,7 +317,7 @@ impl Metrics {
         let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
         registry.register_with_unit(
             "kms_tag_guard_certificate_expiry",
-            "When the certificate in use ends (its notAfter), in seconds since the Unix epoch: the listener's (listener_cert) and the interception CA (ca)",
+            "When the certificate in use ends (its notAfter), in seconds since the Unix epoch: the listener's (listener_cert), the interception CA (ca), the client CA bundle (client_ca, its latest CA)",
             Unit::Seconds,
             certificate_expiry.clone(),
         );

@@ -5,7 +5,8 @@
 //! replaces the one in force; an invalid one is logged and counted, and the last good policy
 //! stays. The listener's certificate and the interception CA are reloaded from their files on
 //! the same poll and signal, with the checks made at start; a pair that fails them is logged and
-//! counted, and the previous one stays. SIGHUP also reopens the audit file for log rotation.
+//! counted, and the previous one stays; so does the client CA bundle (`[listener] client_ca`),
+//! whose change gives new connections a new TLS configuration. SIGHUP also reopens the audit file for log rotation.
 //!
 //! The files are stat'ed, read and parsed on the blocking pool, never on the runtime that accepts
 //! connections and serves the admin port; they are opened without blocking and only regular files
@@ -25,8 +26,9 @@ use crate::config::{sha256_hex, Config, ConfigErrors, ConfigSource};
 use crate::files::{self, Stamp};
 use crate::metrics::Metrics;
 use crate::metrics::{Certificate, ReloadResult, Reloaded};
+use crate::mtls::ListenerTls;
 use crate::policy::Policy;
-use crate::tls::{LeafMinter, ListenerCert, TlsError};
+use crate::tls::{LeafMinter, TlsError};
 
 /// How often the config file is read for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,7 +51,8 @@ pub(crate) struct Reloader {
     /// not read it again.
     last_read: Option<Stamp>,
     restart_sections: toml::Table,
-    listener_cert: Option<Arc<ListenerCert>>,
+    /// The listener's certificate and client CA bundle.
+    listener_tls: Option<Arc<ListenerTls>>,
     /// The tag policy file the policy in force imports (`[policy].org_tag_policy`), and its
     /// stamp when last read: a change to it reads the config file again too.
     org_file: Option<PathBuf>,
@@ -80,7 +83,7 @@ impl Reloader {
     pub(crate) fn new(
         shared: Live,
         config: &Config,
-        listener_cert: Option<Arc<ListenerCert>>,
+        listener_tls: Option<Arc<ListenerTls>>,
         minter: Option<Arc<LeafMinter>>,
     ) -> Reloader {
         let reloader = Reloader {
@@ -93,7 +96,7 @@ impl Reloader {
             // Unknown: the first poll reads the file once (and finds the hash it started with).
             last_read: None,
             restart_sections: config.restart_sections.clone(),
-            listener_cert,
+            listener_tls,
             org_file: config.org_tag_policy.as_ref().map(|f| f.path.clone()),
             last_org_read: None,
             minter,
@@ -106,8 +109,11 @@ impl Reloader {
     /// use: at start, and after every look at their files (a failed reload keeps the old one).
     fn report_expiry(&self) {
         let metrics = &self.shared.metrics;
-        if let Some(cert) = &self.listener_cert {
-            metrics.certificate_expiry(Certificate::listener_cert, cert.not_after());
+        if let Some(tls) = &self.listener_tls {
+            metrics.certificate_expiry(Certificate::listener_cert, tls.cert().not_after());
+            if let Some(not_after) = tls.client_ca_not_after() {
+                metrics.certificate_expiry(Certificate::client_ca, not_after);
+            }
         }
         if let Some(minter) = &self.minter {
             metrics.certificate_expiry(Certificate::ca, minter.not_after());
@@ -142,9 +148,16 @@ impl Reloader {
     /// blocking pool). A pair that fails the start checks, or is not valid now, is refused,
     /// logged and counted, and the previous one stays in use.
     async fn reload_certificates(&self, forced: bool) {
-        if let Some(cert) = self.listener_cert.clone() {
+        if let Some(tls) = self.listener_tls.clone() {
+            let cert = Arc::clone(tls.cert());
             let done = tokio::task::spawn_blocking(move || cert.reload_if_changed(forced)).await;
             self.report(Reloaded::listener_cert, "listener certificate", done);
+            if tls.client_auth().is_some() {
+                let done =
+                    tokio::task::spawn_blocking(move || tls.reload_client_ca_if_changed(forced))
+                        .await;
+                self.report(Reloaded::client_ca, "client CA bundle", done);
+            }
         }
         if let Some(minter) = self.minter.clone() {
             let done = tokio::task::spawn_blocking(move || minter.reload_if_changed(forced)).await;

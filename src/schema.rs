@@ -10,7 +10,8 @@ use crate::toml_reader::keys_asked;
 
 /// The keys whose string takes one of a few words: (key path, rule type or "" for a section's
 /// key, the words). A test feeds each word, and one not listed, through the reader.
-pub const CHOICES: [(&str, &str, &[&str]); 4] = [
+pub const CHOICES: [(&str, &str, &[&str]); 5] = [
+    ("listener.client_auth", "", &["required", "optional"]),
     ("policy.mode", "", &["enforce", "dry-run"]),
     ("policy.unknown_operations", "", &["reject", "forward"]),
     ("upstream.resolver", "", &["system", "dns"]),

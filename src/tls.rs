@@ -15,7 +15,8 @@ use rcgen::{
     NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -52,6 +53,8 @@ pub enum TlsError {
     KeyMismatch { cert: String, key: String },
     #[error("{path} is not valid now: {detail}; install a certificate valid now (on a reload, the previous one stays in use)")]
     NotValidNow { path: String, detail: String },
+    #[error("{path} cannot be the client CA bundle ([listener] client_ca): {detail}")]
+    ClientCa { path: String, detail: String },
     #[error("{0} already exists; move it away or choose another --out directory")]
     Exists(PathBuf),
     #[error("{0} exists and is not a directory; --out names the directory to write ca.pem and ca.key into (it is created if absent)")]
@@ -63,22 +66,31 @@ pub enum TlsError {
     },
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A rustls server configuration offering h2 and HTTP/1.1.
 pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig, TlsError> {
+    server_config_verifying(resolver, WebPkiClientVerifier::no_client_auth())
+}
+
+/// A rustls server configuration offering h2 and HTTP/1.1, verifying client certificates with
+/// `clients` (`crate::mtls`).
+pub fn server_config_verifying(
+    resolver: Arc<dyn ResolvesServerCert>,
+    clients: Arc<dyn ClientCertVerifier>,
+) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
 /// A PEM file: a regular file (never waited on) of at most [`files::MAX_PEM_BYTES`].
-fn read(path: &Path) -> Result<(Vec<u8>, Stamp), TlsError> {
+pub(crate) fn read(path: &Path) -> Result<(Vec<u8>, Stamp), TlsError> {
     files::read(path, files::MAX_PEM_BYTES).map_err(|e| TlsError::File(e.to_string()))
 }
 
@@ -189,7 +201,7 @@ impl ListenerCert {
     }
 }
 
-fn fingerprint(cert: &[u8], key: &[u8]) -> String {
+pub(crate) fn fingerprint(cert: &[u8], key: &[u8]) -> String {
     let mut both = String::from_utf8_lossy(cert).into_owned();
     both.push_str(&String::from_utf8_lossy(key));
     sha256_hex(&both)
@@ -205,7 +217,7 @@ impl ResolvesServerCert for ListenerCert {
 const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// Minted leaves are valid from a little before now, for clients with a slow clock.
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Mints short-lived leaf certificates for intercepted hosts, signed by the interception CA.
 ///

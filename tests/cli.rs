@@ -1364,9 +1364,15 @@ fn the_checked_in_schema_is_the_generated_one_and_the_shipped_configs_fit_it() {
         let configs = |words: &[&str]| -> Vec<String> {
             if rule.is_empty() {
                 let (section, key) = key.split_once('.').unwrap();
+                // client_auth is read only together with client_ca, on a TLS listener.
+                let with = if key == "client_auth" {
+                    "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nclient_ca = \"ca.pem\"\n"
+                } else {
+                    ""
+                };
                 words
                     .iter()
-                    .map(|w| format!("[{section}]\n{key} = \"{w}\"\n"))
+                    .map(|w| format!("[{section}]\n{with}{key} = \"{w}\"\n"))
                     .collect()
             } else {
                 rule_words(words)

@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::budget::Registration;
 use super::connection::serve_accepted;
 use super::state::{Origin, Shared};
 use crate::config::Config;
+use crate::mtls::ListenerTls;
 
 /// Accepts connections until `stopped`, keeps accepting for the drain delay, then waits up to
 /// the grace period for in-flight requests. Each accepted connection takes its place in the
@@ -59,6 +59,7 @@ pub(crate) async fn serve(
                 let origin = Origin {
                     peer,
                     tunnel_host: None,
+                    caller: None,
                     conn: Arc::clone(registration.conn()),
                 };
                 threads.hand(stream, origin, registration, shared.lifecycle.connections.subscribe());
@@ -129,7 +130,7 @@ impl ConnectionThreads {
     /// Starts one thread per CPU the process may use, or `TOKIO_WORKER_THREADS` of them.
     pub(crate) fn start(
         shared: &Arc<Shared>,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<ListenerTls>>,
     ) -> io::Result<ConnectionThreads> {
         let count = thread_count();
         let mut queues = Vec::with_capacity(count);
@@ -207,7 +208,7 @@ impl ConnectionThreads {
 async fn serve_handed(
     mut handed: mpsc::UnboundedReceiver<Handed>,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ListenerTls>>,
 ) {
     while let Some(Handed {
         registration,

@@ -77,7 +77,7 @@ pub(crate) async fn handle(
                 Ok(conn) => conn,
                 Err(error) => return refuse(error),
             };
-            intercept(shared, request, origin.peer, host, minter, conn);
+            intercept(shared, request, origin, host, minter, conn);
             info!(%request_id, peer = %origin.peer, %authority, "CONNECT intercepted");
             return (established(request_id), Outcome::pass);
         }
@@ -330,15 +330,23 @@ fn tunnel_conn(
 fn intercept(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    origin: &Origin,
     host: String,
     minter: Arc<LeafMinter>,
     tunnel: TunnelConn,
 ) {
+    let (peer, caller) = (origin.peer, origin.caller.clone());
     tokio::spawn(async move {
         let conn = Arc::clone(&tunnel.conn);
         let metrics = Arc::clone(&shared.metrics);
-        let serving = serve_intercepted(shared, request, peer, host, minter, Arc::clone(&conn));
+        let serving = serve_intercepted(
+            shared,
+            request,
+            (peer, caller),
+            host,
+            minter,
+            Arc::clone(&conn),
+        );
         tokio::select! {
             () = serving => {}
             () = conn.setup_expired() => {
@@ -353,14 +361,17 @@ fn intercept(
     });
 }
 
+/// `from`: the client's address and the caller of the connection that sent the CONNECT, which
+/// every request inside the tunnel inherits.
 async fn serve_intercepted(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    from: (SocketAddr, Option<Arc<str>>),
     host: String,
     minter: Arc<LeafMinter>,
     conn: Arc<Conn>,
 ) {
+    let (peer, caller) = from;
     // The handshake inside has `header_read_timeout_ms` of its own: the connection's set-up
     // deadline is over when the CONNECT follows another request.
     let handshake = async {
@@ -391,6 +402,7 @@ async fn serve_intercepted(
     let origin = Origin {
         peer,
         tunnel_host: Some(host.into()),
+        caller,
         conn,
     };
     let serve = shared.serve_tunnel;

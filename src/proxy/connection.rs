@@ -18,13 +18,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::budget::{Registration, Socket, Tracked, EVICTION_GRACE};
 use super::general;
 use super::lane::Lane;
 use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
 use crate::config::Config;
+use crate::mtls::{is_client_cert_refusal, ListenerTls};
 
 // The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
 // fast path and in hyper.
@@ -203,7 +204,7 @@ pub(crate) async fn serve_accepted(
     origin: Origin,
     registration: Registration,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ListenerTls>>,
     _open: watch::Receiver<()>,
 ) {
     let conn = Arc::clone(&origin.conn);
@@ -225,13 +226,29 @@ pub(crate) async fn serve_accepted(
             _ = origin.conn.close_requested() => return,
         }
         let socket = Socket::new(registration, stream);
-        let Some(acceptor) = tls else {
+        let Some(tls) = tls else {
             return serve_connection(socket, shared, origin).await;
         };
-        match acceptor.accept(socket).await {
-            Ok(stream) => serve_connection(stream, shared, origin).await,
-            Err(error) => debug!(%peer, %error, "TLS handshake failed"),
+        let stream = match TlsAcceptor::from(tls.config()).accept(socket).await {
+            Ok(stream) => stream,
+            Err(error) if is_client_cert_refusal(&error) => {
+                return info!(%peer, %error, "connection refused: its client certificate failed verification ([listener] client_ca)")
+            }
+            Err(error) => return debug!(%peer, %error, "TLS handshake failed"),
+        };
+        // Who is calling, from the verified client certificate: for every request on this
+        // connection, and in the tunnels it opens.
+        let caller = match tls.caller(stream.get_ref().1) {
+            Ok(caller) => caller,
+            Err(error) => {
+                return info!(%peer, %error, "connection refused: its client certificate names no usable caller")
+            }
+        };
+        if let Some(caller) = &caller {
+            debug!(%peer, %caller, "TLS client certificate verified");
         }
+        let origin = Origin { caller, ..origin };
+        serve_connection(stream, shared, origin).await;
     };
     tokio::select! {
         () = serving => {}

@@ -2,7 +2,6 @@
 //! CONNECT, chunked or `Expect` requests, other methods or versions) goes through the same
 //! `decide` and `record` as on the fast path, with hyper's bodies.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,12 +72,13 @@ pub(crate) async fn handle(
         uri: &parts.uri,
         headers: &parts.headers,
         tunnel_host: origin.tunnel_host.as_deref(),
-        caller: None,
+        caller: origin.caller.as_deref(),
     };
     let (response, operation, outcome, class) = match decide(&head, Body::Unread, &rules) {
         Verdict::Stream { operation, host } => {
             let host = host.to_owned();
-            let handled = pass_through(&shared, &lane, parts, body, &host, operation, peer).await;
+            let handled =
+                pass_through(&shared, &lane, parts, body, &host, operation, &origin).await;
             (handled.0, operation, handled.1, Class::pass)
         }
         Verdict::ReadBody { operation } => {
@@ -107,8 +107,9 @@ async fn pass_through(
     body: Incoming,
     host: &str,
     operation: &'static str,
-    peer: SocketAddr,
+    origin: &Origin,
 ) -> (Response<ProxyBody>, Outcome) {
+    let peer = origin.peer;
     let forward = match prepare_forward(shared, &mut parts, host) {
         Ok(forward) => forward,
         Err(error) => {
@@ -136,7 +137,7 @@ async fn pass_through(
             uri: &uri,
             headers: &head_copy,
             tunnel_host: None,
-            caller: None,
+            caller: origin.caller.as_deref(),
         };
         let refused =
             streamed_body_refused(&head, operation, reason.clone(), &shared.policy.load());
@@ -277,7 +278,7 @@ async fn tag_change(
                 uri: &parts.uri,
                 headers: &parts.headers,
                 tunnel_host: None,
-                caller: None,
+                caller: origin.caller.as_deref(),
             };
             let handled = record::refusal(
                 &shared.audit,
@@ -294,7 +295,7 @@ async fn tag_change(
         uri: &parts.uri,
         headers: &parts.headers,
         tunnel_host,
-        caller: None,
+        caller: origin.caller.as_deref(),
     };
     let (host, judgement): (String, Judgement) = match decide(&head, Body::Whole(&bytes), rules) {
         Verdict::Judged {

@@ -33,8 +33,9 @@ use crate::admin::{self, AdminState};
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::mtls::ListenerTls;
 use crate::reload::{Live, Reloader};
-use crate::tls::{LeafMinter, ListenerCert};
+use crate::tls::LeafMinter;
 pub use body::ProxyBody;
 use connector::OwnAddresses;
 use state::{Lifecycle, Shared, Tunnels};
@@ -102,12 +103,13 @@ impl RunningProxy {
     }
 }
 
-/// Everything `start` reads and checks before it listens: the listener's certificate and key,
+/// Everything `start` reads and checks before it listens: the listener's certificate and key
+/// and the client CA bundle,
 /// the interception CA (its checks, the key's permissions), the upstream's CA file, the audit
 /// file's directory. `kms-tag-guard check` runs this and stops, so that it refuses exactly what
 /// `serve` would refuse to start with.
 pub struct Prepared {
-    tls: Option<(tokio_rustls::TlsAcceptor, Arc<ListenerCert>)>,
+    tls: Option<Arc<ListenerTls>>,
     minter: Option<Arc<LeafMinter>>,
     metrics: Arc<Metrics>,
     upstream: Upstream,
@@ -118,13 +120,10 @@ pub struct Prepared {
 /// it inside a Tokio runtime.
 pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
     let tls = match &config.listener.tls {
-        Some(files) => {
-            let cert = Arc::new(ListenerCert::load(files).map_err(StartError::Tls)?);
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
-                crate::tls::server_config(Arc::clone(&cert) as _).map_err(StartError::Tls)?,
-            ));
-            Some((acceptor, cert))
-        }
+        Some(files) => Some(Arc::new(
+            ListenerTls::load(files, config.listener.client_auth.as_ref())
+                .map_err(StartError::Tls)?,
+        )),
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
@@ -232,11 +231,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             metrics: Arc::clone(&shared.metrics),
         },
         &config,
-        tls.as_ref().map(|(_, cert)| Arc::clone(cert)),
+        tls.clone(),
         minter,
     );
-    let threads = accept::ConnectionThreads::start(&shared, tls.map(|(acceptor, _)| acceptor))
-        .map_err(StartError::Threads)?;
+    let threads = accept::ConnectionThreads::start(&shared, tls).map_err(StartError::Threads)?;
     // Nothing is spawned until nothing else can fail.
     let admin_task = admin.map(|(listener, _)| tokio::spawn(admin::serve(listener, admin_state)));
     tokio::spawn(reloader.run(Arc::clone(&control.reload), stopped.clone()));

@@ -66,11 +66,16 @@ pub(crate) type ServeTunnel =
     fn(InterceptedStream, Arc<Shared>, Origin) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a request came from: the client's address, for a request inside an intercepted tunnel
-/// the host the client asked to CONNECT to, and the connection as the budget sees it.
+/// the host the client asked to CONNECT to, the caller's identity, and the connection as the
+/// budget sees it.
 #[derive(Clone)]
 pub(crate) struct Origin {
     pub peer: SocketAddr,
     pub tunnel_host: Option<Arc<str>>,
+    /// The caller the TLS listener's verified client certificate names (`crate::identity`): set
+    /// after the handshake; inside an intercepted tunnel, the caller of the connection that
+    /// sent the CONNECT (the TLS inside is the proxy's own, with no client certificate).
+    pub caller: Option<Arc<str>>,
     pub conn: Arc<Conn>,
 }
 

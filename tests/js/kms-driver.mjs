@@ -141,8 +141,18 @@ async function requestHandler(client) {
   const keepAlive = client.keepAlive ?? true;
   const timeouts = { requestTimeout: client.requestTimeoutMs ?? 10000, connectionTimeout: 5000 };
   const counter = { sockets: 0 };
+  // client.tls = {cert, key, ca} (PEM file paths): a client certificate and extra trust for the
+  // TLS the client opens to the proxy itself (mode B: the endpoint; mode C: the https:// proxy).
+  const tlsOptions = {};
+  for (const name of ["cert", "key", "ca"]) {
+    if (client.tls?.[name]) tlsOptions[name] = readFileSync(client.tls[name]);
+  }
   if (handler === "http2") {
     const options = { ...timeouts, disableConcurrentStreams: client.disableConcurrentStreams };
+    if (client.tls) {
+      if (proxy) fail("client.tls with http2 works without a proxy only");
+      options.nodeHttp2ConnectOptions = tlsOptions;
+    }
     if (proxy) {
       if (proxy.agent !== "connect") fail(`http2 goes through a proxy with agent "connect" only`);
       const proxyUrl = new URL(proxy.url);
@@ -165,7 +175,7 @@ async function requestHandler(client) {
   if (client.agentTimeoutMs !== undefined) agentOptions.timeout = client.agentTimeoutMs;
   if (!proxy) {
     const httpAgent = counted(new http.Agent(agentOptions), counter);
-    const httpsAgent = counted(new https.Agent(agentOptions), counter);
+    const httpsAgent = counted(new https.Agent({ ...agentOptions, ...tlsOptions }), counter);
     return {
       handler: new NodeHttpHandler({ ...timeouts, httpAgent, httpsAgent }),
       agents: [httpAgent, httpsAgent],
@@ -176,7 +186,9 @@ async function requestHandler(client) {
   switch (proxy.agent ?? "hpagent") {
     case "hpagent": {
       const { HttpsProxyAgent } = require("hpagent");
-      agent = new HttpsProxyAgent({ ...agentOptions, proxy: proxy.url });
+      // proxyRequestOptions go to the TLS connection to an https:// proxy.
+      const proxyRequestOptions = client.tls ? tlsOptions : undefined;
+      agent = new HttpsProxyAgent({ ...agentOptions, proxy: proxy.url, proxyRequestOptions });
       break;
     }
     case "https-proxy-agent": {

@@ -274,7 +274,7 @@ where
             uri: &head.parts.uri,
             headers: &head.parts.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
-            caller: None,
+            caller: self.origin.caller.as_deref(),
         }
     }
 
@@ -532,7 +532,7 @@ where
             uri: &uri,
             headers: &lenient.headers,
             tunnel_host: self.origin.tunnel_host.as_deref(),
-            caller: None,
+            caller: self.origin.caller.as_deref(),
         };
         let refusal = malformed_head(&view, answer, &self.shared.policy.load());
         let handled = record::refusal(&self.shared.audit, self.origin.peer, refusal).await;
