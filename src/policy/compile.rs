@@ -120,6 +120,7 @@ pub(crate) fn compile(
         mode,
         max_tags,
         unknown_operations,
+        reads_caller: rules.iter().any(Rule::reads_caller),
         rules,
         sha256: Arc::from(""),
     }

@@ -54,6 +54,8 @@ pub struct Policy {
     max_tags: usize,
     unknown_operations: UnknownOperations,
     rules: Vec<Rule>,
+    /// Whether any rule looks at the caller's identity (else it is not even read).
+    reads_caller: bool,
     /// SHA-256 (hex) of the configuration text the policy was loaded from (what
     /// `kms_tag_guard_policy_info{sha256}` shows), for the decision records it judges.
     sha256: Arc<str>,
@@ -297,7 +299,10 @@ impl Policy {
                 Mode::DryRun => dry_run.push(violation),
             }
         }
-        let caller = context.caller.map(caller::Caller::new);
+        let caller = context
+            .caller
+            .filter(|_| self.reads_caller)
+            .map(caller::Caller::new);
         for rule in &self.rules {
             if !rule.applies_to(change, context, caller.as_ref()) {
                 continue;

@@ -396,6 +396,13 @@ impl Rule {
         }
     }
 
+    /// Whether the rule looks at the caller's identity.
+    pub(super) fn reads_caller(&self) -> bool {
+        !self.callers.is_empty()
+            || !self.exempt_callers.is_empty()
+            || matches!(self.kind, RuleKind::CallerValue { .. })
+    }
+
     /// For a `caller-value` rule, who may set its key and to what, for `kms-tag-guard check`.
     pub(super) fn binding(&self) -> Option<String> {
         match &self.kind {
