@@ -88,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The audit log's chain: prove it is whole; make the key that signs its checkpoints.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run policy test cases against a configuration (docs/policy-tests.md).
     #[command(after_help = EXIT_CODES)]
     Test {
@@ -147,6 +152,42 @@ enum CaCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write a new Ed25519 key for [audit].signing_key: the private key to FILE (mode 0600) and
+    /// the public key to FILE.pub (neither may exist yet).
+    Keygen {
+        /// The private key file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check that audit files are whole: every line chained to the one before it, every
+    /// checkpoint signed (exit 0 whole, 1 not whole or unreadable).
+    Verify {
+        /// The public key (FILE.pub from `audit keygen`) that checks the checkpoints' signatures.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// A checkpoint line kept elsewhere (a file holding it): the log must reach it and hold it
+        /// unchanged, which shows lines removed from its end.
+        #[arg(long, value_name = "FILE")]
+        anchor: Vec<PathBuf>,
+        /// The report's format.
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
+        format: VerifyFormat,
+        /// The audit files, oldest first (rotated ones before the current one; gzip'd or not).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VerifyFormat {
+    /// A line per file and per problem, then the counts
+    Text,
+    /// One JSON object
+    Json,
+}
+
 fn main() -> ExitCode {
     // First of all: SIGHUP's default action ends the process, and `serve` installs its handler
     // only once the configuration is loaded (100 ms for a large policy). Until then a SIGHUP is
@@ -184,6 +225,18 @@ fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Init { out },
         } => ca_init(&out),
+        Command::Audit {
+            command: AuditCommand::Keygen { out },
+        } => audit_keygen(&out),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    public_key,
+                    anchor,
+                    format,
+                    files,
+                },
+        } => audit_verify(public_key.as_deref(), &anchor, format, &files),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "kms-tag-guard", &mut script);
@@ -428,6 +481,70 @@ fn ca_init(out: &Path) -> ExitCode {
             eprintln!("kms-tag-guard: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn audit_keygen(out: &Path) -> ExitCode {
+    match kms_tag_guard::integrity::keys::keygen(out) {
+        Ok(made) => {
+            println!(
+                "wrote {} (mode 0600; keep it secret) and {}",
+                made.private.display(),
+                made.public.display()
+            );
+            println!("key id: {}", made.key.id());
+            print!("{}", made.key.pem());
+            println!();
+            println!("Add to the configuration:");
+            println!("[audit]");
+            println!(
+                "signing_key = {:?}",
+                absolute(&made.private).display().to_string()
+            );
+            println!();
+            println!(
+                "Check the log with: kms-tag-guard audit verify --public-key {} FILE...",
+                made.public.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(
+    public_key: Option<&Path>,
+    anchors: &[PathBuf],
+    format: VerifyFormat,
+    files: &[PathBuf],
+) -> ExitCode {
+    use kms_tag_guard::integrity::{keys, verify};
+    let key = match public_key.map(keys::load_public_key).transpose() {
+        Ok(key) => key,
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match verify::verify(files, key.as_ref(), anchors) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match format {
+        VerifyFormat::Text => report.text(),
+        VerifyFormat::Json => report.json(),
+    };
+    let written = write_stdout(text.as_bytes(), "the report");
+    if report.valid {
+        written
+    } else {
+        ExitCode::FAILURE
     }
 }
 
