@@ -171,6 +171,10 @@ enum AuditCommand {
         /// unchanged, which shows lines removed from its end.
         #[arg(long, value_name = "FILE")]
         anchor: Vec<PathBuf>,
+        /// The first FILE is the first the proxy wrote: the chain must begin there, at genesis
+        /// (shows lines removed from its beginning).
+        #[arg(long)]
+        from_genesis: bool,
         /// The report's format.
         #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
         format: VerifyFormat,
@@ -233,10 +237,18 @@ fn main() -> ExitCode {
                 AuditCommand::Verify {
                     public_key,
                     anchor,
+                    from_genesis,
                     format,
                     files,
                 },
-        } => audit_verify(public_key.as_deref(), &anchor, format, &files),
+        } => {
+            let options = |key| kms_tag_guard::integrity::verify::Options {
+                key,
+                anchors: anchor,
+                from_genesis,
+            };
+            audit_verify(public_key.as_deref(), options, format, &files)
+        }
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "kms-tag-guard", &mut script);
@@ -517,7 +529,9 @@ fn audit_keygen(out: &Path) -> ExitCode {
 
 fn audit_verify(
     public_key: Option<&Path>,
-    anchors: &[PathBuf],
+    options: impl FnOnce(
+        Option<kms_tag_guard::integrity::keys::PublicKey>,
+    ) -> kms_tag_guard::integrity::verify::Options,
     format: VerifyFormat,
     files: &[PathBuf],
 ) -> ExitCode {
@@ -529,7 +543,7 @@ fn audit_verify(
             return ExitCode::FAILURE;
         }
     };
-    let report = match verify::verify(files, key.as_ref(), anchors) {
+    let report = match verify::verify(files, &options(key)) {
         Ok(report) => report,
         Err(error) => {
             eprintln!("kms-tag-guard: {error}");

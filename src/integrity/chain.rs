@@ -8,14 +8,16 @@
 //! after a record when one is due.
 //!
 //! Where the chain starts ([`Sealer::begin`], at open and at every reopen):
-//! - a new or empty file: a `chain_start` line, whose `prev` is 64 zeros (`"follows":"genesis"`)
-//!   or, after a reopen (rotation), the hash of the previous file's last line
-//!   (`"follows":"previous_file"`);
-//! - an existing file whose last line is sealed (a restart appending): the chain goes on from it,
-//!   with no line of its own;
-//! - an existing file ending in anything else (a line from before the chain, a line cut short):
-//!   a `chain_start` with `"follows":"line_before"` whose `prev` is that line's hash (a line cut
-//!   short is ended with `\n` first, and hashed with it).
+//! - a new or empty file, or standard output, at start: the first line has `seq` 0 and a `prev`
+//!   of 64 zeros (genesis);
+//! - a new or empty file after a reopen (rotation): the chain goes on, so the new file's first
+//!   line names the hash of the old file's last line;
+//! - an existing file whose last line is sealed (a restart appending): the chain goes on from it;
+//! - an existing file ending in anything else (a line from before the chain, a line cut short, a
+//!   line of another chain): a `chain_start` line, `"follows":"line_before"`, whose `prev` is that
+//!   line's hash (a line cut short is ended with `\n` first, and hashed with it); a last line
+//!   that cannot be read (longer than the proxy writes): a `chain_start` at genesis,
+//!   `"follows":"unreadable_line_before"`.
 //!
 //! Nothing here rolls back: a batch the sink fails to take is kept byte for byte and written
 //! again (`crate::audit`), so the chain's state is that of the batch, written or not.
@@ -111,10 +113,8 @@ impl Sealer {
         let tail = file.map_or(Tail::NotAFile, read_tail);
         let started = std::mem::replace(&mut self.started, true);
         match tail {
-            Tail::NotAFile if started => {}
-            Tail::NotAFile => self.start("genesis", batch),
-            Tail::Empty if started => self.start("previous_file", batch),
-            Tail::Empty => self.start("genesis", batch),
+            // Genesis at start; after a reopen the chain goes on.
+            Tail::NotAFile | Tail::Empty => {}
             Tail::Line(line) => {
                 let hash = line_hash(&line);
                 match parse_seal(&line) {
@@ -140,6 +140,7 @@ impl Sealer {
                 self.start("line_before", batch);
             }
             Tail::Unreadable => {
+                self.next_seq = 0;
                 self.prev = GENESIS;
                 self.start("unreadable_line_before", batch);
             }
@@ -304,11 +305,12 @@ mod tests {
         let mut sealer = Sealer::with(None);
         let mut batch = Vec::new();
         sealer.begin(None, &mut batch);
+        assert!(batch.is_empty(), "genesis needs no line of its own");
         sealer.seal(b"{\"event\":\"decision\",\"a\":1}\n", &mut batch);
         sealer.seal(b"{}\n", &mut batch);
         sealer.seal(b"[1,2]\n", &mut batch);
         let lines = lines(&batch);
-        assert_eq!(lines.len(), 4);
+        assert_eq!(lines.len(), 3);
         let (seq, prev) = parse_seal(lines[0]).unwrap();
         assert_eq!((seq, prev), (0, GENESIS));
         for (i, pair) in lines.windows(2).enumerate() {
@@ -317,13 +319,11 @@ mod tests {
             assert_eq!(prev, line_hash(pair[0]), "line {}", i + 2);
             serde_json::from_slice::<serde_json::Value>(pair[1]).unwrap();
         }
-        let start: serde_json::Value = serde_json::from_slice(lines[0]).unwrap();
-        assert_eq!(start["event"], "chain_start");
-        assert_eq!(start["follows"], "genesis");
-        assert!(lines[1].ends_with(b",\"event\":\"decision\",\"a\":1}\n"));
-        let wrapped: serde_json::Value = serde_json::from_slice(lines[3]).unwrap();
+        assert!(lines[0].ends_with(b",\"event\":\"decision\",\"a\":1}\n"));
+        assert!(lines[1].ends_with(b"\"}\n"));
+        let wrapped: serde_json::Value = serde_json::from_slice(lines[2]).unwrap();
         assert_eq!(wrapped["line"], "[1,2]");
-        assert_eq!(sealer.head(), (4, line_hash(lines[3])));
+        assert_eq!(sealer.head(), (3, line_hash(lines[2])));
         assert!(lines.iter().all(|l| l.len() <= 40 + SEAL_MAX_BYTES + 80));
     }
 
@@ -370,14 +370,23 @@ mod tests {
         assert!(next.is_empty());
         assert_eq!(again.head(), first.head());
 
-        // Reopened on the same file: nothing; on a new, empty file: chain_start after it.
+        // Reopened on the same file, or on a new, empty one (rotation): the chain goes on.
         again.begin(Some(&file), &mut next);
-        assert!(next.is_empty());
         again.begin(Some(&file_with(dir.path(), "rotated", b"")), &mut next);
-        let (seq, prev) = parse_seal(&next).unwrap();
-        assert_eq!((seq, prev), first.head());
-        let start: serde_json::Value = serde_json::from_slice(&next).unwrap();
-        assert_eq!(start["follows"], "previous_file");
+        assert!(next.is_empty());
+        again.seal(b"{\"a\":2}\n", &mut next);
+        assert_eq!(parse_seal(&next).unwrap(), first.head());
+
+        // A file ending in a sealed line of another chain: a chain_start names it.
+        let mut other = Vec::new();
+        again.begin(
+            Some(&file_with(dir.path(), "another", &written)),
+            &mut other,
+        );
+        let start: serde_json::Value = serde_json::from_slice(&other).unwrap();
+        assert_eq!(start["event"], "chain_start");
+        assert_eq!(start["follows"], "line_before");
+        assert_eq!(parse_seal(&other).unwrap(), (2, line_hash(&written)));
 
         // A file ending in a line from before the chain, or cut short.
         let mut old = Sealer::with(None);

@@ -1,7 +1,7 @@
 //! Signed checkpoints: a line, in the chain like any other, that signs the chain up to it.
 //!
 //! ```text
-//! {"seq":N,"prev":"<hex>","event":"checkpoint","time":"<RFC 3339>","key_id":"<hex>","signature":"<hex>"}
+//! {"seq":N,"prev":"<hex>","event":"checkpoint","time":"<RFC 3339>","key_fingerprint":"<hex>","signature":"<hex>"}
 //! ```
 //!
 //! `seq` is the number of lines in the chain before it and `prev` the hash of the last of them,
@@ -20,6 +20,8 @@ use super::keys::{PublicKey, SigningKey};
 pub const DOMAIN: &[u8] = b"kms-tag-guard audit checkpoint v1\n";
 /// Between the signed part of a checkpoint line and its signature.
 const SIGNATURE_MEMBER: &[u8] = b",\"signature\":\"";
+/// Before the id of the key that signed it.
+const KEY_MEMBER: &[u8] = b",\"key_fingerprint\":\"";
 
 /// When checkpoints are due, and the key that signs them.
 pub struct Checkpoints {
@@ -78,7 +80,7 @@ impl Checkpoints {
     /// (unsealed: the seal it gets is the one signed here).
     pub(crate) fn line(&self, seq: u64, prev: &[u8; 32], time: &str) -> Vec<u8> {
         let members = format!(
-            "\"event\":\"checkpoint\",\"time\":\"{time}\",\"key_id\":\"{}\"",
+            "\"event\":\"checkpoint\",\"time\":\"{time}\",\"key_fingerprint\":\"{}\"",
             self.key.id()
         );
         let mut message = DOMAIN.to_vec();
@@ -115,8 +117,8 @@ fn split(line: &[u8]) -> Option<(&[u8], Vec<u8>, String)> {
         return None;
     }
     let signature = hex::decode(hex_signature).ok()?;
-    let key_at = memchr::memmem::rfind(signed, b",\"key_id\":\"")?;
-    let key_id = signed[key_at + 11..].strip_suffix(b"\"")?;
+    let key_at = memchr::memmem::rfind(signed, KEY_MEMBER)?;
+    let key_id = signed[key_at + KEY_MEMBER.len()..].strip_suffix(b"\"")?;
     if !signed[..key_at].ends_with(b"\"")
         || !std::str::from_utf8(key_id).is_ok_and(|k| k.len() == 16)
     {
@@ -142,6 +144,12 @@ pub fn check(line: &[u8], key: &PublicKey) -> Result<(), CheckpointError> {
     } else {
         Err(CheckpointError::BadSignature)
     }
+}
+
+/// Whether a line carries a signature member (only checkpoints do: a record's strings cannot hold
+/// these bytes unescaped).
+pub fn has_signature(line: &[u8]) -> bool {
+    memchr::memmem::find(line, SIGNATURE_MEMBER).is_some()
 }
 
 /// The key id a checkpoint line names, if it is shaped as one.
@@ -175,15 +183,15 @@ mod tests {
         let mut batch = Vec::new();
         sealer.begin(None, &mut batch);
         sealer.seal(b"{\"a\":1}\n", &mut batch);
-        assert_eq!(batch.split_inclusive(|b| *b == b'\n').count(), 2);
+        assert_eq!(batch.split_inclusive(|b| *b == b'\n').count(), 1);
         sealer.seal(b"{\"a\":2}\n", &mut batch);
         let lines: Vec<&[u8]> = batch.split_inclusive(|b| *b == b'\n').collect();
-        assert_eq!(lines.len(), 4, "a checkpoint after two records");
-        let checkpoint = lines[3];
-        assert_eq!(parse_seal(checkpoint).unwrap().0, 3);
+        assert_eq!(lines.len(), 3, "a checkpoint after two records");
+        let checkpoint = lines[2];
+        assert_eq!(parse_seal(checkpoint).unwrap().0, 2);
         let value: serde_json::Value = serde_json::from_slice(checkpoint).unwrap();
         assert_eq!(value["event"], "checkpoint");
-        assert_eq!(value["key_id"], public.id());
+        assert_eq!(value["key_fingerprint"], public.id());
         check(checkpoint, &public).unwrap();
 
         for i in 0..checkpoint.len() {

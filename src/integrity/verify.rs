@@ -74,6 +74,12 @@ pub struct FileSummary {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct UnsignedRun {
+    pub from: Place,
+    pub lines: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Place {
     pub file: String,
     pub line: u64,
@@ -91,25 +97,43 @@ pub struct Report {
     pub unchained_before: u64,
     /// Where the chain begins: at genesis, or after a line these files do not hold.
     pub begins: String,
+    /// Whether it begins at genesis (`seq` 0, `prev` 64 zeros).
+    pub genesis: bool,
     pub checkpoints: u64,
     /// With a public key: the checkpoints whose signature verifies.
     pub checkpoints_valid: Option<u64>,
     pub key_id: Option<String>,
-    /// With a public key: the lines after the last valid checkpoint (nothing signs them).
+    /// With a public key: the lines after the last valid checkpoint of each chain (nothing signs
+    /// them), and where each such run begins.
     pub unsigned_lines: Option<u64>,
-    pub unsigned_from: Option<Place>,
+    pub unsigned: Vec<UnsignedRun>,
+    /// Where a new chain begins after the first (genesis: the proxy started with nothing to go
+    /// on from: standard output, or its file removed while it was stopped).
+    pub new_chains: Vec<Place>,
     pub anchors: u64,
     pub problems: Vec<Problem>,
+    /// The lines a problem names (the others are about the log as a whole: an anchor it does not
+    /// reach, no valid checkpoint).
+    pub lines_invalid: u64,
     /// No problem: every link holds (and with a key, every checkpoint verifies, at least one).
     pub valid: bool,
 }
 
+/// What to check beyond the links.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Checks the checkpoints' signatures.
+    pub key: Option<PublicKey>,
+    /// Files holding checkpoint lines kept elsewhere: the log must reach each, unchanged.
+    pub anchors: Vec<PathBuf>,
+    /// The first file is the first the proxy wrote: its first line must be the chain's genesis.
+    pub from_genesis: bool,
+}
+
 /// Reads and checks `files`, in order, as one chain.
-pub fn verify(
-    files: &[PathBuf],
-    key: Option<&PublicKey>,
-    anchors: &[PathBuf],
-) -> Result<Report, VerifyError> {
+pub fn verify(files: &[PathBuf], options: &Options) -> Result<Report, VerifyError> {
+    let key = options.key.as_ref();
+    let anchors = &options.anchors;
     let mut entries = Vec::new();
     let mut summaries = Vec::new();
     for (index, path) in files.iter().enumerate() {
@@ -125,7 +149,27 @@ pub fn verify(
     for path in anchors {
         anchor_lines.extend(read_anchors(path)?);
     }
-    Ok(analyse(&entries, summaries, key, &anchor_lines))
+    let mut report = analyse(&entries, summaries, key, &anchor_lines);
+    if options.from_genesis && !report.genesis {
+        let (file, line) = report
+            .files
+            .first()
+            .map_or((String::new(), 0), |f| (f.path.clone(), 1));
+        report.problems.insert(
+            0,
+            Problem {
+                file,
+                line,
+                kind: "removed",
+                detail: "the chain does not begin at genesis (seq 0, prev 64 zeros) here: lines were removed from its beginning, or the files before it were not given".into(),
+            },
+        );
+        if let Some(first) = report.files.first_mut() {
+            first.problems += 1;
+        }
+        report.valid = false;
+    }
+    Ok(report)
 }
 
 fn read_err(path: &Path) -> impl Fn(std::io::Error) -> VerifyError + '_ {
@@ -177,13 +221,6 @@ fn next_line(reader: &mut dyn BufRead, line: &mut Vec<u8>) -> std::io::Result<(b
 }
 
 #[derive(serde::Deserialize)]
-struct Members {
-    event: Option<serde::de::IgnoredAny>,
-    key_id: Option<serde::de::IgnoredAny>,
-    signature: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(serde::Deserialize)]
 struct Event<'a> {
     #[serde(borrow)]
     event: Option<std::borrow::Cow<'a, str>>,
@@ -215,14 +252,12 @@ fn entry(file: usize, line: u64, bytes: &[u8], too_long: bool, key: Option<&Publ
     } else if bytes.last() != Some(&b'\n') {
         Kind::Broken("cut short: no line end")
     } else {
-        match (
-            serde_json::from_slice::<Members>(bytes),
-            serde_json::from_slice::<Event>(bytes),
-        ) {
-            (Ok(members), Ok(event)) => {
+        match serde_json::from_slice::<Event>(bytes) {
+            Ok(event) => {
                 let name = event.event.as_deref().unwrap_or("");
-                let _ = members.event;
-                if name == "checkpoint" || members.key_id.is_some() || members.signature.is_some() {
+                // A checkpoint by its event or by its signature: one changed byte cannot make
+                // either pass for a record.
+                if name == "checkpoint" || checkpoint::has_signature(bytes) {
                     Kind::Checkpoint(match key {
                         Some(key) => Some(checkpoint::check(bytes, key)),
                         None => checkpoint::key_id_of(bytes)
@@ -235,7 +270,7 @@ fn entry(file: usize, line: u64, bytes: &[u8], too_long: bool, key: Option<&Publ
                     Kind::Record
                 }
             }
-            _ => Kind::Broken("not a JSON object"),
+            Err(_) => Kind::Broken("not a JSON object"),
         }
     };
     Entry {
@@ -296,11 +331,12 @@ fn analyse(
     // Where the chain begins.
     let first_sealed = entries.iter().position(|e| e.seal.is_some());
     let unchained_before = first_sealed.unwrap_or(entries.len()) as u64;
+    let genesis = first_sealed.is_some_and(|i| entries[i].seal == Some((0, GENESIS)));
     let begins = match first_sealed {
         None => "nowhere: no line of these files is sealed".to_owned(),
         Some(i) => {
             let (seq, prev) = entries[i].seal.expect("sealed");
-            if prev == GENESIS && seq == 0 && entries[i].kind == Kind::ChainStart {
+            if prev == GENESIS && seq == 0 {
                 format!("at genesis ({})", here(i))
             } else if i > 0 && follows(i) {
                 format!(
@@ -318,6 +354,7 @@ fn analyse(
         }
     };
 
+    let mut segments: Vec<usize> = first_sealed.into_iter().collect();
     let mut reported: HashSet<usize> = HashSet::new();
     let mut skip_link: HashSet<usize> = HashSet::new();
     let report = |problems: &mut Vec<(usize, &'static str, String)>,
@@ -367,14 +404,10 @@ fn analyse(
             );
             continue;
         }
-        if prev == GENESIS {
-            report(
-                &mut problems,
-                &mut reported,
-                i,
-                "new_chain",
-                format!("begins a new chain (genesis): {} and the lines before it are not linked to it (the log at the path was removed while the proxy was stopped, or files of two chains were given)", here(a)),
-            );
+        if prev == GENESIS && seq == 0 {
+            // A new chain: the proxy started with nothing to go on from. Not a break by itself
+            // (a line put in here shows as the next line not following it).
+            segments.push(i);
             continue;
         }
         match position.get(&prev).copied() {
@@ -477,14 +510,12 @@ fn analyse(
     // Checkpoints.
     let mut checkpoints = 0;
     let mut valid_checkpoints = 0;
-    let mut last_valid: Option<usize> = None;
     for (i, e) in entries.iter().enumerate() {
         if let Kind::Checkpoint(result) = &e.kind {
             checkpoints += 1;
             match result {
                 Some(Ok(())) if e.seal.is_some() => {
                     valid_checkpoints += 1;
-                    last_valid = Some(i);
                 }
                 Some(Ok(())) => {}
                 Some(Err(error)) => report(
@@ -498,18 +529,33 @@ fn analyse(
             }
         }
     }
-    let (unsigned_lines, unsigned_from) = match key {
-        Some(_) => {
-            let from = last_valid.map_or(0, |i| i + 1);
-            let count = (entries.len() - from) as u64;
-            let place = (count > 0).then(|| Place {
-                file: name(&entries[from]),
-                line: entries[from].line,
-            });
-            (Some(count), place)
-        }
-        None => (None, None),
+    let place = |i: usize| Place {
+        file: name(&entries[i]),
+        line: entries[i].line,
     };
+    let mut unsigned = Vec::new();
+    if key.is_some() {
+        let mut bounds = segments.clone();
+        bounds.push(entries.len());
+        if bounds[0] > 0 {
+            bounds.insert(0, 0);
+        }
+        for pair in bounds.windows(2) {
+            let (from, to) = (pair[0], pair[1]);
+            let signed_to = (from..to)
+                .rev()
+                .find(|&i| matches!(entries[i].kind, Kind::Checkpoint(Some(Ok(())))))
+                .map_or(from, |i| i + 1);
+            if signed_to < to {
+                unsigned.push(UnsignedRun {
+                    from: place(signed_to),
+                    lines: (to - signed_to) as u64,
+                });
+            }
+        }
+    }
+    let unsigned_lines = key.map(|_| unsigned.iter().map(|r| r.lines).sum());
+    let new_chains: Vec<Place> = segments.iter().skip(1).map(|&i| place(i)).collect();
 
     // Anchors: checkpoints kept elsewhere that these files must reach.
     let mut loose: Vec<(Option<usize>, &'static str, String)> = Vec::new();
@@ -562,7 +608,11 @@ fn analyse(
             detail,
         });
     }
+    let lines_invalid = out.len() as u64;
     for (_, kind, detail) in loose {
+        if let Some(last) = entries.last() {
+            per_file[last.file] += 1;
+        }
         let (file, line) = entries
             .last()
             .map_or((String::new(), 0), |e| (name(e), e.line));
@@ -587,13 +637,16 @@ fn analyse(
         chain_starts: count(&Kind::ChainStart),
         unchained_before,
         begins,
+        genesis,
         checkpoints,
         checkpoints_valid: key.map(|_| valid_checkpoints),
         key_id: key.map(|k| k.id().to_owned()),
         unsigned_lines,
-        unsigned_from,
+        unsigned,
+        new_chains,
         anchors: anchors.len() as u64,
         valid: out.is_empty(),
+        lines_invalid,
         problems: out,
         files,
     }
@@ -656,29 +709,37 @@ impl Report {
         if self.anchors > 0 {
             let _ = writeln!(out, "{} anchor checkpoint(s) given", self.anchors);
         }
-        match (&self.unsigned_from, self.unsigned_lines) {
-            (Some(from), Some(n)) => {
-                let _ = writeln!(
-                    out,
-                    "Unsigned: {n} line(s) from {} line {} on follow the last valid checkpoint: a change to the last of them, or their removal, would not show",
-                    from.file, from.line
-                );
-            }
-            (None, Some(_)) => {
+        for start in &self.new_chains {
+            let _ = writeln!(
+                out,
+                "A new chain begins at {} line {} (genesis: the proxy started with no file to go on from); lines removed from the end of the chain before it would not show",
+                start.file, start.line
+            );
+        }
+        match self.unsigned_lines {
+            Some(0) => {
                 let _ = writeln!(out, "Every line is covered by a valid checkpoint");
             }
-            _ => {
+            Some(_) => {
+                for run in &self.unsigned {
+                    let _ = writeln!(
+                        out,
+                        "Unsigned: {} line(s) from {} line {} on follow the last valid checkpoint of their chain: a change to the last of them, or their removal, would not show",
+                        run.lines, run.from.file, run.from.line
+                    );
+                }
+            }
+            None => {
                 let _ = writeln!(
                     out,
                     "Without --public-key: a change to the last line, or lines removed from the end, would not show"
                 );
             }
         }
-        let invalid = self.problems.len();
         let _ = writeln!(
             out,
             "{}/{} lines valid ({} records, {} checkpoints, {} chain starts), {} files",
-            self.lines.saturating_sub(invalid as u64),
+            self.lines.saturating_sub(self.lines_invalid),
             self.lines,
             self.records,
             self.checkpoints,
