@@ -406,6 +406,152 @@ async fn logrotate_copytruncate_and_create_with_sighup_keep_one_chain() {
     assert!(out.contains("(removed)"), "{out}");
 }
 
+/// A tmpfs of 64 KiB to fill (as tests/audit_faults.rs does); `None` (the test is skipped, and
+/// says so) where mounting is not permitted.
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount() -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&path)
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(Tmpfs(path, dir)),
+            other => {
+                eprintln!("SKIPPED: cannot mount a tmpfs (run the test as root): {other:?}");
+                None
+            }
+        }
+    }
+
+    /// Fills it to the last byte; the file to remove to give the space back.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in [4096, 1] {
+            let bytes = vec![b'x'; chunk];
+            while file.write_all(&bytes).is_ok() {}
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Tag changes while the disk is full (refused, 503) and after it has space again, until one is
+/// forwarded.
+async fn through_a_full_disk(addr: std::net::SocketAddr, fs: &Tmpfs) -> usize {
+    let tag = |label: String| async move {
+        call(addr, "TagResource", &tag_body(&[("team:app", &label)]))
+            .await
+            .status
+    };
+    for i in 0..2 {
+        assert_eq!(tag(format!("before-{i}")).await, 200);
+    }
+    let filler = fs.fill();
+    let mut refused = 0;
+    for i in 0..8 {
+        refused += usize::from(tag(format!("full-{i}")).await == 503);
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while tag(format!("after-{i}")).await != 200 {
+        assert!(std::time::Instant::now() < deadline, "no recovery in 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        i += 1;
+    }
+    refused
+}
+
+/// A disk that fills under the audit file: the writer cuts back the batch it could not write
+/// and writes it again, byte for byte, when space returns; standard output, which cannot be cut
+/// back, completes the line it cut. Either way the chain, and its checkpoints, stay whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_rolled_back_on_a_full_disk_leaves_the_chain_whole() {
+    let Some(fs) = Tmpfs::mount() else { return };
+    let fake = FakeKms::start().await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_in(keys_dir.path());
+
+    // The file, in process.
+    let audit = fs.0.join("audit.log");
+    let mut config = signed_config(&fake, &audit, &key, 3);
+    config.audit.push_str("stall_timeout_ms = 1000\n");
+    let proxy = start_proxy_with(&fake, config).await;
+    let refused = through_a_full_disk(proxy.addr, &fs).await;
+    assert!(refused >= 4, "the full disk refused only {refused}");
+    proxy.settled_audit().await;
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    let (code, out) = verify_cli(&[
+        Path::new("--public-key"),
+        &public,
+        Path::new("--from-genesis"),
+        &audit,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Every line is covered by a valid checkpoint"),
+        "{out}"
+    );
+    std::fs::remove_file(&audit).unwrap();
+
+    // Standard output, redirected to a file on the disk: the real binary.
+    let out_path = fs.0.join("audit.out");
+    let mut config = signed_config(&fake, Path::new("-"), &key, 3);
+    config.audit_path = None;
+    config.audit.push_str("stall_timeout_ms = 1000\n");
+    let port = common::ops::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    config.listener_address = Some(addr.to_string());
+    let config_path = keys_dir.path().join("kms-tag-guard.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kms-tag-guard"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(keys_dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok())
+        .await,
+        "the proxy did not listen"
+    );
+    let refused = through_a_full_disk(addr, &fs).await;
+    assert!(refused >= 4, "the full disk refused only {refused}");
+    // SAFETY: kill(2) on the child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let (code, out) = verify_cli(&[
+        Path::new("--public-key"),
+        &public,
+        Path::new("--from-genesis"),
+        &out_path,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Every line is covered by a valid checkpoint"),
+        "{out}"
+    );
+}
+
 #[test]
 fn keygen_writes_a_private_key_once_and_prints_the_public_key() {
     let dir = tempfile::tempdir().unwrap();
