@@ -16,7 +16,8 @@ const EXIT_CONFIG: u8 = 78;
 const EXIT_CODES: &str = "\
 Exit codes:
   0   success (serve: stopped by SIGTERM or SIGINT; test: every case passed; explain: allowed)
-  1   failure (test: a case failed; explain: denied; serve: a port in use, no threads, ...)
+  1   failure (test: a case failed; explain: denied; audit verify: not whole; serve: a port in
+      use, no threads, ...)
   2   usage: an unknown command or option, a missing argument
   78  configuration: the configuration, a case file or a file the configuration names is invalid";
 
@@ -68,7 +69,8 @@ enum Command {
         log_format: LogFormat,
     },
     /// Check a configuration as `serve` would, without listening: the settings, the policy and
-    /// every file they name (certificates, keys, the CA file, the audit file's directory).
+    /// every file they name (certificates, keys, the CA file, the audit file's directory, the
+    /// audit signing key).
     #[command(after_help = EXIT_CODES)]
     Check {
         /// The configuration file to check. Without it: the built-in configuration.

@@ -19,6 +19,11 @@ const SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// The DER of an Ed25519 PKCS#8 v1 private key before its 32-byte seed (RFC 8410).
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("the audit signing key: {0}")]
@@ -195,13 +200,22 @@ pub fn keygen(out: &Path) -> Result<Generated, KeyError> {
         hint: "",
     })?;
     let pair = Ed25519KeyPair::from_pkcs8(document.as_ref()).expect("a key ring just made");
+    // Written as PKCS#8 v1 (RFC 8410: the 32-byte seed only), which openssl reads too; ring's
+    // v2 document holds the seed at the same place.
+    let v2 = document.as_ref();
+    let seed = v2
+        .get(PKCS8_V1_PREFIX.len()..PKCS8_V1_PREFIX.len() + 32)
+        .filter(|_| v2[5..PKCS8_V1_PREFIX.len()] == PKCS8_V1_PREFIX[5..])
+        .expect("ring's PKCS#8 document holds the seed after the algorithm");
+    let mut v1 = PKCS8_V1_PREFIX.to_vec();
+    v1.extend_from_slice(seed);
     let mut public = [0u8; 32];
     public.copy_from_slice(pair.public_key().as_ref());
     let key = PublicKey::from_bytes(public);
     let mut public_path = out.as_os_str().to_owned();
     public_path.push(".pub");
     let public_path = PathBuf::from(public_path);
-    let private_pem = pem_text("PRIVATE KEY", document.as_ref().to_vec());
+    let private_pem = pem_text("PRIVATE KEY", v1);
     // The public key first: a failure leaves no private key behind.
     write_new(&public_path, key.pem().as_bytes(), 0o644)?;
     if let Err(error) = write_new(out, private_pem.as_bytes(), 0o600) {
@@ -257,6 +271,8 @@ mod tests {
         assert_eq!(mode, 0o600);
         let key = load_signing_key(&out).unwrap();
         assert_eq!(key.id(), made.key.id());
+        let der = pem::parse(std::fs::read(&out).unwrap()).unwrap();
+        assert!(der.contents().starts_with(&PKCS8_V1_PREFIX));
         let public = load_public_key(&made.public).unwrap();
         assert_eq!(public, made.key);
         assert_eq!(load_public_key(&out).unwrap(), made.key);
