@@ -22,6 +22,9 @@
 //! Every line is at most [`MAX_RECORD_BYTES`] (a larger record is written as a summary of it, and
 //! a summary that is still too large as its first fields), and U+2028, U+2029 and U+0085, which
 //! some line readers take for line ends, are escaped. What the records say is `crate::record`'s.
+//!
+//! The writer seals every line into the audit chain as it appends it to its batch, and adds the
+//! signed checkpoints (`crate::integrity`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -514,8 +517,16 @@ impl Writer {
                     match jobs.recv_timeout(due) {
                         Ok(job) => Some(job),
                         Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Retried like a batch of records until the sink takes it.
                             if self.seal.checkpoint(&mut self.batch) {
-                                self.write_batch();
+                                while !self.write_batch() {
+                                    if self.core.orphaned.load(Ordering::SeqCst)
+                                        || self.core.abandon.load(Ordering::SeqCst)
+                                    {
+                                        return;
+                                    }
+                                    self.wait_to_retry();
+                                }
                             }
                             continue;
                         }
@@ -565,7 +576,8 @@ impl Writer {
                 }
                 let reopened = open_sink(&self.path, false).map(|sink| self.sink = sink);
                 if reopened.is_ok() {
-                    // A new file begins with a chain_start naming the last line of the old one.
+                    // The chain goes on in the new file (a chain_start names a last line the
+                    // proxy did not write).
                     self.seal.begin(self.sink.file(), &mut self.batch);
                 }
                 let _ = done.send(reopened.map_err(|e| e.to_string()));

@@ -283,6 +283,45 @@ async fn a_real_log_verifies_whole_and_each_change_is_found_with_its_line() {
     assert_eq!(report["lines"], cut_at as u64 + 1);
 }
 
+/// An idle writer signs what it wrote within `checkpoint_interval_ms`, while the proxy runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_signs_its_last_records_within_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKms::start().await;
+    let (key, public) = key_in(dir.path());
+    let audit = dir.path().join("audit.log");
+    let mut config = signed_config(&fake, &audit, &key, 1000);
+    config.audit.push_str("checkpoint_interval_ms = 300\n");
+    let proxy = start_proxy_with(&fake, config).await;
+    traffic(proxy.addr, "idle", 1).await;
+    let signed = || {
+        let lines = lines_of(&audit);
+        lines.len() >= 4 && event(lines.last().unwrap()) == "checkpoint"
+    };
+    assert!(
+        poll_until(Duration::from_secs(5), signed).await,
+        "no checkpoint after the last records: {:?}",
+        std::fs::read_to_string(&audit)
+    );
+    let (code, out) = verify_cli(&[Path::new("--public-key"), &public, &audit]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Every line is covered by a valid checkpoint"),
+        "{out}"
+    );
+    // Nothing new: no more checkpoints.
+    let before = lines_of(&audit).len();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(lines_of(&audit).len(), before);
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    assert_eq!(
+        lines_of(&audit).len(),
+        before,
+        "nothing left to sign at the stop"
+    );
+}
+
 /// A restart appends to its own file: the chain goes on from the last line, no break.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_appending_goes_on_with_the_chain() {
