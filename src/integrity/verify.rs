@@ -150,7 +150,7 @@ pub fn verify(files: &[PathBuf], options: &Options) -> Result<Report, VerifyErro
         anchor_lines.extend(read_anchors(path)?);
     }
     let mut report = analyse(&entries, summaries, key, &anchor_lines);
-    if options.from_genesis && !report.genesis {
+    if options.from_genesis && (!report.genesis || report.unchained_before > 0) {
         let (file, line) = report
             .files
             .first()
@@ -160,8 +160,12 @@ pub fn verify(files: &[PathBuf], options: &Options) -> Result<Report, VerifyErro
             Problem {
                 file,
                 line,
-                kind: "removed",
-                detail: "the chain does not begin at genesis (seq 0, prev 64 zeros) here: lines were removed from its beginning, or the files before it were not given".into(),
+                kind: if report.genesis { "inserted" } else { "removed" },
+                detail: if report.genesis {
+                    format!("{} line(s) before the chain's genesis: put in", report.unchained_before)
+                } else {
+                    "the chain does not begin at genesis (seq 0, prev 64 zeros) here: lines were removed from its beginning, or the files before it were not given".into()
+                },
             },
         );
         if let Some(first) = report.files.first_mut() {
@@ -370,17 +374,20 @@ fn analyse(
     for i in start..entries.len() {
         let e = &entries[i];
         let a = i - 1;
+        // A line cut short and ended by the proxy when it started again is what it wrote: the
+        // chain_start after it names it (and the link into that line is still checked below).
+        let named = entries
+            .get(i + 1)
+            .is_some_and(|n| n.kind == Kind::ChainStart && follows(i + 1));
         if let Kind::Broken(why) = e.kind {
-            // A line cut short and ended by the proxy when it started again is what it wrote:
-            // the chain_start after it names it.
-            let named = entries
-                .get(i + 1)
-                .is_some_and(|n| n.kind == Kind::ChainStart && follows(i + 1));
             if !named {
                 report(&mut problems, &mut reported, i, "broken", why.to_owned());
             }
         }
         let Some((seq, prev)) = e.seal else {
+            if named {
+                continue;
+            }
             report(
                 &mut problems,
                 &mut reported,
@@ -762,5 +769,101 @@ impl Report {
         let mut text = serde_json::to_string_pretty(self).expect("a report serialises");
         text.push('\n');
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::chain::Sealer;
+
+    fn seal_into(sealer: &mut Sealer, file: &Path, records: &[&str]) {
+        let handle = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .unwrap();
+        let mut batch = Vec::new();
+        sealer.begin(Some(&handle), &mut batch);
+        for record in records {
+            sealer.seal(
+                format!("{{\"event\":\"{record}\"}}\n").as_bytes(),
+                &mut batch,
+            );
+        }
+        std::io::Write::write_all(&mut &handle, &batch).unwrap();
+    }
+
+    fn check(files: &[PathBuf]) -> Report {
+        verify(files, &Options::default()).unwrap()
+    }
+
+    #[test]
+    fn lines_from_before_the_chain_and_a_line_cut_short_are_named_not_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        // An upgrade: a file of unchained records, then the chain, named by a chain_start.
+        let old = dir.path().join("old.log");
+        std::fs::write(&old, "{\"event\":\"decision\"}\n{\"event\":\"outcome\"}\n").unwrap();
+        seal_into(&mut Sealer::with(None), &old, &["decision", "outcome"]);
+        let report = check(std::slice::from_ref(&old));
+        assert!(report.valid, "{}", report.text());
+        assert_eq!(report.unchained_before, 2);
+        assert_eq!(report.chain_starts, 1);
+        assert!(report
+            .begins
+            .contains("after 2 lines written before the chain began"));
+
+        // A crash cut the last line short: the restart ends it and names it.
+        let cut = dir.path().join("cut.log");
+        let mut first = Sealer::with(None);
+        seal_into(&mut first, &cut, &["decision", "outcome"]);
+        let mut bytes = std::fs::read(&cut).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":2,\"prev\":\"");
+        std::fs::write(&cut, &bytes).unwrap();
+        seal_into(&mut Sealer::with(None), &cut, &["decision"]);
+        let report = check(std::slice::from_ref(&cut));
+        assert!(report.valid, "{}", report.text());
+        assert!(report.genesis);
+        // The same cut line with nothing naming it is a problem.
+        std::fs::write(&cut, &bytes).unwrap();
+        let report = check(&[cut]);
+        assert!(!report.valid);
+        assert_eq!(report.problems[0].kind, "broken");
+    }
+
+    #[test]
+    fn a_new_chain_is_reported_and_a_line_put_in_before_it_is_not_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+        seal_into(&mut Sealer::with(None), &a, &["decision", "outcome"]);
+        // Standard output after a restart: a new chain from genesis.
+        seal_into(&mut Sealer::with(None), &b, &["deny", "decision"]);
+        let report = check(&[a.clone(), b.clone()]);
+        assert!(report.valid, "{}", report.text());
+        assert_eq!(report.new_chains.len(), 1);
+        assert_eq!(report.new_chains[0].line, 1);
+        assert!(report.text().contains("A new chain begins at"));
+
+        // A forged chain put in the middle of another: the line after it does not follow it.
+        let lines: Vec<Vec<u8>> = std::fs::read(&a)
+            .unwrap()
+            .split_inclusive(|c| *c == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect();
+        let forged = std::fs::read(&b).unwrap();
+        let mut mixed = lines[0].clone();
+        mixed.extend_from_slice(&forged);
+        mixed.extend_from_slice(&lines[1]);
+        std::fs::write(&a, mixed).unwrap();
+        let report = check(&[a]);
+        assert!(!report.valid, "{}", report.text());
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.line == 3 && p.kind == "inserted"),
+            "{}",
+            report.text()
+        );
     }
 }
