@@ -699,6 +699,40 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_need_a_signing_key() {
+        let c = Config::parse(
+            "[audit]\nsigning_key = \"/k\"\ncheckpoint_every = 5\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit.signing_key.as_deref(),
+            Some(std::path::Path::new("/k"))
+        );
+        assert_eq!(c.audit.checkpoint_every, 5);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(60));
+        let unsigned = Config::parse("", ConfigSource::BuiltIn).unwrap();
+        assert_eq!(unsigned.audit.signing_key, None);
+        let errors = errors_of("[audit]\ncheckpoint_interval_ms = 100\n");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("audit.checkpoint_interval_ms")
+                    && e.contains("without audit.signing_key")),
+            "{errors:?}"
+        );
+        let errors = errors_of("[audit]\nsigning_key = \"\"\ncheckpoint_every = 0\n");
+        assert!(
+            errors.iter().any(|e| e.contains("audit.signing_key")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("audit.checkpoint_every")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn the_audit_queue_holds_a_decision_and_its_outcome_at_least() {
         let c = Config::parse(
             "[audit]\nqueue_capacity = 2\nqueue_max_bytes = 131072\n",
