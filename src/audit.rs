@@ -22,6 +22,9 @@
 //! Every line is at most [`MAX_RECORD_BYTES`] (a larger record is written as a summary of it, and
 //! a summary that is still too large as its first fields), and U+2028, U+2029 and U+0085, which
 //! some line readers take for line ends, are escaped. What the records say is `crate::record`'s.
+//!
+//! The writer seals every line into the audit chain as it appends it to its batch, and adds the
+//! signed checkpoints (`crate::integrity`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -39,6 +42,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use crate::config::{AuditConfig, AuditPath};
+use crate::integrity::Sealer;
 use crate::metrics::Metrics;
 use crate::text::bounded;
 
@@ -67,6 +71,8 @@ pub enum AuditError {
     Stalled(u128),
     #[error("the audit log is closed (the proxy is shutting down)")]
     Closed,
+    #[error(transparent)]
+    SigningKey(#[from] crate::integrity::KeyError),
 }
 
 type Done = oneshot::Sender<Result<(), String>>;
@@ -223,6 +229,16 @@ enum Sink {
     File(File),
 }
 
+impl Sink {
+    /// The file, where the chain reads where it goes on (not standard output).
+    fn file(&self) -> Option<&File> {
+        match self {
+            Sink::Stdout(_) => None,
+            Sink::File(file) => Some(file),
+        }
+    }
+}
+
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
@@ -235,6 +251,10 @@ impl AuditLog {
     /// Opens the sink and starts the writer thread.
     pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> Result<AuditLog, AuditError> {
         let sink = open_sink(&config.path, false)?;
+        // The chain goes on from the file's last line, or starts (crate::integrity::chain).
+        let mut batch = Vec::with_capacity(16 * 1024);
+        let mut seal = Sealer::new(config)?;
+        seal.begin(sink.file(), &mut batch);
         let (queue, jobs) = mpsc::channel();
         let core = Arc::new(Core {
             stalled: AtomicBool::new(false),
@@ -255,7 +275,8 @@ impl AuditLog {
             path: config.path.clone(),
             fsync: config.fsync,
             core: Arc::clone(&core),
-            batch: Vec::with_capacity(16 * 1024),
+            batch,
+            seal,
             written: 0,
             records: 0,
             charged: 0,
@@ -460,8 +481,10 @@ struct Writer {
     path: AuditPath,
     fsync: bool,
     core: Arc<Core>,
-    /// The batch being written: whole lines.
+    /// The batch being written: whole lines, sealed.
     batch: Vec<u8>,
+    /// The hash chain through every line written, and its signed checkpoints.
+    seal: Sealer,
     /// How many bytes of `batch` the sink has taken (only ever between 0 and the batch's length
     /// while a sink that cannot be rolled back fails).
     written: usize,
@@ -489,10 +512,36 @@ impl Writer {
                 // once the queue is empty.
                 let next = if stopping {
                     jobs.try_recv().ok()
+                } else if let Some(due) = self.seal.checkpoint_due_in() {
+                    // Idle with records no checkpoint signs yet: wake to sign them.
+                    match jobs.recv_timeout(due) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Retried like a batch of records until the sink takes it.
+                            if self.seal.checkpoint(&mut self.batch) {
+                                while !self.write_batch() {
+                                    if self.core.orphaned.load(Ordering::SeqCst)
+                                        || self.core.abandon.load(Ordering::SeqCst)
+                                    {
+                                        return;
+                                    }
+                                    self.wait_to_retry();
+                                }
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
                 } else {
                     jobs.recv().ok()
                 };
-                let Some(job) = next else { return };
+                let Some(job) = next else {
+                    // The last lines are signed as the writer stops.
+                    if self.seal.checkpoint(&mut self.batch) {
+                        self.write_batch();
+                    }
+                    return;
+                };
                 self.take(job, &mut stopping);
             }
             while self.records > 0 && self.records < MAX_BATCH {
@@ -513,7 +562,7 @@ impl Writer {
     fn take(&mut self, job: Job, stopping: &mut bool) {
         match job {
             Job::Record(line, charge, done, counted) => {
-                self.batch.extend_from_slice(&line);
+                self.seal.seal(&line, &mut self.batch);
                 self.records += 1;
                 self.uncounted += usize::from(!counted);
                 self.charged += charge;
@@ -526,6 +575,11 @@ impl Writer {
                     self.write_batch();
                 }
                 let reopened = open_sink(&self.path, false).map(|sink| self.sink = sink);
+                if reopened.is_ok() {
+                    // The chain goes on in the new file (a chain_start names a last line the
+                    // proxy did not write).
+                    self.seal.begin(self.sink.file(), &mut self.batch);
+                }
                 let _ = done.send(reopened.map_err(|e| e.to_string()));
             }
             Job::Stop => *stopping = true,
@@ -775,10 +829,12 @@ pub(crate) fn encode(record: &impl Serialize) -> Vec<u8> {
     let mut line = Vec::with_capacity(1024);
     serde_json::to_writer(&mut line, record).expect("audit records serialise");
     let mut line = escape_line_separators(line);
-    if line.len() >= MAX_RECORD_BYTES {
+    // Room for the chain's seq and prev (crate::integrity), spliced in by the writer.
+    let max = MAX_RECORD_BYTES - crate::integrity::SEAL_MAX_BYTES;
+    if line.len() >= max {
         let value = serde_json::to_value(record).expect("audit records serialise");
         line = to_line(&summary(value.clone()));
-        if line.len() >= MAX_RECORD_BYTES {
+        if line.len() >= max {
             line = to_line(&last_resort(value));
         }
     }
@@ -895,6 +951,9 @@ mod tests {
             stall_timeout: Duration::from_millis(500),
             queue_capacity: 16,
             queue_max_bytes: crate::config::DEFAULT_AUDIT_QUEUE_MAX_BYTES,
+            signing_key: None,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
         }
     }
 
@@ -910,13 +969,21 @@ mod tests {
             .unwrap();
         assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(
-            text,
-            "{\"a\":1}\n{\"b\":\"x\\ny\"}\n{\"c\":\"\\u2028\\u2029\\u0085é\"}\n"
-        );
-        for line in text.lines() {
+        // Each line sealed (crate::integrity::chain): its seq and the hash of the line before,
+        // then the record as it was serialised.
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        let mut prev = crate::integrity::GENESIS;
+        for (seq, line) in lines.iter().enumerate() {
+            let (s, p) = crate::integrity::chain::parse_seal(line.as_bytes()).unwrap();
+            assert_eq!((s, p), (seq as u64, prev), "{line}");
+            prev = crate::integrity::line_hash(line.as_bytes());
             serde_json::from_str::<serde_json::Value>(line).unwrap();
         }
+        let seal = |line: &str| line.find("\",\"").unwrap() + 2;
+        assert_eq!(
+            lines.iter().map(|l| &l[seal(l)..]).collect::<String>(),
+            "\"a\":1}\n\"b\":\"x\\ny\"}\n\"c\":\"\\u2028\\u2029\\u0085é\"}\n"
+        );
 
         let full = AuditLog::open(
             &config(AuditPath::File("/dev/full".into()), false),

@@ -200,6 +200,13 @@ pub struct AuditConfig {
     /// How many bytes of records may wait for the writer (places held for outcome records
     /// included): `[audit].queue_max_bytes`.
     pub queue_max_bytes: usize,
+    /// The Ed25519 key that signs checkpoints (`[audit].signing_key`), read by
+    /// `crate::proxy::prepare`; none: the chain is not signed.
+    pub signing_key: Option<PathBuf>,
+    /// A checkpoint after this many records (`[audit].checkpoint_every`)...
+    pub checkpoint_every: u64,
+    /// ... or this long after the first record it covers (`[audit].checkpoint_interval_ms`).
+    pub checkpoint_interval: Duration,
 }
 
 /// `[audit].queue_max_bytes` unless the config says otherwise: 16 MiB.
@@ -389,7 +396,29 @@ fn read_config(
             .map_or(DEFAULT_AUDIT_QUEUE_MAX_BYTES, |n| {
                 usize::try_from(n).unwrap_or(usize::MAX)
             }),
+        signing_key: match r.string("signing_key", errors) {
+            Some("") => {
+                errors.push(
+                    "audit.signing_key",
+                    "may not be empty; name the key file `kms-tag-guard audit keygen --out FILE` wrote, or leave the key out",
+                );
+                None
+            }
+            other => other.map(PathBuf::from),
+        },
+        checkpoint_every: r.integer("checkpoint_every", errors, 1).unwrap_or(1000),
+        checkpoint_interval: r.millis("checkpoint_interval_ms", errors, 60_000),
     };
+    if audit.signing_key.is_none() {
+        for key in ["checkpoint_every", "checkpoint_interval_ms"] {
+            if r.has(key) {
+                errors.push(
+                    &format!("audit.{key}"),
+                    "has no effect without audit.signing_key (checkpoints are signed): set the key, or remove this",
+                );
+            }
+        }
+    }
     r.finish(errors);
 
     let mut r = section(root, "shutdown", errors, empty);
@@ -739,6 +768,40 @@ mod tests {
         assert_eq!(c.audit.queue_capacity, 1024);
         assert_eq!(c.audit.queue_max_bytes, 16 * 1024 * 1024);
         assert_eq!(c.policy.sha256().as_ref(), sha256_hex(""));
+    }
+
+    #[test]
+    fn checkpoints_need_a_signing_key() {
+        let c = Config::parse(
+            "[audit]\nsigning_key = \"/k\"\ncheckpoint_every = 5\n",
+            ConfigSource::BuiltIn,
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit.signing_key.as_deref(),
+            Some(std::path::Path::new("/k"))
+        );
+        assert_eq!(c.audit.checkpoint_every, 5);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(60));
+        let unsigned = Config::parse("", ConfigSource::BuiltIn).unwrap();
+        assert_eq!(unsigned.audit.signing_key, None);
+        let errors = errors_of("[audit]\ncheckpoint_interval_ms = 100\n");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("audit.checkpoint_interval_ms")
+                    && e.contains("without audit.signing_key")),
+            "{errors:?}"
+        );
+        let errors = errors_of("[audit]\nsigning_key = \"\"\ncheckpoint_every = 0\n");
+        assert!(
+            errors.iter().any(|e| e.contains("audit.signing_key")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("audit.checkpoint_every")),
+            "{errors:?}"
+        );
     }
 
     #[test]

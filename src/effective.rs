@@ -106,17 +106,19 @@ pub fn effective_toml(config: &Config, text: &str) -> String {
         AuditPath::Stdout => "-".to_owned(),
         AuditPath::File(p) => p.display().to_string(),
     };
-    section(
-        &mut out,
-        "audit",
-        &[
-            ("path", string(audit_path)),
-            ("fsync", Value::Boolean(a.fsync)),
-            ("fail_closed", Value::Boolean(a.fail_closed)),
-            ("stall_timeout_ms", ms(a.stall_timeout)),
-            ("queue_capacity", int(a.queue_capacity as u64)),
-        ],
-    );
+    let mut audit = vec![
+        ("path", string(audit_path)),
+        ("fsync", Value::Boolean(a.fsync)),
+        ("fail_closed", Value::Boolean(a.fail_closed)),
+        ("stall_timeout_ms", ms(a.stall_timeout)),
+        ("queue_capacity", int(a.queue_capacity as u64)),
+    ];
+    if let Some(key) = &a.signing_key {
+        audit.push(("signing_key", path(key)));
+        audit.push(("checkpoint_every", int(a.checkpoint_every)));
+        audit.push(("checkpoint_interval_ms", ms(a.checkpoint_interval)));
+    }
+    section(&mut out, "audit", &audit);
     section(
         &mut out,
         "shutdown",

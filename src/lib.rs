@@ -3,7 +3,8 @@
 //! Data flows one way: bytes -> [`kms::classify`] names the route -> [`kms`] parses a tag change
 //! -> [`decide`] (with [`policy`]) turns it into a verdict -> [`record`] makes the audit record,
 //! the metrics and the answer ([`answer`] for refusals) -> [`proxy`] answers or forwards the
-//! untouched bytes. [`audit`] is the sink the records go to.
+//! untouched bytes. [`audit`] is the sink the records go to; [`integrity`] chains and signs what it
+//! writes, and verifies it.
 
 pub mod admin;
 pub mod answer;
@@ -20,6 +21,7 @@ pub mod fold;
 pub mod glob;
 pub mod heap;
 pub mod identity;
+pub mod integrity;
 pub mod kms;
 pub mod logs;
 pub mod metrics;

@@ -16,7 +16,8 @@ const EXIT_CONFIG: u8 = 78;
 const EXIT_CODES: &str = "\
 Exit codes:
   0   success (serve: stopped by SIGTERM or SIGINT; test: every case passed; explain: allowed)
-  1   failure (test: a case failed; explain: denied; serve: a port in use, no threads, ...)
+  1   failure (test: a case failed; explain: denied; audit verify: not whole; serve: a port in
+      use, no threads, ...)
   2   usage: an unknown command or option, a missing argument
   78  configuration: the configuration, a case file or a file the configuration names is invalid";
 
@@ -68,7 +69,8 @@ enum Command {
         log_format: LogFormat,
     },
     /// Check a configuration as `serve` would, without listening: the settings, the policy and
-    /// every file they name (certificates, keys, the CA file, the audit file's directory).
+    /// every file they name (certificates, keys, the CA file, the audit file's directory, the
+    /// audit signing key).
     #[command(after_help = EXIT_CODES)]
     Check {
         /// The configuration file to check. Without it: the built-in configuration.
@@ -87,6 +89,11 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// The audit log's chain: prove it is whole; make the key that signs its checkpoints.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Run policy test cases against a configuration (docs/policy-tests.md).
     #[command(after_help = EXIT_CODES)]
@@ -151,6 +158,46 @@ enum CaCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write a new Ed25519 key for [audit].signing_key: the private key to FILE (mode 0600) and
+    /// the public key to FILE.pub (neither may exist yet).
+    Keygen {
+        /// The private key file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check that audit files are whole: every line chained to the one before it, every
+    /// checkpoint signed (exit 0 whole, 1 not whole or unreadable).
+    Verify {
+        /// The public key (FILE.pub from `audit keygen`) that checks the checkpoints' signatures.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// A checkpoint line kept elsewhere (a file holding it): the log must reach it and hold it
+        /// unchanged, which shows lines removed from its end.
+        #[arg(long, value_name = "FILE")]
+        anchor: Vec<PathBuf>,
+        /// The first FILE is the first the proxy wrote: the chain must begin there, at genesis
+        /// (shows lines removed from its beginning).
+        #[arg(long)]
+        from_genesis: bool,
+        /// The report's format.
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
+        format: VerifyFormat,
+        /// The audit files, oldest first (rotated ones before the current one; gzip'd or not).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VerifyFormat {
+    /// A line per file and per problem, then the counts
+    Text,
+    /// One JSON object
+    Json,
+}
+
 fn main() -> ExitCode {
     // First of all: SIGHUP's default action ends the process, and `serve` installs its handler
     // only once the configuration is loaded (100 ms for a large policy). Until then a SIGHUP is
@@ -190,6 +237,26 @@ fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Init { out },
         } => ca_init(&out),
+        Command::Audit {
+            command: AuditCommand::Keygen { out },
+        } => audit_keygen(&out),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    public_key,
+                    anchor,
+                    from_genesis,
+                    format,
+                    files,
+                },
+        } => {
+            let options = |key| kms_tag_guard::integrity::verify::Options {
+                key,
+                anchors: anchor,
+                from_genesis,
+            };
+            audit_verify(public_key.as_deref(), options, format, &files)
+        }
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "kms-tag-guard", &mut script);
@@ -438,6 +505,72 @@ fn ca_init(out: &Path) -> ExitCode {
             eprintln!("kms-tag-guard: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn audit_keygen(out: &Path) -> ExitCode {
+    match kms_tag_guard::integrity::keys::keygen(out) {
+        Ok(made) => {
+            println!(
+                "wrote {} (mode 0600; keep it secret) and {}",
+                made.private.display(),
+                made.public.display()
+            );
+            println!("key id: {}", made.key.id());
+            print!("{}", made.key.pem());
+            println!();
+            println!("Add to the configuration:");
+            println!("[audit]");
+            println!(
+                "signing_key = {:?}",
+                absolute(&made.private).display().to_string()
+            );
+            println!();
+            println!(
+                "Check the log with: kms-tag-guard audit verify --public-key {} FILE...",
+                made.public.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(
+    public_key: Option<&Path>,
+    options: impl FnOnce(
+        Option<kms_tag_guard::integrity::keys::PublicKey>,
+    ) -> kms_tag_guard::integrity::verify::Options,
+    format: VerifyFormat,
+    files: &[PathBuf],
+) -> ExitCode {
+    use kms_tag_guard::integrity::{keys, verify};
+    let key = match public_key.map(keys::load_public_key).transpose() {
+        Ok(key) => key,
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match verify::verify(files, &options(key)) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("kms-tag-guard: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match format {
+        VerifyFormat::Text => report.text(),
+        VerifyFormat::Json => report.json(),
+    };
+    let written = write_stdout(text.as_bytes(), "the report");
+    if report.valid {
+        written
+    } else {
+        ExitCode::FAILURE
     }
 }
 

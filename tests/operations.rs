@@ -411,6 +411,13 @@ async fn check_audit_file(path: &std::path::Path, sent: &[(String, bool)]) {
     assert!(text.ends_with('\n'), "the last record is a whole line");
     let mut decisions: BTreeMap<String, (String, bool)> = BTreeMap::new();
     let mut outcomes: BTreeSet<String> = BTreeSet::new();
+    // One chain through every line, in the file's order, however many wrote at once.
+    let mut prev = (0, [0u8; 32]);
+    for line in text.split_inclusive('\n') {
+        use kms_tag_guard::integrity::{chain::parse_seal, line_hash};
+        assert_eq!(parse_seal(line.as_bytes()), Some(prev), "{line}");
+        prev = (prev.0 + 1, line_hash(line.as_bytes()));
+    }
     for line in text.lines() {
         let record: Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line:?}"));
@@ -423,8 +430,8 @@ async fn check_audit_file(path: &std::path::Path, sent: &[(String, bool)]) {
             Some("decision") => {
                 assert_eq!(
                     object.len(),
-                    14,
-                    "decision fields (policy_sha256 too): {line}"
+                    16,
+                    "decision fields (policy_sha256, the chain's seq and prev too): {line}"
                 );
                 let value = record["set"][0]["value"].as_str().unwrap().to_owned();
                 let allowed = match record["decision"].as_str() {

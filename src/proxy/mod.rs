@@ -106,8 +106,8 @@ impl RunningProxy {
 /// Everything `start` reads and checks before it listens: the listener's certificate and key
 /// and the client CA bundle,
 /// the interception CA (its checks, the key's permissions), the upstream's CA file, the audit
-/// file's directory. `kms-tag-guard check` runs this and stops, so that it refuses exactly what
-/// `serve` would refuse to start with.
+/// file's directory, the audit signing key. `kms-tag-guard check` runs this and stops, so that
+/// it refuses exactly what `serve` would refuse to start with.
 pub struct Prepared {
     tls: Option<Arc<ListenerTls>>,
     minter: Option<Arc<LeafMinter>>,
@@ -143,6 +143,9 @@ pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
         own_addresses.clone(),
     )?;
     crate::audit::check_path(&config.audit.path)?;
+    if let Some(key) = &config.audit.signing_key {
+        crate::integrity::keys::load_signing_key(key).map_err(AuditError::from)?;
+    }
     Ok(Prepared {
         tls,
         minter,
