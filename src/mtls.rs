@@ -24,6 +24,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use crate::config::{ClientAuth, ClientAuthConfig, TlsFiles};
 use crate::files::{self, Stamp};
 use crate::identity::{identity_of, IdentityError};
+use crate::metrics::ClientCertRefusal;
 use crate::tls::{self, ListenerCert, TlsError, CLOCK_SKEW};
 
 /// The TLS listener: its certificate, and the client certificates it asks for.
@@ -348,15 +349,19 @@ impl ClientCertVerifier for WorkloadVerifier {
     }
 }
 
-/// Whether a failed handshake was a client certificate refused (logged louder than a client
-/// that went away).
-pub fn is_client_cert_refusal(error: &std::io::Error) -> bool {
-    matches!(
-        error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-    )
+/// Why a failed handshake failed, when it was the client certificate that was refused (logged
+/// louder, and counted, unlike a client that went away).
+pub fn client_cert_refusal(error: &std::io::Error) -> Option<ClientCertRefusal> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::NoCertificatesPresented => Some(ClientCertRefusal::none),
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))
+            if inner.downcast_ref::<IdentityError>().is_some() =>
+        {
+            Some(ClientCertRefusal::identity)
+        }
+        rustls::Error::InvalidCertificate(_) => Some(ClientCertRefusal::invalid),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -433,7 +433,15 @@ fn nothing_reached(fake: &FakeKms, proxy: &TestProxy, what: &str) {
 async fn required_refuses_no_certificate_another_ca_expired_and_odd_ones_over_h1_and_h2() {
     let pki = Pki::new();
     let fake = FakeKms::start().await;
-    let proxy = proxy_with(&fake, &pki, "required", String::new()).await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            listener: pki.listener("required"),
+            admin: true,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
     for h2 in [false, true] {
         let result = tag_directly(&proxy, &pki, None, h2, ALLOWED).await;
         assert!(result.is_err(), "no certificate, h2={h2}: {result:?}");
@@ -443,6 +451,21 @@ async fn required_refuses_no_certificate_another_ca_expired_and_odd_ones_over_h1
         }
     }
     nothing_reached(&fake, &proxy, "refused client certificates");
+    // Counted by reason (never by caller): none, invalid (rustls), identity (the SPIFFE rules).
+    const REFUSALS: &str = "kms_tag_guard_client_certificate_refusals_total";
+    let count = |m: &common::ops::Scrape, reason: &str| m.count(REFUSALS, &[("reason", reason)]);
+    let expected = [("none", 2.0), ("invalid", 6.0), ("identity", 6.0)];
+    let metrics = common::ops::scrape_when(proxy.admin_addr.unwrap(), |m| {
+        expected.iter().all(|(reason, n)| count(m, reason) == *n)
+    })
+    .await;
+    for (reason, n) in expected {
+        assert_eq!(count(&metrics, reason), n, "{reason}: {}", metrics.text);
+    }
+    assert!(
+        !metrics.text.contains("spiffe://"),
+        "a caller is never a label"
+    );
 }
 
 #[tokio::test]

@@ -25,7 +25,9 @@ use super::general;
 use super::lane::Lane;
 use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
 use crate::config::Config;
-use crate::mtls::{is_client_cert_refusal, ListenerTls};
+use crate::identity::IdentityError;
+use crate::metrics::ClientCertRefusal;
+use crate::mtls::{client_cert_refusal, ListenerTls};
 
 // The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
 // fast path and in hyper.
@@ -231,17 +233,26 @@ pub(crate) async fn serve_accepted(
         };
         let stream = match TlsAcceptor::from(tls.config()).accept(socket).await {
             Ok(stream) => stream,
-            Err(error) if is_client_cert_refusal(&error) => {
-                return info!(%peer, %error, "connection refused: its client certificate failed verification ([listener] client_ca)")
+            Err(error) => {
+                return match client_cert_refusal(&error) {
+                    Some(reason) => {
+                        shared.metrics.client_cert_refused(reason);
+                        info!(%peer, %error, "connection refused: its client certificate failed verification ([listener] client_ca)")
+                    }
+                    None => debug!(%peer, %error, "TLS handshake failed"),
+                }
             }
-            Err(error) => return debug!(%peer, %error, "TLS handshake failed"),
         };
         // Who is calling, from the verified client certificate: for every request on this
         // connection, and in the tunnels it opens.
         let caller = match tls.caller(stream.get_ref().1) {
             Ok(caller) => caller,
             Err(error) => {
-                return info!(%peer, %error, "connection refused: its client certificate names no usable caller")
+                shared.metrics.client_cert_refused(match error {
+                    IdentityError::Expired(_) => ClientCertRefusal::expired_session,
+                    _ => ClientCertRefusal::identity,
+                });
+                return info!(%peer, %error, "connection refused: its client certificate names no usable caller");
             }
         };
         if let Some(caller) = &caller {
