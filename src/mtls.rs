@@ -153,9 +153,13 @@ impl ListenerTls {
     }
 
     /// The caller a connection's verified client certificate names (`None` without one, or
-    /// when it names none). A resumed TLS session brings back the certificate verified when the
-    /// session began without verifying it again: one that has expired since is refused here.
-    pub fn caller(&self, connection: &ServerConnection) -> Result<Option<Arc<str>>, IdentityError> {
+    /// when it names none), and when that certificate ends (seconds since the Unix epoch). A
+    /// resumed TLS session brings back the certificate verified when the session began without
+    /// verifying it again: one that has expired since is refused here.
+    pub fn caller(
+        &self,
+        connection: &ServerConnection,
+    ) -> Result<Option<(Arc<str>, i64)>, IdentityError> {
         if self.client.is_none() {
             return Ok(None);
         }
@@ -171,7 +175,7 @@ impl ListenerTls {
                 .map_or_else(|_| identity.not_after.to_string(), |t| t.to_string());
             return Err(IdentityError::Expired(at));
         }
-        Ok(identity.caller)
+        Ok(identity.caller.map(|caller| (caller, identity.not_after)))
     }
 }
 
