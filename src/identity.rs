@@ -392,6 +392,34 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever SANs a certificate carries: two URI SANs or more are refused, one is the
+        /// caller exactly as written when it is a well-formed SPIFFE ID and refused otherwise;
+        /// without a URI SAN the first DNS SAN (lower case) is the caller, without either none.
+        #[test]
+        fn the_caller_is_the_one_uri_or_the_first_dns_name_never_a_guess(
+            uris in proptest::collection::vec("spiffe://[a-zA-Z0-9.]{1,6}(/[a-zA-Z0-9.%?]{0,4}){0,3}", 0..3),
+            names in proptest::collection::vec("[a-zA-Z]{1,5}\\.example", 0..3),
+        ) {
+            let mut sans: Vec<SanType> = names.iter().map(|n| dns(n)).collect();
+            sans.extend(uris.iter().map(|u| uri(u)));
+            let got = caller(&leaf(sans, sign()));
+            match uris.as_slice() {
+                [] => proptest::prop_assert_eq!(
+                    got,
+                    Ok(names.first().map(|n| Arc::from(n.to_ascii_lowercase())))
+                ),
+                [one] => match check_spiffe_id(one) {
+                    Ok(()) => proptest::prop_assert_eq!(got, Ok(Some(Arc::from(one.as_str())))),
+                    Err(_) => proptest::prop_assert!(
+                        matches!(got, Err(IdentityError::NotSpiffe { .. })),
+                        "{:?}", got
+                    ),
+                },
+                more => proptest::prop_assert_eq!(got, Err(IdentityError::Ambiguous(more.len()))),
+            }
+        }
+
         /// Whatever the text, an ID that passes is one the standard allows: lower-case scheme and
         /// trust domain, a path of clean segments.
         #[test]

@@ -119,6 +119,26 @@ struct CertificateLabels {
     what: Certificate,
 }
 
+/// Why the TLS listener refused a client certificate
+/// (`kms_tag_guard_client_certificate_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ClientCertRefusal {
+    /// `client_auth = "required"` and the client sent none.
+    none,
+    /// rustls' verifier refused it: another CA, expired, not for client authentication, ...
+    invalid,
+    /// It names no usable caller: two URI SANs, a malformed SPIFFE ID, a signing key usage.
+    identity,
+    /// A resumed TLS session brought back a certificate that has expired since.
+    expired_session,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientCertLabels {
+    reason: ClientCertRefusal,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     operation: &'static str,
@@ -168,6 +188,7 @@ pub struct Metrics {
     buffered_body_bytes_max: Gauge,
     body_budget_refusals: Counter,
     certificate_expiry: Family<CertificateLabels, Gauge>,
+    client_cert_refusals: Family<ClientCertLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -321,6 +342,12 @@ impl Metrics {
             Unit::Seconds,
             certificate_expiry.clone(),
         );
+        let client_cert_refusals = Family::<ClientCertLabels, Counter>::default();
+        registry.register(
+            "kms_tag_guard_client_certificate_refusals",
+            "TLS connections refused for their client certificate ([listener] client_ca), by reason: none, invalid, identity, expired_session",
+            client_cert_refusals.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -344,6 +371,7 @@ impl Metrics {
             buffered_body_bytes_max,
             body_budget_refusals,
             certificate_expiry,
+            client_cert_refusals,
         }
     }
 
@@ -424,6 +452,13 @@ impl Metrics {
     pub fn connection_limited(&self, action: ConnectionLimitAction) {
         self.connection_limit
             .get_or_create(&LimitLabels { action })
+            .inc();
+    }
+
+    /// A TLS connection refused for its client certificate.
+    pub fn client_cert_refused(&self, reason: ClientCertRefusal) {
+        self.client_cert_refusals
+            .get_or_create(&ClientCertLabels { reason })
             .inc();
     }
 

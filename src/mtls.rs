@@ -24,6 +24,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use crate::config::{ClientAuth, ClientAuthConfig, TlsFiles};
 use crate::files::{self, Stamp};
 use crate::identity::{identity_of, IdentityError};
+use crate::metrics::ClientCertRefusal;
 use crate::tls::{self, ListenerCert, TlsError, CLOCK_SKEW};
 
 /// The TLS listener: its certificate, and the client certificates it asks for.
@@ -152,9 +153,13 @@ impl ListenerTls {
     }
 
     /// The caller a connection's verified client certificate names (`None` without one, or
-    /// when it names none). A resumed TLS session brings back the certificate verified when the
-    /// session began without verifying it again: one that has expired since is refused here.
-    pub fn caller(&self, connection: &ServerConnection) -> Result<Option<Arc<str>>, IdentityError> {
+    /// when it names none), and when that certificate ends (seconds since the Unix epoch). A
+    /// resumed TLS session brings back the certificate verified when the session began without
+    /// verifying it again: one that has expired since is refused here.
+    pub fn caller(
+        &self,
+        connection: &ServerConnection,
+    ) -> Result<Option<(Arc<str>, i64)>, IdentityError> {
         if self.client.is_none() {
             return Ok(None);
         }
@@ -170,7 +175,7 @@ impl ListenerTls {
                 .map_or_else(|_| identity.not_after.to_string(), |t| t.to_string());
             return Err(IdentityError::Expired(at));
         }
-        Ok(identity.caller)
+        Ok(identity.caller.map(|caller| (caller, identity.not_after)))
     }
 }
 
@@ -348,15 +353,19 @@ impl ClientCertVerifier for WorkloadVerifier {
     }
 }
 
-/// Whether a failed handshake was a client certificate refused (logged louder than a client
-/// that went away).
-pub fn is_client_cert_refusal(error: &std::io::Error) -> bool {
-    matches!(
-        error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-    )
+/// Why a failed handshake failed, when it was the client certificate that was refused (logged
+/// louder, and counted, unlike a client that went away).
+pub fn client_cert_refusal(error: &std::io::Error) -> Option<ClientCertRefusal> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::NoCertificatesPresented => Some(ClientCertRefusal::none),
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))
+            if inner.downcast_ref::<IdentityError>().is_some() =>
+        {
+            Some(ClientCertRefusal::identity)
+        }
+        rustls::Error::InvalidCertificate(_) => Some(ClientCertRefusal::invalid),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

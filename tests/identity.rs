@@ -433,7 +433,15 @@ fn nothing_reached(fake: &FakeKms, proxy: &TestProxy, what: &str) {
 async fn required_refuses_no_certificate_another_ca_expired_and_odd_ones_over_h1_and_h2() {
     let pki = Pki::new();
     let fake = FakeKms::start().await;
-    let proxy = proxy_with(&fake, &pki, "required", String::new()).await;
+    let proxy = start_proxy_with(
+        &fake,
+        ProxyConfig {
+            listener: pki.listener("required"),
+            admin: true,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
     for h2 in [false, true] {
         let result = tag_directly(&proxy, &pki, None, h2, ALLOWED).await;
         assert!(result.is_err(), "no certificate, h2={h2}: {result:?}");
@@ -443,6 +451,21 @@ async fn required_refuses_no_certificate_another_ca_expired_and_odd_ones_over_h1
         }
     }
     nothing_reached(&fake, &proxy, "refused client certificates");
+    // Counted by reason (never by caller): none, invalid (rustls), identity (the SPIFFE rules).
+    const REFUSALS: &str = "kms_tag_guard_client_certificate_refusals_total";
+    let count = |m: &common::ops::Scrape, reason: &str| m.count(REFUSALS, &[("reason", reason)]);
+    let expected = [("none", 2.0), ("invalid", 6.0), ("identity", 6.0)];
+    let metrics = common::ops::scrape_when(proxy.admin_addr.unwrap(), |m| {
+        expected.iter().all(|(reason, n)| count(m, reason) == *n)
+    })
+    .await;
+    for (reason, n) in expected {
+        assert_eq!(count(&metrics, reason), n, "{reason}: {}", metrics.text);
+    }
+    assert!(
+        !metrics.text.contains("spiffe://"),
+        "a caller is never a label"
+    );
 }
 
 #[tokio::test]
@@ -640,6 +663,133 @@ async fn a_session_resumed_after_its_certificate_expired_is_refused() {
         1,
         "only the first request reached KMS"
     );
+}
+
+/// A leaf for `PAYMENTS` that ends `secs` seconds from now, and when.
+fn short_lived(pki: &Pki, secs: u64) -> (Leaf, SystemTime) {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri(PAYMENTS)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    let ends = now + Duration::from_secs(secs);
+    params.not_after = ends.into();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &pki.clients.issuer).unwrap();
+    let leaf = Leaf {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+        cert_path: PathBuf::new(),
+        key_path: PathBuf::new(),
+    };
+    (leaf, ends)
+}
+
+/// A connection does not outlive its caller's certificate: once it has ended, the connection
+/// (HTTP/1.1 kept alive, HTTP/2, a CONNECT tunnel) is closed at its first idle moment.
+#[tokio::test]
+async fn a_connection_is_closed_once_its_certificate_has_ended() {
+    let pki = Pki::new();
+    let fake = FakeKms::start().await;
+    let (intercept, inner_ca) = interception(pki.path());
+    let proxy = proxy_with(&fake, &pki, "required", intercept).await;
+    let (leaf, ends) = short_lived(&pki, 4);
+    let host = format!("localhost:{}", proxy.addr.port());
+    let raw = RawRequest::signed_kms(
+        &host,
+        "TrentService.TagResource",
+        tag_body(ALLOWED).as_bytes(),
+    );
+    let connect = |alpn: &'static [u8]| {
+        let config = client_config(&pki.listener_ca.pem, Some(&leaf), alpn);
+        async move {
+            let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+            tls_connect(tcp, "localhost", config).await.unwrap()
+        }
+    };
+    let (mut h1, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(connect(b"http/1.1").await))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(connect(b"h2").await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // A CONNECT tunnel, its first request answered.
+    let tunnel_raw = RawRequest::signed_kms(
+        KMS_HOST,
+        "TrentService.TagResource",
+        tag_body(ALLOWED).as_bytes(),
+    );
+    let mut outer = connect(b"http/1.1").await;
+    let head = format!("CONNECT {KMS_HOST}:443 HTTP/1.1\r\nHost: {KMS_HOST}:443\r\n\r\n");
+    outer.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        assert_eq!(outer.read(&mut byte).await.unwrap(), 1);
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let inner = tls_connect(outer, KMS_HOST, client_config(&inner_ca, None, b"http/1.1"))
+        .await
+        .unwrap();
+    let (mut tunnel, connection) = hyper::client::conn::http1::handshake(TokioIo::new(inner))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let authority = format!("https://{host}/");
+    let status = |r: Result<http::Response<hyper::body::Incoming>, hyper::Error>| {
+        r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        status(h1.send_request(to_http(&raw, "/", true)).await),
+        Ok(200)
+    );
+    assert_eq!(
+        status(h2.send_request(to_http(&raw, &authority, false)).await),
+        Ok(200)
+    );
+    assert_eq!(
+        status(tunnel.send_request(to_http(&tunnel_raw, "/", true)).await),
+        Ok(200)
+    );
+    // Until it has ended, the connections stay: one more request on each.
+    if SystemTime::now() + Duration::from_secs(1) < ends {
+        assert_eq!(
+            status(h1.send_request(to_http(&raw, "/", true)).await),
+            Ok(200)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(h1.is_closed() && h2.is_closed() && tunnel.is_closed()) {
+        assert!(
+            Instant::now() < deadline,
+            "still open after the certificate ended: h1 {}, h2 {}, tunnel {}",
+            !h1.is_closed(),
+            !h2.is_closed(),
+            !tunnel.is_closed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        SystemTime::now() >= ends,
+        "closed only once the certificate ended"
+    );
+    assert!(h2
+        .send_request(to_http(&raw, &authority, false))
+        .await
+        .is_err());
+    let records = proxy.settled_audit().await;
+    assert!(callers(&records)
+        .iter()
+        .all(|c| c.as_deref() == Some(PAYMENTS)));
 }
 
 // ======================================================================== start, check, reload

@@ -60,6 +60,7 @@ pub(crate) async fn serve(
                     peer,
                     tunnel_host: None,
                     caller: None,
+                    caller_until: None,
                     conn: Arc::clone(registration.conn()),
                 };
                 threads.hand(stream, origin, registration, shared.lifecycle.connections.subscribe());

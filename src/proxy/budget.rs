@@ -260,6 +260,14 @@ impl Conn {
         Some(self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst)))
     }
 
+    /// Asks it to close (it is idle: its client certificate has ended, `connection.rs`), and
+    /// shuts it down after [`EVICTION_GRACE`] if the client has not closed it by then.
+    pub(crate) fn close_idle(self: &Arc<Self>) {
+        if self.ask_to_close() {
+            self.hard_close_after(EVICTION_GRACE);
+        }
+    }
+
     /// Asks it to close at its next idle moment. `true` the first time.
     fn ask_to_close(&self) -> bool {
         if self.closing.swap(true, Ordering::SeqCst) {

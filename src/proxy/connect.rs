@@ -335,18 +335,12 @@ fn intercept(
     minter: Arc<LeafMinter>,
     tunnel: TunnelConn,
 ) {
-    let (peer, caller) = (origin.peer, origin.caller.clone());
+    let peer = origin.peer;
+    let from = (peer, origin.caller.clone(), origin.caller_until);
     tokio::spawn(async move {
         let conn = Arc::clone(&tunnel.conn);
         let metrics = Arc::clone(&shared.metrics);
-        let serving = serve_intercepted(
-            shared,
-            request,
-            (peer, caller),
-            host,
-            minter,
-            Arc::clone(&conn),
-        );
+        let serving = serve_intercepted(shared, request, from, host, minter, Arc::clone(&conn));
         tokio::select! {
             () = serving => {}
             () = conn.setup_expired() => {
@@ -354,24 +348,24 @@ fn intercept(
                 debug!(%peer, "tunnel closed: its set-up (handshake inside, first request head) outlasted header_read_timeout_ms");
             }
             () = conn.close_requested() => {
-                debug!(%peer, "intercepted tunnel closed to make room ([limits].max_connections)");
+                debug!(%peer, "intercepted tunnel closed, idle: to make room ([limits].max_connections), or its caller's certificate ended");
             }
         }
         drop(tunnel);
     });
 }
 
-/// `from`: the client's address and the caller of the connection that sent the CONNECT, which
-/// every request inside the tunnel inherits.
+/// `from`: the client's address, and the caller of the connection that sent the CONNECT (and
+/// when its certificate ends), which the tunnel inherits.
 async fn serve_intercepted(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-    from: (SocketAddr, Option<Arc<str>>),
+    from: (SocketAddr, Option<Arc<str>>, Option<Instant>),
     host: String,
     minter: Arc<LeafMinter>,
     conn: Arc<Conn>,
 ) {
-    let (peer, caller) = from;
+    let (peer, caller, caller_until) = from;
     // The handshake inside has `header_read_timeout_ms` of its own: the connection's set-up
     // deadline is over when the CONNECT follows another request.
     let handshake = async {
@@ -403,6 +397,7 @@ async fn serve_intercepted(
         peer,
         tunnel_host: Some(host.into()),
         caller,
+        caller_until,
         conn,
     };
     let serve = shared.serve_tunnel;

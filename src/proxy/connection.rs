@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Method, Request, Version};
 use hyper::body::Incoming;
@@ -20,12 +20,14 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use super::budget::{Registration, Socket, Tracked, EVICTION_GRACE};
+use super::budget::{Conn, Registration, Socket, Tracked, EVICTION_GRACE};
 use super::general;
 use super::lane::Lane;
 use super::state::{InterceptedStream, Origin, Shared, TunnelHold};
 use crate::config::Config;
-use crate::mtls::{is_client_cert_refusal, ListenerTls};
+use crate::identity::IdentityError;
+use crate::metrics::ClientCertRefusal;
+use crate::mtls::{client_cert_refusal, ListenerTls};
 
 // The read buffer of an HTTP/1 connection, which bounds a request head: the same bound on the
 // fast path and in hyper.
@@ -77,14 +79,56 @@ const H2_SEND_BUFFER: usize = 16 * 1024;
 /// stream.
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// The instant a time in seconds since the Unix epoch (a certificate's notAfter) comes: its
+/// second's end.
+fn instant_of(unix: i64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = u64::try_from(unix.saturating_add(1))
+        .map_or(Duration::ZERO, Duration::from_secs)
+        .saturating_sub(now);
+    // Far ends (a CA-issued certificate valid for years) are capped; the connection ends long
+    // before.
+    Instant::now() + left.min(Duration::from_secs(100 * 365 * 86_400))
+}
+
+/// Closes the connection at its first idle moment once its caller's certificate has ended
+/// (`until`): its requests finish; the next ones need a new connection, with a current
+/// certificate. Never resolves before.
+async fn close_when_certificate_ends(until: Instant, conn: Arc<Conn>) {
+    tokio::time::sleep_until(until.into()).await;
+    while conn.idle_instant().is_none() {
+        tokio::time::sleep(CLOSE_RECHECK).await;
+    }
+    debug!("closing a connection: its client certificate has ended");
+    conn.close_idle();
+}
+
 /// Serves HTTP on one connection until it closes, it has been idle for `idle`, or it is asked
-/// to close (by shutdown or by the connection budget: then it finishes its in-flight requests
-/// first).
+/// to close (by shutdown, by the connection budget, or when its caller's certificate ends: then
+/// it finishes its in-flight requests first).
 ///
 /// hyper's own header timeout covers HTTP/1 only, and only once it is reading a head; the idle
 /// deadline here also covers an HTTP/2 preface that stalls and HTTP/2 connections with no
 /// streams.
 pub(crate) async fn serve_connection<I>(io: I, shared: Arc<Shared>, origin: Origin)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(until) = origin.caller_until else {
+        return serve(io, shared, origin).await;
+    };
+    let conn = Arc::clone(&origin.conn);
+    let serving = serve(io, shared, origin);
+    tokio::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = close_when_certificate_ends(until, conn) => serving.await,
+    }
+}
+
+async fn serve<I>(io: I, shared: Arc<Shared>, origin: Origin)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -231,23 +275,37 @@ pub(crate) async fn serve_accepted(
         };
         let stream = match TlsAcceptor::from(tls.config()).accept(socket).await {
             Ok(stream) => stream,
-            Err(error) if is_client_cert_refusal(&error) => {
-                return info!(%peer, %error, "connection refused: its client certificate failed verification ([listener] client_ca)")
+            Err(error) => {
+                return match client_cert_refusal(&error) {
+                    Some(reason) => {
+                        shared.metrics.client_cert_refused(reason);
+                        info!(%peer, %error, "connection refused: its client certificate failed verification ([listener] client_ca)")
+                    }
+                    None => debug!(%peer, %error, "TLS handshake failed"),
+                }
             }
-            Err(error) => return debug!(%peer, %error, "TLS handshake failed"),
         };
         // Who is calling, from the verified client certificate: for every request on this
         // connection, and in the tunnels it opens.
-        let caller = match tls.caller(stream.get_ref().1) {
-            Ok(caller) => caller,
+        let (caller, caller_until) = match tls.caller(stream.get_ref().1) {
+            Ok(Some((caller, not_after))) => (Some(caller), Some(instant_of(not_after))),
+            Ok(None) => (None, None),
             Err(error) => {
-                return info!(%peer, %error, "connection refused: its client certificate names no usable caller")
+                shared.metrics.client_cert_refused(match error {
+                    IdentityError::Expired(_) => ClientCertRefusal::expired_session,
+                    _ => ClientCertRefusal::identity,
+                });
+                return info!(%peer, %error, "connection refused: its client certificate names no usable caller");
             }
         };
         if let Some(caller) = &caller {
             debug!(%peer, %caller, "TLS client certificate verified");
         }
-        let origin = Origin { caller, ..origin };
+        let origin = Origin {
+            caller,
+            caller_until,
+            ..origin
+        };
         serve_connection(stream, shared, origin).await;
     };
     tokio::select! {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -76,6 +76,9 @@ pub(crate) struct Origin {
     /// after the handshake; inside an intercepted tunnel, the caller of the connection that
     /// sent the CONNECT (the TLS inside is the proxy's own, with no client certificate).
     pub caller: Option<Arc<str>>,
+    /// When the certificate that names the caller ends: the connection (a tunnel's, too) is
+    /// closed at its first idle moment after.
+    pub caller_until: Option<Instant>,
     pub conn: Arc<Conn>,
 }
 
