@@ -48,6 +48,8 @@ pub struct Position {
 pub enum InputError {
     #[error("cannot read it: {0}")]
     Io(#[from] io::Error),
+    #[error("byte {offset}: cannot read on: {error} (a file cut short?)")]
+    Read { offset: u64, error: io::Error },
     #[error("byte {offset}: {message}")]
     Syntax { offset: u64, message: String },
     #[error("byte {offset}: a value larger than {} MiB; CloudTrail records are far smaller: is this a CloudTrail file?", MAX_VALUE >> 20)]
@@ -64,6 +66,7 @@ pub enum InputError {
 
 /// The two members of a record read before anything else.
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a CloudTrail event (an object)")]
 pub struct Peek {
     #[serde(rename = "eventName")]
     name: Option<EventName>,
@@ -115,6 +118,7 @@ impl<'de> Deserialize<'de> for EventSource {
 
 /// One entry of `lookup-events` output: the record is a string inside it.
 #[derive(Deserialize)]
+#[serde(expecting = "a lookup-events entry (an object)")]
 struct LookupEntry {
     #[serde(rename = "CloudTrailEvent")]
     event: Option<String>,
@@ -127,6 +131,14 @@ pub trait Sink {
     /// A record that is well-formed JSON but not an event this tool can read (not an object,
     /// `eventName` not a string, a member twice, ...).
     fn unreadable(&mut self, message: String, at: Position);
+}
+
+/// A serde_json error's message without its " at line L column C", which would count from the
+/// record, not the file (the caller says where the record is).
+pub fn without_place(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let suffix = format!(" at line {} column {}", error.line(), error.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_owned()
 }
 
 /// The files of the inputs: files as given, directories walked depth first in byte order of the
@@ -308,7 +320,12 @@ impl<R: Read> Source<R> {
             match self.reader.read(&mut self.buf[self.len..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(error) => {
+                    return Err(InputError::Read {
+                        offset: self.base + self.len as u64,
+                        error,
+                    })
+                }
             }
         };
         if n == 0 {
@@ -375,7 +392,7 @@ impl<R: Read> Source<R> {
                 Some(Err(e)) => {
                     return Err(InputError::Syntax {
                         offset: self.error_offset(&e),
-                        message: e.to_string(),
+                        message: without_place(&e),
                     })
                 }
             }
@@ -461,7 +478,7 @@ impl<R: Read> Source<R> {
                 Err(e) => {
                     return Err(InputError::Syntax {
                         offset: self.offset(),
-                        message: format!("a member name: {e}"),
+                        message: format!("a member name: {}", without_place(&e)),
                     })
                 }
             };
@@ -537,7 +554,7 @@ impl<R: Read> Source<R> {
         let at = self.next_position();
         match self.value::<Peek>()? {
             Ok((peek, range)) => sink.record(&peek, &self.buf[range], at),
-            Err(error) => sink.unreadable(format!("not a CloudTrail event: {error}"), at),
+            Err(error) => sink.unreadable(without_place(&error), at),
         }
         Ok(())
     }
@@ -553,7 +570,7 @@ impl<R: Read> Source<R> {
                 return Ok(());
             }
             Err(error) => {
-                sink.unreadable(format!("not a lookup-events entry: {error}"), at);
+                sink.unreadable(without_place(&error), at);
                 return Ok(());
             }
         };

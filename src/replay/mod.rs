@@ -288,7 +288,10 @@ impl input::Sink for FileSink<'_> {
             Err(error) => {
                 r.events -= 1;
                 return self.unreadable(
-                    format!("a {operation} event whose members cannot be read: {error}"),
+                    format!(
+                        "a {operation} event whose members cannot be read: {}",
+                        input::without_place(&error)
+                    ),
                     at,
                 );
             }
