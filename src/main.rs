@@ -439,7 +439,7 @@ fn replay(config: Option<&Path>, inputs: &[PathBuf], format: ReplayFormat) -> Ex
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    let found = replay::run(&config, inputs, std::io::stderr().is_terminal());
+    let mut found = replay::run(&config, inputs, std::io::stderr().is_terminal());
     let format = match format {
         ReplayFormat::Text => replay::Format::Text,
         ReplayFormat::Json => replay::Format::Json,

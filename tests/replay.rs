@@ -727,3 +727,75 @@ fn help_and_completions_know_the_command() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("replay"));
 }
+
+#[test]
+fn the_readme_example_is_what_replay_prints() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = &readme[readme
+        .find("## Replay CloudTrail")
+        .expect("the README's replay section")..];
+    let block = section
+        .split("```text\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a text block");
+    let (command, shown) = block.split_once('\n').unwrap();
+    let args: Vec<&str> = command
+        .strip_prefix("$ kms-tag-guard replay ")
+        .expect("the command first")
+        .split(' ')
+        .collect();
+    let out = replay(&args);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        shown,
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn more_denials_than_are_held_come_out_sorted_by_time() {
+    // 10,000 denials in two files, times scrambled: more than one run (8,192) goes through the
+    // temporary directory, and the report merges them back in order.
+    let dir = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    for f in 0..2 {
+        let path = dir.path().join(format!("part{f}.jsonl"));
+        let mut text = String::new();
+        for i in 0..5_000u32 {
+            let t = (i * 7919 + f * 13) % 86_400;
+            text.push_str(&format!(
+                r#"{{"eventSource":"kms.amazonaws.com","eventName":"TagResource","eventTime":"2026-11-01T{:02}:{:02}:{:02}Z","eventID":"{f}-{i}","awsRegion":"us-east-1","requestParameters":{{"keyId":"k","tags":[{{"tagKey":"Project","tagValue":"x"}}]}}}}"#,
+                t / 3600,
+                t / 60 % 60,
+                t % 60
+            ));
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        inputs.push(path);
+    }
+    let (report, out) = json_report(&[&inputs[0], &inputs[1]]);
+    assert_eq!(out.status.code(), Some(1));
+    let denials = report["denials"].as_array().unwrap();
+    assert_eq!(denials.len(), 10_000);
+    let order: Vec<(String, String, u64)> = denials
+        .iter()
+        .map(|d| {
+            (
+                d["time"].as_str().unwrap().to_owned(),
+                d["file"].as_str().unwrap().to_owned(),
+                d["record"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert!(order == sorted, "not in time order");
+    let ids: std::collections::HashSet<&str> = denials
+        .iter()
+        .map(|d| d["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 10_000);
+}

@@ -37,7 +37,7 @@ pub const MAX_VALUE: usize = 4 << 20;
 
 /// Where in a file something is: the record's number (from 1) and its first byte's offset in
 /// the file's (inflated) content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
 pub struct Position {
     pub record: u64,
     pub offset: u64,

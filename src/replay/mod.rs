@@ -8,6 +8,7 @@
 //! order and the would-be denials sorted by event time, then file and record, so the report
 //! does not depend on which thread read what. [`report`] writes it as text or JSON.
 
+mod denials;
 mod events;
 mod input;
 mod report;
@@ -15,12 +16,14 @@ mod report;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::decide::Rules;
 use crate::policy::Violation;
 
+pub use denials::{Denial, Denials, Finding};
 pub use input::{read_events, Position, MAX_VALUE};
 pub use report::Format;
 
@@ -46,24 +49,6 @@ impl Count {
         self.denied += other.denied;
         self.failed_in_kms += other.failed_in_kms;
     }
-}
-
-/// One change the policy would have denied.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Denial {
-    pub time: Option<String>,
-    pub principal: String,
-    pub operation: &'static str,
-    pub key: Option<String>,
-    pub alias: Option<String>,
-    pub event_id: Option<String>,
-    /// The input file (its index in [`Replay::files`]) and the record's place in it.
-    #[serde(skip)]
-    pub file: usize,
-    #[serde(skip)]
-    pub at: Position,
-    pub violations: Vec<Violation>,
-    pub violations_omitted: usize,
 }
 
 /// Something in the inputs that could not be read.
@@ -96,8 +81,8 @@ pub struct Replay {
     /// Changes per dry-run rule they broke (recorded, not denied).
     pub dry_run_by_rule: BTreeMap<String, u64>,
     pub by_principal: BTreeMap<String, Count>,
-    /// Sorted by event time, then file and record.
-    pub denials: Vec<Denial>,
+    /// In the report's order: by event time, then file and record.
+    pub denials: Denials,
     pub problems: Vec<Problem>,
     /// Unreadable records counted but not described.
     pub problems_omitted: u64,
@@ -139,41 +124,6 @@ pub fn run(config: &Config, inputs: &[PathBuf], progress: bool) -> Replay {
         }
         bar
     });
-    let mut results: Vec<(usize, FileResult)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(path) = files.get(i) else { break };
-                        let mut sink = FileSink::new(&rules, &events_read);
-                        let outcome = input::read_file(path, &bytes_read, &mut sink);
-                        events_read.fetch_add(sink.unreported, Ordering::Relaxed);
-                        let mut result = sink.result;
-                        if let Err(error) = outcome {
-                            result.problems.push((None, error.to_string()));
-                        }
-                        done.push((i, result));
-                    }
-                    done
-                })
-            })
-            .collect();
-        if let Some(bar) = &bar {
-            while !workers.iter().all(|w| w.is_finished()) {
-                bar.set_position(bytes_read.load(Ordering::Relaxed));
-                bar.set_message(format!("{} events", events_read.load(Ordering::Relaxed)));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        }
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
     let mut replay = Replay {
         problems: walk_problems
             .into_iter()
@@ -185,15 +135,72 @@ pub fn run(config: &Config, inputs: &[PathBuf], progress: bool) -> Replay {
             .collect(),
         ..Replay::default()
     };
-    for (i, result) in results {
-        replay.merge(i, result);
-    }
+    let (sender, results) = mpsc::sync_channel::<Message>(threads * 4);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let sender = sender.clone();
+            let (next, files, rules) = (&next, &files, &rules);
+            let (bytes_read, events_read) = (&bytes_read, &events_read);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(path) = files.get(i) else { break };
+                let mut sink = FileSink::new(i, rules, events_read, &sender);
+                let outcome = input::read_file(path, bytes_read, &mut sink);
+                let mut result = sink.finish();
+                if let Err(error) = outcome {
+                    result.problems.push((None, error.to_string()));
+                }
+                if sender.send(Message::Done(i, result)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(sender);
+        loop {
+            match results.recv_timeout(Duration::from_millis(100)) {
+                Ok(Message::Denials(denials)) => {
+                    for denial in denials {
+                        replay.denials.push(denial);
+                    }
+                }
+                Ok(Message::Done(i, result)) => replay.merge(i, result),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if let Some(bar) = &bar {
+                bar.set_position(bytes_read.load(Ordering::Relaxed));
+                bar.set_message(format!("{} events", events_read.load(Ordering::Relaxed)));
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+    });
+    // Files finish in any order: their problems are listed in file order.
     replay
-        .denials
-        .sort_by(|a, b| (&a.time, a.file, a.at).cmp(&(&b.time, b.file, b.at)));
+        .problems
+        .sort_by_key(|p| (p.file.map_or(0, |f| f + 1), p.at));
+    if let Some(message) = replay.denials.spill_error.take() {
+        replay.problems.push(Problem {
+            file: None,
+            at: None,
+            message,
+        });
+    }
     replay.files = files;
     replay
 }
+
+/// What a worker thread tells the thread that merges.
+enum Message {
+    /// Denials found so far in a file (sent in batches, so no file holds many).
+    Denials(Vec<Denial>),
+    /// A file read to its end (or to the error that stopped it).
+    Done(usize, FileResult),
+}
+
+/// How many denials a worker collects before handing them on.
+const BATCH: usize = 256;
 
 impl Replay {
     fn merge(&mut self, file: usize, result: FileResult) {
@@ -214,8 +221,6 @@ impl Replay {
         for (principal, count) in result.by_principal {
             self.by_principal.entry(principal).or_default().add(&count);
         }
-        self.denials
-            .extend(result.denials.into_iter().map(|d| Denial { file, ..d }));
         self.problems
             .extend(result.problems.into_iter().map(|(at, message)| Problem {
                 file: Some(file),
@@ -238,14 +243,16 @@ struct FileResult {
     by_rule: BTreeMap<String, u64>,
     dry_run_by_rule: BTreeMap<String, u64>,
     by_principal: BTreeMap<String, Count>,
-    denials: Vec<Denial>,
     problems: Vec<(Option<Position>, String)>,
     problems_omitted: u64,
 }
 
 /// Judges one file's events as they are read.
 struct FileSink<'a> {
+    file: usize,
     rules: &'a Rules<'a>,
+    sender: &'a mpsc::SyncSender<Message>,
+    denials: Vec<Denial>,
     /// The progress bar's count of events, added to every so often.
     events_read: &'a AtomicU64,
     unreported: u64,
@@ -253,13 +260,38 @@ struct FileSink<'a> {
 }
 
 impl<'a> FileSink<'a> {
-    fn new(rules: &'a Rules<'a>, events_read: &'a AtomicU64) -> Self {
+    fn new(
+        file: usize,
+        rules: &'a Rules<'a>,
+        events_read: &'a AtomicU64,
+        sender: &'a mpsc::SyncSender<Message>,
+    ) -> Self {
         FileSink {
+            file,
             rules,
+            sender,
+            denials: Vec::new(),
             events_read,
             unreported: 0,
             result: FileResult::default(),
         }
+    }
+
+    /// Hands on the denials collected.
+    fn send_denials(&mut self) {
+        if !self.denials.is_empty() {
+            let batch = std::mem::take(&mut self.denials);
+            // The receiver only goes away when the scope ends, after every worker.
+            let _ = self.sender.send(Message::Denials(batch));
+        }
+    }
+
+    /// The file's counts, its denials handed on.
+    fn finish(mut self) -> FileResult {
+        self.send_denials();
+        self.events_read
+            .fetch_add(self.unreported, Ordering::Relaxed);
+        self.result
     }
 }
 
@@ -321,18 +353,30 @@ impl input::Sink for FileSink<'_> {
         for rule in rule_ids(&judged.decision.violations) {
             *r.by_rule.entry(rule.to_owned()).or_default() += 1;
         }
-        r.denials.push(Denial {
+        self.denials.push(Denial {
             time: event.time,
             principal,
-            operation: operation.name(),
+            operation: operation.name().to_owned(),
             key: judged.key,
             alias: judged.alias,
             event_id: event.id,
-            file: 0,
+            file: self.file,
             at,
-            violations: judged.decision.violations,
+            violations: judged
+                .decision
+                .violations
+                .into_iter()
+                .map(|v| Finding {
+                    rule: v.rule.to_string(),
+                    key: v.key,
+                    message: v.message,
+                })
+                .collect(),
             violations_omitted: judged.decision.violations_omitted,
         });
+        if self.denials.len() >= BATCH {
+            self.send_denials();
+        }
     }
 
     fn unreadable(&mut self, message: String, at: Position) {

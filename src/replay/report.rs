@@ -19,7 +19,7 @@ pub enum Format {
 impl Replay {
     /// Writes the report; problems with the inputs go to `problems_out` (text format).
     pub fn write(
-        &self,
+        &mut self,
         config: &Config,
         format: Format,
         out: &mut dyn Write,
@@ -40,10 +40,7 @@ impl Replay {
                 }
                 Ok(())
             }
-            Format::Json => {
-                serde_json::to_writer_pretty(&mut *out, &self.json(config))?;
-                writeln!(out)
-            }
+            Format::Json => self.json(config, out),
         }
     }
 
@@ -63,7 +60,7 @@ impl Replay {
         }
     }
 
-    fn text(&self, config: &Config, out: &mut dyn Write) -> io::Result<()> {
+    fn text(&mut self, config: &Config, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "config: {} ({} rules, sha256 {})",
@@ -132,27 +129,22 @@ impl Replay {
                 &rows,
             )?;
         }
-        if !self.denials.is_empty() {
+        if self.denied > 0 {
             writeln!(out)?;
             writeln!(out, "would be denied ({}):", thousands(self.denied))?;
-            for denial in &self.denials {
-                writeln!(out, "{}", denial_line(denial))?;
+            let mut denials = self.denials.sorted();
+            for denial in denials.by_ref() {
+                writeln!(out, "{}", denial_line(&denial))?;
+            }
+            if let Some(error) = denials.error {
+                return Err(error);
             }
         }
         Ok(())
     }
 
-    fn json(&self, config: &Config) -> serde_json::Value {
-        let denials: Vec<_> = self
-            .denials
-            .iter()
-            .map(|d| {
-                let mut value = serde_json::to_value(d).unwrap_or_default();
-                value["file"] = json!(self.files.get(d.file));
-                value["record"] = json!(d.at.record);
-                value
-            })
-            .collect();
+    /// One JSON object; the denials are written one by one, as they come from the merge.
+    fn json(&mut self, config: &Config, out: &mut dyn Write) -> io::Result<()> {
         let problems: Vec<_> = self
             .problems
             .iter()
@@ -165,7 +157,7 @@ impl Replay {
                 })
             })
             .collect();
-        json!({
+        let summary = json!({
             "config": config.source.to_string(),
             "policy_sha256": config.sha256,
             "files": self.files.len(),
@@ -178,10 +170,31 @@ impl Replay {
             "by_rule": self.by_rule,
             "dry_run_by_rule": self.dry_run_by_rule,
             "by_principal": self.by_principal,
-            "denials": denials,
             "problems": problems,
             "problems_omitted": self.problems_omitted,
-        })
+        });
+        let summary = serde_json::to_string_pretty(&summary)?;
+        // The summary's members, then "denials" as the last member, one denial per line.
+        let open = summary.strip_suffix("\n}").unwrap_or(&summary);
+        write!(out, "{open},\n  \"denials\": [")?;
+        let mut denials = self.denials.sorted();
+        let mut first = true;
+        for denial in denials.by_ref() {
+            let mut value = serde_json::to_value(&denial)?;
+            value["file"] = json!(self.files.get(denial.file));
+            value["record"] = json!(denial.at.record);
+            value["offset"] = json!(denial.at.offset);
+            if let Some(map) = value.as_object_mut() {
+                map.remove("at");
+            }
+            write!(out, "{}\n    ", if first { "" } else { "," })?;
+            serde_json::to_writer(&mut *out, &value)?;
+            first = false;
+        }
+        if let Some(error) = denials.error {
+            return Err(error);
+        }
+        writeln!(out, "{}]\n}}", if first { "" } else { "\n  " })
     }
 }
 
