@@ -75,6 +75,11 @@ pub struct Peek {
 }
 
 impl Peek {
+    /// Whether the record names its event at all (every CloudTrail record does).
+    pub fn has_name(&self) -> bool {
+        self.name.is_some()
+    }
+
     /// The operation, when the record is a KMS event that may change tags or aliases.
     pub fn operation(&self) -> Option<TagOperation> {
         match (&self.name, &self.source) {
@@ -83,6 +88,9 @@ impl Peek {
         }
     }
 }
+
+/// What a record without `eventName` is told.
+const NO_NAME: &str = "not a CloudTrail event: it has no eventName (a file whose first member is not Records or Events is read as events)";
 
 /// An `eventName`, compared whole after its escapes are decoded: one of the seven, or another.
 #[derive(Debug)]
@@ -553,6 +561,7 @@ impl<R: Read> Source<R> {
         self.peek_byte()?;
         let at = self.next_position();
         match self.value::<Peek>()? {
+            Ok((peek, _)) if !peek.has_name() => sink.unreadable(NO_NAME.into(), at),
             Ok((peek, range)) => sink.record(&peek, &self.buf[range], at),
             Err(error) => sink.unreadable(without_place(&error), at),
         }
@@ -575,6 +584,7 @@ impl<R: Read> Source<R> {
             }
         };
         match serde_json::from_str::<Peek>(&event) {
+            Ok(peek) if !peek.has_name() => sink.unreadable(NO_NAME.into(), at),
             Ok(peek) => sink.record(&peek, event.as_bytes(), at),
             Err(error) => {
                 sink.unreadable(format!("its CloudTrailEvent is not an event: {error}"), at)

@@ -98,12 +98,7 @@ fn the_event_name_must_match_whole_after_decoding() {
         names(&with(r#""TagResource""#, r#""k\u006ds.amazonaws.com""#)),
         ["TagResource"]
     );
-    for name in [
-        r#""TagResourceX""#,
-        r#""tagresource""#,
-        r#"" TagResource""#,
-        "null",
-    ] {
+    for name in [r#""TagResourceX""#, r#""tagresource""#, r#"" TagResource""#] {
         assert_eq!(names(&with(name, kms)), ["-"], "{name}");
     }
     for source in [
@@ -115,6 +110,19 @@ fn the_event_name_must_match_whole_after_decoding() {
     }
     // Without an eventSource it is not a KMS event.
     assert_eq!(names(r#"{"eventName":"TagResource"}"#), ["-"]);
+    // Without an eventName it is no event at all: counted as unreadable, not skipped, so that
+    // a file of another shape (`Records` not first) is not taken for one event and passed.
+    for text in [
+        r#"{"eventName":null,"eventSource":"kms.amazonaws.com"}"#,
+        r#"{"Other":1,"Records":[{"eventName":"TagResource","eventSource":"kms.amazonaws.com"}]}"#,
+        r#"{"Records":[{}]}"#,
+    ] {
+        let (sink, result) = read(text, 3);
+        result.unwrap();
+        assert!(sink.records.is_empty(), "{text}");
+        assert_eq!(sink.unreadable.len(), 1, "{text}");
+        assert!(sink.unreadable[0].0.contains("no eventName"), "{text}");
+    }
 }
 
 #[test]
