@@ -50,7 +50,8 @@ impl Denial {
 pub struct Denials {
     held: Vec<Denial>,
     runs: Vec<File>,
-    /// Why a run could not be written (the denials then stay in memory).
+    /// Why a run could not be written (the denials then stay in memory): a warning, the
+    /// report is whole.
     pub spill_error: Option<String>,
 }
 

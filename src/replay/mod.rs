@@ -180,13 +180,6 @@ pub fn run(config: &Config, inputs: &[PathBuf], progress: bool) -> Replay {
     replay
         .problems
         .sort_by_key(|p| (p.file.map_or(0, |f| f + 1), p.at));
-    if let Some(message) = replay.denials.spill_error.take() {
-        replay.problems.push(Problem {
-            file: None,
-            at: None,
-            message,
-        });
-    }
     replay.files = files;
     replay
 }

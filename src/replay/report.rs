@@ -25,6 +25,9 @@ impl Replay {
         out: &mut dyn Write,
         problems_out: &mut dyn Write,
     ) -> io::Result<()> {
+        if let Some(warning) = &self.denials.spill_error {
+            writeln!(problems_out, "warning: {warning}")?;
+        }
         match format {
             Format::Text => {
                 self.text(config, out)?;
