@@ -159,11 +159,7 @@ impl Event {
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             })
             .unwrap_or("us-east-1");
-        let domain = if region.starts_with("cn-") {
-            "amazonaws.com.cn"
-        } else {
-            "amazonaws.com"
-        };
+        let domain = partition_suffix(region);
         let mut headers = HeaderMap::new();
         let value = |text: String| HeaderValue::try_from(text).ok();
         if let Some(v) = value(format!("kms.{region}.{domain}")) {
@@ -203,6 +199,23 @@ impl Event {
         }
         headers
     }
+}
+
+/// The DNS suffix of a Region's partition (the SDKs' `partitions.json`, as `crate::endpoints`
+/// lists them), for the host its requests went to.
+fn partition_suffix(region: &str) -> &'static str {
+    const BY_PREFIX: [(&str, &str); 6] = [
+        ("cn-", "amazonaws.com.cn"),
+        ("us-isob-", "sc2s.sgov.gov"),
+        ("us-isof-", "csp.hci.ic.gov"),
+        ("us-iso-", "c2s.ic.gov"),
+        ("eu-isoe-", "cloud.adc-e.uk"),
+        ("eusc-", "amazonaws.eu"),
+    ];
+    BY_PREFIX
+        .iter()
+        .find(|(prefix, _)| region.starts_with(prefix))
+        .map_or("amazonaws.com", |(_, suffix)| suffix)
 }
 
 /// `requestParameters`, rewritten as the API's JSON body (see the module's comment).
@@ -326,6 +339,23 @@ mod tests {
 
     fn body(params: &str) -> String {
         serde_json::from_str::<RequestBody>(params).unwrap().0
+    }
+
+    #[test]
+    fn the_host_is_the_regions_kms_endpoint_in_its_partition() {
+        for (region, suffix) in [
+            ("us-east-1", "amazonaws.com"),
+            ("us-gov-west-1", "amazonaws.com"),
+            ("cn-north-1", "amazonaws.com.cn"),
+            ("us-iso-east-1", "c2s.ic.gov"),
+            ("us-isob-east-1", "sc2s.sgov.gov"),
+            ("eusc-de-east-1", "amazonaws.eu"),
+        ] {
+            assert_eq!(partition_suffix(region), suffix, "{region}");
+            assert!(crate::endpoints::is_kms_name(&format!(
+                "kms.{region}.{suffix}"
+            )));
+        }
     }
 
     #[test]
