@@ -30,6 +30,7 @@ pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod reload;
+pub mod replay;
 pub mod schema;
 mod text;
 pub mod tls;

@@ -15,9 +15,10 @@ const EXIT_CONFIG: u8 = 78;
 /// The exit codes, as `--help` lists them.
 const EXIT_CODES: &str = "\
 Exit codes:
-  0   success (serve: stopped by SIGTERM or SIGINT; test: every case passed; explain: allowed)
-  1   failure (test: a case failed; explain: denied; audit verify: not whole; serve: a port in
-      use, no threads, ...)
+  0   success (serve: stopped by SIGTERM or SIGINT; test: every case passed; explain: allowed;
+      replay: nothing would have been denied; audit verify: the chain is whole)
+  1   failure (test: a case failed; explain: denied; replay: a change would have been denied or
+      an input could not be read; audit verify: not whole; serve: a port in use, no threads, ...)
   2   usage: an unknown command or option, a missing argument
   78  configuration: the configuration, a case file or a file the configuration names is invalid";
 
@@ -54,6 +55,14 @@ enum ReportFormat {
     Junit,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReplayFormat {
+    /// The summary tables, then one line per change that would have been denied
+    Text,
+    /// One JSON object: the counts, every denial, every problem with the inputs
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (without --config: the configuration compiled into the binary).
@@ -84,6 +93,21 @@ enum Command {
         /// instead of the list of rules.
         #[arg(long)]
         print: bool,
+    },
+    /// Judge past tag and alias changes from CloudTrail by a policy: what it would have denied.
+    /// Reads CloudTrail log files as delivered to S3 (gzip or plain), `aws cloudtrail
+    /// lookup-events` output and JSON lines of events; directories are walked.
+    #[command(after_help = EXIT_CODES)]
+    Replay {
+        /// The configuration whose policy judges. Without it: the built-in configuration.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The report's format.
+        #[arg(long, value_enum, default_value_t = ReplayFormat::Text)]
+        format: ReplayFormat,
+        /// CloudTrail files or directories of them.
+        #[arg(required = true, value_name = "INPUT")]
+        inputs: Vec<PathBuf>,
     },
     /// Interception CA for HTTPS_PROXY clients.
     Ca {
@@ -234,6 +258,11 @@ fn main() -> ExitCode {
             access_key_id.as_deref(),
             caller.as_deref(),
         ),
+        Command::Replay {
+            config,
+            format,
+            inputs,
+        } => replay(config.as_deref(), &inputs, format),
         Command::Ca {
             command: CaCommand::Init { out },
         } => ca_init(&out),
@@ -475,6 +504,37 @@ fn explain(
         ExitCode::SUCCESS
     } else {
         println!("decision: deny");
+        ExitCode::FAILURE
+    }
+}
+
+fn replay(config: Option<&Path>, inputs: &[PathBuf], format: ReplayFormat) -> ExitCode {
+    use kms_tag_guard::replay;
+    use std::io::{IsTerminal, Write};
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    let mut found = replay::run(&config, inputs, std::io::stderr().is_terminal());
+    let format = match format {
+        ReplayFormat::Text => replay::Format::Text,
+        ReplayFormat::Json => replay::Format::Json,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = found
+        .write(&config, format, &mut out, &mut std::io::stderr().lock())
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(error) => {
+            eprintln!("kms-tag-guard: cannot write the report: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if found.clean() {
+        ExitCode::SUCCESS
+    } else {
         ExitCode::FAILURE
     }
 }
