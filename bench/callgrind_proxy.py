@@ -9,6 +9,9 @@ file, sends the requests one at a time on one keep-alive connection (after 200 w
 stops the proxy and prints the instructions per request of the request path's main functions.
 Output files: target/bench-profile/callgrind-<kind>.out (open with callgrind_annotate).
 Needs valgrind (apt-get install valgrind) and a release build (cargo build --release).
+KTG_BIN=<binary> runs another build (e.g. an older commit's, for a before/after); CALLGRIND_TAG=x
+names the output files callgrind-<kind>-x.out. The first line per kind is the whole process
+(every thread: connection threads, the audit writer, the runtime) per request.
 """
 
 import os
@@ -22,7 +25,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "kms-tag-guard")
+BIN = os.environ.get("KTG_BIN") or os.path.join(ROOT, "target", "release", "kms-tag-guard")
+TAG = os.environ.get("CALLGRIND_TAG", "")
 OUT = os.path.join(ROOT, "target", "bench-profile")
 WARMUP = 200
 
@@ -33,14 +37,26 @@ BODIES = {
     '{"TagKey":"cost:center","TagValue":"4711"}]}' % KEY,
 }
 FUNCTIONS = [
-    "kms_tag_guard::proxy::serve::serve_accepted::{{closure}}",
+    "kms_tag_guard::proxy::connection::serve_accepted::{{closure}}",
     "kms_tag_guard::proxy::h1::Connection<I>::handle::{{closure}}",
     "kms_tag_guard::proxy::h1::head::parse_request",
     "kms_tag_guard::kms::classify::classify",
     "kms_tag_guard::proxy::h1::Connection<I>::answer_head::{{closure}}",
-    "kms_tag_guard::inspect::judge",
-    "kms_tag_guard::proxy::pipeline::record_decision::{{closure}}",
-    "kms_tag_guard::proxy::pipeline::record_outcome::{{closure}}",
+    "kms_tag_guard::decide::decide",
+    "kms_tag_guard::record::decision::{{closure}}",
+    "kms_tag_guard::record::DecisionRecord::new",
+    "kms_tag_guard::record::outcome",
+    "kms_tag_guard::record::new_request_id",
+    "kms_tag_guard::audit::AuditLog::queue_holding",
+    "kms_tag_guard::audit::AuditLog::written::{{closure}}",
+    "kms_tag_guard::audit::OutcomeSlot::write",
+    "kms_tag_guard::audit::encode",
+    "<kms_tag_guard::record::DecisionRecord as kms_tag_guard::audit::Record>::write_json",
+    "<kms_tag_guard::record::OutcomeRecord as kms_tag_guard::audit::Record>::write_json",
+    "serde_json::ser::format_escaped_str",
+    "kms_tag_guard::audit::Core::write_direct",
+    "kms_tag_guard::audit::run",
+    "kms_tag_guard::audit::Writer::run",
     "kms_tag_guard::metrics::Metrics::request",
 ]
 
@@ -118,7 +134,7 @@ def run(kind, count, upstream_port):
             '[upstream]\nendpoint = "http://127.0.0.1:%d"\n[audit]\npath = "%s"\n%s'
             % (port, upstream_port, os.path.join(work, "audit.jsonl"), policy)
         )
-    out = os.path.join(OUT, "callgrind-%s.out" % kind)
+    out = os.path.join(OUT, "callgrind-%s%s.out" % (kind, "-" + TAG if TAG else ""))
     proxy = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out, BIN, "serve",
          "--config", config],
@@ -147,6 +163,10 @@ def run(kind, count, upstream_port):
                             capture_output=True, text=True).stdout
     total = WARMUP + count
     print("%s: instructions per request (inclusive), %d requests incl. warm-up" % (kind, total))
+    totals = re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", report)
+    if totals:
+        per = int(totals.group(1).replace(",", "")) / total
+        print("  %9.0f  the whole process (every thread, start-up included)" % per)
     for name in FUNCTIONS:
         for line in report.splitlines():
             match = re.match(r"\s*([\d,]+) \([^)]*\)\s+\?\?\?:(.*) \[", line)

@@ -325,6 +325,71 @@ def report(results, *args):
         print("peak RSS: kms-tag-guard's VmHWM (its peak over the whole run); nginx: master and "
               "workers summed, HAProxy: its process, sampled every 50 ms during the phase.")
 
+    serial = [r for r in rows if r["phase"] == "serial"]
+    sgroups = {}
+    for r in serial:
+        sgroups.setdefault((r["upstream"], r["kind"], r["target"]), []).append(r)
+    smed = {key: {
+        "mean": statistics.median(r["mean_us"] for r in rs),
+        "p50": statistics.median(r["p50_us"] for r in rs),
+        "p99": statistics.median(r["p99_us"] for r in rs),
+        "cpu": statistics.median(r["proxy_cpu_us"] for r in rs) if all(
+            "proxy_cpu_us" in r for r in rs) else None,
+        "rounds": len(rs),
+    } for key, rs in sgroups.items()}
+    if smed:
+        print()
+        print("One request at a time (wrk -t1 -c1), medians of rounds:")
+        print()
+        h3 = (f"| {'upstream':8} | {'request':23} | {'through':17} | {'mean µs':>8} | "
+              f"{'p50 µs':>7} | {'p99 µs':>7} | {'added over best peer µs (p50)':>29} | "
+              f"{'CPU µs/req':>10} |")
+        print(h3)
+        print("|" + "|".join("-" * len(c) for c in h3.split("|")[1:-1]) + "|")
+        for upstream in upstreams:
+            for kind in ("Encrypt", "TagResource"):
+                best = min((smed[(upstream, kind, p)]["mean"] for p in PEERS
+                            if (upstream, kind, p) in smed), default=None)
+                best50 = min((smed[(upstream, kind, p)]["p50"] for p in PEERS
+                              if (upstream, kind, p) in smed), default=None)
+                for target in ORDER:
+                    m = smed.get((upstream, kind, target))
+                    if m is None:
+                        continue
+                    added = f"{m['mean'] - best:+.0f} ({m['p50'] - best50:+.0f})" \
+                        if best is not None and target != "direct" else ""
+                    where = upstream if upstream == "plain" else "TLS"
+                    cpu_text = f"{m['cpu']:.1f}" if m["cpu"] is not None else ""
+                    print(f"| {where:8} | {KIND[kind]:23} | {LABEL[target]:17} | "
+                          f"{m['mean']:8.0f} | {m['p50']:7.0f} | {m['p99']:7.0f} | {added:>29} | "
+                          f"{cpu_text:>10} |")
+        print()
+        print("added over best peer: the mean latency less the lower of nginx's and HAProxy's "
+              "means for the same request;\nin brackets the same for the medians (p50), which "
+              "the noise of a shared machine moves less.")
+
+    print()
+    print("Targets (issue #20, the audit path):")
+    for upstream in upstreams:
+        where = "plain upstream" if upstream == "plain" else "TLS upstream"
+        ktg = med.get((upstream, "TagResource", "kms-tag-guard"))
+        peers = [med[(upstream, "TagResource", p)] for p in PEERS
+                 if (upstream, "TagResource", p) in med]
+        if ktg and ktg["cpu"] is not None and peers and all(p["cpu"] is not None for p in peers):
+            best = min(p["cpu"] for p in peers)
+            print(f"  [{'MET    ' if ktg['cpu'] <= 1.3 * best else 'NOT MET'}] {where}: CPU per "
+                  f"inspected TagResource <= 1.3 x best peer's: {ktg['cpu']:.1f} µs vs "
+                  f"{best:.1f} ({ktg['cpu'] / best:.2f}x)")
+        sk = smed.get((upstream, "TagResource", "kms-tag-guard"))
+        speers = [smed[(upstream, "TagResource", p)] for p in PEERS
+                  if (upstream, "TagResource", p) in smed]
+        if sk and speers:
+            added = sk["mean"] - min(p["mean"] for p in speers)
+            added50 = sk["p50"] - min(p["p50"] for p in speers)
+            print(f"  [{'MET    ' if added <= 30 else 'NOT MET'}] {where}: one TagResource at a "
+                  f"time adds <= 30 µs over the best peer: {added:+.0f} µs (mean; p50 "
+                  f"{added50:+.0f} µs)")
+
     print()
     print("Targets (issue #5):")
     for upstream in upstreams:

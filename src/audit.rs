@@ -1,7 +1,8 @@
 //! The audit log: one JSON line per decision and per outcome of every tag-bearing request.
 //!
 //! Records are written by one writer thread of their own, fed by a queue bounded in records
-//! (`queue_capacity`) and in bytes (`queue_max_bytes`), so that a slow, stalled or failed sink (a
+//! (`queue_capacity`) and in bytes (`queue_max_bytes`), or, when nothing waits, by the thread that
+//! makes them with a write that cannot wait (below), so that a slow, stalled or failed sink (a
 //! log shipper that falls behind, a pipe nobody reads, a full disk) never blocks a connection
 //! thread, and traffic that changes no tags never waits for the audit at all. A tag change waits
 //! for its `decision` record to be written (and flushed, or fsynced with `fsync = true`) before
@@ -12,6 +13,19 @@
 //! A decision admitted into the queue for a change that may be forwarded holds a place in the
 //! queue for its `outcome` record ([`OutcomeSlot`]), so that no outcome is ever refused for room.
 //! The writer writes what is queued in batches (one write, one flush or fsync each), in order.
+//!
+//! **Written on the calling thread when nothing waits.** A record that finds the writer idle
+//! (nothing queued, nothing being written, the sink not failing) is written by the thread that
+//! makes it, under the writer's lock, which request paths only ever try (`try_lock`): no hand-off
+//! to the writer thread, no wake-up back. It is a write that cannot wait: on a pipe (standard
+//! output to a log shipper, a FIFO) and on file systems that support it, `pwritev2` with
+//! `RWF_NOWAIT`, and what the sink does not take at once is left to the writer thread; on a
+//! regular file of a local file system that cannot say so (ext4), a plain append to the page
+//! cache, and one that takes longer than [`SLOW_DIRECT`] sends every record through the writer
+//! thread for [`DIRECT_PAUSE`]. With `fsync = true`, on network file systems, FUSE, terminals and
+//! devices, every record goes through the writer thread. Whoever writes, a line joins the batch at
+//! one place ([`Writer::append`]) under the lock, so the order of the file is the order lines are
+//! appended in.
 //! A batch is written whole or not at all: when a write or fsync fails (a full disk), a file is
 //! truncated back to where the batch began, and on any other sink the rest of the batch is
 //! written later, completing the line that was cut; the batch is retried with a back-off (a file
@@ -29,9 +43,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::mem::ManuallyDrop;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -39,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::config::{AuditConfig, AuditPath};
 use crate::integrity::Sealer;
@@ -58,6 +72,20 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// The writer's batch buffer is given back when a batch made it larger than this.
 const KEPT_BUFFER: usize = 256 * 1024;
+/// A write on the calling thread to a sink that cannot refuse to wait (a regular file of a local
+/// file system without `RWF_NOWAIT`) that takes longer than this ...
+pub const SLOW_DIRECT: Duration = Duration::from_millis(1);
+/// ... sends every record through the writer thread for this long.
+pub const DIRECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// How records may be written on the calling thread, for the sink open now.
+const DIRECT_UNKNOWN: u8 = 0;
+/// `pwritev2` with `RWF_NOWAIT`: the sink says when it would wait.
+const DIRECT_NOWAIT: u8 = 1;
+/// A plain append: a regular file of a local file system that does not take `RWF_NOWAIT`.
+const DIRECT_APPEND: u8 = 2;
+/// Never: every record goes through the writer thread.
+const DIRECT_NEVER: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -84,6 +112,8 @@ enum Job {
     Record(Vec<u8>, usize, Option<Done>, bool),
     /// Open the file again (SIGHUP, for log rotation).
     Reopen(oneshot::Sender<Result<(), String>>),
+    /// A record written on a request path left part of the batch for the writer thread.
+    Kick,
     /// Write what came before, then stop.
     Stop,
 }
@@ -115,6 +145,16 @@ struct Core {
     writing_since_ms: AtomicU64,
     epoch: Instant,
     metrics: Arc<Metrics>,
+    /// The sink and the batch: the writer thread locks it to write; a request path only tries
+    /// to, and queues its record when it cannot have it at once.
+    writer: Mutex<Writer>,
+    /// How a request path may write to the sink open now (`DIRECT_*`).
+    direct: AtomicU8,
+    /// Until when (ms since `epoch`) no record is written on a request path: the last such
+    /// write was slow.
+    direct_paused_until_ms: AtomicU64,
+    /// Reopens asked for and not yet done: records go through the queue meanwhile, after them.
+    reopens: AtomicUsize,
 }
 
 impl Core {
@@ -167,6 +207,90 @@ impl Core {
             }
         }
     }
+
+    /// Writes an admitted line on the calling thread when the writer is idle: nothing queued,
+    /// nothing being written, the sink not failing, no reopen pending (module docs). `None` when
+    /// it is not: queue it. `Some(Ok(Queued))`: written, or left in the batch for the writer
+    /// thread (which tells the waiter when `wait`), or failed (the writer thread retries it).
+    fn write_direct(
+        &self,
+        queue: &Sender<Job>,
+        line: &[u8],
+        charge: usize,
+        wait: bool,
+    ) -> Option<Result<Queued, AuditError>> {
+        let mode = self.direct.load(Ordering::Relaxed);
+        if mode == DIRECT_NEVER
+            || self.failing.load(Ordering::SeqCst)
+            || self.reopens.load(Ordering::SeqCst) != 0
+        {
+            return None;
+        }
+        if mode == DIRECT_APPEND {
+            let paused = self.direct_paused_until_ms.load(Ordering::Relaxed);
+            if paused != 0 && (self.epoch.elapsed().as_millis() as u64) < paused {
+                return None;
+            }
+        }
+        // Never waited for: another request path writing, or the writer thread, has it. (Spinning
+        // for another request path's write was tried: on this 2-CPU machine, shared with the
+        // load generator, the holder was often not running, and 3 times as many records went
+        // through the writer thread; docs/performance.md.)
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        let mut writer = self.writer.try_lock().ok()?;
+        // Checked again under the lock: a record queued meanwhile goes first.
+        if writer.records != 0
+            || matches!(writer.sink, Sink::Closed)
+            || self.queued.load(Ordering::SeqCst) != 0
+            || self.failing.load(Ordering::SeqCst)
+            || self.reopens.load(Ordering::SeqCst) != 0
+        {
+            return None;
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        writer.append(line, charge, None, false);
+        match writer.write_batch(self, true) {
+            Written::Whole => {
+                drop(writer);
+                Some(Ok(Queued(Wait::Written)))
+            }
+            Written::Failed => {
+                drop(writer);
+                // The writer thread retries it, with its back-off.
+                let _ = queue.send(Job::Kick);
+                Some(Ok(Queued(Wait::Failing)))
+            }
+            Written::Partly => {
+                let waiting = wait.then(|| {
+                    let (done, written) = oneshot::channel();
+                    writer.waiting.push(done);
+                    written
+                });
+                drop(writer);
+                if queue.send(Job::Kick).is_err() {
+                    return Some(Err(AuditError::Closed));
+                }
+                Some(Ok(Queued(match waiting {
+                    Some(written) => Wait::Waiting(written),
+                    None => Wait::Written,
+                })))
+            }
+        }
+    }
+}
+
+/// What one try at writing the batch did.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// The whole batch, flushed or fsynced; whoever waited is told.
+    Whole,
+    /// A write on a request path that would have waited: the rest is the writer thread's.
+    Partly,
+    /// The sink failed: the batch is rolled back where it can be and kept; whoever waited is told.
+    Failed,
 }
 
 /// The place an outcome record holds in the queue, from its decision on: [`OutcomeSlot::write`]
@@ -187,7 +311,7 @@ impl std::fmt::Debug for OutcomeSlot {
 
 impl OutcomeSlot {
     /// Queues the outcome record in its place (never waits, never finds the queue full).
-    pub fn write(mut self, record: &impl Serialize) -> Result<(), AuditError> {
+    pub fn write(mut self, record: &impl Record) -> Result<(), AuditError> {
         self.held = false;
         let line = encode(record);
         // The place becomes the record: its bytes as they are.
@@ -199,6 +323,9 @@ impl OutcomeSlot {
         self.core
             .metrics
             .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
+        if let Some(written) = self.core.write_direct(&self.queue, &line, len, false) {
+            return written.map(drop);
+        }
         self.core.send(&self.queue, line, len, None)
     }
 }
@@ -211,9 +338,18 @@ impl Drop for OutcomeSlot {
     }
 }
 
-/// A record in the queue, to wait for with [`AuditLog::written`]; `None` when the sink was
-/// failing as it was queued (nobody waits: it is written when the sink recovers).
-pub struct Queued(Option<oneshot::Receiver<Result<(), String>>>);
+/// A record in the queue, to wait for with [`AuditLog::written`].
+pub struct Queued(Wait);
+
+enum Wait {
+    /// Already written (on the calling thread).
+    Written,
+    /// Written when the writer thread says so.
+    Waiting(oneshot::Receiver<Result<(), String>>),
+    /// The sink was failing as it was queued, or failed as the calling thread wrote it: nobody
+    /// waits, it is written when the sink recovers.
+    Failing,
+}
 
 pub struct AuditLog {
     queue: Sender<Job>,
@@ -227,13 +363,16 @@ enum Sink {
     /// Standard output, written through its descriptor (never buffered, never closed).
     Stdout(ManuallyDrop<File>),
     File(File),
+    /// The writer thread has ended: the file is closed (a reader of a FIFO sees its end), and
+    /// nothing is written any more.
+    Closed,
 }
 
 impl Sink {
     /// The file, where the chain reads where it goes on (not standard output).
     fn file(&self) -> Option<&File> {
         match self {
-            Sink::Stdout(_) => None,
+            Sink::Stdout(_) | Sink::Closed => None,
             Sink::File(file) => Some(file),
         }
     }
@@ -256,6 +395,19 @@ impl AuditLog {
         let mut seal = Sealer::new(config)?;
         seal.begin(sink.file(), &mut batch);
         let (queue, jobs) = mpsc::channel();
+        let writer = Writer {
+            sink,
+            path: config.path.clone(),
+            fsync: config.fsync,
+            batch,
+            seal,
+            written: 0,
+            records: 0,
+            charged: 0,
+            uncounted: 0,
+            waiting: Vec::new(),
+            retry: RETRY_FIRST,
+        };
         let core = Arc::new(Core {
             stalled: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -269,24 +421,21 @@ impl AuditLog {
             writing_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
+            writer: Mutex::new(writer),
+            direct: AtomicU8::new(if config.fsync {
+                DIRECT_NEVER
+            } else {
+                DIRECT_UNKNOWN
+            }),
+            direct_paused_until_ms: AtomicU64::new(0),
+            reopens: AtomicUsize::new(0),
         });
-        let writer = Writer {
-            sink,
-            path: config.path.clone(),
-            fsync: config.fsync,
-            core: Arc::clone(&core),
-            batch,
-            seal,
-            written: 0,
-            records: 0,
-            charged: 0,
-            uncounted: 0,
-            waiting: Vec::new(),
-            retry: RETRY_FIRST,
-        };
         let thread = std::thread::Builder::new()
             .name("ktg-audit".into())
-            .spawn(move || writer.run(jobs))
+            .spawn({
+                let core = Arc::clone(&core);
+                move || run(&core, jobs)
+            })
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
         Ok(AuditLog {
             queue,
@@ -300,7 +449,7 @@ impl AuditLog {
     /// Writes one record and waits until it is written (and flushed or fsynced), at most
     /// `stall_timeout_ms`. `Err(Stalled)` or `Err(Failing)` after the record was queued means it
     /// is written later.
-    pub async fn write(&self, record: &impl Serialize) -> Result<(), AuditError> {
+    pub async fn write(&self, record: &impl Record) -> Result<(), AuditError> {
         self.write_holding(record, false).await.0
     }
 
@@ -309,7 +458,7 @@ impl AuditLog {
     /// A record that is admitted is written, sooner or later: its outcome must follow it.
     pub async fn write_holding(
         &self,
-        record: &impl Serialize,
+        record: &impl Record,
         outcome: bool,
     ) -> (Result<(), AuditError>, Option<OutcomeSlot>) {
         match self.queue_holding(record, outcome) {
@@ -323,7 +472,7 @@ impl AuditLog {
     /// closed).
     pub fn queue_holding(
         &self,
-        record: &impl Serialize,
+        record: &impl Record,
         outcome: bool,
     ) -> Result<(Queued, Option<OutcomeSlot>), AuditError> {
         let line = encode(record);
@@ -346,18 +495,23 @@ impl AuditLog {
         if self.core.failing.load(Ordering::SeqCst) {
             // The writer retries the sink on its own; nobody waits for it meanwhile.
             self.core.send(&self.queue, line, len, None)?;
-            return Ok((Queued(None), slot));
+            return Ok((Queued(Wait::Failing), slot));
+        }
+        if let Some(written) = self.core.write_direct(&self.queue, &line, len, true) {
+            return Ok((written?, slot));
         }
         let (done, written) = oneshot::channel();
         self.core.send(&self.queue, line, len, Some(done))?;
-        Ok((Queued(Some(written)), slot))
+        Ok((Queued(Wait::Waiting(written)), slot))
     }
 
     /// Waits until a queued record is written (and flushed or fsynced), at most
     /// `stall_timeout_ms`. `Err(Stalled)` or `Err(Failing)` mean it is written later.
     pub async fn written(&self, queued: Queued) -> Result<(), AuditError> {
-        let Some(written) = queued.0 else {
-            return Err(AuditError::Failing);
+        let written = match queued.0 {
+            Wait::Written => return Ok(()),
+            Wait::Failing => return Err(AuditError::Failing),
+            Wait::Waiting(written) => written,
         };
         match tokio::time::timeout(self.stall_timeout, written).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -372,13 +526,16 @@ impl AuditLog {
 
     /// Queues one record without waiting for it. Never blocks; a record the full queue cannot
     /// take is counted as a write failure.
-    pub fn write_detached(&self, record: &impl Serialize) -> Result<(), AuditError> {
+    pub fn write_detached(&self, record: &impl Record) -> Result<(), AuditError> {
         let line = encode(record);
         let len = line.len();
         if !self.core.admit(1, len) {
             self.core.metrics.audit_write_failure();
             self.note_stall("the audit queue is full");
             return Err(AuditError::Stalled(self.stall_timeout.as_millis()));
+        }
+        if let Some(written) = self.core.write_direct(&self.queue, &line, len, false) {
+            return written.map(drop);
         }
         self.core.send(&self.queue, line, len, None)
     }
@@ -421,7 +578,10 @@ impl AuditLog {
     /// use. Waits at most `stall_timeout_ms` for the writer to get to it.
     pub async fn reopen(&self) -> Result<(), AuditError> {
         let (done, reopened) = oneshot::channel();
+        // Records made from now on go through the queue, after the reopen, to the new file.
+        self.core.reopens.fetch_add(1, Ordering::SeqCst);
         if self.queue.send(Job::Reopen(done)).is_err() {
+            self.core.reopens.fetch_sub(1, Ordering::SeqCst);
             return Err(AuditError::Closed);
         }
         match tokio::time::timeout(self.stall_timeout, reopened).await {
@@ -475,18 +635,20 @@ impl Drop for AuditLog {
     }
 }
 
-/// The writer thread: owns the sink, writes what is queued in order, a batch at a time.
+/// The sink and the batch being written, under [`Core::writer`]: the writer thread writes what
+/// is queued, a batch at a time, in order; a request path writes its own record when it finds
+/// the writer idle ([`Core::write_direct`]).
 struct Writer {
     sink: Sink,
     path: AuditPath,
     fsync: bool,
-    core: Arc<Core>,
     /// The batch being written: whole lines, sealed.
     batch: Vec<u8>,
     /// The hash chain through every line written, and its signed checkpoints.
     seal: Sealer,
-    /// How many bytes of `batch` the sink has taken (only ever between 0 and the batch's length
-    /// while a sink that cannot be rolled back fails).
+    /// How many bytes of `batch` the sink has taken (between 0 and the batch's length while a
+    /// sink that cannot be rolled back fails, or after a write on a request path that would have
+    /// waited).
     written: usize,
     /// Records in `batch`, and the bytes they are counted for in the queue.
     records: usize,
@@ -499,109 +661,162 @@ struct Writer {
     retry: Duration,
 }
 
-impl Writer {
-    fn run(mut self, jobs: Receiver<Job>) {
-        let mut stopping = false;
-        loop {
-            if self.core.abandon.load(Ordering::SeqCst) {
-                return;
-            }
-            if self.records == 0 {
-                // After `Stop`, what is still in the queue (a request that finished meanwhile,
-                // an outcome written as the connections closed) is written too; the writer ends
-                // once the queue is empty.
-                let next = if stopping {
-                    jobs.try_recv().ok()
-                } else if let Some(due) = self.seal.checkpoint_due_in() {
-                    // Idle with records no checkpoint signs yet: wake to sign them.
-                    match jobs.recv_timeout(due) {
-                        Ok(job) => Some(job),
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            // Retried like a batch of records until the sink takes it.
-                            if self.seal.checkpoint(&mut self.batch) {
-                                while !self.write_batch() {
-                                    if self.core.orphaned.load(Ordering::SeqCst)
-                                        || self.core.abandon.load(Ordering::SeqCst)
-                                    {
-                                        return;
-                                    }
-                                    self.wait_to_retry();
+/// The writer thread: waits for the queue, and writes what is in it, in order, a batch at a time;
+/// closes the sink when it ends.
+fn run(core: &Core, jobs: Receiver<Job>) {
+    serve(core, jobs);
+    core.writer.lock().unwrap_or_else(|e| e.into_inner()).sink = Sink::Closed;
+}
+
+fn serve(core: &Core, jobs: Receiver<Job>) {
+    let mut stopping = false;
+    loop {
+        if core.abandon.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if writer.records == 0 {
+            // Records no checkpoint signs yet (written here or on a request path): wake to sign
+            // them in time.
+            let due = writer.seal.checkpoint_due_in();
+            // Not held while waiting: a request path may write meanwhile.
+            drop(writer);
+            // After `Stop`, what is still in the queue (a request that finished meanwhile,
+            // an outcome written as the connections closed) is written too; the writer ends
+            // once the queue is empty.
+            let next = if stopping {
+                jobs.try_recv().ok()
+            } else if let Some(due) = due {
+                match jobs.recv_timeout(due) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+                        // Retried like a batch of records until the sink takes it.
+                        if writer.checkpoint() {
+                            while writer.write_batch(core, false) != Written::Whole {
+                                if core.orphaned.load(Ordering::SeqCst)
+                                    || core.abandon.load(Ordering::SeqCst)
+                                {
+                                    return;
                                 }
+                                writer.wait_to_retry(core);
                             }
-                            continue;
                         }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                        continue;
                     }
-                } else {
-                    jobs.recv().ok()
-                };
-                let Some(job) = next else {
-                    // The last lines are signed as the writer stops.
-                    if self.seal.checkpoint(&mut self.batch) {
-                        self.write_batch();
-                    }
-                    return;
-                };
-                self.take(job, &mut stopping);
-            }
-            while self.records > 0 && self.records < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(job) => self.take(job, &mut stopping),
-                    Err(_) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
                 }
-            }
-            if self.records > 0 && !self.write_batch() {
-                if self.core.orphaned.load(Ordering::SeqCst) {
-                    return;
+            } else {
+                jobs.recv().ok()
+            };
+            writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(job) = next else {
+                // The last lines are signed as the writer stops.
+                if writer.checkpoint() {
+                    writer.write_batch(core, false);
                 }
-                self.wait_to_retry();
+                return;
+            };
+            writer.take(core, job, &mut stopping);
+        }
+        while writer.records > 0 && writer.records < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => writer.take(core, job, &mut stopping),
+                Err(_) => break,
             }
         }
-    }
-
-    fn take(&mut self, job: Job, stopping: &mut bool) {
-        match job {
-            Job::Record(line, charge, done, counted) => {
-                self.seal.seal(&line, &mut self.batch);
-                self.records += 1;
-                self.uncounted += usize::from(!counted);
-                self.charged += charge;
-                self.waiting.extend(done);
+        if writer.records > 0 && writer.write_batch(core, false) != Written::Whole {
+            if core.orphaned.load(Ordering::SeqCst) {
+                return;
             }
+            // Held while waiting: request paths queue their records behind the batch.
+            writer.wait_to_retry(core);
+        }
+    }
+}
+
+impl Writer {
+    fn take(&mut self, core: &Core, job: Job, stopping: &mut bool) {
+        match job {
+            Job::Record(line, charge, done, counted) => self.append(&line, charge, done, counted),
             Job::Reopen(done) => {
                 // What came before goes to the old file (one try: a failing batch follows the
                 // path to the new file, whole).
                 if self.records > 0 {
-                    self.write_batch();
+                    self.write_batch(core, false);
                 }
-                let reopened = open_sink(&self.path, false).map(|sink| self.sink = sink);
+                let reopened = open_sink(&self.path, false).map(|sink| self.set_sink(core, sink));
                 if reopened.is_ok() {
                     // The chain goes on in the new file (a chain_start names a last line the
                     // proxy did not write).
                     self.seal.begin(self.sink.file(), &mut self.batch);
                 }
+                core.reopens.fetch_sub(1, Ordering::SeqCst);
                 let _ = done.send(reopened.map_err(|e| e.to_string()));
             }
+            Job::Kick => {}
             Job::Stop => *stopping = true,
         }
     }
 
-    /// Writes the rest of the batch, flushes or fsyncs it, and tells whoever waits. `false`
-    /// when the sink failed: the batch is kept, rolled back (a file) or with `written` saying
-    /// how much of it is out.
-    fn write_batch(&mut self) -> bool {
-        let since = self.core.epoch.elapsed().as_millis().max(1) as u64;
-        self.core.writing_since_ms.store(since, Ordering::SeqCst);
-        let result = self.write_out();
-        self.core.writing_since_ms.store(0, Ordering::SeqCst);
+    /// The one place a serialised record line joins the batch, whoever writes it (the writer
+    /// thread or a request path), under the lock: the file's order is the order of these calls.
+    /// Adds a signed checkpoint to the batch when records since the last one wait for one.
+    fn checkpoint(&mut self) -> bool {
+        self.seal.checkpoint(&mut self.batch)
+    }
+
+    fn append(&mut self, line: &[u8], charge: usize, done: Option<Done>, counted: bool) {
+        // Sealed into the chain here, whoever writes: the order of the chain is the order of
+        // the file (crate::integrity).
+        self.seal.seal(line, &mut self.batch);
+        self.records += 1;
+        self.uncounted += usize::from(!counted);
+        self.charged += charge;
+        self.waiting.extend(done);
+    }
+
+    /// A new sink: how a request path may write to it is found out again.
+    fn set_sink(&mut self, core: &Core, sink: Sink) {
+        self.sink = sink;
+        if !self.fsync {
+            core.direct.store(DIRECT_UNKNOWN, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the rest of the batch, flushes or fsyncs it, and tells whoever waits. `direct`: on
+    /// a request path, with a write that cannot wait (module docs). Unless [`Written::Whole`],
+    /// the batch is kept: rolled back (a file) or with `written` saying how much of it is out.
+    fn write_batch(&mut self, core: &Core, direct: bool) -> Written {
+        let started = core.epoch.elapsed();
+        let since = started.as_millis().max(1) as u64;
+        core.writing_since_ms.store(since, Ordering::SeqCst);
+        let result = if direct {
+            self.write_out_direct(core)
+        } else {
+            self.write_out()
+        };
+        core.writing_since_ms.store(0, Ordering::SeqCst);
         match result {
             Ok(()) => {
-                self.done();
-                true
+                if direct && core.direct.load(Ordering::Relaxed) == DIRECT_APPEND {
+                    let took = core.epoch.elapsed().saturating_sub(started);
+                    if took > SLOW_DIRECT {
+                        let until = (core.epoch.elapsed() + DIRECT_PAUSE).as_millis() as u64;
+                        core.direct_paused_until_ms.store(until, Ordering::Relaxed);
+                        debug!(
+                            took_us = took.as_micros() as u64,
+                            "a write of the audit log on a request path was slow: records go through the writer thread for a while"
+                        );
+                    }
+                }
+                self.done(core);
+                Written::Whole
             }
+            Err(error) if direct && error.kind() == io::ErrorKind::WouldBlock => Written::Partly,
             Err(error) => {
-                self.failed(&error);
-                false
+                self.failed(core, &error);
+                Written::Failed
             }
         }
     }
@@ -610,6 +825,7 @@ impl Writer {
         let file: &mut File = match &mut self.sink {
             Sink::Stdout(out) => out,
             Sink::File(file) => file,
+            Sink::Closed => return Err(io::Error::other("the audit log is closed")),
         };
         while self.written < self.batch.len() {
             match file.write(&self.batch[self.written..]) {
@@ -627,13 +843,57 @@ impl Writer {
         Ok(())
     }
 
+    /// [`Writer::write_out`] on a request path: `pwritev2(RWF_NOWAIT)`, or a plain append to a
+    /// regular file of a local file system that does not take it. `WouldBlock` when the sink
+    /// would have made it wait (what is written stays written: `written` says how much).
+    fn write_out_direct(&mut self, core: &Core) -> io::Result<()> {
+        let fd = match &self.sink {
+            Sink::Stdout(out) => out.as_raw_fd(),
+            Sink::File(file) => file.as_raw_fd(),
+            Sink::Closed => return Err(io::ErrorKind::WouldBlock.into()),
+        };
+        while self.written < self.batch.len() {
+            let rest = &self.batch[self.written..];
+            let mode = core.direct.load(Ordering::Relaxed);
+            let result = match mode {
+                DIRECT_UNKNOWN | DIRECT_NOWAIT => write_nowait(fd, rest),
+                DIRECT_APPEND => self.write_out().map(|()| 0),
+                _ => return Err(io::ErrorKind::WouldBlock.into()),
+            };
+            match result {
+                Ok(0) if mode == DIRECT_APPEND => return Ok(()),
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    if mode == DIRECT_UNKNOWN {
+                        core.direct.store(DIRECT_NOWAIT, Ordering::Relaxed);
+                    }
+                    self.written += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && mode == DIRECT_UNKNOWN => {
+                    let next = if appends_without_waiting(fd) {
+                        DIRECT_APPEND
+                    } else {
+                        DIRECT_NEVER
+                    };
+                    core.direct.store(next, Ordering::Relaxed);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    return Err(io::ErrorKind::WouldBlock.into())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // fsync is never done here (`DIRECT_NEVER` with `fsync = true`).
+        Ok(())
+    }
+
     /// The batch is written: the queue gives back its room, and whoever waits is told.
-    fn done(&mut self) {
+    fn done(&mut self, core: &Core) {
         let records = std::mem::take(&mut self.records);
-        self.core.queued.fetch_sub(records, Ordering::SeqCst);
-        self.core
-            .release(records, std::mem::take(&mut self.charged));
-        self.core.metrics.audit_queued(-(records as i64));
+        core.queued.fetch_sub(records, Ordering::SeqCst);
+        core.release(records, std::mem::take(&mut self.charged));
+        core.metrics.audit_queued(-(records as i64));
         self.batch.clear();
         if self.batch.capacity() > KEPT_BUFFER {
             self.batch = Vec::with_capacity(16 * 1024);
@@ -641,13 +901,13 @@ impl Writer {
         self.written = 0;
         self.uncounted = 0;
         self.retry = RETRY_FIRST;
-        if self.core.failing.swap(false, Ordering::SeqCst) {
+        if core.failing.swap(false, Ordering::SeqCst) {
             info!("the audit log takes writes again: every record held meanwhile is written; tag changes are forwarded again");
-            self.core.metrics.audit_failed(false);
+            core.metrics.audit_failed(false);
         }
-        if self.core.stalled.swap(false, Ordering::SeqCst) {
+        if core.stalled.swap(false, Ordering::SeqCst) {
             info!("the audit log writes again; tag changes are forwarded again");
-            self.core.metrics.audit_stalled(false);
+            core.metrics.audit_stalled(false);
         }
         for done in self.waiting.drain(..) {
             let _ = done.send(Ok(()));
@@ -656,9 +916,9 @@ impl Writer {
 
     /// The sink failed: the batch is rolled back where it can be, kept for the next try, and
     /// whoever waits is told now.
-    fn failed(&mut self, error: &io::Error) {
+    fn failed(&mut self, core: &Core, error: &io::Error) {
         if let Sink::File(file) = &self.sink {
-            // Opened for append and written by this thread only: the batch's bytes are the last
+            // Opened for append and written under the lock only: the batch's bytes are the last
             // `written` of the file. A file that cannot be cut back keeps the partial line, which
             // the next try completes.
             let cut = file.metadata().ok().filter(|m| m.is_file()).and_then(|m| {
@@ -670,15 +930,15 @@ impl Writer {
             }
         }
         for _ in 0..std::mem::take(&mut self.uncounted) {
-            self.core.metrics.audit_write_failure();
+            core.metrics.audit_write_failure();
         }
-        if !self.core.failing.swap(true, Ordering::SeqCst) {
+        if !core.failing.swap(true, Ordering::SeqCst) {
             error!(
                 %error,
                 records = self.records,
                 "audit records could not be written: tag changes are refused (503, with fail_closed) until the sink takes writes again; the records are kept and written then (retrying)"
             );
-            self.core.metrics.audit_failed(true);
+            core.metrics.audit_failed(true);
         }
         for done in self.waiting.drain(..) {
             let _ = done.send(Err(error.to_string()));
@@ -688,17 +948,60 @@ impl Writer {
     /// Waits before the next try (less if the grace period ends meanwhile), then reopens a
     /// file whose batch was rolled back, so that a file removed, rotated or remounted is
     /// written again at its path.
-    fn wait_to_retry(&mut self) {
+    fn wait_to_retry(&mut self, core: &Core) {
         let until = Instant::now() + self.retry;
-        while Instant::now() < until && !self.core.abandon.load(Ordering::SeqCst) {
+        while Instant::now() < until && !core.abandon.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(10).min(self.retry));
         }
         self.retry = (self.retry * 2).min(RETRY_MAX);
         if self.written == 0 && matches!(self.path, AuditPath::File(_)) {
             if let Ok(sink) = open_sink(&self.path, true) {
-                self.sink = sink;
+                self.set_sink(core, sink);
             }
         }
+    }
+}
+
+/// One `pwritev2` at the descriptor's position (an appending file: its end) that fails with
+/// `EAGAIN` rather than wait, or with `EOPNOTSUPP` when the file cannot say so.
+fn write_nowait(fd: std::os::fd::RawFd, bytes: &[u8]) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: one iovec over a live slice, read by the kernel during the call only.
+    let n = unsafe { libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Whether a request path may append to this descriptor with a plain write: a regular file of a
+/// local file system (ext2/3/4, XFS, Btrfs, F2FS, tmpfs, overlayfs, ZFS), where an append goes to
+/// the page cache. Network file systems and FUSE, where a write can wait on a server, are not.
+fn appends_without_waiting(fd: std::os::fd::RawFd) -> bool {
+    const LOCAL: [i64; 7] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0xF2F5_2010, // F2FS
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // ZFS
+    ];
+    // SAFETY: fstat and fstatfs fill the structs they are given for a descriptor we hold.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return false;
+        }
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd, &mut fs) != 0 {
+            return false;
+        }
+        LOCAL.contains(&(fs.f_type as i64))
     }
 }
 
@@ -825,9 +1128,9 @@ const LAST_RESORT_STRING_CHARS: usize = 128;
 /// takes at most 6 bytes in a line (`\u0085` for the 2 bytes of U+0085, `\u0001` for a control
 /// character), so the last resort is at most 32 × (64 + 128 + 40) × 6 bytes, under 45 KiB, for
 /// any record; with the bounds `crate::record` puts on every string, a summary is under 30 KiB.
-pub(crate) fn encode(record: &impl Serialize) -> Vec<u8> {
+pub(crate) fn encode(record: &impl Record) -> Vec<u8> {
     let mut line = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut line, record).expect("audit records serialise");
+    record.write_json(&mut line);
     let mut line = escape_line_separators(line);
     // Room for the chain's seq and prev (crate::integrity), spliced in by the writer.
     let max = MAX_RECORD_BYTES - crate::integrity::SEAL_MAX_BYTES;
@@ -840,6 +1143,100 @@ pub(crate) fn encode(record: &impl Serialize) -> Vec<u8> {
     }
     line.push(b'\n');
     line
+}
+
+/// What the audit log writes: a record serialised as compact JSON.
+pub trait Record: Serialize {
+    /// Appends the record as compact JSON, byte for byte what `serde_json::to_writer` writes.
+    /// The records written per request write themselves (`crate::record`): serde_json spends
+    /// most of an inspected request's encoding in escaping member names and short strings.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, self).expect("audit records serialise");
+    }
+}
+
+impl Record for serde_json::Value {}
+
+/// Appends `"name":`; the name needs no escaping (a member name of a record type).
+pub fn json_name(out: &mut Vec<u8>, name: &str) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// Appends `text` as a JSON string, escaped exactly as serde_json escapes it: `"` and `\\`, the
+/// control characters (`\b \f \n \r \t` short, the rest as `\u00xx`); everything else as it is.
+/// Runs that need no escape are found eight bytes at a time and copied whole.
+pub fn json_str(out: &mut Vec<u8>, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+            if !needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let end = (i + 8).min(bytes.len());
+        while i < end {
+            let byte = bytes[i];
+            i += 1;
+            if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..i - 1]);
+            start = i;
+            match byte {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0C => out.extend_from_slice(b"\\f"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(byte >> 4)]);
+                    out.push(HEX[usize::from(byte & 0xF)]);
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Whether any of eight bytes is a control character, `"` or `\\` (exact: the classic "has a
+/// byte less than" and "has a zero byte" tests, true only when one is).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let quote = quote.wrapping_sub(ONES) & !quote & HIGH;
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let backslash = backslash.wrapping_sub(ONES) & !backslash & HIGH;
+    (control | quote | backslash) != 0
+}
+
+/// Appends a number's digits.
+pub fn json_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// A JSON value as a line without its `\n`, line separators escaped.
@@ -1003,6 +1400,179 @@ mod tests {
             Arc::default()
         )
         .is_err());
+    }
+
+    /// A record that finds the writer idle is written by the thread that makes it: in the file
+    /// when `queue_holding` returns, with nothing to wait for.
+    #[tokio::test]
+    async fn an_idle_writer_lets_the_caller_write_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        for n in 0..3 {
+            let (queued, slot) = log
+                .queue_holding(&serde_json::json!({ "n": n }), true)
+                .unwrap();
+            assert!(
+                matches!(queued.0, Wait::Written),
+                "record {n} was handed off"
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.ends_with(&format!("{{\"n\":{n}}}\n")), "{text:?}");
+            slot.unwrap()
+                .write(&serde_json::json!({ "outcome": n }))
+                .unwrap();
+            log.written(queued).await.unwrap();
+        }
+        // A regular file of a local file system: an append, or a write that cannot wait.
+        let mode = log.core.direct.load(Ordering::SeqCst);
+        assert!(mode == DIRECT_APPEND || mode == DIRECT_NOWAIT, "{mode}");
+        assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
+        assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
+
+        // With fsync: always the writer thread.
+        let synced = AuditLog::open(
+            &config(AuditPath::File(dir.path().join("s.log")), true),
+            Arc::default(),
+        )
+        .unwrap();
+        let (queued, _) = synced.queue_holding(&serde_json::json!({}), false).unwrap();
+        assert!(matches!(queued.0, Wait::Waiting(_)));
+        synced.written(queued).await.unwrap();
+        // A device that cannot say whether it would wait (nor take the write).
+        let full = AuditLog::open(
+            &config(AuditPath::File("/dev/full".into()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            full.write(&serde_json::json!({})).await,
+            Err(AuditError::Failing)
+        ));
+        assert_eq!(full.core.direct.load(Ordering::SeqCst), DIRECT_NEVER);
+    }
+
+    /// Threads writing at once, on their own (when the writer is idle) or through the queue
+    /// (when it is not, or the pipe is full): every record is in the log once, whole, and each
+    /// thread's records in the order it made them, as the hash chain needs.
+    #[test]
+    fn records_written_by_callers_and_the_writer_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("audit.fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                let mut file = File::open(&fifo).unwrap();
+                let mut text = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match io::Read::read(&mut file, &mut chunk).unwrap() {
+                        0 => return String::from_utf8(text).unwrap(),
+                        n => text.extend_from_slice(&chunk[..n]),
+                    }
+                    // A slow reader: the pipe fills, and writes that cannot wait are refused.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let mut settings = config(AuditPath::File(fifo), false);
+        settings.queue_capacity = 100_000;
+        settings.stall_timeout = Duration::from_secs(30);
+        let log = Arc::new(AuditLog::open(&settings, Arc::default()).unwrap());
+        const THREADS: usize = 4;
+        const RECORDS: usize = 300;
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let pad = "p".repeat(600);
+                    for n in 0..RECORDS {
+                        let record = serde_json::json!({ "t": t, "n": n, "pad": pad });
+                        match n % 3 {
+                            0 => runtime.block_on(log.write(&record)).unwrap(),
+                            1 => log.write_detached(&record).unwrap(),
+                            _ => {
+                                let (queued, slot) = log.queue_holding(&record, true).unwrap();
+                                runtime.block_on(log.written(queued)).unwrap();
+                                slot.unwrap()
+                                    .write(&serde_json::json!({ "t": t, "n": n, "outcome": true }))
+                                    .unwrap();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert_eq!(runtime.block_on(log.close(Duration::from_secs(30))), 0);
+        drop(log);
+        let text = reader.join().unwrap();
+        let mut next = [0usize; THREADS];
+        let mut outcomes = 0;
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let t = value["t"].as_u64().unwrap() as usize;
+            let n = value["n"].as_u64().unwrap() as usize;
+            if value.get("outcome").is_some() {
+                // The outcome follows its decision, before the thread's next record.
+                assert_eq!(n + 1, next[t], "{line}");
+                outcomes += 1;
+                continue;
+            }
+            assert_eq!(n, next[t], "thread {t} out of order: {line}");
+            next[t] += 1;
+        }
+        assert_eq!(next, [RECORDS; THREADS]);
+        assert_eq!(outcomes, THREADS * RECORDS / 3);
+    }
+
+    /// `json_str` escapes as serde_json does, each ASCII character at every place of the
+    /// eight-byte words it scans, beside other characters and alone.
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut texts = vec![String::new(), "é😀\u{2028}\u{7f}".to_owned()];
+        for c in (0u8..0x80).map(char::from) {
+            for at in 0..17 {
+                let mut text: String = "abcdefghijklmnopq".chars().take(at).collect();
+                text.push(c);
+                text.push_str("xyz0123456789");
+                texts.push(text);
+            }
+            texts.push(c.to_string());
+        }
+        for text in texts {
+            let mut out = Vec::new();
+            json_str(&mut out, &text);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&text).unwrap()
+            );
+        }
+        let mut out = Vec::new();
+        for n in [0, 7, 10, 65_535, u64::MAX] {
+            out.clear();
+            json_u64(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
     }
 
     #[test]

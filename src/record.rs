@@ -14,7 +14,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::answer::ProxyError;
-use crate::audit::{timestamp, AuditLog, OutcomeSlot};
+use crate::audit::{json_name, json_str, json_u64, timestamp, AuditLog, OutcomeSlot, Record};
 use crate::decide::{Judgement, Refusal};
 use crate::kms::answer::KmsAnswer;
 use crate::kms::Tag;
@@ -522,6 +522,220 @@ pub struct OutcomeRecord<'a> {
     pub error: Option<String>,
 }
 
+/// The members of a JSON object written by hand, a comma before each but the first.
+struct Members<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Members<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Members<'o> {
+        out.push(b'{');
+        Members { out, first: true }
+    }
+
+    fn name(&mut self, name: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        json_name(self.out, name);
+        self.out
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        json_str(self.name(name), value);
+    }
+
+    fn opt_str(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.str(name, value),
+            None => self.name(name).extend_from_slice(b"null"),
+        }
+    }
+
+    fn number(&mut self, name: &str, value: impl Into<u64>) {
+        json_u64(self.name(name), value.into());
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+fn violations_json(out: &mut Vec<u8>, violations: &[RecordedViolation<'_>]) {
+    out.push(b'[');
+    for (i, RecordedViolation { rule, key, message }) in violations.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let mut members = Members::open(out);
+        members.str("rule", rule);
+        if let Some(key) = key {
+            members.str("key", key);
+        }
+        members.str("message", message);
+        members.close();
+    }
+    out.push(b']');
+}
+
+/// Written by hand, as serde_json writes it (`the_records_write_what_serde_json_writes`). Every
+/// member is named here: a member added to the struct does not compile until it is written.
+impl Record for DecisionRecord<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let DecisionRecord {
+            ts,
+            event,
+            request_id,
+            operation,
+            key_id,
+            alias,
+            target_key_id,
+            region,
+            access_key_id,
+            caller,
+            source,
+            policy_sha256,
+            invocation_id,
+            attempt,
+            set,
+            remove,
+            set_omitted,
+            remove_omitted,
+            decision,
+            violations,
+            dry_run_violations,
+            violations_omitted,
+            dry_run_violations_omitted,
+        } = self;
+        let mut m = Members::open(out);
+        m.str("ts", ts);
+        m.str("event", event);
+        m.str("request_id", request_id);
+        m.str("operation", operation);
+        m.opt_str("key_id", key_id.as_deref());
+        if let Some(alias) = alias {
+            m.str("alias", alias);
+        }
+        if let Some(target_key_id) = target_key_id {
+            m.str("target_key_id", target_key_id);
+        }
+        m.opt_str("region", region.as_deref());
+        m.opt_str("access_key_id", access_key_id.as_deref());
+        if let Some(caller) = caller {
+            m.str("caller", caller);
+        }
+        // serde writes an address as its Display text: `a.b.c.d:port`, `[v6]:port`.
+        match source {
+            Some(SocketAddr::V4(v4)) => {
+                let out = m.name("source");
+                out.push(b'"');
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    json_u64(out, octet.into());
+                }
+                out.push(b':');
+                json_u64(out, v4.port().into());
+                out.push(b'"');
+            }
+            Some(v6) => m.str("source", &v6.to_string()),
+            None => m.name("source").extend_from_slice(b"null"),
+        }
+        m.opt_str("policy_sha256", *policy_sha256);
+        if let Some(invocation_id) = invocation_id {
+            m.str("invocation_id", invocation_id);
+        }
+        if let Some(attempt) = attempt {
+            m.number("attempt", *attempt);
+        }
+        let out = m.name("set");
+        out.push(b'[');
+        for (i, RecordedTag { key, value }) in set.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut tag = Members::open(out);
+            tag.str("key", key);
+            tag.str("value", value);
+            tag.close();
+        }
+        out.push(b']');
+        let out = m.name("remove");
+        out.push(b'[');
+        for (i, key) in remove.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, key);
+        }
+        out.push(b']');
+        if *set_omitted != 0 {
+            m.number("set_omitted", *set_omitted as u64);
+        }
+        if *remove_omitted != 0 {
+            m.number("remove_omitted", *remove_omitted as u64);
+        }
+        m.str("decision", decision);
+        violations_json(m.name("violations"), violations);
+        violations_json(m.name("dry_run_violations"), dry_run_violations);
+        if *violations_omitted != 0 {
+            m.number("violations_omitted", *violations_omitted as u64);
+        }
+        if *dry_run_violations_omitted != 0 {
+            m.number(
+                "dry_run_violations_omitted",
+                *dry_run_violations_omitted as u64,
+            );
+        }
+        m.close();
+    }
+}
+
+/// Written by hand, as serde_json writes it (`the_records_write_what_serde_json_writes`).
+impl Record for OutcomeRecord<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let OutcomeRecord {
+            ts,
+            event,
+            request_id,
+            caller,
+            upstream_status,
+            aws_request_id,
+            aws_error,
+            applied,
+            duration_ms,
+            error,
+        } = self;
+        let mut m = Members::open(out);
+        m.str("ts", ts);
+        m.str("event", event);
+        m.str("request_id", request_id);
+        if let Some(caller) = caller {
+            m.str("caller", caller);
+        }
+        match upstream_status {
+            Some(status) => m.number("upstream_status", *status),
+            None => m.name("upstream_status").extend_from_slice(b"null"),
+        }
+        m.opt_str("aws_request_id", aws_request_id.as_deref());
+        m.opt_str("aws_error", aws_error.as_deref());
+        m.str(
+            "applied",
+            match applied {
+                Applied::Yes => "yes",
+                Applied::No => "no",
+                Applied::Unknown => "unknown",
+            },
+        );
+        // serde_json's own float text (ryu; `null` when not finite).
+        serde_json::to_writer(m.name("duration_ms"), duration_ms).expect("a float serialises");
+        m.opt_str("error", error.as_deref());
+        m.close();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -616,6 +830,94 @@ mod tests {
                 prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
                 serde_json::from_slice::<serde_json::Value>(&line).unwrap();
             }
+        }
+
+        /// The records written by hand are byte for byte what serde_json writes from their
+        /// `Serialize`, whatever the strings, the lists, the absent members and the numbers.
+        #[test]
+        fn the_records_write_what_serde_json_writes(
+            strings in prop::collection::vec(any::<String>(), 8),
+            costly_string in costly(),
+            tags in 0usize..4,
+            removed in 0usize..3,
+            violations in 0usize..3,
+            omitted in prop_oneof![0usize..3, any::<u32>().prop_map(|n| n as usize)],
+            present in any::<[bool; 8]>(),
+            attempt in any::<u32>(),
+            status in any::<u16>(),
+            duration in prop_oneof![any::<f64>(), 0.0..100_000.0, Just(f64::NAN)],
+            v6 in any::<bool>(),
+            v4 in any::<(u32, u16)>(),
+        ) {
+            let s = |i: usize| -> &str { if i == 8 { &costly_string } else { &strings[i] } };
+            let cow = |i: usize| Cow::Borrowed(s(i));
+            let pick = |on: bool, i: usize| on.then(|| cow(i));
+            let source: SocketAddr = if v6 {
+                "[2001:db8::1]:443".parse().unwrap()
+            } else {
+                (std::net::Ipv4Addr::from(v4.0), v4.1).into()
+            };
+            let recorded = |n: usize| -> Vec<RecordedViolation<'_>> {
+                (0..n)
+                    .map(|i| RecordedViolation {
+                        rule: cow(i % 9),
+                        key: pick(i % 2 == 0, (i + 3) % 9),
+                        message: cow(8),
+                    })
+                    .collect()
+            };
+            let record = DecisionRecord {
+                ts: s(0).to_owned(),
+                event: "decision",
+                request_id: s(1),
+                operation: cow(2),
+                key_id: pick(present[0], 8),
+                alias: pick(present[1], 3),
+                target_key_id: pick(present[2], 4),
+                region: pick(present[3], 5),
+                access_key_id: pick(present[4], 6),
+                caller: pick(present[5], 8),
+                source: present[5].then_some(source),
+                policy_sha256: present[6].then(|| s(7)),
+                invocation_id: pick(present[7], 8),
+                attempt: present[0].then_some(attempt),
+                set: (0..tags)
+                    .map(|i| RecordedTag { key: cow(i % 9), value: cow((i + 1) % 9) })
+                    .collect(),
+                remove: (0..removed).map(|i| cow((i + 5) % 9)).collect(),
+                set_omitted: omitted,
+                remove_omitted: omitted * 2,
+                decision: if present[1] { "allow" } else { "deny" },
+                violations: recorded(violations),
+                dry_run_violations: recorded(violations / 2),
+                violations_omitted: omitted,
+                dry_run_violations_omitted: omitted / 2,
+            };
+            let mut by_hand = Vec::new();
+            record.write_json(&mut by_hand);
+            prop_assert_eq!(
+                String::from_utf8(by_hand).unwrap(),
+                serde_json::to_string(&record).unwrap()
+            );
+
+            let outcome = OutcomeRecord {
+                ts: s(0).to_owned(),
+                event: "outcome",
+                request_id: s(1),
+                caller: pick(present[6], 8),
+                upstream_status: present[2].then_some(status),
+                aws_request_id: present[3].then(|| s(8).to_owned()),
+                aws_error: present[4].then(|| s(4).to_owned()),
+                applied: [Applied::Yes, Applied::No, Applied::Unknown][tags % 3],
+                duration_ms: duration,
+                error: present[5].then(|| s(5).to_owned()),
+            };
+            let mut by_hand = Vec::new();
+            outcome.write_json(&mut by_hand);
+            prop_assert_eq!(
+                String::from_utf8(by_hand).unwrap(),
+                serde_json::to_string(&outcome).unwrap()
+            );
         }
     }
 }
