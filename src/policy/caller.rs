@@ -27,7 +27,7 @@ use std::fmt;
 
 use crate::identity::{
     check_caller, dns_label_byte, spiffe_segment_byte, trust_domain_byte, CallerKind as Kind,
-    MAX_TRUST_DOMAIN_BYTES,
+    MAX_DNS_LABEL_BYTES, MAX_TRUST_DOMAIN_BYTES,
 };
 
 /// The longest identity that can match (the SPIFFE spec's bound for IDs).
@@ -313,6 +313,13 @@ impl CallerPattern {
             let c = char::from(c);
             return Err(format!(
                 "{text:?}: {c:?} cannot appear in a {unit} of a caller identity (SPIFFE path segments hold letters, digits, `.`, `-`, `_`; DNS labels letters, digits, `-`)"
+            ));
+        }
+        // A DNS label the listener would refuse for its length can match nothing.
+        if self.kind == Kind::Dns && s.bytes().filter(|&b| b != b'*').count() > MAX_DNS_LABEL_BYTES
+        {
+            return Err(format!(
+                "{text:?}: a DNS label is at most {MAX_DNS_LABEL_BYTES} bytes, so {s:?} matches no caller"
             ));
         }
         // DNS names compare ignoring ASCII case: both sides lower case.

@@ -146,6 +146,11 @@ fn bad_patterns_are_refused_with_a_reason() {
         ("https://example.org/a", "SPIFFE ID"),
         ("a.**", "may only be the first label"),
         ("a_b.svc", "cannot appear"),
+        (&format!("{}.svc", "a".repeat(64)), "at most 63 bytes"),
+        (
+            &format!("spiffe://{}/a", "a".repeat(256)),
+            "at most 255 bytes",
+        ),
         ("spiffe://example.org/ns/{team}", "only in a caller-value"),
     ] {
         let e = CallerPattern::glob(text).unwrap_err();
