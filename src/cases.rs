@@ -357,10 +357,12 @@ fn parse_case(path: &Path, t: &toml::Table) -> Result<Case, String> {
     }
     let caller = match string("caller")? {
         None => None,
-        Some(c) if crate::policy::caller::well_formed(c) => Some(c.to_owned()),
-        Some(c) => return Err(format!(
-            "{name:?}: caller {c:?} is not an identity the listener would accept: a SPIFFE ID (spiffe://example.org/ns/payments/sa/api: lower-case trust domain, path segments of letters, digits, '.', '-', '_', no '.' or '..' segment) or a DNS name"
-        )),
+        Some(c) => match crate::identity::check_caller(c) {
+            Ok(_) => Some(c.to_owned()),
+            Err(why) => return Err(format!(
+                "{name:?}: caller {c:?} is not an identity the listener would accept: {why}; write a SPIFFE ID (spiffe://example.org/ns/payments/sa/api: lower-case trust domain, path segments of letters, digits, '.', '-', '_', no '.' or '..' segment) or a DNS name (labels of 1 to 63 letters, digits and '-')"
+            )),
+        },
     };
     Ok(Case {
         file: path.to_owned(),
@@ -727,6 +729,28 @@ expect = "allow"
         }
         let j = judge(Some("spiffe://example.org/ns/billing/sa/api"));
         assert!(j.allowed(), "{:?}", j.decision);
+    }
+
+    proptest::proptest! {
+        /// A case's `caller` (and `explain --caller`) is taken exactly when a certificate naming
+        /// it gives the listener a caller; a refused one says why.
+        #[test]
+        fn a_case_caller_is_taken_exactly_when_the_listener_takes_it(
+            text in crate::identity::tests::identity_text(),
+        ) {
+            let listener = crate::identity::tests::listener_caller(&text);
+            match request("TagResource", Vec::new(), None, Some(&text)) {
+                Ok(case) => {
+                    proptest::prop_assert!(listener.is_ok(), "{:?}: {:?}", text, listener);
+                    proptest::prop_assert_eq!(case.caller.as_deref(), Some(text.as_str()));
+                }
+                Err(e) => {
+                    proptest::prop_assert!(listener.is_err(), "{:?}: {}", text, e);
+                    let why = crate::identity::check_caller(&text).unwrap_err();
+                    proptest::prop_assert!(e.contains(why), "{}", e);
+                }
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
 pub const MAX_TRUST_DOMAIN_BYTES: usize = 255;
 /// The longest DNS name taken as an identity, in bytes.
 pub const MAX_DNS_NAME_BYTES: usize = 253;
+/// The longest label of a DNS name taken as an identity, in bytes.
+pub const MAX_DNS_LABEL_BYTES: usize = 63;
+/// The longest caller identity of any kind, in bytes (a SPIFFE ID's bound; a DNS name's is
+/// lower): what a record keeps of `caller` whole.
+pub const MAX_CALLER_BYTES: usize = MAX_SPIFFE_ID_BYTES;
 
 /// How much of a refused name an error shows.
 const SHOWN_CHARS: usize = 120;
@@ -152,6 +157,47 @@ fn shown(name: &str) -> String {
     }
 }
 
+/// Which kind of name a caller identity is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    /// A SPIFFE ID: a certificate's one URI SAN.
+    Spiffe,
+    /// A DNS name: a certificate's first DNS SAN, when it has no URI SAN.
+    Dns,
+}
+
+/// Checks a caller identity written as text (a policy test case's `caller`, or what the policy
+/// matches caller patterns against) exactly as the listener checks the names of a certificate:
+/// text that starts with `spiffe:` (in any case) is read as a SPIFFE ID ([`check_spiffe_id`]),
+/// anything else as a DNS name ([`check_dns_name`]). No DNS name holds a `:` and every SPIFFE ID
+/// does, so a text passes exactly when a certificate naming it (as its URI SAN or its DNS SAN)
+/// gives it as the caller. The one check of both the listener and the policy.
+pub fn check_caller(id: &str) -> Result<CallerKind, &'static str> {
+    if id
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("spiffe:"))
+    {
+        check_spiffe_id(id).map(|()| CallerKind::Spiffe)
+    } else {
+        check_dns_name(id).map(|()| CallerKind::Dns)
+    }
+}
+
+/// A byte a SPIFFE ID's trust domain may hold: `[a-z0-9._-]`.
+pub fn trust_domain_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+}
+
+/// A byte a SPIFFE ID's path segment may hold: `[A-Za-z0-9._-]`.
+pub fn spiffe_segment_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')
+}
+
+/// A byte a DNS label of an identity may hold: `[A-Za-z0-9-]`.
+pub fn dns_label_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-'
+}
+
 /// Checks a SPIFFE ID of a workload, strictly (the SPIFFE ID standard, as go-spiffe reads it):
 /// the literal lower-case scheme `spiffe://`; a trust domain of 1 to 255 bytes of `[a-z0-9._-]`
 /// (so no user info, port, upper case or percent-encoding); a path that is not empty, of segments
@@ -183,10 +229,7 @@ pub fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
     if domain.len() > MAX_TRUST_DOMAIN_BYTES {
         return Err("its trust domain is longer than 255 bytes");
     }
-    if !domain
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
+    if !domain.bytes().all(trust_domain_byte) {
         return Err("its trust domain may only hold lower-case letters, digits, '.', '-' and '_' (no upper case, user info, port, query or percent-encoding)");
     }
     if path.is_empty() {
@@ -199,19 +242,22 @@ pub fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
         if segment == "." || segment == ".." {
             return Err("its path has a '.' or '..' segment");
         }
-        if !segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        {
+        if !segment.bytes().all(spiffe_segment_byte) {
             return Err("its path may only hold letters, digits, '.', '-' and '_' between slashes (no query, fragment or percent-encoding)");
         }
     }
     Ok(())
 }
 
-/// A DNS SAN as an identity: a plain host name, folded to lower case; no wildcard, no trailing
-/// dot, labels of 1 to 63 letters, digits and '-', at most [`MAX_DNS_NAME_BYTES`].
+/// A DNS SAN as an identity ([`check_dns_name`]), folded to lower case.
 fn dns_identity(name: &str) -> Result<String, &'static str> {
+    check_dns_name(name)?;
+    Ok(name.to_ascii_lowercase())
+}
+
+/// Checks a DNS name of a workload: a plain host name; no wildcard, no trailing dot, labels of 1
+/// to [`MAX_DNS_LABEL_BYTES`] letters, digits and '-', at most [`MAX_DNS_NAME_BYTES`].
+pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_DNS_NAME_BYTES {
         return Err("it is longer than 253 bytes");
     }
@@ -222,32 +268,34 @@ fn dns_identity(name: &str) -> Result<String, &'static str> {
         return Err("it is a wildcard, which names no one workload");
     }
     for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
+        if label.is_empty() || label.len() > MAX_DNS_LABEL_BYTES {
             return Err("its labels must be 1 to 63 bytes (no empty label, no trailing dot)");
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if !label.bytes().all(dns_label_byte) {
             return Err("its labels may only hold letters, digits and '-'");
         }
     }
-    Ok(name.to_ascii_lowercase())
+    Ok(())
 }
 
+/// Certificates and texts for the tests of the modules that read identities (here, the policy's
+/// caller patterns, policy test cases).
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::{prop_oneof, Strategy};
     use rcgen::{
         BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType,
         PKCS_ECDSA_P256_SHA256,
     };
 
-    fn caller(der: &[u8]) -> Result<Option<Arc<str>>, IdentityError> {
+    /// The caller the listener takes from a certificate (DER).
+    pub(crate) fn caller(der: &[u8]) -> Result<Option<Arc<str>>, IdentityError> {
         identity_of(der).map(|i| i.caller)
     }
 
-    fn leaf(sans: Vec<SanType>, usages: Vec<KeyUsagePurpose>) -> Vec<u8> {
+    /// A self-signed leaf with these SANs and key usages (DER).
+    pub(crate) fn leaf(sans: Vec<SanType>, usages: Vec<KeyUsagePurpose>) -> Vec<u8> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans;
         params.key_usages = usages;
@@ -255,16 +303,50 @@ mod tests {
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
-    fn uri(s: &str) -> SanType {
+    pub(crate) fn uri(s: &str) -> SanType {
         SanType::URI(s.try_into().unwrap())
     }
 
-    fn dns(s: &str) -> SanType {
+    pub(crate) fn dns(s: &str) -> SanType {
         SanType::DnsName(s.try_into().unwrap())
     }
 
-    fn sign() -> Vec<KeyUsagePurpose> {
+    pub(crate) fn sign() -> Vec<KeyUsagePurpose> {
         vec![KeyUsagePurpose::DigitalSignature]
+    }
+
+    /// The caller a certificate naming `text` gives the listener: `text` as its URI SAN when it
+    /// holds a `:`, else as its DNS SAN.
+    pub(crate) fn listener_caller(text: &str) -> Result<Option<Arc<str>>, IdentityError> {
+        let san = if text.contains(':') {
+            uri(text)
+        } else {
+            dns(text)
+        };
+        caller(&leaf(vec![san], sign()))
+    }
+
+    /// ASCII text that may or may not be a caller identity: SPIFFE IDs and DNS names, well
+    /// formed or off by one thing (scheme case, characters, empty or dot segments, a trailing
+    /// dot or slash, a port, labels and names about their length bounds).
+    pub(crate) fn identity_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(spiffe|SPIFFE|Spiffe|https)://[a-z0-9A-Z._%:@-]{0,6}(/[a-zA-Z0-9._%?#*-]{0,4}){0,4}",
+            "spiffe://[a-z0-9.-]{1,8}(/[a-zA-Z0-9._-]{1,5}){1,4}",
+            "[a-zA-Z0-9_*-]{0,66}(\\.[a-zA-Z0-9_*-]{0,66}){0,4}\\.?",
+            "[a-zA-Z0-9-]{1,6}(\\.[a-zA-Z0-9-]{1,6}){0,3}",
+            (2000usize..2060).prop_map(|n| format!("spiffe://example.org/{}", "a".repeat(n - 21))),
+            (250usize..260).prop_map(|n| format!("spiffe://{}/w", "a".repeat(n))),
+            (240usize..260, 58usize..66).prop_map(|(n, l)| {
+                let label = "a".repeat(l);
+                let mut name = label.clone();
+                while name.len() < n {
+                    name = format!("{name}.{label}");
+                }
+                name.truncate(n);
+                name
+            }),
+        ]
     }
 
     #[test]

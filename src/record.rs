@@ -34,6 +34,13 @@ const MAX_REGION_CHARS: usize = 64;
 const MAX_ID_CHARS: usize = 128;
 /// The longest message (a violation, a failed forward) a record shows.
 const MAX_MESSAGE_CHARS: usize = 1024;
+/// The longest caller a record shows whole, in characters: the longest identity the listener
+/// takes (an identity is ASCII, so as many bytes), so a caller is never cut.
+const MAX_CALLER_CHARS: usize = crate::identity::MAX_CALLER_BYTES;
+/// The longest error (why a forward failed) an outcome record shows, in characters: with the
+/// longest caller and KMS's request id and error type, at 6 bytes a character at worst, an
+/// outcome stays within [`crate::audit::OUTCOME_RESERVE_BYTES`].
+const MAX_OUTCOME_ERROR_CHARS: usize = 640;
 
 /// A fresh request id: the audit record's and the answer's `x-amzn-RequestId`.
 pub fn new_request_id() -> String {
@@ -273,7 +280,7 @@ fn outcome_record<'a>(
                 None,
                 Some(error_type.to_owned()),
                 applied(error),
-                Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned()),
+                Some(outcome_error(error)),
             )
         }
     };
@@ -281,7 +288,7 @@ fn outcome_record<'a>(
         ts: timestamp(),
         event: "outcome",
         request_id,
-        caller: caller.map(|c| bounded(c, MAX_VALUE_CHARS)),
+        caller: caller.map(|c| bounded(c, MAX_CALLER_CHARS)),
         upstream_status,
         aws_request_id,
         aws_error,
@@ -289,6 +296,11 @@ fn outcome_record<'a>(
         duration_ms: (duration_ms * 1000.0).round() / 1000.0,
         error,
     }
+}
+
+/// Why a forward failed, as an outcome record shows it.
+fn outcome_error(error: &ProxyError) -> String {
+    bounded(&error.to_string(), MAX_OUTCOME_ERROR_CHARS).into_owned()
 }
 
 /// Records the outcome of a forwarded tag change whose answer head arrived (`head`, without a
@@ -302,7 +314,7 @@ pub fn outcome_after_head(mut change: OpenChange, head: KmsAnswer<'_>, error: &P
         change.started,
         Ok(head),
     );
-    record.error = Some(bounded(&error.to_string(), MAX_MESSAGE_CHARS).into_owned());
+    record.error = Some(outcome_error(error));
     write_outcome(&change.audit, change.slot.take(), &record);
 }
 
@@ -451,7 +463,7 @@ impl<'a> DecisionRecord<'a> {
             caller: judgement
                 .caller
                 .as_deref()
-                .map(|c| bounded(c, MAX_VALUE_CHARS)),
+                .map(|c| bounded(c, MAX_CALLER_CHARS)),
             source,
             policy_sha256: judgement.policy_sha256.as_deref(),
             invocation_id: judgement
@@ -756,6 +768,40 @@ mod tests {
             .prop_map(|(unit, len)| unit.iter().cycle().take(len.max(1)).collect::<String>())
     }
 
+    /// The costliest outcome: the longest caller the listener gives, KMS's request id and error
+    /// type and the error all of characters a line escapes in 6 bytes.
+    #[test]
+    fn the_costliest_outcome_fits_its_reserve() {
+        let caller = format!("spiffe://example.org/{}", "a".repeat(2048 - 21));
+        assert_eq!(
+            crate::identity::check_caller(&caller),
+            Ok(crate::identity::CallerKind::Spiffe)
+        );
+        let worst = "\u{1}".repeat(4096);
+        let answer = KmsAnswer {
+            status: 400,
+            aws_request_id: Some(worst.clone()),
+            aws_error_header: Some(worst.clone()),
+            body: b"",
+        };
+        let id = new_request_id();
+        let mut record = outcome_record(&id, Some(&caller), Instant::now(), Ok(answer));
+        record.error = Some(outcome_error(&ProxyError::UpstreamBroken(worst.clone())));
+        let line = encode(&record);
+        assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            parsed["caller"],
+            caller.as_str(),
+            "the longest caller is shown whole"
+        );
+    }
+
+    /// A caller as the listener gives one, up to and past the longest (2048 bytes).
+    fn caller() -> impl Strategy<Value = String> {
+        (0usize..2100).prop_map(|n| format!("spiffe://example.org/{}", "a".repeat(n)))
+    }
+
     fn violation(rule: &str, key: &str, message: &str) -> Violation {
         Violation {
             rule: rule.into(),
@@ -780,6 +826,7 @@ mod tests {
             target in costly(),
             tags in 0usize..80,
             violations in 0usize..40,
+            caller in caller(),
         ) {
             let set: Vec<Tag> = (0..tags)
                 .map(|i| Tag { key: format!("{i}{tag}"), value: tag.clone() })
@@ -819,17 +866,23 @@ mod tests {
             // it never falls back to the last resort (which leaves the lists out).
             prop_assert!(parsed["set"].is_array() && parsed["violations"].is_array());
 
-            let answer = KmsAnswer {
+            let answer = || KmsAnswer {
                 status: 400,
                 aws_request_id: Some(access_key.clone()),
                 aws_error_header: Some(region.clone()),
                 body: b"",
             };
-            for result in [Ok(answer), Err(&ProxyError::UpstreamBroken(key_id.clone()))] {
-                let line = encode(&outcome_record("id", None, Instant::now(), result));
+            let broken = ProxyError::UpstreamBroken(key_id.clone());
+            for result in [Ok(answer()), Err(&broken)] {
+                let line = encode(&outcome_record("id", Some(&caller), Instant::now(), result));
                 prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
                 serde_json::from_slice::<serde_json::Value>(&line).unwrap();
             }
+            // An answer whose body broke off after its head (`outcome_after_head`).
+            let mut record = outcome_record("id", Some(&caller), Instant::now(), Ok(answer()));
+            record.error = Some(outcome_error(&broken));
+            let line = encode(&record);
+            prop_assert!(line.len() <= OUTCOME_RESERVE_BYTES, "{} bytes", line.len());
         }
 
         /// The records written by hand are byte for byte what serde_json writes from their

@@ -3,6 +3,7 @@
 //! Shipped files checked here: `config/kms-tag-guard.toml`, every `config/examples/*.toml`, and
 //! every `policy-tests/*.toml`. A case file runs against the config of the same stem in
 //! `config/examples/`, except `policy-tests/default.toml`, which runs against the default config.
+//! The configs in the ConfigMaps under `deploy/k8s` (examples/ included) are held to the schema.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -1295,20 +1296,41 @@ fn schema_mistakes(schema: &serde_json::Value, value: &toml::Value, path: &str) 
     out
 }
 
-/// The TOML of a ConfigMap's `kms-tag-guard.toml: |` block.
-fn configmap_toml(yaml: &str) -> String {
-    let mut lines = yaml
-        .lines()
-        .skip_while(|l| l.trim() != "kms-tag-guard.toml: |");
-    lines.next().expect("a kms-tag-guard.toml block");
-    let block: Vec<&str> = lines
-        .take_while(|l| l.is_empty() || l.starts_with("    "))
-        .collect();
-    block
-        .iter()
-        .map(|l| l.get(4..).unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// The TOML of each `kms-tag-guard.toml: |` block of a manifest (a ConfigMap's; a file may hold
+/// several documents).
+fn configmap_tomls(yaml: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut lines = yaml.lines().peekable();
+    while lines.any(|l| l.trim() == "kms-tag-guard.toml: |") {
+        let mut block = Vec::new();
+        while let Some(l) = lines.next_if(|l| l.is_empty() || l.starts_with("    ")) {
+            block.push(l.get(4..).unwrap_or(""));
+        }
+        blocks.push(block.join("\n"));
+    }
+    blocks
+}
+
+/// The kms-tag-guard configs in the manifests under deploy/k8s, examples/ included: where each
+/// is (`file[n]`, its n-th block) and its TOML.
+fn configmap_configs() -> Vec<(String, String)> {
+    let mut dirs = vec![root().join("deploy/k8s")];
+    let mut found = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "yaml") {
+                let yaml = std::fs::read_to_string(&path).unwrap();
+                for (i, toml) in configmap_tomls(&yaml).into_iter().enumerate() {
+                    found.push((format!("{}[{i}]", path.display()), toml));
+                }
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 #[test]
@@ -1332,11 +1354,19 @@ fn the_checked_in_schema_is_the_generated_one_and_the_shipped_configs_fit_it() {
             )
         })
         .collect();
-    for dir in ["mode-a-sidecar", "mode-c-gateway"] {
-        let path = root().join("deploy/k8s").join(dir).join("configmap.yaml");
-        let yaml = std::fs::read_to_string(&path).unwrap();
-        texts.push((path.display().to_string(), configmap_toml(&yaml)));
+    let configmaps = configmap_configs();
+    for expected in [
+        "mode-a-sidecar/configmap.yaml[0]",
+        "mode-c-gateway/configmap.yaml[0]",
+        "mode-c-gateway/examples/spiffe-gateway.yaml[0]",
+    ] {
+        assert!(
+            configmaps.iter().any(|(name, _)| name.ends_with(expected)),
+            "no config in deploy/k8s/{expected}: {:?}",
+            configmaps.iter().map(|(name, _)| name).collect::<Vec<_>>()
+        );
     }
+    texts.extend(configmaps);
     for (name, text) in &texts {
         let value: toml::Value = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mistakes = schema_mistakes(&schema, &value, "");

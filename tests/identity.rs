@@ -792,6 +792,254 @@ async fn a_connection_is_closed_once_its_certificate_has_ended() {
         .all(|c| c.as_deref() == Some(PAYMENTS)));
 }
 
+// ======================================================================== rules bound to the caller
+
+const PLATFORM: &str = "spiffe://example.org/ns/platform/sa/ci";
+
+/// Caller rules: `team` bound to the caller's namespace, the `abac:` keys for the platform team
+/// only (`exempt_callers`), and `cost:` keys forbidden to the search team alone (`callers`).
+const CALLER_POLICY: &str = r#"
+[policy]
+
+[[policy.rule]]
+id = "team-is-yours"
+type = "caller-value"
+key = "team"
+caller = "spiffe://example.org/ns/{team}/sa/*"
+value = "{team}"
+
+[[policy.rule]]
+id = "abac-platform-only"
+type = "forbidden-key"
+patterns = ["^abac:"]
+exempt_callers = ["spiffe://example.org/ns/platform/sa/*"]
+
+[[policy.rule]]
+id = "search-no-cost"
+type = "forbidden-key"
+patterns = ["^cost:"]
+callers = ["spiffe://example.org/ns/search/sa/*"]
+"#;
+
+async fn caller_proxy(fake: &FakeKms, pki: &Pki, intercept: String) -> TestProxy {
+    start_proxy_with(
+        fake,
+        ProxyConfig {
+            listener: pki.listener("optional"),
+            intercept,
+            policy: CALLER_POLICY.to_owned(),
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+}
+
+/// Each decision record's caller, decision and broken rules, in order.
+fn decisions(records: &[Value]) -> Vec<(Option<String>, String, Vec<String>)> {
+    records
+        .iter()
+        .filter(|r| r["event"] == "decision")
+        .map(|r| {
+            let rules = r["violations"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .map(|v| v["rule"].as_str().unwrap().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                r["caller"].as_str().map(str::to_owned),
+                r["decision"].as_str().unwrap().to_owned(),
+                rules,
+            )
+        })
+        .collect()
+}
+
+/// One request of the caller-rules test: who sends it, what it sets, and the rule it breaks
+/// (`None`: allowed), with the words its denial must hold.
+struct CallerCase {
+    leaf: Option<&'static str>,
+    tags: &'static [(&'static str, &'static str)],
+    broken: Option<&'static str>,
+    says: &'static [&'static str],
+}
+
+const CALLER_CASES: &[CallerCase] = &[
+    CallerCase {
+        leaf: Some(PAYMENTS),
+        tags: &[("team", "payments")],
+        broken: None,
+        says: &[],
+    },
+    CallerCase {
+        leaf: Some(PAYMENTS),
+        tags: &[("team", "billing")],
+        broken: Some("team-is-yours"),
+        says: &[PAYMENTS, "\"billing\"", "only to \"payments\""],
+    },
+    CallerCase {
+        leaf: Some(PLATFORM),
+        tags: &[("abac:project", "ledger"), ("team", "platform")],
+        broken: None,
+        says: &[],
+    },
+    CallerCase {
+        leaf: Some(PAYMENTS),
+        tags: &[("abac:project", "ledger")],
+        broken: Some("abac-platform-only"),
+        says: &["abac:project"],
+    },
+    CallerCase {
+        leaf: Some(SEARCH),
+        tags: &[("abac:project", "ledger")],
+        broken: Some("abac-platform-only"),
+        says: &["abac:project"],
+    },
+    CallerCase {
+        leaf: Some(SEARCH),
+        tags: &[("cost:center", "1234")],
+        broken: Some("search-no-cost"),
+        says: &["cost:center"],
+    },
+    CallerCase {
+        leaf: Some(PAYMENTS),
+        tags: &[("cost:center", "1234")],
+        broken: None,
+        says: &[],
+    },
+    // No certificate (`client_auth = "optional"`): no caller, so `team` cannot be set at all, no
+    // exemption applies, and a rule scoped by `callers` does not bind.
+    CallerCase {
+        leaf: None,
+        tags: &[("team", "payments")],
+        broken: Some("team-is-yours"),
+        says: &["no identity", "client certificate"],
+    },
+    CallerCase {
+        leaf: None,
+        tags: &[("abac:project", "ledger")],
+        broken: Some("abac-platform-only"),
+        says: &["abac:project"],
+    },
+    CallerCase {
+        leaf: None,
+        tags: &[("cost:center", "1234")],
+        broken: None,
+        says: &[],
+    },
+];
+
+/// Checks one answer against its case; a denial is KMS-shaped, names what it must, and nothing
+/// more reached KMS (`forwarded` counts what has).
+fn check_caller_case(
+    case: &CallerCase,
+    result: Result<(u16, Value), String>,
+    fake: &FakeKms,
+    forwarded: &mut usize,
+    what: &str,
+) {
+    let (status, body) = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+    match case.broken {
+        None => {
+            assert_eq!(status, 200, "{what}: {body}");
+            *forwarded += 1;
+        }
+        Some(rule) => {
+            assert_eq!(status, 400, "{what}: {body}");
+            assert_eq!(body["__type"], "TagException", "{what}: {body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(message.contains(rule), "{what}: {message}");
+            for words in case.says {
+                assert!(message.contains(words), "{what}: {words:?} in {message}");
+            }
+        }
+    }
+    assert_eq!(
+        fake.requests().len(),
+        *forwarded,
+        "{what}: only the allowed changes reach KMS"
+    );
+}
+
+/// What the records of `cases`, sent in order, must say.
+fn expected_decisions<'a>(
+    cases: impl IntoIterator<Item = &'a CallerCase>,
+) -> Vec<(Option<String>, String, Vec<String>)> {
+    cases
+        .into_iter()
+        .map(|c| {
+            (
+                c.leaf.map(str::to_owned),
+                if c.broken.is_some() { "deny" } else { "allow" }.to_owned(),
+                c.broken.iter().map(|r| r.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn caller_rules_through_the_proxy_with_real_certificates_over_h1_h2_and_connect() {
+    let pki = Pki::new();
+    let platform = pki.clients.svid(pki.path(), "platform", PLATFORM);
+    let leaf_of = |id: Option<&str>| match id {
+        None => None,
+        Some(PAYMENTS) => Some(&pki.payments),
+        Some(SEARCH) => Some(&pki.search),
+        Some(PLATFORM) => Some(&platform),
+        Some(other) => panic!("no leaf for {other}"),
+    };
+    let fake = FakeKms::start().await;
+    let (intercept, inner_ca) = interception(pki.path());
+    let proxy = caller_proxy(&fake, &pki, intercept).await;
+    let mut forwarded = 0;
+    let mut sent = Vec::new();
+    for h2 in [false, true] {
+        for (i, case) in CALLER_CASES.iter().enumerate() {
+            let result = tag_directly(&proxy, &pki, leaf_of(case.leaf), h2, case.tags).await;
+            check_caller_case(
+                case,
+                result,
+                &fake,
+                &mut forwarded,
+                &format!("h2={h2}, case {i}"),
+            );
+            sent.push(case);
+        }
+    }
+    // Inside a CONNECT tunnel, the proxy connection's certificate is the caller.
+    for (i, case) in CALLER_CASES.iter().enumerate().take(2) {
+        let result =
+            tag_through_connect(&proxy, &pki, leaf_of(case.leaf), &inner_ca, case.tags).await;
+        check_caller_case(
+            case,
+            result,
+            &fake,
+            &mut forwarded,
+            &format!("CONNECT, case {i}"),
+        );
+        sent.push(case);
+    }
+    let records = proxy.settled_audit().await;
+    assert_eq!(
+        decisions(&records),
+        expected_decisions(sent),
+        "{records:#?}"
+    );
+    // The denial's record holds the violation's message, naming the caller.
+    let billing = records
+        .iter()
+        .find(|r| r["event"] == "decision" && r["set"][0]["value"] == "billing")
+        .unwrap();
+    let message = billing["violations"][0]["message"].as_str().unwrap();
+    assert!(message.contains(PAYMENTS), "{billing}");
+    assert_eq!(billing["violations"][0]["key"], "team", "{billing}");
+    for request in fake.requests() {
+        request.verified();
+    }
+}
+
 // ======================================================================== start, check, reload
 
 #[tokio::test]
@@ -917,8 +1165,9 @@ async fn the_client_ca_bundle_reloads_and_a_broken_one_keeps_the_last_good() {
 
 // ======================================================================== boto3
 
-/// boto3 TagResource calls, printed as JSON: `{"allowed": …, "denied": …}`, each `ok` or the
-/// exception's class and message. argv: a JSON object of settings.
+/// boto3 TagResource calls, printed as JSON: `{"allowed": …, "denied": …}` (or the names of
+/// `calls`, a list of `[name, tags]` sent in order), each `ok` or the exception's class and message. argv: a JSON
+/// object of settings.
 const BOTO3: &str = r#"
 import json, sys
 import boto3
@@ -943,7 +1192,8 @@ kms = boto3.client(
     config=Config(**config),
 )
 results = {}
-for name, tags in [("allowed", [("team:owner", "payments")]), ("denied", [("Project", "x")])]:
+calls = s.get("calls") or [["allowed", [["team:owner", "payments"]]], ["denied", [["Project", "x"]]]]
+for name, tags in calls:
     try:
         kms.tag_resource(KeyId="1234abcd-12ab-34cd-56ef-1234567890ab",
                          Tags=[{"TagKey": k, "TagValue": v} for k, v in tags])
@@ -1066,6 +1316,61 @@ async fn boto3_through_the_tls_listener_as_an_https_proxy_with_proxy_client_cert
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].header("host"), Some(KMS_HOST));
     requests[0].verified();
+}
+
+#[tokio::test]
+async fn boto3_with_client_cert_meets_the_caller_rules_as_a_typed_tag_exception() {
+    let pki = Pki::new();
+    let fake = FakeKms::start().await;
+    let proxy = caller_proxy(&fake, &pki, String::new()).await;
+    let endpoint = format!("https://localhost:{}", proxy.addr.port());
+    let calls = json!([
+        ["own_team", [["team", "payments"]]],
+        ["other_team", [["team", "billing"]]],
+        ["abac", [["abac:project", "ledger"]]],
+    ]);
+    let mut settings = json!({
+        "endpoint_url": endpoint,
+        "verify": pki.listener_ca_path,
+        "calls": calls,
+        "client_cert": pair(&pki.payments),
+    });
+    let results = boto3(settings.clone()).await;
+    assert_eq!(results["own_team"]["result"], "ok", "{results:#}");
+    assert_eq!(fake.requests().len(), 1);
+    for call in ["other_team", "abac"] {
+        assert_eq!(results[call]["result"], "TagException", "{results:#}");
+    }
+    let message = results["other_team"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(PAYMENTS) && message.contains("only to \"payments\""),
+        "{message}"
+    );
+    // Without a certificate (the listener takes none under "optional"): no team at all.
+    settings["client_cert"] = Value::Null;
+    let results = boto3(settings).await;
+    for call in ["own_team", "other_team", "abac"] {
+        assert_eq!(results[call]["result"], "TagException", "{results:#}");
+    }
+    let message = results["own_team"]["message"].as_str().unwrap();
+    assert!(message.contains("no identity"), "{message}");
+    assert_eq!(fake.requests().len(), 1, "no refused change reached KMS");
+    fake.requests()[0].verified();
+    let records = proxy.settled_audit().await;
+    let p = Some(PAYMENTS.to_owned());
+    let deny = |rule: &str| vec![rule.to_owned()];
+    assert_eq!(
+        decisions(&records),
+        [
+            (p.clone(), "allow".to_owned(), vec![]),
+            (p.clone(), "deny".to_owned(), deny("team-is-yours")),
+            (p, "deny".to_owned(), deny("abac-platform-only")),
+            (None, "deny".to_owned(), deny("team-is-yours")),
+            (None, "deny".to_owned(), deny("team-is-yours")),
+            (None, "deny".to_owned(), deny("abac-platform-only")),
+        ],
+        "{records:#?}"
+    );
 }
 
 // ======================================================================== the JavaScript SDK

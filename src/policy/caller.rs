@@ -14,26 +14,25 @@
 //!   case-sensitive); DNS names compare ignoring ASCII case, as DNS does (and captures are lower
 //!   case).
 //!
-//! Only a well-formed identity matches anything: `spiffe://`, a trust domain of `[a-z0-9._-]`, a
-//! non-empty path of non-empty segments of `[A-Za-z0-9._-]`, none `.` or `..`, at most 2048 bytes;
-//! or a DNS name of non-empty labels of `[A-Za-z0-9-]`, at most 253 bytes. Percent-encoding, `..`,
-//! upper case in the trust domain, a query, a `*` in a certificate's DNS name: none of these can
-//! make a caller match a pattern written for another. The listener refuses such certificates
-//! anyway; this is the policy's own guard.
+//! Only a well-formed identity matches anything, and well-formed means exactly what the listener
+//! takes from a certificate: the one check of [`crate::identity::check_caller`] (`spiffe://`, a
+//! trust domain of `[a-z0-9._-]`, a non-empty path of non-empty segments of `[A-Za-z0-9._-]`,
+//! none `.` or `..`, at most 2048 bytes; or a DNS name of labels of 1 to 63 bytes of
+//! `[A-Za-z0-9-]`, at most 253 bytes). Percent-encoding, `..`, upper case in the trust domain, a
+//! query, a `*` in a certificate's DNS name: none of these can make a caller match a pattern
+//! written for another. The listener refuses such certificates anyway; this is the policy's own
+//! guard, and a policy test case's `caller` is held to the same check.
 
 use std::fmt;
 
-/// The longest identity that can match (the SPIFFE spec's bound for IDs).
-pub const MAX_IDENTITY_BYTES: usize = 2048;
-const MAX_TRUST_DOMAIN_BYTES: usize = 255;
-const MAX_DNS_NAME_BYTES: usize = 253;
-const SCHEME: &str = "spiffe://";
+use crate::identity::{
+    check_caller, dns_label_byte, spiffe_segment_byte, trust_domain_byte, CallerKind as Kind,
+    MAX_DNS_LABEL_BYTES, MAX_TRUST_DOMAIN_BYTES,
+};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Spiffe,
-    Dns,
-}
+/// The longest identity that can match (the SPIFFE spec's bound for IDs).
+pub const MAX_IDENTITY_BYTES: usize = crate::identity::MAX_CALLER_BYTES;
+const SCHEME: &str = "spiffe://";
 
 /// A caller identity, read once per decision.
 #[derive(Debug, Clone)]
@@ -68,58 +67,36 @@ impl<'a> Caller<'a> {
     }
 }
 
-/// Whether `id` is a well-formed identity (see the module's documentation).
+/// Whether `id` is a well-formed identity: one the listener takes from a certificate (see the
+/// module's documentation).
 pub fn well_formed(id: &str) -> bool {
-    parse_identity(id).is_some()
+    check_caller(id).is_ok()
 }
 
-fn spiffe_segment_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')
-}
-
-fn trust_domain_byte(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-}
-
-fn dns_label_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-'
-}
-
+/// A well-formed identity cut into segments; `None` for any other.
 fn parse_identity(id: &str) -> Option<Parts> {
-    if let Some(rest) = id.strip_prefix(SCHEME) {
-        if id.len() > MAX_IDENTITY_BYTES {
-            return None;
+    match check_caller(id).ok()? {
+        Kind::Spiffe => {
+            let rest = id.strip_prefix(SCHEME)?;
+            let (trust_domain, path) = rest.split_once('/')?;
+            Some(Parts {
+                kind: Kind::Spiffe,
+                trust_domain: trust_domain.to_owned(),
+                segments: path.split('/').map(str::to_owned).collect(),
+            })
         }
-        let (trust_domain, path) = rest.split_once('/')?;
-        if trust_domain.is_empty()
-            || trust_domain.len() > MAX_TRUST_DOMAIN_BYTES
-            || !trust_domain.bytes().all(trust_domain_byte)
-        {
-            return None;
-        }
-        let segments: Vec<String> = path.split('/').map(str::to_owned).collect();
-        let good = segments
-            .iter()
-            .all(|s| !s.is_empty() && s != "." && s != ".." && s.bytes().all(spiffe_segment_byte));
-        return good.then(|| Parts {
-            kind: Kind::Spiffe,
-            trust_domain: trust_domain.to_owned(),
-            segments,
-        });
+        // DNS names compare ignoring ASCII case: cut from the last label, in lower case.
+        Kind::Dns => Some(Parts {
+            kind: Kind::Dns,
+            trust_domain: String::new(),
+            segments: id
+                .to_ascii_lowercase()
+                .split('.')
+                .rev()
+                .map(str::to_owned)
+                .collect(),
+        }),
     }
-    if id.is_empty() || id.len() > MAX_DNS_NAME_BYTES {
-        return None;
-    }
-    let lower = id.to_ascii_lowercase();
-    let segments: Vec<String> = lower.split('.').rev().map(str::to_owned).collect();
-    let good = segments
-        .iter()
-        .all(|l| !l.is_empty() && l.bytes().all(dns_label_byte));
-    good.then(|| Parts {
-        kind: Kind::Dns,
-        trust_domain: String::new(),
-        segments,
-    })
 }
 
 /// One segment of a pattern.
@@ -219,9 +196,12 @@ impl CallerPattern {
                     "{text:?}: a SPIFFE pattern needs a path after the trust domain, as in spiffe://example.org/ns/*/sa/* (or spiffe://example.org/** for every workload of the trust domain)"
                 ));
             };
-            if trust_domain.is_empty() || !trust_domain.bytes().all(trust_domain_byte) {
+            if trust_domain.is_empty()
+                || trust_domain.len() > MAX_TRUST_DOMAIN_BYTES
+                || !trust_domain.bytes().all(trust_domain_byte)
+            {
                 return Err(format!(
-                    "{text:?}: the trust domain is written out in lower case (letters, digits, `.`, `-`, `_`), without `*` or {{…}}, as in spiffe://example.org/…"
+                    "{text:?}: the trust domain is written out in lower case (letters, digits, `.`, `-`, `_`), without `*` or {{…}}, at most 255 bytes, as in spiffe://example.org/…"
                 ));
             }
             let raw: Vec<&str> = path.split('/').collect();
@@ -333,6 +313,13 @@ impl CallerPattern {
             let c = char::from(c);
             return Err(format!(
                 "{text:?}: {c:?} cannot appear in a {unit} of a caller identity (SPIFFE path segments hold letters, digits, `.`, `-`, `_`; DNS labels letters, digits, `-`)"
+            ));
+        }
+        // A DNS label the listener would refuse for its length can match nothing.
+        if self.kind == Kind::Dns && s.bytes().filter(|&b| b != b'*').count() > MAX_DNS_LABEL_BYTES
+        {
+            return Err(format!(
+                "{text:?}: a DNS label is at most {MAX_DNS_LABEL_BYTES} bytes, so {s:?} matches no caller"
             ));
         }
         // DNS names compare ignoring ASCII case: both sides lower case.

@@ -146,6 +146,11 @@ fn bad_patterns_are_refused_with_a_reason() {
         ("https://example.org/a", "SPIFFE ID"),
         ("a.**", "may only be the first label"),
         ("a_b.svc", "cannot appear"),
+        (&format!("{}.svc", "a".repeat(64)), "at most 63 bytes"),
+        (
+            &format!("spiffe://{}/a", "a".repeat(256)),
+            "at most 255 bytes",
+        ),
         ("spiffe://example.org/ns/{team}", "only in a caller-value"),
     ] {
         let e = CallerPattern::glob(text).unwrap_err();
@@ -408,5 +413,41 @@ proptest! {
         let before = format!("{other}{team}");
         prop_assert!(!v.allows(&captured, &longer));
         prop_assert!(!v.allows(&captured, &before));
+    }
+}
+
+/// The policy and the listener read identities with one check: a DNS name with a label over 63
+/// bytes, which the listener refuses, is no identity to the policy either.
+#[test]
+fn a_dns_label_over_63_bytes_is_no_identity() {
+    let label = "a".repeat(64);
+    let name = format!("{label}.payments.svc");
+    assert!(crate::identity::tests::listener_caller(&name).is_err());
+    assert!(!Caller::new(&name).is_well_formed());
+    assert!(!matches("**.payments.svc", &name));
+    let name = format!("{}.payments.svc", &label[1..]);
+    assert!(crate::identity::tests::listener_caller(&name).is_ok());
+    assert!(matches("**.payments.svc", &name));
+}
+
+proptest! {
+    /// Whatever the text: a certificate naming it gives the listener a caller exactly when the
+    /// policy takes it as a well-formed identity, and the caller the listener gives (a DNS name
+    /// in lower case) is well formed too.
+    #[test]
+    fn the_policy_takes_exactly_the_callers_the_listener_takes(
+        text in crate::identity::tests::identity_text(),
+    ) {
+        let policy = Caller::new(&text).is_well_formed();
+        match crate::identity::tests::listener_caller(&text) {
+            Ok(Some(caller)) => {
+                prop_assert!(policy, "the listener takes {:?}, the policy does not", text);
+                prop_assert!(Caller::new(&caller).is_well_formed(), "{:?}", caller);
+                let expected = if text.contains(':') { text.clone() } else { text.to_ascii_lowercase() };
+                prop_assert_eq!(caller.as_ref(), expected.as_str());
+            }
+            Ok(None) => prop_assert!(false, "a certificate with a SAN names a caller or is refused"),
+            Err(e) => prop_assert!(!policy, "the policy takes {:?}, the listener refuses it: {}", text, e),
+        }
     }
 }
