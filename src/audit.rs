@@ -17,9 +17,8 @@
 //! **Written on the calling thread when nothing waits.** A record that finds the writer idle
 //! (nothing queued, nothing being written, the sink not failing) is written by the thread that
 //! makes it, under the writer's lock, which request paths only ever try (`try_lock`): no hand-off
-//! to the writer thread, no wake-up back. It is a write that cannot wait: on a pipe (standard
-//! output to a log shipper, a FIFO) and on file systems that support it, `pwritev2` with
-//! `RWF_NOWAIT`, and what the sink does not take at once is left to the writer thread; on a
+//! to the writer thread, no wake-up back. It is a write that cannot wait: on sinks that support
+//! it, `pwritev2` with `RWF_NOWAIT` (Linux 6.18 refuses it on pipes and on ext4 and tmpfs files), and what the sink does not take at once is left to the writer thread; on a
 //! regular file of a local file system that cannot say so (ext4), a plain append to the page
 //! cache, and one that takes longer than [`SLOW_DIRECT`] sends every record through the writer
 //! thread for [`DIRECT_PAUSE`]. With `fsync = true`, on network file systems, FUSE, terminals and
@@ -251,10 +250,17 @@ impl Core {
         }
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.audit_queued(1);
+        // The first line no checkpoint signs yet arms the writer thread's checkpoint timer: it
+        // sleeps on the queue, so it is told (once per checkpoint, not once per record).
+        let armed = writer.seal.checkpoint_due_in().is_some();
         writer.append(line, charge, None, false);
+        let arm = !armed && writer.seal.checkpoint_due_in().is_some();
         match writer.write_batch(self, true) {
             Written::Whole => {
                 drop(writer);
+                if arm {
+                    let _ = queue.send(Job::Kick);
+                }
                 Some(Ok(Queued(Wait::Written)))
             }
             Written::Failed => {
@@ -1422,7 +1428,8 @@ mod tests {
                 "record {n} was handed off"
             );
             let text = std::fs::read_to_string(&path).unwrap();
-            assert!(text.ends_with(&format!("{{\"n\":{n}}}\n")), "{text:?}");
+            // Sealed into the chain: `{"seq":…,"prev":"…",` before the record's own members.
+            assert!(text.ends_with(&format!(",\"n\":{n}}}\n")), "{text:?}");
             slot.unwrap()
                 .write(&serde_json::json!({ "outcome": n }))
                 .unwrap();
