@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::ops::tag_body;
+use common::tls_client::tls_connect;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,11 +25,10 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 /// The longest any single network step may take before the test fails.
 const STEP: Duration = Duration::from_secs(5);
@@ -251,20 +251,6 @@ fn client_config(ca_pem: &str, leaf: Option<&Leaf>, alpn: &[u8]) -> Arc<rustls::
     };
     config.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(config)
-}
-
-async fn tls_connect<S>(
-    io: S,
-    sni: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> io::Result<tokio_rustls::client::TlsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let name = ServerName::try_from(sni.to_owned()).unwrap();
-    tokio::time::timeout(STEP, TlsConnector::from(config).connect(name, io))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 fn to_http(raw: &RawRequest, uri: &str, with_host: bool) -> http::Request<Full<Bytes>> {
@@ -1248,13 +1234,31 @@ async fn boto3_with_client_cert_on_the_tls_listener() {
     let expired = pki
         .clients
         .leaf(pki.path(), "expired", vec![uri(PAYMENTS)], Kind::Expired);
-    for (what, cert) in [
-        ("none", Value::Null),
-        ("another CA", pair(&other)),
-        ("expired", pair(&expired)),
-    ] {
+    boto3_refused(
+        &base,
+        "client_cert",
+        [
+            ("none", Value::Null),
+            ("another CA", pair(&other)),
+            ("expired", pair(&expired)),
+        ],
+    )
+    .await;
+    nothing_reached(&fake, &proxy, "boto3 refused");
+    boto3_allowed_and_denied(&base, "client_cert", pair(&pki.payments)).await;
+    let records = proxy.settled_audit().await;
+    let p = Some(PAYMENTS.to_owned());
+    assert_eq!(callers(&records), [p.clone(), p], "{records:#?}");
+    assert_eq!(fake.requests().len(), 1);
+    fake.requests()[0].verified();
+}
+
+/// boto3 with each of the `refused` certificates as its `key` setting (none, another CA's, an
+/// expired one): neither call gets an answer from KMS, nor a denial from the policy.
+async fn boto3_refused<const N: usize>(base: &Value, key: &str, refused: [(&str, Value); N]) {
+    for (what, cert) in refused {
         let mut settings = base.clone();
-        settings["client_cert"] = cert;
+        settings[key] = cert;
         let results = boto3(settings).await;
         for call in ["allowed", "denied"] {
             assert_ne!(results[call]["result"], "ok", "{what}: {results:#}");
@@ -1264,17 +1268,16 @@ async fn boto3_with_client_cert_on_the_tls_listener() {
             );
         }
     }
-    nothing_reached(&fake, &proxy, "boto3 refused");
+}
+
+/// boto3 with `cert` as its `key` setting: the allowed call succeeds, the denied one raises
+/// botocore's TagException.
+async fn boto3_allowed_and_denied(base: &Value, key: &str, cert: Value) {
     let mut settings = base.clone();
-    settings["client_cert"] = pair(&pki.payments);
+    settings[key] = cert;
     let results = boto3(settings).await;
     assert_eq!(results["allowed"]["result"], "ok", "{results:#}");
     assert_eq!(results["denied"]["result"], "TagException", "{results:#}");
-    let records = proxy.settled_audit().await;
-    let p = Some(PAYMENTS.to_owned());
-    assert_eq!(callers(&records), [p.clone(), p], "{records:#?}");
-    assert_eq!(fake.requests().len(), 1);
-    fake.requests()[0].verified();
 }
 
 #[tokio::test]
@@ -1291,24 +1294,14 @@ async fn boto3_through_the_tls_listener_as_an_https_proxy_with_proxy_client_cert
         "verify": inner_ca_path,
     });
     let other = pki.other.svid(pki.path(), "other", PAYMENTS);
-    for (what, cert) in [("none", Value::Null), ("another CA", pair(&other))] {
-        let mut settings = base.clone();
-        settings["proxy_client_cert"] = cert;
-        let results = boto3(settings).await;
-        for call in ["allowed", "denied"] {
-            assert_ne!(results[call]["result"], "ok", "{what}: {results:#}");
-            assert_ne!(
-                results[call]["result"], "TagException",
-                "{what}: {results:#}"
-            );
-        }
-    }
+    boto3_refused(
+        &base,
+        "proxy_client_cert",
+        [("none", Value::Null), ("another CA", pair(&other))],
+    )
+    .await;
     nothing_reached(&fake, &proxy, "boto3 through the proxy, refused");
-    let mut settings = base.clone();
-    settings["proxy_client_cert"] = pair(&pki.search);
-    let results = boto3(settings).await;
-    assert_eq!(results["allowed"]["result"], "ok", "{results:#}");
-    assert_eq!(results["denied"]["result"], "TagException", "{results:#}");
+    boto3_allowed_and_denied(&base, "proxy_client_cert", pair(&pki.search)).await;
     let records = proxy.settled_audit().await;
     let s = Some(SEARCH.to_owned());
     assert_eq!(callers(&records), [s.clone(), s], "{records:#?}");

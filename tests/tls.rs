@@ -21,6 +21,7 @@ use bytes::Bytes;
 use common::child::{start_child, try_spawn_proxy, ChildOptions};
 use common::ops::{encrypt_body, free_port, tag_body};
 use common::sentinel::seen_besides_sentinels;
+use common::tls_client::tls_connect;
 use common::*;
 use http::{HeaderMap, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -158,21 +159,6 @@ fn client_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
-}
-
-/// A TLS handshake on `io` with SNI `sni`, within [`STEP`].
-async fn tls_connect<S>(
-    io: S,
-    sni: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> io::Result<tokio_rustls::client::TlsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let name = ServerName::try_from(sni.to_owned()).unwrap();
-    tokio::time::timeout(STEP, TlsConnector::from(config).connect(name, io))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 async fn tcp(addr: SocketAddr) -> TcpStream {

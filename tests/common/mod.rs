@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod raw;
 pub mod sentinel;
 pub mod sigv4;
+pub mod tls_client;
 
 use std::time::Duration;
 
