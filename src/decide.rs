@@ -8,12 +8,16 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use crate::answer::ProxyError;
+use crate::ascii::split_byte;
 use crate::config::{Config, UpstreamConfig};
-use crate::kms::classify::{check_tag_request_head, classify, names_pass_through, request_host};
-use crate::kms::credential::read_credential;
+use crate::kms::classify::{
+    check_content_encoding, classify, classify_scanned, names_pass_through, request_host_of,
+    HeaderScan,
+};
+use crate::kms::credential::{read_credential, read_credential_of};
 use crate::kms::protocol::check_body;
 use crate::kms::request::parse_tag_request;
 use crate::kms::{Credential, Refused, Route, TagChange, TagOperation, Unreadable};
@@ -130,21 +134,25 @@ pub struct SdkCall {
 
 impl SdkCall {
     pub fn read(headers: &HeaderMap) -> SdkCall {
-        let invocation_id = headers
-            .get("amz-sdk-invocation-id")
-            .and_then(|v| v.to_str().ok())
+        let scan = HeaderScan::of(headers);
+        SdkCall::of(scan.invocation_id, scan.sdk_request)
+    }
+
+    /// The call named by the first `amz-sdk-invocation-id` and `amz-sdk-request` values.
+    fn of(invocation_id: Option<&HeaderValue>, sdk_request: Option<&HeaderValue>) -> SdkCall {
+        let invocation_id = invocation_id
+            .map(HeaderValue::as_bytes)
             .filter(|v| !v.is_empty() && v.len() <= 64)
-            .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|v| v.iter().all(u8::is_ascii_graphic))
+            .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned);
-        let attempt = headers
-            .get("amz-sdk-request")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.split(';')
-                    .filter_map(|p| p.trim().strip_prefix("attempt="))
-                    .next()
-                    .and_then(|n| n.parse().ok())
-            });
+        let attempt = sdk_request.and_then(|v| v.to_str().ok()).and_then(|v| {
+            // `to_str` lets only visible ASCII and tabs through: trimming ASCII whitespace
+            // trims exactly what `str::trim` would.
+            split_byte(v, b';')
+                .find_map(|p| p.trim_ascii().strip_prefix("attempt="))
+                .and_then(|n| n.parse().ok())
+        });
         SdkCall {
             invocation_id,
             attempt,
@@ -190,7 +198,9 @@ impl Judgement {
 
 /// The one decision on a request.
 pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict<'a> {
-    let route = match classify(head.method, head.uri, head.headers) {
+    // The headers every step reads, found in one pass.
+    let scan = HeaderScan::of(head.headers);
+    let route = match classify_scanned(head.method, head.uri, head.headers, &scan) {
         Ok(route) => route,
         Err(refused) => return Verdict::Refuse(refused_head(head, refused, rules.policy)),
     };
@@ -208,7 +218,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
             }
         },
     };
-    let host = match host(head, rules.upstream) {
+    let host = match host(head, scan.host(), rules.upstream) {
         Ok(host) => host,
         Err(answer) => {
             return Verdict::Refuse(match tag_operation {
@@ -237,7 +247,7 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
         return Verdict::Stream { operation, host };
     };
     let refuse = |answer| Verdict::Refuse(refused_tag_change(head, op, answer, rules.policy));
-    if let Err(reason) = check_tag_request_head(head.headers) {
+    if let Err(reason) = check_content_encoding(scan.content_encoding()) {
         return refuse(ProxyError::from(reason));
     }
     let too_large = ProxyError::BodyTooLarge {
@@ -258,14 +268,18 @@ pub fn decide<'a>(head: &Head<'a>, body: Body<'_>, rules: &Rules<'_>) -> Verdict
     Verdict::Judged {
         operation: op,
         host,
-        judgement: judge(op, head, bytes, rules.policy),
+        judgement: judge(op, head, &scan, bytes, rules.policy),
     }
 }
 
 /// The host a request goes to: its `Host` (or `:authority`), a DNS name, allowed by the
 /// upstream settings, and inside an intercepted tunnel the tunnel's own host.
-fn host<'a>(head: &Head<'a>, upstream: &UpstreamConfig) -> Result<&'a str, ProxyError> {
-    let host = request_host(head.uri, head.headers).map_err(ProxyError::from)?;
+fn host<'a>(
+    head: &Head<'a>,
+    host: Option<&'a HeaderValue>,
+    upstream: &UpstreamConfig,
+) -> Result<&'a str, ProxyError> {
+    let host = request_host_of(head.uri, host).map_err(ProxyError::from)?;
     if let Some(tunnel_host) = head.tunnel_host {
         if !crate::glob::host_name(host).eq_ignore_ascii_case(tunnel_host) {
             return Err(ProxyError::HostNotTunnel {
@@ -371,12 +385,18 @@ pub fn target_text(headers: &HeaderMap) -> String {
 }
 
 /// Credential, the body's protocol, strict parse, policy: the judgement of a tag change.
-fn judge(operation: TagOperation, head: &Head<'_>, body: &[u8], policy: &Policy) -> Judgement {
-    let (headers, query) = (head.headers, head.uri.query());
+fn judge(
+    operation: TagOperation,
+    head: &Head<'_>,
+    scan: &HeaderScan<'_>,
+    body: &[u8],
+    policy: &Policy,
+) -> Judgement {
+    let query = head.uri.query();
     let caller = head.caller.map(Arc::from);
-    let call = SdkCall::read(headers);
+    let call = SdkCall::of(scan.invocation_id, scan.sdk_request);
     let policy_sha256 = Some(Arc::clone(policy.sha256()));
-    let credential = match read_credential(headers, query) {
+    let credential = match read_credential_of(scan.authorization(), query) {
         Ok(c) => c,
         Err(e) => {
             return Judgement {
@@ -463,5 +483,82 @@ pub fn decision(head: &Head, body: &[u8], rules: &Rules) -> Decision {
             None => Decision::unreadable(refusal.answer.to_string()),
         },
         Verdict::ReadBody { .. } => unreachable!("a whole body was given"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `SdkCall::read` as it was: the headers looked up by `&str`, `str::split` and `str::trim`.
+    fn sdk_call_by_str(headers: &HeaderMap) -> SdkCall {
+        let invocation_id = headers
+            .get("amz-sdk-invocation-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 64)
+            .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned);
+        let attempt = headers
+            .get("amz-sdk-request")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.split(';')
+                    .filter_map(|p| p.trim().strip_prefix("attempt="))
+                    .next()
+                    .and_then(|n| n.parse().ok())
+            });
+        SdkCall {
+            invocation_id,
+            attempt,
+        }
+    }
+
+    /// Header values built from the pieces SDKs send and the odd bytes a client may.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        let piece = proptest::sample::select(vec![
+            &b"attempt="[..],
+            b"attempt",
+            b"max=",
+            b";",
+            b"; ",
+            b" ",
+            b"\t",
+            b"1",
+            b"+2",
+            b"-3",
+            b"4294967296",
+            b"a",
+            b"5f6d27c3-6e61-4a5b",
+            b"\x80",
+            b"\xff",
+            b"\x7f",
+            b"=",
+        ]);
+        proptest::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn sdk_call_reads_what_it_read_by_str(
+            id in proptest::option::of(value()),
+            request in proptest::option::of(value()),
+            long in 0usize..3,
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(mut id) = id {
+                // Around the 64-byte limit too.
+                id.extend(std::iter::repeat_n(b'x', long * 31));
+                if let Ok(v) = HeaderValue::from_bytes(&id) {
+                    headers.insert("amz-sdk-invocation-id", v);
+                }
+            }
+            if let Some(request) = request {
+                if let Ok(v) = HeaderValue::from_bytes(&request) {
+                    headers.insert("amz-sdk-request", v);
+                }
+            }
+            prop_assert_eq!(SdkCall::read(&headers), sdk_call_by_str(&headers));
+        }
     }
 }

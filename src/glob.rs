@@ -54,7 +54,21 @@ impl HostGlob {
     /// Whether `host` (a bare host name, no port) matches.
     pub fn matches(&self, host: &str) -> bool {
         let host = host.strip_suffix('.').unwrap_or(host);
-        let mut parts = host.split('.');
+        // Split at the ASCII `.` by hand: `str::split` sets up a searcher on every call.
+        let mut rest = Some(host);
+        let mut parts = std::iter::from_fn(|| {
+            let piece = rest?;
+            match piece.bytes().position(|b| b == b'.') {
+                Some(at) => {
+                    rest = Some(&piece[at + 1..]);
+                    Some(&piece[..at])
+                }
+                None => {
+                    rest = None;
+                    Some(piece)
+                }
+            }
+        });
         for label in &self.labels {
             match parts.next() {
                 // `*` is one DNS label: letters, digits and `-`, nothing a URL parser could read
@@ -138,6 +152,38 @@ fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `HostGlob::matches` as it was, with `str::split`.
+    fn matches_by_split(glob: &HostGlob, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let mut parts = host.split('.');
+        for label in &glob.labels {
+            match parts.next() {
+                Some(part) if label == "*" => {
+                    let is_label = !part.is_empty()
+                        && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                    if !is_label {
+                        return false;
+                    }
+                }
+                Some(part) if part.eq_ignore_ascii_case(label) => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn host_globs_match_what_they_matched_with_str_split(
+            host in proptest::string::string_regex("(kms|KMS|x|)([.]{1,2}(us-east-1|a@b|\\*|))*(amazonaws|api)?[.]?(com|aws|)[.]?").unwrap()
+        ) {
+            for glob in ["kms.*.amazonaws.com", "kms.*.api.aws", "*.*", "kms", "kms.us-east-1.amazonaws.com"] {
+                let glob = HostGlob::new(glob).unwrap();
+                proptest::prop_assert_eq!(glob.matches(&host), matches_by_split(&glob, &host), "{} {:?}", glob.as_str(), host);
+            }
+        }
+    }
 
     #[test]
     fn host_names_drop_the_port() {

@@ -9,7 +9,7 @@
 //! ([`Refused::may_change_tags`]).
 
 use http::header::{self, HeaderName};
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::operation::{Operation, TagOperation, TARGET_PREFIX};
 
@@ -117,9 +117,124 @@ const GUARDED_HEADERS: [&str; 10] = [
 /// The content type of every KMS request (awsJson 1.1).
 pub const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
+/// What [`classify`] and the judging steps read from a head's headers, found in one pass over
+/// the map instead of one lookup per header (each hashes its name and probes the table).
+#[derive(Debug, Default)]
+pub struct HeaderScan<'a> {
+    /// How many values each of [`SINGLE_HEADERS`] has (2 standing for "more than one").
+    counts: [u8; 6],
+    /// The first value of each of [`SINGLE_HEADERS`], in that order.
+    first: [Option<&'a HeaderValue>; 6],
+    /// The first value of `amz-sdk-invocation-id` and of `amz-sdk-request`.
+    pub invocation_id: Option<&'a HeaderValue>,
+    pub sdk_request: Option<&'a HeaderValue>,
+    /// The first name (in the map's order) that is an `_` spelling of a guarded header.
+    look_alike: Option<(&'a HeaderName, &'static str)>,
+    /// The first name that reads as `Action`.
+    action: Option<&'a HeaderName>,
+    /// Whether a `Connection` header is present.
+    connection: bool,
+}
+
+impl<'a> HeaderScan<'a> {
+    /// One pass over every header (every value of a repeated one).
+    pub fn of(headers: &'a HeaderMap) -> HeaderScan<'a> {
+        /// Where a name's values go: one of [`SINGLE_HEADERS`], or one of these.
+        const CONNECTION: u8 = 6;
+        const INVOCATION_ID: u8 = 7;
+        const SDK_REQUEST: u8 = 8;
+        const OTHER: u8 = 9;
+        let mut scan = HeaderScan::default();
+        let mut last: Option<&HeaderName> = None;
+        let mut slot = OTHER;
+        for (name, value) in headers {
+            // The values of one name come one after another: the name is looked at once.
+            if last != Some(name) {
+                last = Some(name);
+                let text = name.as_str();
+                slot = match text {
+                    "x-amz-target" => 0,
+                    "host" => 1,
+                    "content-type" => 2,
+                    "content-length" => 3,
+                    "content-encoding" => 4,
+                    "authorization" => 5,
+                    "connection" => CONNECTION,
+                    "amz-sdk-invocation-id" => INVOCATION_ID,
+                    "amz-sdk-request" => SDK_REQUEST,
+                    _ => OTHER,
+                };
+                // The names matched above hold no `_` and do not read as `Action`.
+                if slot == OTHER {
+                    scan.look_at_name(name, text);
+                }
+            }
+            match slot {
+                CONNECTION => scan.connection = true,
+                INVOCATION_ID => scan.invocation_id = scan.invocation_id.or(Some(value)),
+                SDK_REQUEST => scan.sdk_request = scan.sdk_request.or(Some(value)),
+                OTHER => {}
+                i => {
+                    let i = usize::from(i);
+                    scan.counts[i] = scan.counts[i].saturating_add(1).min(2);
+                    scan.first[i].get_or_insert(value);
+                }
+            }
+        }
+        scan
+    }
+
+    fn look_at_name(&mut self, name: &'a HeaderName, text: &str) {
+        // Names are short: a plain loop is cheaper here than a vectorised search's set-up.
+        if self.look_alike.is_none() && text.bytes().any(|b| b == b'_') {
+            let dashed = text.replace('_', "-");
+            if let Some(guarded) = GUARDED_HEADERS.iter().find(|g| **g == dashed) {
+                self.look_alike = Some((name, guarded));
+            }
+        }
+        if self.action.is_none() && is_action_name(text) {
+            self.action = Some(name);
+        }
+    }
+
+    /// The first `X-Amz-Target`.
+    fn target(&self) -> Option<&'a HeaderValue> {
+        self.first[0]
+    }
+
+    /// The first `Host`.
+    pub fn host(&self) -> Option<&'a HeaderValue> {
+        self.first[1]
+    }
+
+    fn content_type(&self) -> Option<&'a HeaderValue> {
+        self.first[2]
+    }
+
+    /// The first `Content-Encoding`.
+    pub fn content_encoding(&self) -> Option<&'a HeaderValue> {
+        self.first[4]
+    }
+
+    /// The first `Authorization`.
+    pub fn authorization(&self) -> Option<&'a HeaderValue> {
+        self.first[5]
+    }
+}
+
 /// Classifies a request by its head. The refusals made here are all of those that need only
 /// the head; the body's shape is checked as it streams ([`super::protocol::BodyCheck`]).
 pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Route, Refused> {
+    classify_scanned(method, uri, headers, &HeaderScan::of(headers))
+}
+
+/// [`classify`], with the headers' scan made already (`scan` is `HeaderScan::of(headers)`).
+pub fn classify_scanned(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    scan: &HeaderScan<'_>,
+) -> Result<Route, Refused> {
     // Another method, path or a query string could be another protocol's spelling of an
     // operation (`?Action=TagResource`, an RPC path) that some front end routes by.
     check_request_line(method, uri).map_err(Refused::audited)?;
@@ -128,17 +243,27 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Route
         reason,
         may_change_tags: !pass(),
     };
-    for (name, display) in &SINGLE_HEADERS {
-        let mut values = headers.get_all(*name).iter();
-        if values.next().is_some() && values.next().is_some() {
+    for ((_, display), count) in SINGLE_HEADERS.iter().zip(scan.counts) {
+        if count > 1 {
             return Err(refused(Unreadable::RepeatedHeader(display)));
         }
     }
-    check_look_alike_names(headers).map_err(Refused::audited)?;
-    check_action_header(headers).map_err(Refused::audited)?;
-    check_connection_tokens(headers).map_err(refused)?;
-    let route = route(headers).map_err(Refused::audited)?;
-    match headers.get(header::CONTENT_TYPE) {
+    if let Some((name, guarded)) = scan.look_alike {
+        return Err(Refused::audited(Unreadable::LookAlikeHeader(
+            name.as_str().to_owned(),
+            guarded,
+        )));
+    }
+    if let Some(name) = scan.action {
+        return Err(Refused::audited(Unreadable::ActionHeader(
+            name.as_str().to_owned(),
+        )));
+    }
+    if scan.connection {
+        check_connection_tokens(headers).map_err(refused)?;
+    }
+    let route = route(scan.target()).map_err(Refused::audited)?;
+    match scan.content_type() {
         Some(ct) if ct.as_bytes() == CONTENT_TYPE.as_bytes() => Ok(route),
         // Another content type is another protocol, which a front end may read another way.
         Some(ct) => Err(Refused::audited(Unreadable::ContentType(
@@ -149,9 +274,8 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Route
 }
 
 /// The route named by the single `X-Amz-Target` (already checked not to be repeated).
-fn route(headers: &HeaderMap) -> Result<Route, Unreadable> {
-    let target = headers
-        .get(&X_AMZ_TARGET)
+fn route(target: Option<&HeaderValue>) -> Result<Route, Unreadable> {
+    let target = target
         .ok_or(Unreadable::MissingTarget)?
         .to_str()
         .map_err(|_| Unreadable::TargetNotText)?;
@@ -217,35 +341,6 @@ pub fn names_pass_through(headers: &HeaderMap) -> Option<Operation> {
     }
 }
 
-/// Refuses a header whose name some readers take for a routing or signed header: the same name
-/// with `_` for `-` (`X_Amz_Target`). Only names with a `_` need a look.
-fn check_look_alike_names(headers: &HeaderMap) -> Result<(), Unreadable> {
-    for name in headers.keys() {
-        let name = name.as_str();
-        if memchr::memchr(b'_', name.as_bytes()).is_none() {
-            continue;
-        }
-        let dashed = name.replace('_', "-");
-        if let Some(guarded) = GUARDED_HEADERS.iter().find(|g| **g == dashed) {
-            return Err(Unreadable::LookAlikeHeader(name.to_owned(), guarded));
-        }
-    }
-    Ok(())
-}
-
-/// Refuses a header named `Action` in any spelling: moto (and what is built like it) takes the
-/// operation from it when the query and the body name none, so a pass-through target with an
-/// `Action: TagResource` header and an empty body would be a tag change to it. Spelled any way a
-/// lenient reader could merge with it: any case, with `-`, `_` or other punctuation anywhere.
-fn check_action_header(headers: &HeaderMap) -> Result<(), Unreadable> {
-    for name in headers.keys() {
-        if is_action_name(name.as_str()) {
-            return Err(Unreadable::ActionHeader(name.as_str().to_owned()));
-        }
-    }
-    Ok(())
-}
-
 /// Whether a header name reads as `Action` once case, punctuation and whitespace are dropped.
 pub fn is_action_name(name: &str) -> bool {
     const ACTION: &[u8] = b"action";
@@ -303,7 +398,15 @@ pub fn check_request_line(method: &Method, uri: &Uri) -> Result<(), Unreadable> 
 /// digits, `-`, `.`) with an optional port, nothing a URL parser could read another way
 /// (`kms.x@sts.amazonaws.com`).
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, Unreadable> {
-    let header = match headers.get(header::HOST) {
+    request_host_of(uri, headers.get(header::HOST))
+}
+
+/// [`request_host`], given the first `Host` value ([`HeaderScan::host`]).
+pub fn request_host_of<'a>(
+    uri: &'a Uri,
+    host: Option<&'a HeaderValue>,
+) -> Result<&'a str, Unreadable> {
+    let header = match host {
         Some(h) => Some(h.to_str().map_err(|_| {
             Unreadable::HostNotName(String::from_utf8_lossy(h.as_bytes()).into_owned())
         })?),
@@ -340,25 +443,39 @@ fn shown_host(host: &str) -> String {
 /// `name[:port]`: a name of ASCII letters, digits, `-` and `.`, and a port of one to five digits
 /// from 1 to 65535.
 pub fn is_host_name(host: &str) -> bool {
-    let (name, port) = match host.split_once(':') {
-        Some((name, port)) => (name, Some(port)),
-        None => (host, None),
+    // One pass over the bytes: no searcher set up for the `:`, no integer parser for the port.
+    let bytes = host.as_bytes();
+    let name_len = bytes
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+        .unwrap_or(bytes.len());
+    if name_len == 0 {
+        return false;
+    }
+    let Some(rest) = bytes.get(name_len..).filter(|rest| !rest.is_empty()) else {
+        return true;
     };
-    let name_ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    let port_ok = port.is_none_or(|p| {
-        (1..=5).contains(&p.len())
-            && p.bytes().all(|b| b.is_ascii_digit())
-            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
-    });
-    name_ok && port_ok
+    let Some(port) = rest.strip_prefix(b":") else {
+        return false;
+    };
+    (1..=5).contains(&port.len())
+        && port.iter().all(u8::is_ascii_digit)
+        && port
+            .iter()
+            .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'))
+            .wrapping_sub(1)
+            < 65535
 }
 
 /// The head checks of a tag-bearing request beyond [`classify`], before its body is read.
 pub fn check_tag_request_head(headers: &HeaderMap) -> Result<(), Unreadable> {
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+    check_content_encoding(headers.get(header::CONTENT_ENCODING))
+}
+
+/// [`check_tag_request_head`], given the first `Content-Encoding` value
+/// ([`HeaderScan::content_encoding`]).
+pub fn check_content_encoding(encoding: Option<&HeaderValue>) -> Result<(), Unreadable> {
+    if let Some(encoding) = encoding {
         let encoding = String::from_utf8_lossy(encoding.as_bytes());
         if !encoding.trim().eq_ignore_ascii_case("identity") {
             return Err(Unreadable::ContentEncoding(encoding.into_owned()));
@@ -392,6 +509,176 @@ mod tests {
             ("x-amz-target", target),
             ("content-type", CONTENT_TYPE),
         ]))
+    }
+
+    /// `classify` as it was, one lookup per header: the oracle of the one-pass scan.
+    fn classify_by_lookups(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Route, Refused> {
+        check_request_line(method, uri).map_err(Refused::audited)?;
+        let pass = || names_pass_through(headers).is_some();
+        let refused = |reason| Refused {
+            reason,
+            may_change_tags: !pass(),
+        };
+        for (name, display) in &SINGLE_HEADERS {
+            let mut values = headers.get_all(*name).iter();
+            if values.next().is_some() && values.next().is_some() {
+                return Err(refused(Unreadable::RepeatedHeader(display)));
+            }
+        }
+        check_look_alike_names(headers).map_err(Refused::audited)?;
+        check_action_header(headers).map_err(Refused::audited)?;
+        check_connection_tokens(headers).map_err(refused)?;
+        let route = super::route(headers.get(&X_AMZ_TARGET)).map_err(Refused::audited)?;
+        match headers.get(header::CONTENT_TYPE) {
+            Some(ct) if ct.as_bytes() == CONTENT_TYPE.as_bytes() => Ok(route),
+            Some(ct) => Err(Refused::audited(Unreadable::ContentType(
+                String::from_utf8_lossy(ct.as_bytes()).into_owned(),
+            ))),
+            None => Err(Refused::audited(Unreadable::ContentType(String::new()))),
+        }
+    }
+
+    /// Refuses a header whose name some readers take for a routing or signed header: the same name
+    /// with `_` for `-` (`X_Amz_Target`). Only names with a `_` need a look.
+    fn check_look_alike_names(headers: &HeaderMap) -> Result<(), Unreadable> {
+        for name in headers.keys() {
+            let name = name.as_str();
+            if memchr::memchr(b'_', name.as_bytes()).is_none() {
+                continue;
+            }
+            let dashed = name.replace('_', "-");
+            if let Some(guarded) = GUARDED_HEADERS.iter().find(|g| **g == dashed) {
+                return Err(Unreadable::LookAlikeHeader(name.to_owned(), guarded));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a header named `Action` in any spelling: moto (and what is built like it) takes the
+    /// operation from it when the query and the body name none, so a pass-through target with an
+    /// `Action: TagResource` header and an empty body would be a tag change to it. Spelled any way a
+    /// lenient reader could merge with it: any case, with `-`, `_` or other punctuation anywhere.
+    fn check_action_header(headers: &HeaderMap) -> Result<(), Unreadable> {
+        for name in headers.keys() {
+            if is_action_name(name.as_str()) {
+                return Err(Unreadable::ActionHeader(name.as_str().to_owned()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Heads built from the headers KMS clients send and the spellings some reader may merge
+    /// with them: repeats, `_` for `-`, `Action` in any spelling, `Connection` tokens, other
+    /// targets and content types, in any order.
+    fn generated_headers() -> impl proptest::strategy::Strategy<Value = HeaderMap> {
+        use proptest::prelude::*;
+        let name = proptest::sample::select(vec![
+            "x-amz-target",
+            "x_amz_target",
+            "host",
+            "content-type",
+            "content_type",
+            "content-length",
+            "content-encoding",
+            "transfer_encoding",
+            "authorization",
+            "x-amz-date",
+            "x_amz_date",
+            "x-amz-security_token",
+            "connection",
+            "action",
+            "x-action",
+            "ac-tion_",
+            "actions",
+            "amz-sdk-invocation-id",
+            "amz-sdk-request",
+            "user-agent",
+            "x__amz__target",
+        ]);
+        let value = proptest::sample::select(vec![
+            "TrentService.Encrypt",
+            "TrentService.TagResource",
+            "TrentService.CreateAlias",
+            "TrentService.Frobnicate",
+            "TrentService.tagresource",
+            "trentservice.Encrypt",
+            "application/x-amz-json-1.1",
+            "application/json",
+            "kms.us-east-1.amazonaws.com",
+            "keep-alive",
+            "close, x-amz-target",
+            "Host",
+            "x_amz-date",
+            "identity",
+            "",
+        ]);
+        proptest::collection::vec((name, value), 0..10).prop_map(|pairs| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            h
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_classify_decides_what_the_lookups_decided(
+            headers in generated_headers(),
+            canonical in proptest::bool::weighted(0.3),
+        ) {
+            let mut headers = headers;
+            if canonical {
+                // Also the heads that pass: the canonical pair first, the rest after.
+                let mut h = HeaderMap::new();
+                h.append("x-amz-target", HeaderValue::from_static("TrentService.TagResource"));
+                h.append("content-type", HeaderValue::from_static(CONTENT_TYPE));
+                for (k, v) in &headers {
+                    if k != "x-amz-target" && k != "content-type" {
+                        h.append(k.clone(), v.clone());
+                    }
+                }
+                headers = h;
+            }
+            let (post, root) = (Method::POST, Uri::from_static("/"));
+            proptest::prop_assert_eq!(
+                classify(&post, &root, &headers),
+                classify_by_lookups(&post, &root, &headers),
+                "{:?}",
+                headers
+            );
+            let scan = HeaderScan::of(&headers);
+            proptest::prop_assert_eq!(scan.host(), headers.get(header::HOST));
+            proptest::prop_assert_eq!(scan.authorization(), headers.get(header::AUTHORIZATION));
+            proptest::prop_assert_eq!(scan.content_encoding(), headers.get(header::CONTENT_ENCODING));
+            proptest::prop_assert_eq!(scan.invocation_id, headers.get("amz-sdk-invocation-id"));
+            proptest::prop_assert_eq!(scan.sdk_request, headers.get("amz-sdk-request"));
+        }
+    }
+
+    #[test]
+    fn the_names_the_scan_knows_need_no_look() {
+        let known = [
+            "x-amz-target",
+            "host",
+            "content-type",
+            "content-length",
+            "content-encoding",
+            "authorization",
+            "connection",
+            "amz-sdk-invocation-id",
+            "amz-sdk-request",
+        ];
+        for name in known {
+            assert!(!name.contains('_') && !is_action_name(name), "{name}");
+        }
+        for (i, (name, _)) in SINGLE_HEADERS.iter().enumerate() {
+            assert_eq!(name.as_str(), known[i]);
+        }
     }
 
     #[test]
@@ -678,6 +965,35 @@ mod tests {
         );
         let identity = headers(&[("content-encoding", "identity")]);
         assert!(check_tag_request_head(&identity).is_ok());
+    }
+
+    /// `is_host_name` as it was: `split_once` and `parse`.
+    fn is_host_name_by_split(host: &str) -> bool {
+        let (name, port) = match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        };
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        let port_ok = port.is_none_or(|p| {
+            (1..=5).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
+        });
+        name_ok && port_ok
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn is_host_name_agrees_with_its_split_reading(
+            host in proptest::string::string_regex(
+                "[a-z0-9.-]{0,6}(:[0-9+-]{0,7})?[:@/ _\u{e9}0]{0,2}(:[0-9]{0,3})?"
+            ).unwrap()
+        ) {
+            proptest::prop_assert_eq!(is_host_name(&host), is_host_name_by_split(&host), "{:?}", host);
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! a request that names two (a repeated `Credential=`, or the header and the query both) is refused.
 
 use http::header::AUTHORIZATION;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 use crate::ascii::{split_byte, split_once_byte};
 
@@ -38,11 +38,19 @@ pub fn read_credential(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<Credential>, CredentialError> {
+    read_credential_of(headers.get(AUTHORIZATION), query)
+}
+
+/// [`read_credential`], given the first `Authorization` value (`classify::HeaderScan`'s).
+pub fn read_credential_of(
+    authorization: Option<&HeaderValue>,
+    query: Option<&str>,
+) -> Result<Option<Credential>, CredentialError> {
     let from_query = match query {
         Some(q) => credential_from_query(q)?,
         None => None,
     };
-    let from_header = match headers.get(AUTHORIZATION) {
+    let from_header = match authorization {
         Some(value) => {
             Some(credential_from_header(value.to_str().map_err(|_| {
                 CredentialError::MalformedHeader("not visible ASCII")

@@ -26,6 +26,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use super::operation::TagOperation;
 use crate::fold::skeleton;
 
+mod plain;
+
 /// One tag a request sets.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Tag {
@@ -172,13 +174,27 @@ pub fn parse_tag_request(operation: TagOperation, body: &[u8]) -> Result<TagChan
     // The awsJson 1.1 protocol lets a client send an empty body for an empty input.
     let text = if text.is_empty() { "{}" } else { text };
 
+    // The common shape is read in one pass; anything else by the strict parser, which the plain
+    // reader never contradicts (it reads only what the strict parser reads the same way).
+    let change = match plain::read(operation, text) {
+        Some(change) => change,
+        None => strict(operation, text)?,
+    };
+    checked(change)
+}
+
+/// The strict parser: serde visitors over serde_json, for every body.
+fn strict(operation: TagOperation, text: &str) -> Result<TagChange, RequestError> {
     // Read from the validated `str`: serde_json then skips checking each string's UTF-8 again.
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let change = deserializer
+    deserializer
         .deserialize_map(RequestVisitor { operation })
         .and_then(|change| deserializer.end().map(|()| change))
-        .map_err(|e| RequestError::Json(e.to_string()))?;
+        .map_err(|e| RequestError::Json(e.to_string()))
+}
 
+/// The checks on a parsed change: repeated tag keys, the alias name, the target key id.
+fn checked(change: TagChange) -> Result<TagChange, RequestError> {
     if let Some(key) = repeated_tag_key(&change) {
         return Err(RequestError::DuplicateTagKey(key.clone()));
     }
@@ -257,21 +273,34 @@ impl<'de> MemberNames<'de> {
 
 /// The guarded member that `name` is a look-alike of (same skeleton, other name), if any.
 fn look_alike_of_guarded(name: &str) -> Option<&'static str> {
-    if name.is_ascii() {
-        // Fast path: an ASCII name whose letters differ from every guarded name's in length
-        // cannot have its skeleton (it only drops whitespace and controls, and lower-cases).
-        let kept = name
-            .bytes()
-            .filter(|b| !crate::fold::dropped_ascii(*b))
-            .count();
-        if !(4..=11).contains(&kept) {
-            return None;
-        }
+    if !name.is_ascii() {
+        let skeleton = skeleton(name);
+        return GUARDED_MEMBERS
+            .into_iter()
+            .find(|g| name != *g && skeleton.eq_ignore_ascii_case(g));
     }
-    let skeleton = skeleton(name);
+    // ASCII: the skeleton drops whitespace and controls and lower-cases the rest, so it is
+    // compared byte by byte without being built. A guarded name itself is no look-alike of
+    // another (their skeletons differ), which the loop finds too, only later.
+    if GUARDED_MEMBERS.contains(&name) {
+        return None;
+    }
+    let kept = name
+        .bytes()
+        .filter(|b| !crate::fold::dropped_ascii(*b))
+        .count();
     GUARDED_MEMBERS
         .into_iter()
-        .find(|g| name != *g && skeleton.eq_ignore_ascii_case(g))
+        .find(|g| g.len() == kept && ascii_skeleton_is(name, g))
+}
+
+/// Whether the skeleton of the ASCII `name` is `guarded` ignoring ASCII case.
+fn ascii_skeleton_is(name: &str, guarded: &str) -> bool {
+    let mut kept = name.bytes().filter(|b| !crate::fold::dropped_ascii(*b));
+    guarded
+        .bytes()
+        .all(|g| kept.next().is_some_and(|b| b.eq_ignore_ascii_case(&g)))
+        && kept.next().is_none()
 }
 
 /// Refuses a guarded member where the model does not put it.
@@ -1046,6 +1075,395 @@ mod tests {
             r#"{"AliasName":"alias/a","TargetKeyId":"alias/other"}"#,
         );
         assert!(e.contains("is an alias"), "{e}");
+    }
+
+    /// The parser before the plain reader: the strict parser for every body (the oracle).
+    fn strict_only(op: TagOperation, body: &[u8]) -> Result<TagChange, RequestError> {
+        if body.starts_with(b"\xEF\xBB\xBF") {
+            return Err(RequestError::ByteOrderMark);
+        }
+        let Ok(text) = std::str::from_utf8(body) else {
+            return Err(RequestError::NotUtf8);
+        };
+        let text = if text.is_empty() { "{}" } else { text };
+        checked(strict(op, text)?)
+    }
+
+    /// Random choices for the body generator, drawn in turn from a generated list.
+    struct Dice<'a> {
+        rolls: &'a [u32],
+        next: usize,
+    }
+
+    impl Dice<'_> {
+        fn roll(&mut self, n: u32) -> u32 {
+            let r = self.rolls[self.next % self.rolls.len()];
+            self.next += 1;
+            // Mixed with the position, so that a short list does not repeat itself exactly.
+            (r ^ (self.next as u32).wrapping_mul(0x9e37_79b9)) % n
+        }
+
+        fn pick<'s>(&mut self, from: &[&'s str]) -> &'s str {
+            from[self.roll(from.len() as u32) as usize]
+        }
+    }
+
+    /// The content of a JSON string (between its quotes): mostly plain, sometimes with escapes
+    /// (of plain letters too), lone surrogates, raw controls, non-ASCII, quotes.
+    fn string_content(d: &mut Dice) -> String {
+        const PLAIN: [&str; 10] = ["a", "Z", "0", "7", ":", "/", "-", "_", "team", "alias/"];
+        const ODD: [&str; 24] = [
+            " ",
+            "\\u00e9",
+            "\\\"",
+            "\\\\",
+            "\\n",
+            "\\u0001",
+            "\\u0000",
+            "\\ud800",
+            "\\udc00x",
+            "\\u0041",
+            "\\ud83d\\udca1",
+            "\\u00",
+            "\\x",
+            "\\/",
+            "\\u017f",
+            "\\t",
+            "\u{1}",
+            "\u{1f}",
+            "\u{7f}",
+            "é",
+            "ſ",
+            "\u{212a}",
+            "💡",
+            "\u{200b}",
+        ];
+        let mut out = String::new();
+        for _ in 0..d.roll(6) {
+            match d.roll(8) {
+                0 => out.push_str(d.pick(&ODD)),
+                _ => out.push_str(d.pick(&PLAIN)),
+            }
+        }
+        out
+    }
+
+    /// A member name as JSON text: a guarded name, a look-alike of one (case, whitespace,
+    /// controls, invisible characters, marks, confusables, escapes), or another name.
+    fn member_name(d: &mut Dice) -> String {
+        const OTHER: [&str; 8] = [
+            "Description",
+            "X",
+            "Policy",
+            "ReplicaRegion",
+            "Tag",
+            "TagKeysX",
+            "a",
+            "",
+        ];
+        const INSERTED: [&str; 14] = [
+            " ", "\t", "\\t", "\\u0000", "\u{0}", "\\u200b", "\u{200b}", "\\ufeff", "\u{feff}",
+            "\\u0301", "\u{301}", "\u{ad}", "\\u2028", "_",
+        ];
+        let base = if d.roll(4) == 0 {
+            d.pick(&OTHER)
+        } else {
+            d.pick(&GUARDED_MEMBERS)
+        };
+        let mut chars: Vec<String> = base.chars().map(String::from).collect();
+        for _ in 0..d.roll(3) {
+            let at = d.roll(chars.len() as u32 + 1) as usize;
+            match d.roll(7) {
+                // Another letter case.
+                0 | 1 if at < chars.len() => {
+                    let c = chars[at].clone();
+                    chars[at] = if c == c.to_lowercase() {
+                        c.to_uppercase()
+                    } else {
+                        c.to_lowercase()
+                    };
+                }
+                // A character that folds onto the one it replaces (or with a mark after it).
+                2 if at < chars.len() => {
+                    chars[at] = match chars[at].as_str() {
+                        "s" => "ſ".into(),
+                        "K" | "k" => "\\u212a".into(),
+                        "T" => "\\uff34".into(),
+                        "a" => "á".into(),
+                        "i" | "I" => "ı".into(),
+                        other => format!("{other}\u{301}"),
+                    };
+                }
+                // The same character, escaped.
+                3 if at < chars.len() => {
+                    let c = chars[at].chars().next().unwrap();
+                    chars[at] = format!("\\u{:04x}", u32::from(c));
+                }
+                4 => chars.truncate(at),
+                _ => chars.insert(at, d.pick(&INSERTED).to_owned()),
+            }
+        }
+        chars.concat()
+    }
+
+    /// Any JSON value, as text.
+    fn any_value(d: &mut Dice, depth: u32) -> String {
+        let atom = |d: &mut Dice| match d.roll(7) {
+            0 => "1".to_owned(),
+            1 => "-0.5e3".to_owned(),
+            2 => "true".to_owned(),
+            3 => "null".to_owned(),
+            4 => "1e999".to_owned(),
+            _ => format!("\"{}\"", string_content(d)),
+        };
+        if depth == 0 {
+            return atom(d);
+        }
+        match d.roll(9) {
+            0 => {
+                let n = d.roll(4);
+                let items: Vec<String> = (0..n).map(|_| any_value(d, depth - 1)).collect();
+                format!("[{}]", items.join(","))
+            }
+            1 => {
+                let n = d.roll(4);
+                let members: Vec<(String, String)> = (0..n)
+                    .map(|_| (member_name(d), any_value(d, depth - 1)))
+                    .collect();
+                object(d, &members)
+            }
+            2 => format!("{}1{}", "[".repeat(130), "]".repeat(130)),
+            3 => tags(d),
+            _ => atom(d),
+        }
+    }
+
+    /// JSON whitespace between tokens, sometimes something that is not.
+    fn space(d: &mut Dice) -> &'static str {
+        match d.roll(24) {
+            0 => " ",
+            1 => "\n\t",
+            2 => "\r\n ",
+            3 => "\u{b}",
+            4 => "\u{a0}",
+            _ => "",
+        }
+    }
+
+    fn object(d: &mut Dice, members: &[(String, String)]) -> String {
+        let mut out = String::from("{");
+        for (i, (name, value)) in members.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(space(d));
+            out.push('"');
+            out.push_str(name);
+            out.push('"');
+            out.push_str(space(d));
+            out.push(':');
+            out.push_str(space(d));
+            out.push_str(value);
+            out.push_str(space(d));
+        }
+        out.push('}');
+        out
+    }
+
+    /// Members in their canonical shape, then mutations (each with chance `1/rate`): renamed,
+    /// retyped, repeated, dropped, swapped, added.
+    fn mutated(d: &mut Dice, mut members: Vec<(String, String)>, rate: u32) -> String {
+        while d.roll(rate) == 0 {
+            let n = members.len() as u32;
+            let i = d.roll(n.max(1)) as usize;
+            match d.roll(6) {
+                0 if n > 0 => members[i].0 = member_name(d),
+                1 if n > 0 => members[i].1 = any_value(d, 2),
+                2 if n > 0 => members.push(members[i].clone()),
+                3 if n > 0 => drop(members.remove(i)),
+                4 if n > 1 => members.swap(i, d.roll(n) as usize),
+                _ => members.push((member_name(d), any_value(d, 1))),
+            }
+        }
+        object(d, &members)
+    }
+
+    fn string_value(d: &mut Dice) -> String {
+        match d.roll(4) {
+            0 => format!("\"{}\"", d.pick(&["a", "b", "Project", "alias/a"])),
+            _ => format!("\"{}\"", string_content(d)),
+        }
+    }
+
+    fn tags(d: &mut Dice) -> String {
+        let n = d.roll(4);
+        let items: Vec<String> = (0..n)
+            .map(|_| {
+                let members = vec![
+                    ("TagKey".to_owned(), string_value(d)),
+                    ("TagValue".to_owned(), string_value(d)),
+                ];
+                mutated(d, members, 6)
+            })
+            .collect();
+        format!("[{}]", items.join(&format!(",{}", space(d))))
+    }
+
+    /// A body for `op`: its members, usually in their canonical shape, often mutated.
+    fn body_for(op: TagOperation, d: &mut Dice) -> String {
+        let m = |name: &str, value: String| (name.to_owned(), value);
+        let mut members = match op {
+            TagResource => vec![m("KeyId", string_value(d)), m("Tags", tags(d))],
+            UntagResource => {
+                let keys: Vec<String> = (0..d.roll(4)).map(|_| string_value(d)).collect();
+                vec![
+                    m("KeyId", string_value(d)),
+                    m("TagKeys", format!("[{}]", keys.join(","))),
+                ]
+            }
+            CreateAlias | UpdateAlias => vec![
+                m("AliasName", string_value(d)),
+                m("TargetKeyId", string_value(d)),
+            ],
+            DeleteAlias => vec![m("AliasName", string_value(d))],
+            CreateKey => vec![m("Description", string_value(d)), m("Tags", tags(d))],
+            ReplicateKey => vec![
+                m("KeyId", string_value(d)),
+                m("ReplicaRegion", string_value(d)),
+                m("Tags", tags(d)),
+            ],
+        };
+        if d.roll(2) == 0 {
+            members.reverse();
+        }
+        let mut body = format!("{}{}", space(d), mutated(d, members, 3));
+        match d.roll(12) {
+            0 => body.push_str(d.pick(&["x", "{}", "]", ",", "\"\""])),
+            1 => body.push_str(space(d)),
+            2 => body.clear(),
+            _ => {}
+        }
+        body
+    }
+
+    #[test]
+    fn the_plain_reader_and_the_strict_parser_read_every_body_alike() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        use std::cell::Cell;
+        let mut runner = TestRunner::new(Config {
+            cases: 4096,
+            ..Config::default()
+        });
+        let (plain_read, compared) = (Cell::new(0u32), Cell::new(0u32));
+        let ops = proptest::sample::select(TagOperation::ALL.to_vec());
+        let rolls = proptest::collection::vec(any::<u32>(), 1..200);
+        runner
+            .run(&(ops, rolls), |(op, rolls)| {
+                let mut dice = Dice {
+                    rolls: &rolls,
+                    next: 0,
+                };
+                let body = body_for(op, &mut dice);
+                // Each body is read as every operation: one's shape is an odd body to another.
+                for read_as in TagOperation::ALL {
+                    let text = if body.is_empty() { "{}" } else { &body };
+                    if let Some(change) = plain::read(read_as, text) {
+                        plain_read.set(plain_read.get() + u32::from(read_as == op));
+                        prop_assert_eq!(Ok(change), strict(read_as, text), "{}", body);
+                    }
+                    prop_assert_eq!(
+                        parse_tag_request(read_as, body.as_bytes()),
+                        strict_only(read_as, body.as_bytes()),
+                        "{} read as {}",
+                        body,
+                        read_as
+                    );
+                    compared.set(compared.get() + 1);
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The generator must reach the plain reader often, or the comparison proves little.
+        // (About 18 % of the bodies are, as their own operation.)
+        let (plain_read, compared) = (plain_read.get(), compared.get());
+        assert!(
+            plain_read * 10 > compared / 7,
+            "{plain_read} of {} bodies in the plain shape",
+            compared / 7
+        );
+    }
+
+    #[test]
+    fn sdk_bodies_are_read_in_the_plain_shape() {
+        for (op, body) in [
+            (
+                TagResource,
+                r#"{"KeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","Tags":[{"TagKey":"team:owner","TagValue":"payments"},{"TagKey":"cost:center","TagValue":"4711"}]}"#,
+            ),
+            (TagResource, " {\"Tags\": [ ], \"KeyId\" : \"k\"}\n"),
+            (UntagResource, r#"{"KeyId":"k","TagKeys":["a","b"]}"#),
+            (UntagResource, r#"{"TagKeys":[],"KeyId":"k"}"#),
+            (CreateAlias, r#"{"AliasName":"alias/a","TargetKeyId":"k"}"#),
+            (UpdateAlias, r#"{"TargetKeyId":"k","AliasName":"alias/a"}"#),
+            (DeleteAlias, "{\"AliasName\":\"alias/caf\u{e9}\"}"),
+        ] {
+            let change = plain::read(op, body).unwrap_or_else(|| panic!("{op} {body}"));
+            assert_eq!(Ok(change), strict(op, body), "{op} {body}");
+        }
+        // Escapes, other members, missing ones and the operations with members the proxy does
+        // not read go to the strict parser.
+        for (op, body) in [
+            (
+                TagResource,
+                r#"{"KeyId":"k","Tags":[{"TagKey":"Pro\u006aect","TagValue":"x"}]}"#,
+            ),
+            (TagResource, r#"{"KeyId":"k","Tags":[],"tags":[]}"#),
+            (TagResource, r#"{"KeyId":"k","Tags":[],"Tags":[]}"#),
+            (TagResource, r#"{"KeyId":"k"}"#),
+            (TagResource, r#"{"KeyId":"k","Tags":[{"TagKey":"a"}]}"#),
+            (TagResource, r#"{"KeyId":"k","Tags":[]} x"#),
+            (CreateKey, r#"{"Tags":[]}"#),
+            (ReplicateKey, r#"{"KeyId":"k","ReplicaRegion":"r"}"#),
+            (DeleteAlias, "{\"AliasName\":\"alias/\u{1}\"}"),
+        ] {
+            assert_eq!(plain::read(op, body), None, "{op} {body}");
+        }
+    }
+
+    #[test]
+    fn the_ascii_look_alike_check_agrees_with_the_skeleton_on_generated_names() {
+        use proptest::prelude::*;
+        use proptest::test_runner::TestRunner;
+        // ASCII names near the guarded ones: case changes, whitespace and controls inserted,
+        // letters dropped or doubled; the JSON escapes of `member_name` are left as text.
+        let near = proptest::collection::vec(any::<u32>(), 1..40).prop_map(|rolls| {
+            let mut d = Dice {
+                rolls: &rolls,
+                next: 0,
+            };
+            member_name(&mut d)
+        });
+        let ascii = proptest::string::string_regex(
+            r"[ \t\r\n\x0b\x00\x1fTtAaGgKkEeYySsIiDdVvLlUuNnMmRr_-]{0,14}",
+        )
+        .unwrap();
+        let mut runner = TestRunner::deterministic();
+        runner
+            .run(&prop_oneof![near, ascii], |name| {
+                prop_assert_eq!(
+                    look_alike_of_guarded(&name),
+                    look_alike_by_skeleton(&name),
+                    "{:?}",
+                    name
+                );
+                Ok(())
+            })
+            .unwrap();
+        // The fast path relies on this: no guarded name is a look-alike of another.
+        for g in GUARDED_MEMBERS {
+            assert_eq!(look_alike_by_skeleton(g), None, "{g}");
+        }
     }
 
     #[test]

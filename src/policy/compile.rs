@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use regex::{Regex, RegexBuilder};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
 use super::caller::{CallerPattern, ValueTemplate};
 use super::org::ORG_RULE_PREFIX;
@@ -364,6 +364,19 @@ fn regex(path: &str, pattern: &str, ignore_case: bool, errors: &mut Errors) -> O
         .ok()
 }
 
+/// Compiled regexes (each built by [`regex`], ignoring case) as one set, for a rule that asks
+/// whether any matches: `None` for none, or when the set exceeds the size limit.
+fn regex_set(patterns: &[Regex]) -> Option<RegexSet> {
+    if patterns.is_empty() {
+        return None;
+    }
+    RegexSetBuilder::new(patterns.iter().map(Regex::as_str))
+        .case_insensitive(true)
+        .size_limit(1 << 20)
+        .build()
+        .ok()
+}
+
 fn read_required_prefix(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
     let prefixes = non_empty_strings(r, "prefixes", errors);
     let exempt_keys = r
@@ -411,11 +424,12 @@ fn read_forbidden_key(r: &mut Reader, errors: &mut Errors) -> Option<RuleKind> {
             );
         }
     }
-    let patterns: Option<Vec<Regex>> = patterns.into_iter().collect();
+    let patterns: Vec<Regex> = patterns.into_iter().collect::<Option<_>>()?;
     Some(RuleKind::ForbiddenKey {
         folded_keys: keys.iter().map(|k| fold(k)).collect(),
         keys,
-        patterns: patterns?,
+        any_pattern: regex_set(&patterns),
+        patterns,
         on_set,
         on_remove,
     })

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 
 use super::caller::{Caller, CallerPattern, ValueTemplate};
 use super::org::OrgTag;
@@ -47,6 +47,10 @@ pub(super) enum RuleKind {
         /// `keys`, folded once.
         folded_keys: Vec<String>,
         patterns: Vec<Regex>,
+        /// `patterns` as one set, built at load: a key that matches none of them (the common
+        /// case) costs one search instead of one per pattern. `None` without patterns, or when
+        /// the set would be too large to build (then each pattern is searched).
+        any_pattern: Option<RegexSet>,
         on_set: bool,
         on_remove: bool,
     },
@@ -183,6 +187,7 @@ impl Rule {
                 keys,
                 folded_keys,
                 patterns,
+                any_pattern,
                 on_set,
                 on_remove,
             } => {
@@ -203,7 +208,11 @@ impl Rule {
                                 keys[i]
                             ),
                         ));
-                    } else if let Some(p) = patterns.iter().find(|p| matches_ignoring_case(p, key))
+                    } else if let Some(p) = any_pattern
+                        .as_ref()
+                        .is_none_or(|set| set_matches_ignoring_case(set, key))
+                        .then(|| patterns.iter().find(|p| matches_ignoring_case(p, key)))
+                        .flatten()
                     {
                         out.add(&self.id, || violation(
                             key,
@@ -482,6 +491,11 @@ fn position_folded(folded_keys: &[String], key: &str) -> Option<usize> {
 /// tag keys: the regex engine's Unicode folding does not equate `ı` or `İ` with `i`, Java does.
 fn matches_ignoring_case(pattern: &Regex, key: &str) -> bool {
     pattern.is_match(key) || (!key.is_ascii() && pattern.is_match(&fold(key)))
+}
+
+/// [`matches_ignoring_case`] for a set: whether any of its regexes does.
+fn set_matches_ignoring_case(set: &RegexSet, key: &str) -> bool {
+    set.is_match(key) || (!key.is_ascii() && set.is_match(&fold(key)))
 }
 
 /// Whether a `key_ids` glob may name the key a request refers to.

@@ -931,3 +931,46 @@ keys = ["x"]
         "plain (forbidden-key, enforce) from policy.rule[1]"
     );
 }
+
+/// The same policy with every forbidden-key rule's pattern set dropped: each pattern searched
+/// on its own, as before the sets.
+fn without_pattern_sets(policy: &Policy) -> Policy {
+    let mut plain = policy.clone();
+    for rule in &mut plain.rules {
+        if let rules::RuleKind::ForbiddenKey { any_pattern, .. } = &mut rule.kind {
+            *any_pattern = None;
+        }
+    }
+    plain
+}
+
+proptest::proptest! {
+    #[test]
+    fn pattern_sets_deny_what_each_pattern_denies(
+        keys in proptest::collection::vec(
+            proptest::string::string_regex("(abac|ABAC|aws|AWS|ab\u{130}c|\u{131}d|team|x)?[-:_ ]?(ſ|\u{212a}|K|id|Project)?").unwrap(),
+            0..4,
+        ),
+        remove in proptest::bool::ANY,
+    ) {
+        let p = policy(&format!("{POLICY}
+[[policy.rule]]
+id = \"patterns-only\"
+type = \"forbidden-key\"
+patterns = [\"^abac[-:]\", \"^aws:\", \"id$\", \"^[a-z]+_k\", \"(?-i)^AWS\"]
+on = [\"set\", \"remove\"]
+"));
+        let plain = without_pattern_sets(&p);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let change = if remove {
+            untag(&keys)
+        } else {
+            set(TagOperation::TagResource, &keys.iter().map(|k| (*k, "1234")).collect::<Vec<_>>())
+        };
+        let ctx = Context::default();
+        proptest::prop_assert_eq!(
+            format!("{:?}", p.evaluate(&change, &ctx)),
+            format!("{:?}", plain.evaluate(&change, &ctx))
+        );
+    }
+}
