@@ -148,8 +148,9 @@ impl<'a> HeaderScan<'a> {
         let mut last: Option<&HeaderName> = None;
         let mut slot = OTHER;
         for (name, value) in headers {
-            // The values of one name come one after another: the name is looked at once.
-            if last != Some(name) {
+            // The values of one name come one after another, with the same name (the same
+            // reference into the map): the name is looked at once.
+            if !last.is_some_and(|l| std::ptr::eq(l, name)) {
                 last = Some(name);
                 let text = name.as_str();
                 slot = match text {
@@ -406,6 +407,15 @@ pub fn request_host_of<'a>(
     uri: &'a Uri,
     host: Option<&'a HeaderValue>,
 ) -> Result<&'a str, Unreadable> {
+    // The common case, a Host that is a host name and no authority, checked once: a host name
+    // is ASCII, so `to_str` and the second check below cannot refuse it.
+    if let (Some(h), None) = (host, uri.authority()) {
+        if is_host_name_bytes(h.as_bytes()) {
+            if let Ok(name) = std::str::from_utf8(h.as_bytes()) {
+                return Ok(name);
+            }
+        }
+    }
     let header = match host {
         Some(h) => Some(h.to_str().map_err(|_| {
             Unreadable::HostNotName(String::from_utf8_lossy(h.as_bytes()).into_owned())
@@ -443,8 +453,12 @@ fn shown_host(host: &str) -> String {
 /// `name[:port]`: a name of ASCII letters, digits, `-` and `.`, and a port of one to five digits
 /// from 1 to 65535.
 pub fn is_host_name(host: &str) -> bool {
-    // One pass over the bytes: no searcher set up for the `:`, no integer parser for the port.
-    let bytes = host.as_bytes();
+    is_host_name_bytes(host.as_bytes())
+}
+
+/// [`is_host_name`] on bytes. One pass: no searcher set up for the `:`, no integer parser for
+/// the port.
+fn is_host_name_bytes(bytes: &[u8]) -> bool {
     let name_len = bytes
         .iter()
         .position(|&b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
@@ -985,7 +999,57 @@ mod tests {
         name_ok && port_ok
     }
 
+    /// `request_host` as it was, without the shortcut for a plain Host.
+    fn request_host_by_steps<'a>(
+        uri: &'a Uri,
+        headers: &'a HeaderMap,
+    ) -> Result<&'a str, Unreadable> {
+        let header = match headers.get(header::HOST) {
+            Some(h) => Some(h.to_str().map_err(|_| {
+                Unreadable::HostNotName(String::from_utf8_lossy(h.as_bytes()).into_owned())
+            })?),
+            None => None,
+        };
+        let authority = uri.authority().map(|a| a.as_str());
+        let host = match (header, authority) {
+            (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => {
+                return Err(Unreadable::HostMismatch {
+                    host: shown_host(h),
+                    authority: shown_host(a),
+                })
+            }
+            (Some(h), _) => h,
+            (None, Some(a)) => a,
+            (None, None) => return Err(Unreadable::MissingHost),
+        };
+        if !is_host_name_by_split(host) {
+            return Err(Unreadable::HostNotName(shown_host(host)));
+        }
+        Ok(host)
+    }
+
     proptest::proptest! {
+        #[test]
+        fn request_host_reads_what_it_read_step_by_step(
+            host in proptest::option::of(proptest::collection::vec(
+                proptest::sample::select(vec![&b"kms"[..], b".", b"us-east-1", b":", b"443", b"0", b"@", b"x", b" ", b"\xe9", b"\t", b"_"]),
+                0..6,
+            )),
+            authority in proptest::option::of(proptest::sample::select(vec!["kms.x", "KMS.X", "kms.x:443", "a@kms.x"])),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(host) = host {
+                if let Ok(v) = HeaderValue::from_bytes(&host.concat()) {
+                    headers.insert(header::HOST, v);
+                }
+            }
+            let uri = match authority {
+                Some(a) => format!("https://{a}/").parse::<Uri>().unwrap(),
+                None => Uri::from_static("/"),
+            };
+            proptest::prop_assert_eq!(request_host(&uri, &headers), request_host_by_steps(&uri, &headers));
+        }
+
         #[test]
         fn is_host_name_agrees_with_its_split_reading(
             host in proptest::string::string_regex(

@@ -30,8 +30,16 @@ pub(super) fn read(operation: TagOperation, text: &str) -> Option<TagChange> {
     let mut remove = None;
     r.byte(b'{')?;
     if r.peek()? != b'}' {
+        // The names the operation takes; any other (or one spelt with an escape) is not plain.
+        let names: &[&str] = match operation {
+            TagOperation::TagResource => &["KeyId", "Tags"],
+            TagOperation::UntagResource => &["KeyId", "TagKeys"],
+            TagOperation::CreateAlias | TagOperation::UpdateAlias => &["AliasName", "TargetKeyId"],
+            TagOperation::DeleteAlias => &["AliasName"],
+            TagOperation::CreateKey | TagOperation::ReplicateKey => return None,
+        };
         loop {
-            let name = r.string()?;
+            let name = r.name(names)?;
             r.byte(b':')?;
             let slot_taken = match (operation, name) {
                 (TagOperation::TagResource | TagOperation::UntagResource, "KeyId")
@@ -165,6 +173,18 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 
+    /// A member name that is exactly one of `names` (no escape, nothing else between the
+    /// quotes), compared in place rather than scanned for its end first.
+    fn name(&mut self, names: &[&'static str]) -> Option<&'static str> {
+        self.byte(b'"')?;
+        let rest = &self.bytes[self.at..];
+        let name = names.iter().find(|name| {
+            rest.starts_with(name.as_bytes()) && rest.get(name.len()) == Some(&b'"')
+        })?;
+        self.at += name.len() + 1;
+        Some(name)
+    }
+
     /// `[` strings `]`.
     fn strings(&mut self) -> Option<Vec<String>> {
         self.byte(b'[')?;
@@ -201,7 +221,7 @@ impl<'a> Reader<'a> {
         self.byte(b'{')?;
         let (mut key, mut value) = (None, None);
         loop {
-            let name = self.string()?;
+            let name = self.name(&["TagKey", "TagValue"])?;
             self.byte(b':')?;
             let slot = match name {
                 "TagKey" => &mut key,
