@@ -353,6 +353,84 @@ async fn a_restart_appending_goes_on_with_the_chain() {
     assert!(!out.contains("new chain"), "{out}");
 }
 
+/// The records of `path` as (event, request_id, seq).
+fn events_of(path: &Path) -> Vec<(String, String, u64)> {
+    lines_of(path)
+        .iter()
+        .filter(|line| event(line) != "chain_start")
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let id = value["request_id"].as_str().unwrap_or_default().to_owned();
+            (event(line), id, parse_seal(line).unwrap().0)
+        })
+        .collect()
+}
+
+/// Every allowed decision in `records` has its outcome after it in the chain.
+fn outcomes_follow_decisions(records: &[(String, String, u64)]) {
+    for (event, id, seq) in records {
+        if event == "decision" {
+            let outcome = records.iter().find(|(e, i, _)| e == "outcome" && i == id);
+            if let Some((_, _, after)) = outcome {
+                assert!(after > seq, "the outcome of {id} comes before its decision");
+            }
+        }
+    }
+}
+
+/// A client that sends tag changes and never reads its answers (a receive buffer of a few KiB,
+/// answers of 3.5 MiB) cannot hold back their outcome records: the first answer cannot be
+/// written whole, and its outcome is in the log anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_hold_back_an_outcome() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeKms::start().await;
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(3_500_000));
+    fake.set_status_override(Some((200, body)));
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    let proxy = start_proxy_with(&fake, config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(proxy.addr).await.unwrap();
+    let requests: Vec<u8> = (0..3)
+        .flat_map(|i| {
+            common::ops::signed(
+                proxy.addr,
+                "TagResource",
+                &tag_body(&[("team:app", &format!("unread-{i}"))]),
+            )
+            .to_bytes()
+        })
+        .collect();
+    client.write_all(&requests).await.unwrap();
+    let outcomes = || {
+        events_of(&audit)
+            .iter()
+            .filter(|(event, _, _)| event == "outcome")
+            .count()
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), || outcomes() >= 1).await,
+        "outcomes held back by a client that does not read: {:?}",
+        events_of(&audit)
+    );
+    // The connection waits for the client with the first answer: the next requests are not
+    // forwarded.
+    assert_eq!(fake.count(), 1);
+    outcomes_follow_decisions(&events_of(&audit));
+    drop(client);
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    let (code, out) = verify_cli(&[&audit]);
+    assert_eq!(code, 0, "{out}");
+}
+
 fn logrotate(dir: &Path, config: &str) {
     let conf = dir.join("logrotate.conf");
     std::fs::write(&conf, config).unwrap();
