@@ -25,6 +25,15 @@
 //! devices, every record goes through the writer thread. Whoever writes, a line joins the batch at
 //! one place ([`Writer::append`]) under the lock, so the order of the file is the order lines are
 //! appended in.
+//!
+//! **An outcome record costs no write of its own.** Nobody waits for it, so when the writer is
+//! idle it is sealed into the batch and left there ([`Core::append_lazy`]): the next write
+//! carries it ahead of its own line, whoever makes it (usually the next decision record), and
+//! when none comes the writer thread writes it [`OUTCOME_WRITE_WITHIN`] later. The writer thread
+//! watches for such records with a timer while they come, so no request path wakes it for one;
+//! after [`LAZY_QUIET`] without any it sleeps without a timer, and the next one wakes it. Held in
+//! memory, such a record is lost if the process is killed within that time, like a record in the
+//! queue.
 //! A batch is written whole or not at all: when a write or fsync fails (a full disk), a file is
 //! truncated back to where the batch began, and on any other sink the rest of the batch is
 //! written later, completing the line that was cut; the batch is retried with a back-off (a file
@@ -76,6 +85,13 @@ const KEPT_BUFFER: usize = 256 * 1024;
 pub const SLOW_DIRECT: Duration = Duration::from_millis(1);
 /// ... sends every record through the writer thread for this long.
 pub const DIRECT_PAUSE: Duration = Duration::from_secs(1);
+/// An outcome record joins the batch without a write of its own ([`Core::append_lazy`]): the
+/// next write carries it, whoever makes it, and when none comes the writer thread writes it this
+/// long after it was appended (plus the time the thread takes to wake).
+pub const OUTCOME_WRITE_WITHIN: Duration = Duration::from_millis(2);
+/// The writer thread watches for such records with a timer (no request path wakes it) until none
+/// came for this long; then it sleeps without one, and the next such record wakes it.
+const LAZY_QUIET: Duration = Duration::from_millis(50);
 
 /// How records may be written on the calling thread, for the sink open now.
 const DIRECT_UNKNOWN: u8 = 0;
@@ -154,6 +170,13 @@ struct Core {
     direct_paused_until_ms: AtomicU64,
     /// Reopens asked for and not yet done: records go through the queue meanwhile, after them.
     reopens: AtomicUsize,
+    /// Set (under the lock) while the writer thread sleeps without a timer: a request path that
+    /// leaves an outcome record in the batch wakes it (`Job::Kick`). Otherwise no request path
+    /// wakes it for such a record: it looks at least every [`OUTCOME_WRITE_WITHIN`].
+    writer_asleep: AtomicBool,
+    /// Outcome records appended without a write, ever: the writer thread keeps its timer while
+    /// this moves.
+    lazy_appends: AtomicU64,
 }
 
 impl Core {
@@ -235,17 +258,11 @@ impl Core {
         // for another request path's write was tried: on this 2-CPU machine, shared with the
         // load generator, the holder was often not running, and 3 times as many records went
         // through the writer thread; docs/performance.md.)
-        if self.queued.load(Ordering::SeqCst) != 0 {
-            return None;
-        }
         let mut writer = self.writer.try_lock().ok()?;
-        // Checked again under the lock: a record queued meanwhile goes first.
-        if writer.records != 0
-            || matches!(writer.sink, Sink::Closed)
-            || self.queued.load(Ordering::SeqCst) != 0
-            || self.failing.load(Ordering::SeqCst)
-            || self.reopens.load(Ordering::SeqCst) != 0
-        {
+        // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
+        // written, but outcome records left in the batch ([`Core::append_lazy`]), which this
+        // write carries ahead of the record.
+        if !self.idle(&writer) {
             return None;
         }
         self.queued.fetch_add(1, Ordering::SeqCst);
@@ -288,6 +305,52 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Whether a request path may add to the batch (under the lock): every record in it is an
+    /// outcome left there without a write, none is in the queue, the sink is open and not
+    /// failing, and no reopen waits.
+    fn idle(&self, writer: &Writer) -> bool {
+        writer.records == writer.lazy
+            && writer.written == 0
+            && self.queued.load(Ordering::SeqCst) == writer.lazy
+            && !matches!(writer.sink, Sink::Closed)
+            && !self.failing.load(Ordering::SeqCst)
+            && self.reopens.load(Ordering::SeqCst) == 0
+    }
+
+    /// Appends an admitted outcome record to the batch without writing it: the next write
+    /// carries it, whoever makes it (the next decision record, which is written before its
+    /// request goes on anyway), or the writer thread [`OUTCOME_WRITE_WITHIN`] later. `false`
+    /// when the writer is not idle ([`Core::idle`], or its lock is taken): queue it.
+    fn append_lazy(&self, queue: &Sender<Job>, line: &[u8], charge: usize) -> bool {
+        if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return false;
+        };
+        if !self.idle(&writer) {
+            return false;
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        let armed = writer.seal.checkpoint_due_in().is_some();
+        writer.append(line, charge, None, false);
+        writer.lazy += 1;
+        writer.lazy_since.get_or_insert_with(Instant::now);
+        self.lazy_appends.fetch_add(1, Ordering::Relaxed);
+        // Read under the lock, which the writer thread holds when it decides to sleep without a
+        // timer: either it sees this record, or this sees it asleep.
+        let kick = self.writer_asleep.load(Ordering::SeqCst)
+            || (!armed && writer.seal.checkpoint_due_in().is_some());
+        drop(writer);
+        if kick {
+            let _ = queue.send(Job::Kick);
+        }
+        true
+    }
+}
+
 /// What one try at writing the batch did.
 #[derive(Debug, PartialEq, Eq)]
 enum Written {
@@ -316,7 +379,8 @@ impl std::fmt::Debug for OutcomeSlot {
 }
 
 impl OutcomeSlot {
-    /// Queues the outcome record in its place (never waits, never finds the queue full).
+    /// Queues the outcome record in its place (never waits, never finds the queue full): left in
+    /// the batch for the next write when the writer is idle ([`Core::append_lazy`]), else queued.
     pub fn write(mut self, record: &impl Record) -> Result<(), AuditError> {
         self.held = false;
         let line = encode(record);
@@ -329,8 +393,8 @@ impl OutcomeSlot {
         self.core
             .metrics
             .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
-        if let Some(written) = self.core.write_direct(&self.queue, &line, len, false) {
-            return written.map(drop);
+        if self.core.append_lazy(&self.queue, &line, len) {
+            return Ok(());
         }
         self.core.send(&self.queue, line, len, None)
     }
@@ -409,6 +473,8 @@ impl AuditLog {
             seal,
             written: 0,
             records: 0,
+            lazy: 0,
+            lazy_since: None,
             charged: 0,
             uncounted: 0,
             waiting: Vec::new(),
@@ -435,6 +501,8 @@ impl AuditLog {
             }),
             direct_paused_until_ms: AtomicU64::new(0),
             reopens: AtomicUsize::new(0),
+            writer_asleep: AtomicBool::new(false),
+            lazy_appends: AtomicU64::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("ktg-audit".into())
@@ -659,6 +727,10 @@ struct Writer {
     /// Records in `batch`, and the bytes they are counted for in the queue.
     records: usize,
     charged: usize,
+    /// How many of `records` are outcome records left for the next write
+    /// ([`Core::append_lazy`]), with no write tried since, and when the first of them came.
+    lazy: usize,
+    lazy_since: Option<Instant>,
     /// Records in `batch` not yet counted as write failures.
     uncounted: usize,
     /// Who waits for the records of `batch` (told at the first failure or at success).
@@ -676,54 +748,85 @@ fn run(core: &Core, jobs: Receiver<Job>) {
 
 fn serve(core: &Core, jobs: Receiver<Job>) {
     let mut stopping = false;
+    // A batch that failed is retried until the sink takes it.
+    let mut retrying = false;
+    // Outcome records left in the batch (`Core::append_lazy`): how many had come when the writer
+    // last looked, and when that number last moved.
+    let mut seen = core.lazy_appends.load(Ordering::Relaxed);
+    let mut active = Instant::now();
     loop {
         if core.abandon.load(Ordering::SeqCst) {
             return;
         }
         let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if writer.records == 0 {
-            // Records no checkpoint signs yet (written here or on a request path): wake to sign
-            // them in time.
-            let due = writer.seal.checkpoint_due_in();
-            // Not held while waiting: a request path may write meanwhile.
-            drop(writer);
-            // After `Stop`, what is still in the queue (a request that finished meanwhile,
-            // an outcome written as the connections closed) is written too; the writer ends
-            // once the queue is empty.
+        // Written now: records from the queue, outcome records left in the batch for long
+        // enough, a checkpoint that came due, a batch that failed.
+        let mut force = false;
+        if !retrying && writer.records == writer.lazy && !writer.lazy_due(Instant::now()) {
+            // After `Stop`, what is still in the queue (a request that finished meanwhile, an
+            // outcome written as the connections closed) is written too; the writer ends once
+            // the queue is empty.
             let next = if stopping {
-                jobs.try_recv().ok()
-            } else if let Some(due) = due {
-                match jobs.recv_timeout(due) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-                        // Retried like a batch of records until the sink takes it.
-                        if writer.checkpoint() {
-                            while writer.write_batch(core, false) != Written::Whole {
-                                if core.orphaned.load(Ordering::SeqCst)
-                                    || core.abandon.load(Ordering::SeqCst)
-                                {
-                                    return;
-                                }
-                                writer.wait_to_retry(core);
-                            }
-                        }
+                jobs.try_recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                let now = Instant::now();
+                let appended = core.lazy_appends.load(Ordering::Relaxed);
+                if appended != seen {
+                    seen = appended;
+                    active = now;
+                }
+                // Outcome records in the batch: wake when they come due. Recently some: look
+                // again within the bound, so that no request path has to wake this thread.
+                let lazy = writer
+                    .lazy_since
+                    .map(|since| (since + OUTCOME_WRITE_WITHIN).saturating_duration_since(now));
+                let watch =
+                    (now.duration_since(active) < LAZY_QUIET).then_some(OUTCOME_WRITE_WITHIN);
+                // Records no checkpoint signs yet (written here or on a request path): wake to
+                // sign them in time.
+                let wait = [lazy.or(watch), writer.seal.checkpoint_due_in()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                core.writer_asleep.store(wait.is_none(), Ordering::SeqCst);
+                // Not held while waiting: a request path may write meanwhile.
+                drop(writer);
+                let next = match wait {
+                    Some(wait) => jobs.recv_timeout(wait),
+                    None => jobs
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                core.writer_asleep.store(false, Ordering::SeqCst);
+                writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+                next
+            };
+            match next {
+                Ok(job) => {
+                    writer.take(core, job, &mut stopping);
+                    if writer.records == writer.lazy && !writer.lazy_due(Instant::now()) {
+                        // A kick, a reopen, `Stop`: nothing to write yet.
                         continue;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
                 }
-            } else {
-                jobs.recv().ok()
-            };
-            writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(job) = next else {
-                // The last lines are signed as the writer stops.
-                if writer.checkpoint() {
-                    writer.write_batch(core, false);
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Retried like a batch of records until the sink takes it.
+                    let due = writer.seal.checkpoint_due_in().is_some_and(|d| d.is_zero());
+                    force = due && writer.checkpoint();
+                    if !force && !writer.lazy_due(Instant::now()) {
+                        continue;
+                    }
                 }
-                return;
-            };
-            writer.take(core, job, &mut stopping);
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The last lines are signed as the writer stops, and the outcome records
+                    // left in the batch written.
+                    if writer.checkpoint() || writer.records > 0 {
+                        writer.write_batch(core, false);
+                    }
+                    return;
+                }
+            }
         }
         while writer.records > 0 && writer.records < MAX_BATCH {
             match jobs.try_recv() {
@@ -731,12 +834,15 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if writer.records > 0 && writer.write_batch(core, false) != Written::Whole {
-            if core.orphaned.load(Ordering::SeqCst) {
-                return;
+        if force || retrying || writer.records > 0 {
+            retrying = writer.write_batch(core, false) != Written::Whole;
+            if retrying {
+                if core.orphaned.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Held while waiting: request paths queue their records behind the batch.
+                writer.wait_to_retry(core);
             }
-            // Held while waiting: request paths queue their records behind the batch.
-            writer.wait_to_retry(core);
         }
     }
 }
@@ -782,6 +888,12 @@ impl Writer {
         self.waiting.extend(done);
     }
 
+    /// Whether outcome records left in the batch have waited [`OUTCOME_WRITE_WITHIN`].
+    fn lazy_due(&self, now: Instant) -> bool {
+        self.lazy_since
+            .is_some_and(|since| now >= since + OUTCOME_WRITE_WITHIN)
+    }
+
     /// A new sink: how a request path may write to it is found out again.
     fn set_sink(&mut self, core: &Core, sink: Sink) {
         self.sink = sink;
@@ -794,6 +906,9 @@ impl Writer {
     /// a request path, with a write that cannot wait (module docs). Unless [`Written::Whole`],
     /// the batch is kept: rolled back (a file) or with `written` saying how much of it is out.
     fn write_batch(&mut self, core: &Core, direct: bool) -> Written {
+        // Whatever becomes of this write, its outcome records are no longer left for the next.
+        self.lazy = 0;
+        self.lazy_since = None;
         let started = core.epoch.elapsed();
         let since = started.as_millis().max(1) as u64;
         core.writing_since_ms.store(since, Ordering::SeqCst);
@@ -1438,9 +1553,11 @@ mod tests {
         // A regular file of a local file system: an append, or a write that cannot wait.
         let mode = log.core.direct.load(Ordering::SeqCst);
         assert!(mode == DIRECT_APPEND || mode == DIRECT_NOWAIT, "{mode}");
+        // The last outcome may still wait for the next write (OUTCOME_WRITE_WITHIN): closing
+        // writes it.
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
         assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
-        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
 
         // With fsync: always the writer thread.
@@ -1463,6 +1580,51 @@ mod tests {
             Err(AuditError::Failing)
         ));
         assert_eq!(full.core.direct.load(Ordering::SeqCst), DIRECT_NEVER);
+    }
+
+    /// An outcome record costs no write of its own: it is left in the batch, the next record's
+    /// write carries it ahead of that record, and with nothing after it the writer thread
+    /// writes it on its own.
+    #[tokio::test]
+    async fn an_outcome_rides_with_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        // How often an outcome was not yet in the file when its `write` returned: the writer
+        // thread writes it on its own only after OUTCOME_WRITE_WITHIN.
+        let mut left = 0;
+        for n in 0..20 {
+            let (queued, slot) = log
+                .queue_holding(&serde_json::json!({ "n": n }), true)
+                .unwrap();
+            log.written(queued).await.unwrap();
+            // The decision's write carried the outcome before it.
+            assert_eq!(lines(), 2 * n + 1);
+            slot.unwrap()
+                .write(&serde_json::json!({ "outcome": n }))
+                .unwrap();
+            left += usize::from(lines() == 2 * n + 1);
+        }
+        assert!(left > 0, "every outcome was written at once");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lines() < 40 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lines(), 40, "the last outcome was not written");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let key = if i % 2 == 0 { "n" } else { "outcome" };
+            assert_eq!(value[key], i / 2, "{line}");
+        }
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
+        assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
     }
 
     /// Threads writing at once, on their own (when the writer is idle) or through the queue
