@@ -31,9 +31,10 @@
 //! carries it ahead of its own line, whoever makes it (usually the next decision record), and
 //! when none comes the writer thread writes it [`OUTCOME_WRITE_WITHIN`] later. The writer thread
 //! watches for such records with a timer while they come, so no request path wakes it for one;
-//! after [`LAZY_QUIET`] without any it sleeps without a timer, and the next one wakes it. Held in
-//! memory, such a record is lost if the process is killed within that time, like a record in the
-//! queue.
+//! after [`LAZY_QUIET`] without any it sleeps without a timer, and the next one wakes it. One that
+//! finds the lock taken (another thread writing) waits on a list for the next line appended
+//! ([`Core::defer`]), within twice that time. Held in memory, such a record is lost if the
+//! process is killed meanwhile, like a record in the queue.
 //! A batch is written whole or not at all: when a write or fsync fails (a full disk), a file is
 //! truncated back to where the batch began, and on any other sink the rest of the batch is
 //! written later, completing the line that was cut; the batch is retried with a back-off (a file
@@ -177,6 +178,18 @@ struct Core {
     /// Outcome records appended without a write, ever: the writer thread keeps its timer while
     /// this moves.
     lazy_appends: AtomicU64,
+    /// Outcome records that found the writer's lock taken ([`Core::defer`]): the next line
+    /// appended, whoever appends it, is appended after them. `deferred_count` says how many,
+    /// without the lock.
+    deferred: Mutex<Deferred>,
+    deferred_count: AtomicUsize,
+}
+
+/// Outcome records waiting to join the batch, and when the first of them came.
+#[derive(Default)]
+struct Deferred {
+    lines: Vec<(Vec<u8>, usize)>,
+    since: Option<Instant>,
 }
 
 impl Core {
@@ -260,8 +273,9 @@ impl Core {
         // through the writer thread; docs/performance.md.)
         let mut writer = self.writer.try_lock().ok()?;
         // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
-        // written, but outcome records left in the batch ([`Core::append_lazy`]), which this
-        // write carries ahead of the record.
+        // written, but outcome records left in the batch ([`Core::append_lazy`], [`Core::defer`]),
+        // which this write carries ahead of the record.
+        writer.take_deferred(self);
         if !self.idle(&writer) {
             return None;
         }
@@ -270,7 +284,7 @@ impl Core {
         // The first line no checkpoint signs yet arms the writer thread's checkpoint timer: it
         // sleeps on the queue, so it is told (once per checkpoint, not once per record).
         let armed = writer.seal.checkpoint_due_in().is_some();
-        writer.append(line, charge, None, false);
+        writer.append(self, line, charge, None, false);
         let arm = !armed && writer.seal.checkpoint_due_in().is_some();
         match writer.write_batch(self, true) {
             Written::Whole => {
@@ -318,6 +332,30 @@ impl Core {
             && self.reopens.load(Ordering::SeqCst) == 0
     }
 
+    /// Leaves an admitted outcome record whose decision is written for the next line appended,
+    /// when the writer's lock is taken (another thread writing): no hand-off to the writer
+    /// thread, no wake-up, unless it sleeps without a timer. `false` when the sink fails or a
+    /// reopen waits: queue it.
+    fn defer(&self, queue: &Sender<Job>, line: Vec<u8>, charge: usize) -> Result<(), Vec<u8>> {
+        if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
+            return Err(line);
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            deferred.lines.push((line, charge));
+            deferred.since.get_or_insert_with(Instant::now);
+            self.deferred_count.fetch_add(1, Ordering::SeqCst);
+        }
+        // The writer thread sets `writer_asleep`, then looks at `deferred_count`: either it sees
+        // this record, or this sees it asleep.
+        if self.writer_asleep.load(Ordering::SeqCst) {
+            let _ = queue.send(Job::Kick);
+        }
+        Ok(())
+    }
+
     /// Appends an admitted outcome record to the batch without writing it: the next write
     /// carries it, whoever makes it (the next decision record, which is written before its
     /// request goes on anyway), or the writer thread [`OUTCOME_WRITE_WITHIN`] later. `false`
@@ -329,13 +367,14 @@ impl Core {
         let Ok(mut writer) = self.writer.try_lock() else {
             return false;
         };
+        writer.take_deferred(self);
         if !self.idle(&writer) {
             return false;
         }
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.audit_queued(1);
         let armed = writer.seal.checkpoint_due_in().is_some();
-        writer.append(line, charge, None, false);
+        writer.append(self, line, charge, None, false);
         writer.lazy += 1;
         writer.lazy_since.get_or_insert_with(Instant::now);
         self.lazy_appends.fetch_add(1, Ordering::Relaxed);
@@ -368,6 +407,9 @@ pub struct OutcomeSlot {
     core: Arc<Core>,
     queue: Sender<Job>,
     held: bool,
+    /// Its decision record is written ([`OutcomeSlot::decision_written`]): the outcome may be
+    /// deferred, as nothing of its request waits unwritten before it.
+    after_written: bool,
 }
 
 impl std::fmt::Debug for OutcomeSlot {
@@ -396,7 +438,24 @@ impl OutcomeSlot {
         if self.core.append_lazy(&self.queue, &line, len) {
             return Ok(());
         }
+        let line = if self.after_written {
+            match self.core.defer(&self.queue, line, len) {
+                Ok(()) => return Ok(()),
+                Err(line) => line,
+            }
+        } else {
+            line
+        };
         self.core.send(&self.queue, line, len, None)
+    }
+}
+
+impl OutcomeSlot {
+    /// Its decision record is written: the outcome record may wait for the next line appended
+    /// when the writer's lock is taken ([`Core::defer`]); before, it goes through the queue,
+    /// behind its decision.
+    pub fn decision_written(&mut self) {
+        self.after_written = true;
     }
 }
 
@@ -503,6 +562,8 @@ impl AuditLog {
             reopens: AtomicUsize::new(0),
             writer_asleep: AtomicBool::new(false),
             lazy_appends: AtomicU64::new(0),
+            deferred: Mutex::default(),
+            deferred_count: AtomicUsize::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("ktg-audit".into())
@@ -565,6 +626,7 @@ impl AuditLog {
             core: Arc::clone(&self.core),
             queue: self.queue.clone(),
             held: true,
+            after_written: false,
         });
         if self.core.failing.load(Ordering::SeqCst) {
             // The writer retries the sink on its own; nobody waits for it meanwhile.
@@ -759,6 +821,7 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
             return;
         }
         let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer.take_deferred(core);
         // Written now: records from the queue, outcome records left in the batch for long
         // enough, a checkpoint that came due, a batch that failed.
         let mut force = false;
@@ -790,6 +853,11 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
                     .flatten()
                     .min();
                 core.writer_asleep.store(wait.is_none(), Ordering::SeqCst);
+                if wait.is_none() && core.deferred_count.load(Ordering::SeqCst) != 0 {
+                    // Deferred as it decided to sleep: take it first.
+                    core.writer_asleep.store(false, Ordering::SeqCst);
+                    continue;
+                }
                 // Not held while waiting: a request path may write meanwhile.
                 drop(writer);
                 let next = match wait {
@@ -821,6 +889,7 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // The last lines are signed as the writer stops, and the outcome records
                     // left in the batch written.
+                    writer.take_deferred(core);
                     if writer.checkpoint() || writer.records > 0 {
                         writer.write_batch(core, false);
                     }
@@ -850,10 +919,13 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
 impl Writer {
     fn take(&mut self, core: &Core, job: Job, stopping: &mut bool) {
         match job {
-            Job::Record(line, charge, done, counted) => self.append(&line, charge, done, counted),
+            Job::Record(line, charge, done, counted) => {
+                self.append(core, &line, charge, done, counted);
+            }
             Job::Reopen(done) => {
                 // What came before goes to the old file (one try: a failing batch follows the
                 // path to the new file, whole).
+                self.take_deferred(core);
                 if self.records > 0 {
                     self.write_batch(core, false);
                 }
@@ -878,7 +950,46 @@ impl Writer {
         self.seal.checkpoint(&mut self.batch)
     }
 
-    fn append(&mut self, line: &[u8], charge: usize, done: Option<Done>, counted: bool) {
+    fn append(
+        &mut self,
+        core: &Core,
+        line: &[u8],
+        charge: usize,
+        done: Option<Done>,
+        counted: bool,
+    ) {
+        // Outcome records deferred before this line was made go before it.
+        self.take_deferred(core);
+        self.seal_line(line, charge, done, counted);
+    }
+
+    /// Appends the deferred outcome records ([`Core::defer`]), left for the next write like
+    /// those [`Core::append_lazy`] appends, their wait counted from when the first came.
+    fn take_deferred(&mut self, core: &Core) {
+        if core.deferred_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let deferred = {
+            let mut deferred = core.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            core.deferred_count.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *deferred)
+        };
+        for (line, charge) in &deferred.lines {
+            self.seal_line(line, *charge, None, false);
+        }
+        // A write under way (a batch partly written or failing) takes them with it; otherwise
+        // they wait for the next write like the outcomes appended without one.
+        if self.records == self.lazy + deferred.lines.len() {
+            self.lazy += deferred.lines.len();
+            if let Some(since) = deferred.since {
+                self.lazy_since = Some(self.lazy_since.map_or(since, |s| s.min(since)));
+            }
+        }
+        core.lazy_appends
+            .fetch_add(deferred.lines.len() as u64, Ordering::Relaxed);
+    }
+
+    fn seal_line(&mut self, line: &[u8], charge: usize, done: Option<Done>, counted: bool) {
         // Sealed into the chain here, whoever writes: the order of the chain is the order of
         // the file (crate::integrity).
         self.seal.seal(line, &mut self.batch);
@@ -1627,6 +1738,59 @@ mod tests {
         assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
     }
 
+    /// An outcome record that finds the writer's lock taken (another thread writing) waits for
+    /// the next line appended, whoever appends it, instead of going through the writer thread;
+    /// with nothing after it the writer thread writes it. Before its decision is written, it
+    /// goes through the queue, behind its decision.
+    #[tokio::test]
+    async fn an_outcome_that_finds_the_lock_taken_waits_for_the_next_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        for n in 0..3 {
+            let (queued, slot) = log
+                .queue_holding(&serde_json::json!({ "n": n }), true)
+                .unwrap();
+            log.written(queued).await.unwrap();
+            let mut slot = slot.unwrap();
+            let held = log.core.writer.lock().unwrap();
+            if n < 2 {
+                slot.decision_written();
+                slot.write(&serde_json::json!({ "outcome": n })).unwrap();
+                assert_eq!(log.core.deferred_count.load(Ordering::SeqCst), 1);
+            } else {
+                slot.write(&serde_json::json!({ "outcome": n })).unwrap();
+                assert_eq!(log.core.deferred_count.load(Ordering::SeqCst), 0);
+            }
+            drop(held);
+        }
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lines() < 6 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let order: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                match (value.get("n"), value.get("outcome")) {
+                    (Some(n), _) => format!("d{n}"),
+                    (_, Some(n)) => format!("o{n}"),
+                    _ => line.to_owned(),
+                }
+            })
+            .collect();
+        assert_eq!(order, ["d0", "o0", "d1", "o1", "d2", "o2"]);
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
+        assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
+    }
+
     /// Threads writing at once, on their own (when the writer is idle) or through the queue
     /// (when it is not, or the pipe is full): every record is in the log once, whole, and each
     /// thread's records in the order it made them, as the hash chain needs.
@@ -1653,7 +1817,22 @@ mod tests {
                 }
             }
         });
-        let mut settings = config(AuditPath::File(fifo), false);
+        records_keep_their_order(fifo, || reader.join().unwrap());
+    }
+
+    /// The same on a regular file, where request paths write their own records, and outcome
+    /// records that find the lock taken wait for the next line appended (`Core::defer`).
+    #[test]
+    fn records_written_by_callers_deferred_and_the_writer_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        records_keep_their_order(path.clone(), || std::fs::read_to_string(&path).unwrap());
+    }
+
+    /// Four threads write 300 records each (waited for, detached, with an outcome after them);
+    /// `read` gives the log once the writer has stopped.
+    fn records_keep_their_order(path: std::path::PathBuf, read: impl FnOnce() -> String) {
+        let mut settings = config(AuditPath::File(path), false);
         settings.queue_capacity = 100_000;
         settings.stall_timeout = Duration::from_secs(30);
         let log = Arc::new(AuditLog::open(&settings, Arc::default()).unwrap());
@@ -1676,8 +1855,10 @@ mod tests {
                             _ => {
                                 let (queued, slot) = log.queue_holding(&record, true).unwrap();
                                 runtime.block_on(log.written(queued)).unwrap();
-                                slot.unwrap()
-                                    .write(&serde_json::json!({ "t": t, "n": n, "outcome": true }))
+                                let mut slot = slot.unwrap();
+                                // As `record::decision` does: the outcome may be deferred.
+                                slot.decision_written();
+                                slot.write(&serde_json::json!({ "t": t, "n": n, "outcome": true }))
                                     .unwrap();
                             }
                         }
@@ -1694,7 +1875,7 @@ mod tests {
             .unwrap();
         assert_eq!(runtime.block_on(log.close(Duration::from_secs(30))), 0);
         drop(log);
-        let text = reader.join().unwrap();
+        let text = read();
         let mut next = [0usize; THREADS];
         let mut outcomes = 0;
         for line in text.lines() {
