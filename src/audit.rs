@@ -25,6 +25,16 @@
 //! devices, every record goes through the writer thread. Whoever writes, a line joins the batch at
 //! one place ([`Writer::append`]) under the lock, so the order of the file is the order lines are
 //! appended in.
+//!
+//! **An outcome record costs no write of its own.** Nobody waits for it, so when the writer is
+//! idle it is sealed into the batch and left there ([`Core::append_lazy`]): the next write
+//! carries it ahead of its own line, whoever makes it (usually the next decision record), and
+//! when none comes the writer thread writes it [`OUTCOME_WRITE_WITHIN`] later. The writer thread
+//! watches for such records with a timer while they come, so no request path wakes it for one;
+//! after [`LAZY_QUIET`] without any it sleeps without a timer, and the next one wakes it. One that
+//! finds the lock taken (another thread writing) waits on a list for the next line appended
+//! ([`Core::defer`]), within twice that time. Held in memory, such a record is lost if the
+//! process is killed meanwhile, like a record in the queue.
 //! A batch is written whole or not at all: when a write or fsync fails (a full disk), a file is
 //! truncated back to where the batch began, and on any other sink the rest of the batch is
 //! written later, completing the line that was cut; the batch is retried with a back-off (a file
@@ -76,6 +86,13 @@ const KEPT_BUFFER: usize = 256 * 1024;
 pub const SLOW_DIRECT: Duration = Duration::from_millis(1);
 /// ... sends every record through the writer thread for this long.
 pub const DIRECT_PAUSE: Duration = Duration::from_secs(1);
+/// An outcome record joins the batch without a write of its own ([`Core::append_lazy`]): the
+/// next write carries it, whoever makes it, and when none comes the writer thread writes it this
+/// long after it was appended (plus the time the thread takes to wake).
+pub const OUTCOME_WRITE_WITHIN: Duration = Duration::from_millis(2);
+/// The writer thread watches for such records with a timer (no request path wakes it) until none
+/// came for this long; then it sleeps without one, and the next such record wakes it.
+const LAZY_QUIET: Duration = Duration::from_millis(50);
 
 /// How records may be written on the calling thread, for the sink open now.
 const DIRECT_UNKNOWN: u8 = 0;
@@ -154,6 +171,25 @@ struct Core {
     direct_paused_until_ms: AtomicU64,
     /// Reopens asked for and not yet done: records go through the queue meanwhile, after them.
     reopens: AtomicUsize,
+    /// Set (under the lock) while the writer thread sleeps without a timer: a request path that
+    /// leaves an outcome record in the batch wakes it (`Job::Kick`). Otherwise no request path
+    /// wakes it for such a record: it looks at least every [`OUTCOME_WRITE_WITHIN`].
+    writer_asleep: AtomicBool,
+    /// Outcome records appended without a write, ever: the writer thread keeps its timer while
+    /// this moves.
+    lazy_appends: AtomicU64,
+    /// Outcome records that found the writer's lock taken ([`Core::defer`]): the next line
+    /// appended, whoever appends it, is appended after them. `deferred_count` says how many,
+    /// without the lock.
+    deferred: Mutex<Deferred>,
+    deferred_count: AtomicUsize,
+}
+
+/// Outcome records waiting to join the batch, and when the first of them came.
+#[derive(Default)]
+struct Deferred {
+    lines: Vec<(Vec<u8>, usize)>,
+    since: Option<Instant>,
 }
 
 impl Core {
@@ -235,17 +271,12 @@ impl Core {
         // for another request path's write was tried: on this 2-CPU machine, shared with the
         // load generator, the holder was often not running, and 3 times as many records went
         // through the writer thread; docs/performance.md.)
-        if self.queued.load(Ordering::SeqCst) != 0 {
-            return None;
-        }
         let mut writer = self.writer.try_lock().ok()?;
-        // Checked again under the lock: a record queued meanwhile goes first.
-        if writer.records != 0
-            || matches!(writer.sink, Sink::Closed)
-            || self.queued.load(Ordering::SeqCst) != 0
-            || self.failing.load(Ordering::SeqCst)
-            || self.reopens.load(Ordering::SeqCst) != 0
-        {
+        // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
+        // written, but outcome records left in the batch ([`Core::append_lazy`], [`Core::defer`]),
+        // which this write carries ahead of the record.
+        writer.take_deferred(self);
+        if !self.idle(&writer) {
             return None;
         }
         self.queued.fetch_add(1, Ordering::SeqCst);
@@ -253,7 +284,7 @@ impl Core {
         // The first line no checkpoint signs yet arms the writer thread's checkpoint timer: it
         // sleeps on the queue, so it is told (once per checkpoint, not once per record).
         let armed = writer.seal.checkpoint_due_in().is_some();
-        writer.append(line, charge, None, false);
+        writer.append(self, line, charge, None, false);
         let arm = !armed && writer.seal.checkpoint_due_in().is_some();
         match writer.write_batch(self, true) {
             Written::Whole => {
@@ -288,6 +319,77 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Whether a request path may add to the batch (under the lock): every record in it is an
+    /// outcome left there without a write, none is in the queue, the sink is open and not
+    /// failing, and no reopen waits.
+    fn idle(&self, writer: &Writer) -> bool {
+        writer.records == writer.lazy
+            && writer.written == 0
+            && self.queued.load(Ordering::SeqCst) == writer.lazy
+            && !matches!(writer.sink, Sink::Closed)
+            && !self.failing.load(Ordering::SeqCst)
+            && self.reopens.load(Ordering::SeqCst) == 0
+    }
+
+    /// Leaves an admitted outcome record whose decision is written for the next line appended,
+    /// when the writer's lock is taken (another thread writing): no hand-off to the writer
+    /// thread, no wake-up, unless it sleeps without a timer. `false` when the sink fails or a
+    /// reopen waits: queue it.
+    fn defer(&self, queue: &Sender<Job>, line: Vec<u8>, charge: usize) -> Result<(), Vec<u8>> {
+        if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
+            return Err(line);
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            deferred.lines.push((line, charge));
+            deferred.since.get_or_insert_with(Instant::now);
+            self.deferred_count.fetch_add(1, Ordering::SeqCst);
+        }
+        // The writer thread sets `writer_asleep`, then looks at `deferred_count`: either it sees
+        // this record, or this sees it asleep.
+        if self.writer_asleep.load(Ordering::SeqCst) {
+            let _ = queue.send(Job::Kick);
+        }
+        Ok(())
+    }
+
+    /// Appends an admitted outcome record to the batch without writing it: the next write
+    /// carries it, whoever makes it (the next decision record, which is written before its
+    /// request goes on anyway), or the writer thread [`OUTCOME_WRITE_WITHIN`] later. `false`
+    /// when the writer is not idle ([`Core::idle`], or its lock is taken): queue it.
+    fn append_lazy(&self, queue: &Sender<Job>, line: &[u8], charge: usize) -> bool {
+        if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return false;
+        };
+        writer.take_deferred(self);
+        if !self.idle(&writer) {
+            return false;
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        let armed = writer.seal.checkpoint_due_in().is_some();
+        writer.append(self, line, charge, None, false);
+        writer.lazy += 1;
+        writer.lazy_since.get_or_insert_with(Instant::now);
+        self.lazy_appends.fetch_add(1, Ordering::Relaxed);
+        // Read under the lock, which the writer thread holds when it decides to sleep without a
+        // timer: either it sees this record, or this sees it asleep.
+        let kick = self.writer_asleep.load(Ordering::SeqCst)
+            || (!armed && writer.seal.checkpoint_due_in().is_some());
+        drop(writer);
+        if kick {
+            let _ = queue.send(Job::Kick);
+        }
+        true
+    }
+}
+
 /// What one try at writing the batch did.
 #[derive(Debug, PartialEq, Eq)]
 enum Written {
@@ -305,6 +407,9 @@ pub struct OutcomeSlot {
     core: Arc<Core>,
     queue: Sender<Job>,
     held: bool,
+    /// Its decision record is written ([`OutcomeSlot::decision_written`]): the outcome may be
+    /// deferred, as nothing of its request waits unwritten before it.
+    after_written: bool,
 }
 
 impl std::fmt::Debug for OutcomeSlot {
@@ -316,7 +421,8 @@ impl std::fmt::Debug for OutcomeSlot {
 }
 
 impl OutcomeSlot {
-    /// Queues the outcome record in its place (never waits, never finds the queue full).
+    /// Queues the outcome record in its place (never waits, never finds the queue full): left in
+    /// the batch for the next write when the writer is idle ([`Core::append_lazy`]), else queued.
     pub fn write(mut self, record: &impl Record) -> Result<(), AuditError> {
         self.held = false;
         let line = encode(record);
@@ -329,10 +435,27 @@ impl OutcomeSlot {
         self.core
             .metrics
             .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
-        if let Some(written) = self.core.write_direct(&self.queue, &line, len, false) {
-            return written.map(drop);
+        if self.core.append_lazy(&self.queue, &line, len) {
+            return Ok(());
         }
+        let line = if self.after_written {
+            match self.core.defer(&self.queue, line, len) {
+                Ok(()) => return Ok(()),
+                Err(line) => line,
+            }
+        } else {
+            line
+        };
         self.core.send(&self.queue, line, len, None)
+    }
+}
+
+impl OutcomeSlot {
+    /// Its decision record is written: the outcome record may wait for the next line appended
+    /// when the writer's lock is taken ([`Core::defer`]); before, it goes through the queue,
+    /// behind its decision.
+    pub fn decision_written(&mut self) {
+        self.after_written = true;
     }
 }
 
@@ -409,6 +532,8 @@ impl AuditLog {
             seal,
             written: 0,
             records: 0,
+            lazy: 0,
+            lazy_since: None,
             charged: 0,
             uncounted: 0,
             waiting: Vec::new(),
@@ -435,6 +560,10 @@ impl AuditLog {
             }),
             direct_paused_until_ms: AtomicU64::new(0),
             reopens: AtomicUsize::new(0),
+            writer_asleep: AtomicBool::new(false),
+            lazy_appends: AtomicU64::new(0),
+            deferred: Mutex::default(),
+            deferred_count: AtomicUsize::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("ktg-audit".into())
@@ -497,6 +626,7 @@ impl AuditLog {
             core: Arc::clone(&self.core),
             queue: self.queue.clone(),
             held: true,
+            after_written: false,
         });
         if self.core.failing.load(Ordering::SeqCst) {
             // The writer retries the sink on its own; nobody waits for it meanwhile.
@@ -659,6 +789,10 @@ struct Writer {
     /// Records in `batch`, and the bytes they are counted for in the queue.
     records: usize,
     charged: usize,
+    /// How many of `records` are outcome records left for the next write
+    /// ([`Core::append_lazy`]), with no write tried since, and when the first of them came.
+    lazy: usize,
+    lazy_since: Option<Instant>,
     /// Records in `batch` not yet counted as write failures.
     uncounted: usize,
     /// Who waits for the records of `batch` (told at the first failure or at success).
@@ -676,54 +810,92 @@ fn run(core: &Core, jobs: Receiver<Job>) {
 
 fn serve(core: &Core, jobs: Receiver<Job>) {
     let mut stopping = false;
+    // A batch that failed is retried until the sink takes it.
+    let mut retrying = false;
+    // Outcome records left in the batch (`Core::append_lazy`): how many had come when the writer
+    // last looked, and when that number last moved.
+    let mut seen = core.lazy_appends.load(Ordering::Relaxed);
+    let mut active = Instant::now();
     loop {
         if core.abandon.load(Ordering::SeqCst) {
             return;
         }
         let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if writer.records == 0 {
-            // Records no checkpoint signs yet (written here or on a request path): wake to sign
-            // them in time.
-            let due = writer.seal.checkpoint_due_in();
-            // Not held while waiting: a request path may write meanwhile.
-            drop(writer);
-            // After `Stop`, what is still in the queue (a request that finished meanwhile,
-            // an outcome written as the connections closed) is written too; the writer ends
-            // once the queue is empty.
+        writer.take_deferred(core);
+        // Written now: records from the queue, outcome records left in the batch for long
+        // enough, a checkpoint that came due, a batch that failed.
+        let mut force = false;
+        if !retrying && writer.records == writer.lazy && !writer.lazy_due(Instant::now()) {
+            // After `Stop`, what is still in the queue (a request that finished meanwhile, an
+            // outcome written as the connections closed) is written too; the writer ends once
+            // the queue is empty.
             let next = if stopping {
-                jobs.try_recv().ok()
-            } else if let Some(due) = due {
-                match jobs.recv_timeout(due) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-                        // Retried like a batch of records until the sink takes it.
-                        if writer.checkpoint() {
-                            while writer.write_batch(core, false) != Written::Whole {
-                                if core.orphaned.load(Ordering::SeqCst)
-                                    || core.abandon.load(Ordering::SeqCst)
-                                {
-                                    return;
-                                }
-                                writer.wait_to_retry(core);
-                            }
-                        }
+                jobs.try_recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                let now = Instant::now();
+                let appended = core.lazy_appends.load(Ordering::Relaxed);
+                if appended != seen {
+                    seen = appended;
+                    active = now;
+                }
+                // Outcome records in the batch: wake when they come due. Recently some: look
+                // again within the bound, so that no request path has to wake this thread.
+                let lazy = writer
+                    .lazy_since
+                    .map(|since| (since + OUTCOME_WRITE_WITHIN).saturating_duration_since(now));
+                let watch =
+                    (now.duration_since(active) < LAZY_QUIET).then_some(OUTCOME_WRITE_WITHIN);
+                // Records no checkpoint signs yet (written here or on a request path): wake to
+                // sign them in time.
+                let wait = [lazy.or(watch), writer.seal.checkpoint_due_in()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                core.writer_asleep.store(wait.is_none(), Ordering::SeqCst);
+                if wait.is_none() && core.deferred_count.load(Ordering::SeqCst) != 0 {
+                    // Deferred as it decided to sleep: take it first.
+                    core.writer_asleep.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                // Not held while waiting: a request path may write meanwhile.
+                drop(writer);
+                let next = match wait {
+                    Some(wait) => jobs.recv_timeout(wait),
+                    None => jobs
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                core.writer_asleep.store(false, Ordering::SeqCst);
+                writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
+                next
+            };
+            match next {
+                Ok(job) => {
+                    writer.take(core, job, &mut stopping);
+                    if writer.records == writer.lazy && !writer.lazy_due(Instant::now()) {
+                        // A kick, a reopen, `Stop`: nothing to write yet.
                         continue;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
                 }
-            } else {
-                jobs.recv().ok()
-            };
-            writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(job) = next else {
-                // The last lines are signed as the writer stops.
-                if writer.checkpoint() {
-                    writer.write_batch(core, false);
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Retried like a batch of records until the sink takes it.
+                    let due = writer.seal.checkpoint_due_in().is_some_and(|d| d.is_zero());
+                    force = due && writer.checkpoint();
+                    if !force && !writer.lazy_due(Instant::now()) {
+                        continue;
+                    }
                 }
-                return;
-            };
-            writer.take(core, job, &mut stopping);
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The last lines are signed as the writer stops, and the outcome records
+                    // left in the batch written.
+                    writer.take_deferred(core);
+                    if writer.checkpoint() || writer.records > 0 {
+                        writer.write_batch(core, false);
+                    }
+                    return;
+                }
+            }
         }
         while writer.records > 0 && writer.records < MAX_BATCH {
             match jobs.try_recv() {
@@ -731,12 +903,15 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if writer.records > 0 && writer.write_batch(core, false) != Written::Whole {
-            if core.orphaned.load(Ordering::SeqCst) {
-                return;
+        if force || retrying || writer.records > 0 {
+            retrying = writer.write_batch(core, false) != Written::Whole;
+            if retrying {
+                if core.orphaned.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Held while waiting: request paths queue their records behind the batch.
+                writer.wait_to_retry(core);
             }
-            // Held while waiting: request paths queue their records behind the batch.
-            writer.wait_to_retry(core);
         }
     }
 }
@@ -744,10 +919,13 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
 impl Writer {
     fn take(&mut self, core: &Core, job: Job, stopping: &mut bool) {
         match job {
-            Job::Record(line, charge, done, counted) => self.append(&line, charge, done, counted),
+            Job::Record(line, charge, done, counted) => {
+                self.append(core, &line, charge, done, counted);
+            }
             Job::Reopen(done) => {
                 // What came before goes to the old file (one try: a failing batch follows the
                 // path to the new file, whole).
+                self.take_deferred(core);
                 if self.records > 0 {
                     self.write_batch(core, false);
                 }
@@ -772,7 +950,46 @@ impl Writer {
         self.seal.checkpoint(&mut self.batch)
     }
 
-    fn append(&mut self, line: &[u8], charge: usize, done: Option<Done>, counted: bool) {
+    fn append(
+        &mut self,
+        core: &Core,
+        line: &[u8],
+        charge: usize,
+        done: Option<Done>,
+        counted: bool,
+    ) {
+        // Outcome records deferred before this line was made go before it.
+        self.take_deferred(core);
+        self.seal_line(line, charge, done, counted);
+    }
+
+    /// Appends the deferred outcome records ([`Core::defer`]), left for the next write like
+    /// those [`Core::append_lazy`] appends, their wait counted from when the first came.
+    fn take_deferred(&mut self, core: &Core) {
+        if core.deferred_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let deferred = {
+            let mut deferred = core.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            core.deferred_count.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *deferred)
+        };
+        for (line, charge) in &deferred.lines {
+            self.seal_line(line, *charge, None, false);
+        }
+        // A write under way (a batch partly written or failing) takes them with it; otherwise
+        // they wait for the next write like the outcomes appended without one.
+        if self.records == self.lazy + deferred.lines.len() {
+            self.lazy += deferred.lines.len();
+            if let Some(since) = deferred.since {
+                self.lazy_since = Some(self.lazy_since.map_or(since, |s| s.min(since)));
+            }
+        }
+        core.lazy_appends
+            .fetch_add(deferred.lines.len() as u64, Ordering::Relaxed);
+    }
+
+    fn seal_line(&mut self, line: &[u8], charge: usize, done: Option<Done>, counted: bool) {
         // Sealed into the chain here, whoever writes: the order of the chain is the order of
         // the file (crate::integrity).
         self.seal.seal(line, &mut self.batch);
@@ -780,6 +997,12 @@ impl Writer {
         self.uncounted += usize::from(!counted);
         self.charged += charge;
         self.waiting.extend(done);
+    }
+
+    /// Whether outcome records left in the batch have waited [`OUTCOME_WRITE_WITHIN`].
+    fn lazy_due(&self, now: Instant) -> bool {
+        self.lazy_since
+            .is_some_and(|since| now >= since + OUTCOME_WRITE_WITHIN)
     }
 
     /// A new sink: how a request path may write to it is found out again.
@@ -794,6 +1017,9 @@ impl Writer {
     /// a request path, with a write that cannot wait (module docs). Unless [`Written::Whole`],
     /// the batch is kept: rolled back (a file) or with `written` saying how much of it is out.
     fn write_batch(&mut self, core: &Core, direct: bool) -> Written {
+        // Whatever becomes of this write, its outcome records are no longer left for the next.
+        self.lazy = 0;
+        self.lazy_since = None;
         let started = core.epoch.elapsed();
         let since = started.as_millis().max(1) as u64;
         core.writing_since_ms.store(since, Ordering::SeqCst);
@@ -1438,9 +1664,11 @@ mod tests {
         // A regular file of a local file system: an append, or a write that cannot wait.
         let mode = log.core.direct.load(Ordering::SeqCst);
         assert!(mode == DIRECT_APPEND || mode == DIRECT_NOWAIT, "{mode}");
+        // The last outcome may still wait for the next write (OUTCOME_WRITE_WITHIN): closing
+        // writes it.
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
         assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
-        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
 
         // With fsync: always the writer thread.
@@ -1463,6 +1691,104 @@ mod tests {
             Err(AuditError::Failing)
         ));
         assert_eq!(full.core.direct.load(Ordering::SeqCst), DIRECT_NEVER);
+    }
+
+    /// An outcome record costs no write of its own: it is left in the batch, the next record's
+    /// write carries it ahead of that record, and with nothing after it the writer thread
+    /// writes it on its own.
+    #[tokio::test]
+    async fn an_outcome_rides_with_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        // How often an outcome was not yet in the file when its `write` returned: the writer
+        // thread writes it on its own only after OUTCOME_WRITE_WITHIN.
+        let mut left = 0;
+        for n in 0..20 {
+            let (queued, slot) = log
+                .queue_holding(&serde_json::json!({ "n": n }), true)
+                .unwrap();
+            log.written(queued).await.unwrap();
+            // The decision's write carried the outcome before it.
+            assert_eq!(lines(), 2 * n + 1);
+            slot.unwrap()
+                .write(&serde_json::json!({ "outcome": n }))
+                .unwrap();
+            left += usize::from(lines() == 2 * n + 1);
+        }
+        assert!(left > 0, "every outcome was written at once");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lines() < 40 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lines(), 40, "the last outcome was not written");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let key = if i % 2 == 0 { "n" } else { "outcome" };
+            assert_eq!(value[key], i / 2, "{line}");
+        }
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
+        assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
+    }
+
+    /// An outcome record that finds the writer's lock taken (another thread writing) waits for
+    /// the next line appended, whoever appends it, instead of going through the writer thread;
+    /// with nothing after it the writer thread writes it. Before its decision is written, it
+    /// goes through the queue, behind its decision.
+    #[tokio::test]
+    async fn an_outcome_that_finds_the_lock_taken_waits_for_the_next_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        for n in 0..3 {
+            let (queued, slot) = log
+                .queue_holding(&serde_json::json!({ "n": n }), true)
+                .unwrap();
+            log.written(queued).await.unwrap();
+            let mut slot = slot.unwrap();
+            let held = log.core.writer.lock().unwrap();
+            if n < 2 {
+                slot.decision_written();
+                slot.write(&serde_json::json!({ "outcome": n })).unwrap();
+                assert_eq!(log.core.deferred_count.load(Ordering::SeqCst), 1);
+            } else {
+                slot.write(&serde_json::json!({ "outcome": n })).unwrap();
+                assert_eq!(log.core.deferred_count.load(Ordering::SeqCst), 0);
+            }
+            drop(held);
+        }
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lines() < 6 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let order: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                match (value.get("n"), value.get("outcome")) {
+                    (Some(n), _) => format!("d{n}"),
+                    (_, Some(n)) => format!("o{n}"),
+                    _ => line.to_owned(),
+                }
+            })
+            .collect();
+        assert_eq!(order, ["d0", "o0", "d1", "o1", "d2", "o2"]);
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
+        assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
     }
 
     /// Threads writing at once, on their own (when the writer is idle) or through the queue
@@ -1491,7 +1817,22 @@ mod tests {
                 }
             }
         });
-        let mut settings = config(AuditPath::File(fifo), false);
+        records_keep_their_order(fifo, || reader.join().unwrap());
+    }
+
+    /// The same on a regular file, where request paths write their own records, and outcome
+    /// records that find the lock taken wait for the next line appended (`Core::defer`).
+    #[test]
+    fn records_written_by_callers_deferred_and_the_writer_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        records_keep_their_order(path.clone(), || std::fs::read_to_string(&path).unwrap());
+    }
+
+    /// Four threads write 300 records each (waited for, detached, with an outcome after them);
+    /// `read` gives the log once the writer has stopped.
+    fn records_keep_their_order(path: std::path::PathBuf, read: impl FnOnce() -> String) {
+        let mut settings = config(AuditPath::File(path), false);
         settings.queue_capacity = 100_000;
         settings.stall_timeout = Duration::from_secs(30);
         let log = Arc::new(AuditLog::open(&settings, Arc::default()).unwrap());
@@ -1514,8 +1855,10 @@ mod tests {
                             _ => {
                                 let (queued, slot) = log.queue_holding(&record, true).unwrap();
                                 runtime.block_on(log.written(queued)).unwrap();
-                                slot.unwrap()
-                                    .write(&serde_json::json!({ "t": t, "n": n, "outcome": true }))
+                                let mut slot = slot.unwrap();
+                                // As `record::decision` does: the outcome may be deferred.
+                                slot.decision_written();
+                                slot.write(&serde_json::json!({ "t": t, "n": n, "outcome": true }))
                                     .unwrap();
                             }
                         }
@@ -1532,7 +1875,7 @@ mod tests {
             .unwrap();
         assert_eq!(runtime.block_on(log.close(Duration::from_secs(30))), 0);
         drop(log);
-        let text = reader.join().unwrap();
+        let text = read();
         let mut next = [0usize; THREADS];
         let mut outcomes = 0;
         for line in text.lines() {

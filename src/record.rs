@@ -164,6 +164,11 @@ pub async fn decision(
         Err(error) => Err(error),
     };
     change.deciding = false;
+    if written.is_ok() {
+        if let Some(slot) = &mut change.slot {
+            slot.decision_written();
+        }
+    }
     if let Err(error) = written {
         // The audit log says it once per stall or failing spell, not once per request.
         debug!(%request_id, %error, "decision record not written");

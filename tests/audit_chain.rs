@@ -353,6 +353,193 @@ async fn a_restart_appending_goes_on_with_the_chain() {
     assert!(!out.contains("new chain"), "{out}");
 }
 
+/// The records of `path` as (event, request_id, seq).
+fn events_of(path: &Path) -> Vec<(String, String, u64)> {
+    lines_of(path)
+        .iter()
+        .filter(|line| event(line) != "chain_start")
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let id = value["request_id"].as_str().unwrap_or_default().to_owned();
+            (event(line), id, parse_seal(line).unwrap().0)
+        })
+        .collect()
+}
+
+/// Every allowed decision in `records` has its outcome after it in the chain.
+fn outcomes_follow_decisions(records: &[(String, String, u64)]) {
+    for (event, id, seq) in records {
+        if event == "decision" {
+            let outcome = records.iter().find(|(e, i, _)| e == "outcome" && i == id);
+            if let Some((_, _, after)) = outcome {
+                assert!(after > seq, "the outcome of {id} comes before its decision");
+            }
+        }
+    }
+}
+
+/// An outcome record is left for the next write (issue 20): with nothing else coming, the writer
+/// thread writes it on its own, after its decision, in chain order; a run of changes one at a
+/// time (each outcome carried by the next decision's write) leaves the chain whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_is_written_after_its_decision_when_nothing_else_comes() {
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    let proxy = start_proxy_with(&fake, config).await;
+    let response = call(
+        proxy.addr,
+        "TagResource",
+        &tag_body(&[("team:app", "idle")]),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    // Nothing else comes: no other write carries the outcome.
+    assert!(
+        poll_until(Duration::from_secs(5), || events_of(&audit).len() == 2).await,
+        "the outcome was not written: {:?}",
+        events_of(&audit)
+    );
+    let records = events_of(&audit);
+    assert_eq!(records[0].0, "decision");
+    assert_eq!(records[1].0, "outcome");
+    assert_eq!(records[0].1, records[1].1);
+    let (code, out) = verify_cli(&[&audit]);
+    assert_eq!(code, 0, "{out}");
+
+    traffic(proxy.addr, "serial", 20).await;
+    let settled = proxy.settled_audit().await;
+    assert_eq!(settled.len(), 2 + 21 + 20, "{settled:?}");
+    outcomes_follow_decisions(&events_of(&audit));
+    let (code, out) = verify_cli(&[&audit]);
+    assert_eq!(code, 0, "{out}");
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+}
+
+/// A client that sends tag changes and never reads its answers (a receive buffer of a few KiB,
+/// answers of 3.5 MiB) cannot hold back their outcome records: the first answer cannot be
+/// written whole, and its outcome is in the log anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_hold_back_an_outcome() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeKms::start().await;
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(3_500_000));
+    fake.set_status_override(Some((200, body)));
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    let proxy = start_proxy_with(&fake, config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(proxy.addr).await.unwrap();
+    let requests: Vec<u8> = (0..3)
+        .flat_map(|i| {
+            common::ops::signed(
+                proxy.addr,
+                "TagResource",
+                &tag_body(&[("team:app", &format!("unread-{i}"))]),
+            )
+            .to_bytes()
+        })
+        .collect();
+    client.write_all(&requests).await.unwrap();
+    let outcomes = || {
+        events_of(&audit)
+            .iter()
+            .filter(|(event, _, _)| event == "outcome")
+            .count()
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), || outcomes() >= 1).await,
+        "outcomes held back by a client that does not read: {:?}",
+        events_of(&audit)
+    );
+    // The connection waits for the client with the first answer: the next requests are not
+    // forwarded.
+    assert_eq!(fake.count(), 1);
+    outcomes_follow_decisions(&events_of(&audit));
+    drop(client);
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    let (code, out) = verify_cli(&[&audit]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Shutdown right after a tag change is answered, its outcome perhaps still left for the next
+/// write: the outcome is in the file and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_writes_an_outcome_left_for_the_next_write() {
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    let proxy = start_proxy_with(&fake, config).await;
+    let response = call(
+        proxy.addr,
+        "TagResource",
+        &tag_body(&[("team:app", "last")]),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    let records = events_of(&audit);
+    let names: Vec<&str> = records.iter().map(|(e, _, _)| e.as_str()).collect();
+    assert_eq!(names, ["decision", "outcome"], "{records:?}");
+    let (code, out) = verify_cli(&[&audit]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A reopen (what SIGHUP does) right after a tag change is answered, the file moved away first:
+/// the outcome goes to the old file with its decision, the next change to the new file, and the
+/// two files are one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_writes_an_outcome_left_for_the_next_write_to_the_old_file() {
+    let fake = FakeKms::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let old = dir.path().join("audit.log.1");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    let proxy = start_proxy_with(&fake, config).await;
+    let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "old")])).await;
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    std::fs::rename(&audit, &old).unwrap();
+    proxy.proxy.reload();
+    assert!(
+        poll_until(Duration::from_secs(5), || audit.exists()).await,
+        "the audit file was not opened again"
+    );
+    let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "new")])).await;
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    proxy.proxy.shutdown();
+    proxy.proxy.wait().await;
+    let names =
+        |path: &Path| -> Vec<String> { events_of(path).into_iter().map(|(e, _, _)| e).collect() };
+    assert_eq!(names(&old), ["decision", "outcome"]);
+    assert_eq!(names(&audit), ["decision", "outcome"]);
+    let (code, out) = verify_cli(&[&old, &audit]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("The chain is whole."), "{out}");
+}
+
 fn logrotate(dir: &Path, config: &str) {
     let conf = dir.join("logrotate.conf");
     std::fs::write(&conf, config).unwrap();

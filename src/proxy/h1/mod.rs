@@ -22,6 +22,7 @@ pub(crate) use head::MAX_HEAD_BYTES;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -489,16 +490,18 @@ where
                 let handled = Handled::error(error, op, &request_id);
                 self.answer(handled, Class::inspect, started, true).await
             }
-            Ok(answer) => {
-                record::outcome(change, Ok(answer.kms()));
+            Ok(mut answer) => {
                 if !answer.reusable {
                     self.kms = None;
                 }
                 let close = head.close || answer.until_close || self.closing_now();
                 self.count(op, Outcome::allow, Class::inspect, started);
-                let mut out = answer.head;
+                let mut out = std::mem::take(&mut answer.head);
                 out.extend_from_slice(&answer.raw_body);
-                if self.write_client(&out).await.is_err() || close {
+                // The answer first when the client takes it at once; the outcome record is never
+                // left waiting for the client.
+                let outcome = || record::outcome(change, Ok(answer.kms()));
+                if self.write_client_then(&out, outcome).await.is_err() || close {
                     Step::Close
                 } else {
                     Step::Continue
@@ -590,6 +593,25 @@ where
     async fn write_client(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.client.write_all(bytes).await?;
         self.client.flush().await
+    }
+
+    /// Writes `bytes` to the client and runs `record` once: right after, when the client's socket
+    /// takes them at the first try (the common case: the answer is not delayed by the record),
+    /// else before waiting for the client, so that a client that does not read can neither
+    /// delay nor prevent the record (a tag change's outcome).
+    async fn write_client_then(
+        &mut self,
+        bytes: &[u8],
+        record: impl FnOnce(),
+    ) -> std::io::Result<()> {
+        let mut write = std::pin::pin!(self.write_client(bytes));
+        // One poll, with the task's own waker: the write goes on from where it stopped.
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        record();
+        match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => write.await,
+        }
     }
 
     fn count(&self, operation: &'static str, outcome: Outcome, class: Class, started: Instant) {
