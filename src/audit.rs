@@ -56,7 +56,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -267,25 +267,7 @@ impl Core {
                 return None;
             }
         }
-        // Never waited for: another request path writing, or the writer thread, has it. (Spinning
-        // for another request path's write was tried: on this 2-CPU machine, shared with the
-        // load generator, the holder was often not running, and 3 times as many records went
-        // through the writer thread; docs/performance.md.)
-        let mut writer = self.writer.try_lock().ok()?;
-        // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
-        // written, but outcome records left in the batch ([`Core::append_lazy`], [`Core::defer`]),
-        // which this write carries ahead of the record.
-        writer.take_deferred(self);
-        if !self.idle(&writer) {
-            return None;
-        }
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        self.metrics.audit_queued(1);
-        // The first line no checkpoint signs yet arms the writer thread's checkpoint timer: it
-        // sleeps on the queue, so it is told (once per checkpoint, not once per record).
-        let armed = writer.seal.checkpoint_due_in().is_some();
-        writer.append(self, line, charge, None, false);
-        let arm = !armed && writer.seal.checkpoint_due_in().is_some();
+        let (mut writer, arm) = self.append_if_idle(line, charge)?;
         match writer.write_batch(self, true) {
             Written::Whole => {
                 drop(writer);
@@ -320,6 +302,32 @@ impl Core {
 }
 
 impl Core {
+    /// Appends an admitted line to the batch when its lock is free and the writer idle
+    /// ([`Core::idle`]): the lock, and whether the writer thread's checkpoint timer is to be
+    /// armed. `None`: queue the line. The lock is never waited for: another request path
+    /// writing, or the writer thread, has it. (Spinning for another request path's write was
+    /// tried: on this 2-CPU machine, shared with the load generator, the holder was often not
+    /// running, and 3 times as many records went through the writer thread;
+    /// docs/performance.md.)
+    fn append_if_idle(&self, line: &[u8], charge: usize) -> Option<(MutexGuard<'_, Writer>, bool)> {
+        let mut writer = self.writer.try_lock().ok()?;
+        // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
+        // written, but outcome records left in the batch ([`Core::append_lazy`], [`Core::defer`]),
+        // which the next write carries ahead of this line.
+        writer.take_deferred(self);
+        if !self.idle(&writer) {
+            return None;
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.audit_queued(1);
+        // The first line no checkpoint signs yet arms the writer thread's checkpoint timer: it
+        // sleeps on the queue, so it is told (once per checkpoint, not once per record).
+        let armed = writer.seal.checkpoint_due_in().is_some();
+        writer.append(self, line, charge, None, false);
+        let arm = !armed && writer.seal.checkpoint_due_in().is_some();
+        Some((writer, arm))
+    }
+
     /// Whether a request path may add to the batch (under the lock): every record in it is an
     /// outcome left there without a write, none is in the queue, the sink is open and not
     /// failing, and no reopen waits.
@@ -364,24 +372,15 @@ impl Core {
         if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
             return false;
         }
-        let Ok(mut writer) = self.writer.try_lock() else {
+        let Some((mut writer, arm)) = self.append_if_idle(line, charge) else {
             return false;
         };
-        writer.take_deferred(self);
-        if !self.idle(&writer) {
-            return false;
-        }
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        self.metrics.audit_queued(1);
-        let armed = writer.seal.checkpoint_due_in().is_some();
-        writer.append(self, line, charge, None, false);
         writer.lazy += 1;
         writer.lazy_since.get_or_insert_with(Instant::now);
         self.lazy_appends.fetch_add(1, Ordering::Relaxed);
         // Read under the lock, which the writer thread holds when it decides to sleep without a
         // timer: either it sees this record, or this sees it asleep.
-        let kick = self.writer_asleep.load(Ordering::SeqCst)
-            || (!armed && writer.seal.checkpoint_due_in().is_some());
+        let kick = self.writer_asleep.load(Ordering::SeqCst) || arm;
         drop(writer);
         if kick {
             let _ = queue.send(Job::Kick);
@@ -1572,6 +1571,19 @@ mod tests {
     use super::*;
     use crate::config::AuditConfig;
 
+    /// A log to `audit.log` in a new temporary directory (kept alive by the first element),
+    /// without fsync.
+    fn file_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(
+            &config(AuditPath::File(path.clone()), false),
+            Arc::default(),
+        )
+        .unwrap();
+        (dir, path, log)
+    }
+
     fn config(path: AuditPath, fsync: bool) -> AuditConfig {
         AuditConfig {
             path,
@@ -1638,13 +1650,7 @@ mod tests {
     /// when `queue_holding` returns, with nothing to wait for.
     #[tokio::test]
     async fn an_idle_writer_lets_the_caller_write_its_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(
-            &config(AuditPath::File(path.clone()), false),
-            Arc::default(),
-        )
-        .unwrap();
+        let (dir, path, log) = file_log();
         for n in 0..3 {
             let (queued, slot) = log
                 .queue_holding(&serde_json::json!({ "n": n }), true)
@@ -1698,13 +1704,7 @@ mod tests {
     /// writes it on its own.
     #[tokio::test]
     async fn an_outcome_rides_with_the_next_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(
-            &config(AuditPath::File(path.clone()), false),
-            Arc::default(),
-        )
-        .unwrap();
+        let (_dir, path, log) = file_log();
         let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
         // How often an outcome was not yet in the file when its `write` returned: the writer
         // thread writes it on its own only after OUTCOME_WRITE_WITHIN.
@@ -1744,13 +1744,7 @@ mod tests {
     /// goes through the queue, behind its decision.
     #[tokio::test]
     async fn an_outcome_that_finds_the_lock_taken_waits_for_the_next_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(
-            &config(AuditPath::File(path.clone()), false),
-            Arc::default(),
-        )
-        .unwrap();
+        let (_dir, path, log) = file_log();
         for n in 0..3 {
             let (queued, slot) = log
                 .queue_holding(&serde_json::json!({ "n": n }), true)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::child::{start_child, ChildOptions};
 use common::ops::{call, tag_body};
-use common::proxy::{ProxyConfig, TEST_POLICY};
+use common::proxy::{ProxyConfig, TestProxy, TEST_POLICY};
 use common::*;
 use kms_tag_guard::integrity::chain::{parse_seal, Sealer};
 use kms_tag_guard::integrity::checkpoint::Checkpoints;
@@ -354,6 +354,17 @@ async fn a_restart_appending_goes_on_with_the_chain() {
 }
 
 /// The records of `path` as (event, request_id, seq).
+/// A proxy in front of `fake` auditing to `audit.log` in `dir`, with the test policy.
+async fn audited_proxy(fake: &FakeKms, dir: &Path) -> (PathBuf, TestProxy) {
+    let audit = dir.join("audit.log");
+    let config = ProxyConfig {
+        endpoint: Some(fake.url()),
+        audit_path: Some(audit.clone()),
+        ..ProxyConfig::default()
+    };
+    (audit.clone(), start_proxy_with(fake, config).await)
+}
+
 fn events_of(path: &Path) -> Vec<(String, String, u64)> {
     lines_of(path)
         .iter()
@@ -385,13 +396,7 @@ fn outcomes_follow_decisions(records: &[(String, String, u64)]) {
 async fn an_outcome_is_written_after_its_decision_when_nothing_else_comes() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.log");
-    let config = ProxyConfig {
-        endpoint: Some(fake.url()),
-        audit_path: Some(audit.clone()),
-        ..ProxyConfig::default()
-    };
-    let proxy = start_proxy_with(&fake, config).await;
+    let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
     let response = call(
         proxy.addr,
         "TagResource",
@@ -432,13 +437,7 @@ async fn a_client_that_never_reads_cannot_hold_back_an_outcome() {
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(3_500_000));
     fake.set_status_override(Some((200, body)));
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.log");
-    let config = ProxyConfig {
-        endpoint: Some(fake.url()),
-        audit_path: Some(audit.clone()),
-        ..ProxyConfig::default()
-    };
-    let proxy = start_proxy_with(&fake, config).await;
+    let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut client = socket.connect(proxy.addr).await.unwrap();
@@ -481,13 +480,7 @@ async fn a_client_that_never_reads_cannot_hold_back_an_outcome() {
 async fn shutdown_writes_an_outcome_left_for_the_next_write() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.log");
-    let config = ProxyConfig {
-        endpoint: Some(fake.url()),
-        audit_path: Some(audit.clone()),
-        ..ProxyConfig::default()
-    };
-    let proxy = start_proxy_with(&fake, config).await;
+    let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
     let response = call(
         proxy.addr,
         "TagResource",
@@ -511,14 +504,8 @@ async fn shutdown_writes_an_outcome_left_for_the_next_write() {
 async fn a_reopen_writes_an_outcome_left_for_the_next_write_to_the_old_file() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.log");
+    let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
     let old = dir.path().join("audit.log.1");
-    let config = ProxyConfig {
-        endpoint: Some(fake.url()),
-        audit_path: Some(audit.clone()),
-        ..ProxyConfig::default()
-    };
-    let proxy = start_proxy_with(&fake, config).await;
     let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "old")])).await;
     assert_eq!(response.status, 200, "{}", response.body_str());
     std::fs::rename(&audit, &old).unwrap();

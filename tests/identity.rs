@@ -386,6 +386,19 @@ async fn proxy_with(fake: &FakeKms, pki: &Pki, client_auth: &str, intercept: Str
     .await
 }
 
+/// A proxy whose listener requires a client certificate from `pki`, with its admin port.
+async fn required_proxy_with_admin(fake: &FakeKms, pki: &Pki) -> TestProxy {
+    start_proxy_with(
+        fake,
+        ProxyConfig {
+            listener: pki.listener("required"),
+            admin: true,
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+}
+
 /// An interception CA from `ca init` in `dir`: the `[intercept]` body and the CA's PEM.
 fn interception(dir: &Path) -> (String, String) {
     let (cert, key) = kms_tag_guard::tls::ca_init(&dir.join("ca")).unwrap();
@@ -419,15 +432,7 @@ fn nothing_reached(fake: &FakeKms, proxy: &TestProxy, what: &str) {
 async fn required_refuses_no_certificate_another_ca_expired_and_odd_ones_over_h1_and_h2() {
     let pki = Pki::new();
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            listener: pki.listener("required"),
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let proxy = required_proxy_with_admin(&fake, &pki).await;
     for h2 in [false, true] {
         let result = tag_directly(&proxy, &pki, None, h2, ALLOWED).await;
         assert!(result.is_err(), "no certificate, h2={h2}: {result:?}");
@@ -1086,15 +1091,7 @@ async fn reloads(admin: std::net::SocketAddr, result: &str) -> f64 {
 async fn the_client_ca_bundle_reloads_and_a_broken_one_keeps_the_last_good() {
     let pki = Pki::new();
     let fake = FakeKms::start().await;
-    let proxy = start_proxy_with(
-        &fake,
-        ProxyConfig {
-            listener: pki.listener("required"),
-            admin: true,
-            ..ProxyConfig::default()
-        },
-    )
-    .await;
+    let proxy = required_proxy_with_admin(&fake, &pki).await;
     let admin = proxy.admin_addr.unwrap();
     let expiry = common::ops::scrape(admin).await.count(
         "kms_tag_guard_certificate_expiry_seconds",

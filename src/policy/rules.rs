@@ -228,7 +228,7 @@ impl Rule {
             RuleKind::ValuePattern { key, value } => {
                 for tag in &change.set {
                     let applies = match key {
-                        KeyMatcher::Exact(k) => same_key(k, &tag.key),
+                        KeyMatcher::Exact(k) => eq_ignore_case(k, &tag.key),
                         KeyMatcher::Pattern(p) => matches_ignoring_case(p, &tag.key),
                     };
                     if !applies {
@@ -491,12 +491,6 @@ fn position_folded(folded_keys: &[String], key: &str) -> Option<usize> {
 /// tag keys: the regex engine's Unicode folding does not equate `ı` or `İ` with `i`, Java does.
 fn matches_ignoring_case(pattern: &Regex, key: &str) -> bool {
     pattern.is_match(key) || (!key.is_ascii() && pattern.is_match(&fold(key)))
-}
-
-/// `eq_ignore_case(a, b)`, cheaper for the common pair of ASCII keys: equal ignoring ASCII case
-/// is equal folded, and two ASCII keys that are not, are not; only the rest is folded.
-pub(super) fn same_key(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b) || (!(a.is_ascii() && b.is_ascii()) && eq_ignore_case(a, b))
 }
 
 /// [`matches_ignoring_case`] for a set: whether any of its regexes does.

@@ -974,14 +974,3 @@ on = [\"set\", \"remove\"]
         );
     }
 }
-
-proptest::proptest! {
-    #[test]
-    fn same_key_is_eq_ignore_case(
-        a in proptest::string::string_regex("[kKsStT\u{17f}\u{212a}\u{130}\u{131}iI\u{e9}\u{c9}:-]{0,5}").unwrap(),
-        b in proptest::string::string_regex("[kKsStT\u{17f}\u{212a}\u{130}\u{131}iI\u{e9}\u{c9}:-]{0,5}").unwrap(),
-    ) {
-        proptest::prop_assert_eq!(rules::same_key(&a, &b), crate::fold::eq_ignore_case(&a, &b));
-        proptest::prop_assert_eq!(rules::same_key(&a, &a.to_uppercase()), crate::fold::eq_ignore_case(&a, &a.to_uppercase()));
-    }
-}

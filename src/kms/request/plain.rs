@@ -187,22 +187,16 @@ impl<'a> Reader<'a> {
 
     /// `[` strings `]`.
     fn strings(&mut self) -> Option<Vec<String>> {
-        self.byte(b'[')?;
-        let mut out = Vec::with_capacity(4);
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(out);
-        }
-        loop {
-            out.push(self.string()?.to_owned());
-            if !self.more(b']')? {
-                return Some(out);
-            }
-        }
+        self.array(|r| r.string().map(str::to_owned))
     }
 
     /// `[` tag objects `]`: each exactly `TagKey` and `TagValue`, strings, once each.
     fn tags(&mut self) -> Option<Vec<Tag>> {
+        self.array(Reader::tag)
+    }
+
+    /// `[` elements read by `element`, separated by `,` `]`.
+    fn array<T>(&mut self, mut element: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
         self.byte(b'[')?;
         let mut out = Vec::with_capacity(4);
         if self.peek()? == b']' {
@@ -210,7 +204,7 @@ impl<'a> Reader<'a> {
             return Some(out);
         }
         loop {
-            out.push(self.tag()?);
+            out.push(element(self)?);
             if !self.more(b']')? {
                 return Some(out);
             }
