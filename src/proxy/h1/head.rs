@@ -307,8 +307,26 @@ fn read_name(raw: &[u8]) -> Name {
     Name::Other(known)
 }
 
-/// Every line ends in CRLF, and CR appears nowhere else.
+/// Every line ends in CRLF, and CR appears nowhere else: every CR is followed by LF and every LF
+/// follows a CR, so for each pair of neighbouring bytes, the first is CR exactly when the second
+/// is LF. One branch-free pass the compiler vectorises (stopping at each CR and LF cost about
+/// 1,600 instructions per SDK head).
 fn crlf_only(head: &[u8]) -> bool {
+    let (Some(first), Some(last)) = (head.first(), head.last()) else {
+        return true;
+    };
+    if *first == b'\n' || *last == b'\r' {
+        return false;
+    }
+    let mismatched = head.iter().zip(&head[1..]).fold(0u8, |bad, (a, b)| {
+        bad | u8::from((*a == b'\r') != (*b == b'\n'))
+    });
+    mismatched == 0
+}
+
+/// The first `crlf_only`, kept as the oracle of its property test.
+#[cfg(test)]
+fn crlf_only_by_search(head: &[u8]) -> bool {
     let mut expect_lf_at = None;
     for at in memchr::memchr2_iter(b'\r', b'\n', head) {
         match (head[at], expect_lf_at) {
@@ -700,6 +718,26 @@ mod tests {
             .unwrap();
         // The property must have been tested on many taken heads, not only on refused ones.
         assert!(taken.get() > 500, "only {} heads taken", taken.get());
+    }
+
+    proptest::proptest! {
+        /// The vectorised check says what the search said, on heads made of CR, LF and
+        /// ordinary bytes in any order.
+        #[test]
+        fn crlf_only_agrees_with_its_search(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    6 => proptest::strategy::Just(b"\r\n".as_slice()),
+                    6 => proptest::strategy::Just(b"ab: c".as_slice()),
+                    1 => proptest::strategy::Just(b"\r".as_slice()),
+                    1 => proptest::strategy::Just(b"\n".as_slice()),
+                ],
+                0..40,
+            )
+        ) {
+            let head = pieces.concat();
+            proptest::prop_assert_eq!(crlf_only(&head), crlf_only_by_search(&head));
+        }
     }
 
     #[test]
