@@ -16,10 +16,8 @@
 //!
 //! **Written on the calling thread when nothing waits.** A record that finds the writer idle
 //! (nothing queued, nothing being written, the sink not failing) is written by the thread that
-//! makes it, under the writer's lock: no hand-off to the writer thread, no wake-up back. A request
-//! path that finds the lock taken waits for it at most [`DIRECT_LOCK_WAIT`] (50 µs, parked), and
-//! only for a decision record and not behind a write already going on longer than that; an
-//! outcome record never waits for it. It is a write that cannot wait: on sinks that support
+//! makes it, under the writer's lock, which request paths only ever try (`try_lock`): no hand-off
+//! to the writer thread, no wake-up back. It is a write that cannot wait: on sinks that support
 //! it, `pwritev2` with `RWF_NOWAIT` (Linux 6.18 refuses it on pipes and on ext4 and tmpfs files), and what the sink does not take at once is left to the writer thread; on a
 //! regular file of a local file system that cannot say so (ext4), a plain append to the page
 //! cache, and one that takes longer than [`SLOW_DIRECT`] sends every record through the writer
@@ -58,9 +56,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-
-use parking_lot::MutexGuard;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -94,10 +90,6 @@ pub const DIRECT_PAUSE: Duration = Duration::from_secs(1);
 /// next write carries it, whoever makes it, and when none comes the writer thread writes it this
 /// long after it was appended (plus the time the thread takes to wake).
 pub const OUTCOME_WRITE_WITHIN: Duration = Duration::from_millis(2);
-/// A decision record that finds the writer's lock taken waits this long at most for it (parked,
-/// not spinning) before it goes through the writer thread: the holder is usually another
-/// connection thread's append, a few µs (docs/performance.md, "issue 20").
-pub const DIRECT_LOCK_WAIT: Duration = Duration::from_micros(50);
 /// The writer thread watches for such records with a timer (no request path wakes it) until none
 /// came for this long; then it sleeps without one, and the next such record wakes it.
 const LAZY_QUIET: Duration = Duration::from_millis(50);
@@ -165,16 +157,13 @@ struct Core {
     held_bytes: AtomicUsize,
     capacity: usize,
     max_bytes: usize,
-    /// When the write in progress began (µs since `epoch`), or 0.
-    writing_since_us: AtomicU64,
+    /// When the write in progress began (ms since `epoch`), or 0.
+    writing_since_ms: AtomicU64,
     epoch: Instant,
-    /// How long a decision record waits for the writer's lock, in µs ([`DIRECT_LOCK_WAIT`];
-    /// tests change it).
-    lock_wait_us: AtomicU64,
     metrics: Arc<Metrics>,
     /// The sink and the batch: the writer thread locks it to write; a request path only tries
     /// to, and queues its record when it cannot have it at once.
-    writer: parking_lot::Mutex<Writer>,
+    writer: Mutex<Writer>,
     /// How a request path may write to the sink open now (`DIRECT_*`).
     direct: AtomicU8,
     /// Until when (ms since `epoch`) no record is written on a request path: the last such
@@ -278,7 +267,7 @@ impl Core {
                 return None;
             }
         }
-        let (mut writer, arm) = self.append_if_idle(line, charge, wait)?;
+        let (mut writer, arm) = self.append_if_idle(line, charge)?;
         match writer.write_batch(self, true) {
             Written::Whole => {
                 drop(writer);
@@ -315,31 +304,13 @@ impl Core {
 impl Core {
     /// Appends an admitted line to the batch when its lock is free and the writer idle
     /// ([`Core::idle`]): the lock, and whether the writer thread's checkpoint timer is to be
-    /// armed. `None`: queue the line. A decision record (`wait`: its caller waits for it to be
-    /// written) that finds the lock taken waits for it, parked, at most [`DIRECT_LOCK_WAIT`], and
-    /// not at all behind a write that has been going on for longer: the holder is usually another
-    /// connection thread's append of a few µs, and waiting for it costs less than the hand-off to
-    /// the writer thread, after which every record queues behind it until that thread has run.
-    /// An outcome record never waits ([`Core::defer`]). (Spinning instead of parking was tried:
-    /// on this 2-CPU machine, shared with the load generator, the holder was often not running,
-    /// and 3 times as many records went through the writer thread; docs/performance.md.)
-    fn append_if_idle(
-        &self,
-        line: &[u8],
-        charge: usize,
-        wait: bool,
-    ) -> Option<(MutexGuard<'_, Writer>, bool)> {
-        let mut writer = match self.writer.try_lock() {
-            Some(writer) => writer,
-            None if wait => {
-                let lock_wait = self.lock_wait();
-                if self.writing_for().is_some_and(|took| took > lock_wait) {
-                    return None;
-                }
-                self.writer.try_lock_for(lock_wait)?
-            }
-            None => return None,
-        };
+    /// armed. `None`: queue the line. The lock is never waited for: another request path
+    /// writing, or the writer thread, has it. (Spinning for another request path's write was
+    /// tried: on this 2-CPU machine, shared with the load generator, the holder was often not
+    /// running, and 3 times as many records went through the writer thread;
+    /// docs/performance.md.)
+    fn append_if_idle(&self, line: &[u8], charge: usize) -> Option<(MutexGuard<'_, Writer>, bool)> {
+        let mut writer = self.writer.try_lock().ok()?;
         // Under the lock: nothing queued (a record queued meanwhile goes first) and nothing being
         // written, but outcome records left in the batch ([`Core::append_lazy`], [`Core::defer`]),
         // which the next write carries ahead of this line.
@@ -355,22 +326,6 @@ impl Core {
         writer.append(self, line, charge, None, false);
         let arm = !armed && writer.seal.checkpoint_due_in().is_some();
         Some((writer, arm))
-    }
-
-    /// How long the write in progress (whoever makes it) has been going on, if one is.
-    fn writing_for(&self) -> Option<Duration> {
-        match self.writing_since_us.load(Ordering::SeqCst) {
-            0 => None,
-            since => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_micros(since)),
-            ),
-        }
-    }
-
-    fn lock_wait(&self) -> Duration {
-        Duration::from_micros(self.lock_wait_us.load(Ordering::Relaxed))
     }
 
     /// Whether a request path may add to the batch (under the lock): every record in it is an
@@ -417,7 +372,7 @@ impl Core {
         if self.failing.load(Ordering::SeqCst) || self.reopens.load(Ordering::SeqCst) != 0 {
             return false;
         }
-        let Some((mut writer, arm)) = self.append_if_idle(line, charge, false) else {
+        let Some((mut writer, arm)) = self.append_if_idle(line, charge) else {
             return false;
         };
         writer.lazy += 1;
@@ -593,11 +548,10 @@ impl AuditLog {
             held_bytes: AtomicUsize::new(0),
             capacity: config.queue_capacity,
             max_bytes: config.queue_max_bytes,
-            writing_since_us: AtomicU64::new(0),
+            writing_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            lock_wait_us: AtomicU64::new(DIRECT_LOCK_WAIT.as_micros() as u64),
             metrics,
-            writer: parking_lot::Mutex::new(writer),
+            writer: Mutex::new(writer),
             direct: AtomicU8::new(if config.fsync {
                 DIRECT_NEVER
             } else {
@@ -743,7 +697,15 @@ impl AuditLog {
 
     /// How long the write in progress has been going on, if one is.
     fn writing_for(&self) -> Option<Duration> {
-        self.core.writing_for()
+        match self.core.writing_since_ms.load(Ordering::SeqCst) {
+            0 => None,
+            since => Some(
+                self.core
+                    .epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
+        }
     }
 
     /// Opens the audit file again, for log rotation (`mv` then SIGHUP): records queued after
@@ -842,7 +804,7 @@ struct Writer {
 /// closes the sink when it ends.
 fn run(core: &Core, jobs: Receiver<Job>) {
     serve(core, jobs);
-    core.writer.lock().sink = Sink::Closed;
+    core.writer.lock().unwrap_or_else(|e| e.into_inner()).sink = Sink::Closed;
 }
 
 fn serve(core: &Core, jobs: Receiver<Job>) {
@@ -857,7 +819,7 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
         if core.abandon.load(Ordering::SeqCst) {
             return;
         }
-        let mut writer = core.writer.lock();
+        let mut writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
         writer.take_deferred(core);
         // Written now: records from the queue, outcome records left in the batch for long
         // enough, a checkpoint that came due, a batch that failed.
@@ -904,7 +866,7 @@ fn serve(core: &Core, jobs: Receiver<Job>) {
                         .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
                 };
                 core.writer_asleep.store(false, Ordering::SeqCst);
-                writer = core.writer.lock();
+                writer = core.writer.lock().unwrap_or_else(|e| e.into_inner());
                 next
             };
             match next {
@@ -1058,14 +1020,14 @@ impl Writer {
         self.lazy = 0;
         self.lazy_since = None;
         let started = core.epoch.elapsed();
-        let since = started.as_micros().max(1) as u64;
-        core.writing_since_us.store(since, Ordering::SeqCst);
+        let since = started.as_millis().max(1) as u64;
+        core.writing_since_ms.store(since, Ordering::SeqCst);
         let result = if direct {
             self.write_out_direct(core)
         } else {
             self.write_out()
         };
-        core.writing_since_us.store(0, Ordering::SeqCst);
+        core.writing_since_ms.store(0, Ordering::SeqCst);
         match result {
             Ok(()) => {
                 if direct && core.direct.load(Ordering::Relaxed) == DIRECT_APPEND {
@@ -1825,7 +1787,7 @@ mod tests {
                 .unwrap();
             log.written(queued).await.unwrap();
             let mut slot = slot.unwrap();
-            let held = log.core.writer.lock();
+            let held = log.core.writer.lock().unwrap();
             if n < 2 {
                 slot.decision_written();
                 slot.write(&serde_json::json!({ "outcome": n })).unwrap();
@@ -1857,85 +1819,6 @@ mod tests {
         assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         assert_eq!(log.core.held_records.load(Ordering::SeqCst), 0);
         assert_eq!(log.core.held_bytes.load(Ordering::SeqCst), 0);
-    }
-
-    /// A decision record that finds the writer's lock taken waits for it (parked), and is then
-    /// written by its own thread; it waits at most `lock_wait`, and not at all behind a write
-    /// that has been going on for longer: then it goes through the writer thread.
-    #[tokio::test]
-    async fn a_decision_waits_a_bounded_time_for_the_lock() {
-        let (_dir, path, log) = file_log();
-        let hold = |log: &AuditLog, long_write: bool| {
-            let core = Arc::clone(&log.core);
-            let (taken_tx, taken) = mpsc::channel();
-            let (release, release_rx) = mpsc::channel::<()>();
-            let holder = std::thread::spawn(move || {
-                let held = core.writer.lock();
-                if long_write {
-                    // A write that began at the epoch, long ago.
-                    core.writing_since_us.store(1, Ordering::SeqCst);
-                }
-                taken_tx.send(()).unwrap();
-                let _ = release_rx.recv_timeout(Duration::from_secs(30));
-                core.writing_since_us.store(0, Ordering::SeqCst);
-                drop(held);
-            });
-            taken.recv().unwrap();
-            (holder, release)
-        };
-        let record = |n: u32| serde_json::json!({ "n": n });
-
-        // Held until this thread lets go: the bounded wait runs out, the record is queued.
-        let (holder, release) = hold(&log, false);
-        let (queued, _) = log.queue_holding(&record(0), false).unwrap();
-        assert!(matches!(queued.0, Wait::Waiting(_)), "waited for the lock");
-        release.send(()).unwrap();
-        holder.join().unwrap();
-        log.written(queued).await.unwrap();
-
-        // Held for 20 ms, waited for up to 30 s: written by this thread once the lock is free.
-        log.core.lock_wait_us.store(30_000_000, Ordering::Relaxed);
-        let (holder, release) = hold(&log, false);
-        let releaser = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            release.send(()).unwrap();
-        });
-        let (queued, _) = log.queue_holding(&record(1), false).unwrap();
-        assert!(matches!(queued.0, Wait::Written), "handed off");
-        releaser.join().unwrap();
-        holder.join().unwrap();
-
-        // Behind a write going on for longer than the wait (200 ms; the write began at the
-        // epoch, over 300 ms ago): not waited for, though the lock is free 100 ms later.
-        log.core.lock_wait_us.store(200_000, Ordering::Relaxed);
-        while log.core.epoch.elapsed() < Duration::from_millis(300) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let (holder, release) = hold(&log, true);
-        let releaser = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            release.send(()).unwrap();
-        });
-        let (queued, _) = log.queue_holding(&record(2), false).unwrap();
-        assert!(
-            matches!(queued.0, Wait::Waiting(_)),
-            "waited behind a long write"
-        );
-        releaser.join().unwrap();
-        holder.join().unwrap();
-        log.written(queued).await.unwrap();
-
-        let text = std::fs::read_to_string(&path).unwrap();
-        let order: Vec<u64> = text
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<serde_json::Value>(line).unwrap()["n"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(order, [0, 1, 2]);
-        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
     }
 
     /// Threads writing at once, on their own (when the writer is idle) or through the queue
