@@ -799,3 +799,127 @@ fn more_denials_than_are_held_come_out_sorted_by_time() {
         .collect();
     assert_eq!(ids.len(), 10_000);
 }
+
+/// The counts a reader compares between reports: every summary member but what depends on how
+/// many copies of each event were read.
+fn verdict_counts(report: &Value) -> Value {
+    json!({
+        "judged": report["judged"],
+        "failed_in_kms": report["failed_in_kms"],
+        "would_be_denied": report["would_be_denied"],
+        "by_operation": report["by_operation"],
+        "by_rule": report["by_rule"],
+        "dry_run_by_rule": report["dry_run_by_rule"],
+        "by_principal": report["by_principal"],
+    })
+}
+
+fn denied_event_ids(report: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = report["denials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The same events from a trail's S3 file and from a `lookup-events` page of the same hours
+/// are judged and counted once (CloudTrail's `eventID` is the key); a record without an ID
+/// cannot be matched and is counted each time.
+#[test]
+fn an_event_given_twice_is_judged_and_counted_once() {
+    let (single, out) = json_report(&[&fixture("s3-trail.json")]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(single["duplicates"], 0);
+    let (both, out) = json_report(&[&fixture("s3-trail.json"), &fixture("lookup-events.json")]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(both["events"], 20);
+    // Seven judged and one refused by KMS, in each input.
+    assert_eq!(both["duplicates"], 8);
+    assert_eq!(both["not_deduplicated"], 0);
+    assert_eq!(verdict_counts(&both), verdict_counts(&single));
+    assert_eq!(denied_event_ids(&both), denied_event_ids(&single));
+
+    // The text report says so too.
+    let config = policy();
+    let out = replay([
+        "--config".as_ref(),
+        config.as_os_str(),
+        fixture("s3-trail.json").as_os_str(),
+        fixture("lookup-events.json").as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("duplicates (an eventID seen before), skipped"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.trim_end().ends_with(" 8"), "{line:?}");
+    assert_eq!(denial_lines(&out).len(), 4, "{text}");
+
+    // In one file: a tag change twice with one ID, and twice without any.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let tag = |id: Option<&str>| {
+        let mut event = json!({"eventSource": "kms.amazonaws.com", "eventName": "TagResource",
+            "eventTime": "2026-11-01T00:00:01Z", "awsRegion": "us-east-1",
+            "requestParameters": {"keyId": "k", "tags": [{"tagKey": "Project", "tagValue": "x"}]}});
+        if let Some(id) = id {
+            event["eventID"] = json!(id);
+        }
+        event.to_string()
+    };
+    let lines = [tag(Some("a")), tag(None), tag(Some("a")), tag(None)].join("\n");
+    std::fs::write(&input, lines).unwrap();
+    let (report, out) = json_report(&[&input]);
+    assert_eq!(report["events"], 4, "{}", describe(&out));
+    assert_eq!(report["judged"], 3);
+    assert_eq!(report["duplicates"], 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// However the fixture's events are repeated, shuffled and split into files, the verdicts
+    /// and counts are those of the events read once, and every extra copy of a tag or alias
+    /// change is counted as a duplicate.
+    #[test]
+    fn repeated_events_in_any_arrangement_count_as_the_events_once(
+        copies in proptest::collection::vec(1usize..4, 10),
+        order in any::<u64>(),
+        files in 1usize..5,
+    ) {
+        let records = records();
+        let (single, _) = json_report(&[&fixture("s3-trail.json")]);
+        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut extra = 0u64;
+        for (i, (record, n)) in records.iter().zip(&copies).enumerate() {
+            let judged_or_failed = record["eventName"] != "Decrypt" && record["eventName"] != "DeleteKey";
+            for copy in 0..*n {
+                extra += u64::from(judged_or_failed && copy > 0);
+                // A stable pseudo-random place for each copy.
+                let place = (order ^ (i as u64 * 0x9E37_79B9 + copy as u64)).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                lines.push((place, record.to_string()));
+            }
+        }
+        lines.sort();
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..files).map(|f| dir.path().join(format!("part-{f}.jsonl"))).collect();
+        let mut texts = vec![String::new(); files];
+        for (n, (_, line)) in lines.iter().enumerate() {
+            texts[n % files].push_str(line);
+            texts[n % files].push('\n');
+        }
+        for (path, text) in paths.iter().zip(&texts) {
+            std::fs::write(path, text).unwrap();
+        }
+        let args: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let (report, out) = json_report(&args);
+        prop_assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        prop_assert_eq!(report["events"].as_u64(), Some(lines.len() as u64));
+        prop_assert_eq!(report["duplicates"].as_u64(), Some(extra));
+        prop_assert_eq!(verdict_counts(&report), verdict_counts(&single));
+        prop_assert_eq!(denied_event_ids(&report), denied_event_ids(&single));
+    }
+}

@@ -4,14 +4,17 @@
 //! next file from the list until none is left, streams its events ([`input::read_file`]: a
 //! record that cannot change tags or aliases is never read further than its `eventName` and
 //! `eventSource`), turns each tag or alias change back into its request and judges it with the
-//! same [`crate::decide`] as live traffic ([`events`]). What each file gave is merged in file
+//! same [`crate::decide`] as live traffic ([`events`]), once per `eventID` ([`seen`]: the
+//! same event in two inputs is counted once). What each file gave is merged in file
 //! order and the would-be denials sorted by event time, then file and record, so the report
-//! does not depend on which thread read what. [`report`] writes it as text or JSON.
+//! does not depend on which thread read what (but for an event given in two files, whose
+//! denial names the place of whichever copy was read first). [`report`] writes it as text or JSON.
 
 mod denials;
 mod events;
 mod input;
 mod report;
+mod seen;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,6 +74,12 @@ pub struct Replay {
     pub judged: u64,
     /// Tag and alias changes KMS refused (with `errorCode`): counted apart, not judged.
     pub failed_in_kms: u64,
+    /// Tag and alias changes skipped because an event with their `eventID` came before
+    /// ([`seen`]): counted once, as the first.
+    pub duplicates: u64,
+    /// Tag and alias changes whose `eventID` could not be remembered (more than
+    /// [`seen::MAX_REMEMBERED`] IDs): judged, but a later copy of them would be judged again.
+    pub not_deduplicated: u64,
     /// Judged changes the policy would have denied.
     pub denied: u64,
     /// Records that could not be read as events (described in `problems`).
@@ -100,6 +109,7 @@ impl Replay {
 pub fn run(config: &Config, inputs: &[PathBuf], progress: bool) -> Replay {
     let (files, walk_problems) = input::files(inputs);
     let rules = Rules::of(config);
+    let seen = seen::Seen::default();
     let next = AtomicUsize::new(0);
     let bytes_read = AtomicU64::new(0);
     let events_read = AtomicU64::new(0);
@@ -139,12 +149,12 @@ pub fn run(config: &Config, inputs: &[PathBuf], progress: bool) -> Replay {
     std::thread::scope(|scope| {
         for _ in 0..threads {
             let sender = sender.clone();
-            let (next, files, rules) = (&next, &files, &rules);
+            let (next, files, rules, seen) = (&next, &files, &rules, &seen);
             let (bytes_read, events_read) = (&bytes_read, &events_read);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(path) = files.get(i) else { break };
-                let mut sink = FileSink::new(i, rules, events_read, &sender);
+                let mut sink = FileSink::new(i, rules, seen, events_read, &sender);
                 let outcome = input::read_file(path, bytes_read, &mut sink);
                 let mut result = sink.finish();
                 if let Err(error) = outcome {
@@ -200,6 +210,8 @@ impl Replay {
         self.events += result.events;
         self.judged += result.judged;
         self.failed_in_kms += result.failed_in_kms;
+        self.duplicates += result.duplicates;
+        self.not_deduplicated += result.not_deduplicated;
         self.denied += result.denied;
         self.unreadable += result.unreadable;
         for (op, count) in result.by_operation {
@@ -230,6 +242,8 @@ struct FileResult {
     events: u64,
     judged: u64,
     failed_in_kms: u64,
+    duplicates: u64,
+    not_deduplicated: u64,
     denied: u64,
     unreadable: u64,
     by_operation: BTreeMap<&'static str, Count>,
@@ -244,6 +258,7 @@ struct FileResult {
 struct FileSink<'a> {
     file: usize,
     rules: &'a Rules<'a>,
+    seen: &'a seen::Seen,
     sender: &'a mpsc::SyncSender<Message>,
     denials: Vec<Denial>,
     /// The progress bar's count of events, added to every so often.
@@ -256,12 +271,14 @@ impl<'a> FileSink<'a> {
     fn new(
         file: usize,
         rules: &'a Rules<'a>,
+        seen: &'a seen::Seen,
         events_read: &'a AtomicU64,
         sender: &'a mpsc::SyncSender<Message>,
     ) -> Self {
         FileSink {
             file,
             rules,
+            seen,
             sender,
             denials: Vec::new(),
             events_read,
@@ -321,6 +338,18 @@ impl input::Sink for FileSink<'_> {
                 );
             }
         };
+        // An event given twice (overlapping inputs) is counted once. Without an ID (not a record
+        // CloudTrail wrote), it cannot be matched, and is counted each time.
+        if let Some(id) = &event.id {
+            match self.seen.first(id) {
+                seen::Claim::First => {}
+                seen::Claim::Again => {
+                    r.duplicates += 1;
+                    return;
+                }
+                seen::Claim::Unremembered => r.not_deduplicated += 1,
+            }
+        }
         let principal = event.principal();
         let op_count = r.by_operation.entry(operation.name()).or_default();
         let principal_count = r.by_principal.entry(principal.clone()).or_default();

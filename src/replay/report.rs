@@ -87,10 +87,22 @@ impl Replay {
                     "  failed in KMS (errorCode), not judged",
                     [self.failed_in_kms],
                 ),
+                row(
+                    "  duplicates (an eventID seen before), skipped",
+                    [self.duplicates],
+                ),
                 row("  would be denied", [self.denied]),
                 row("  unreadable records", [self.unreadable]),
             ],
         )?;
+        if self.not_deduplicated > 0 {
+            writeln!(
+                out,
+                "  ({} changes came after {} event IDs were remembered: not checked for duplicates)",
+                thousands(self.not_deduplicated),
+                thousands(super::seen::MAX_REMEMBERED as u64)
+            )?;
+        }
         let counts = |count: &Count| [count.judged, count.denied, count.failed_in_kms];
         if !self.by_operation.is_empty() {
             writeln!(out)?;
@@ -167,6 +179,8 @@ impl Replay {
             "events": self.events,
             "judged": self.judged,
             "failed_in_kms": self.failed_in_kms,
+            "duplicates": self.duplicates,
+            "not_deduplicated": self.not_deduplicated,
             "would_be_denied": self.denied,
             "unreadable": self.unreadable,
             "by_operation": self.by_operation,
