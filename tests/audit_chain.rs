@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::child::{start_child, ChildOptions};
-use common::ops::{call, tag_body};
+use common::ops::{call, outcome_made, tag_body};
 use common::proxy::{ProxyConfig, TestProxy, TEST_POLICY};
 use common::*;
 use kms_tag_guard::integrity::chain::{parse_seal, Sealer};
@@ -360,6 +360,7 @@ async fn audited_proxy(fake: &FakeKms, dir: &Path) -> (PathBuf, TestProxy) {
     let config = ProxyConfig {
         endpoint: Some(fake.url()),
         audit_path: Some(audit.clone()),
+        admin: true,
         ..ProxyConfig::default()
     };
     (audit.clone(), start_proxy_with(fake, config).await)
@@ -508,6 +509,9 @@ async fn a_reopen_writes_an_outcome_left_for_the_next_write_to_the_old_file() {
     let old = dir.path().join("audit.log.1");
     let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "old")])).await;
     assert_eq!(response.status, 200, "{}", response.body_str());
+    // Made, though perhaps not yet written (left for the next write): an outcome made after
+    // the reopen would rightly go to the new file.
+    assert!(outcome_made(proxy.admin_addr.unwrap(), &audit).await);
     std::fs::rename(&audit, &old).unwrap();
     proxy.proxy.reload();
     assert!(

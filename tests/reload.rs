@@ -395,6 +395,9 @@ async fn reload_applies_a_change_at_once_and_reopens_the_audit_file() {
     // logrotate: move the file, reload; later records go to a new file at the path.
     let audit = setup.audit_path();
     let rotated = setup.path("audit.log.1");
+    // The last change's outcome is made before the file moves (it is made right after the
+    // answer; one made after the reopen would rightly go to the new file).
+    assert!(outcome_made(proxy.admin_addr, &audit).await);
     std::fs::rename(&audit, &rotated).unwrap();
     proxy.proxy.reload();
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -45,6 +45,32 @@ pub async fn scrape_when(admin: SocketAddr, done: impl Fn(&Scrape) -> bool) -> S
     }
 }
 
+/// Waits (up to 5 s) until the outcome of the tag change just answered is made: the proxy makes
+/// it right after writing the answer, which the client may read first. Made means the last
+/// record of `audit` (the decision's own write carried every earlier record out), or a record
+/// held for the next write (`kms_tag_guard_audit_queue_records` above 0). A test that moves the
+/// file away (rotation) waits for this first, or the outcome may go to the new file.
+pub async fn outcome_made(admin: SocketAddr, audit: &std::path::Path) -> bool {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let last = super::proxy::read_audit(audit).pop();
+        if last.is_some_and(|record| record["event"] == "outcome") {
+            return true;
+        }
+        let held = scrape(admin)
+            .await
+            .get("kms_tag_guard_audit_queue_records", &[])
+            .unwrap_or(0.0);
+        if held > 0.0 {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// One sample line: `name{labels} value`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
