@@ -1583,13 +1583,11 @@ fn timestamp_at(time: SystemTime) -> String {
         if *second != secs {
             let whole = humantime::format_rfc3339_millis(time).to_string();
             // `YYYY-MM-DDTHH:MM:SS.mmmZ`: humantime writes four-digit years only (up to 9999).
-            match whole.get(..whole.len() - 5) {
-                Some(head) if whole.len() == 24 => {
-                    *second = secs;
-                    *prefix = head.to_owned();
-                }
-                _ => return whole,
+            if whole.len() != 24 {
+                return whole;
             }
+            *second = secs;
+            *prefix = whole[..19].to_owned();
         }
         let mut out = String::with_capacity(24);
         out.push_str(prefix);

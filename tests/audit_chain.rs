@@ -53,16 +53,16 @@ fn write_lines(path: &Path, lines: &[Vec<u8>]) {
 /// `n` allowed tag changes and one denied, through `proxy`.
 async fn traffic(addr: std::net::SocketAddr, label: &str, n: usize) {
     for i in 0..n {
-        let response = call(
-            addr,
-            "TagResource",
-            &tag_body(&[("team:app", &format!("{label}-{i}"))]),
-        )
-        .await;
-        assert_eq!(response.status, 200, "{}", response.body_str());
+        allowed_change(addr, &format!("{label}-{i}")).await;
     }
     let denied = call(addr, "TagResource", &tag_body(&[("Project", "x")])).await;
     assert!(denied.status >= 400, "{}", denied.body_str());
+}
+
+/// A TagResource the test policy allows (`team:app` set to `value`), answered 200.
+async fn allowed_change(addr: std::net::SocketAddr, value: &str) {
+    let response = call(addr, "TagResource", &tag_body(&[("team:app", value)])).await;
+    assert_eq!(response.status, 200, "{}", response.body_str());
 }
 
 fn signed_config(fake: &FakeKms, audit: &Path, key: &Path, every: u64) -> ProxyConfig {
@@ -398,13 +398,7 @@ async fn an_outcome_is_written_after_its_decision_when_nothing_else_comes() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
-    let response = call(
-        proxy.addr,
-        "TagResource",
-        &tag_body(&[("team:app", "idle")]),
-    )
-    .await;
-    assert_eq!(response.status, 200, "{}", response.body_str());
+    allowed_change(proxy.addr, "idle").await;
     // Nothing else comes: no other write carries the outcome.
     assert!(
         poll_until(Duration::from_secs(5), || events_of(&audit).len() == 2).await,
@@ -482,13 +476,7 @@ async fn shutdown_writes_an_outcome_left_for_the_next_write() {
     let fake = FakeKms::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
-    let response = call(
-        proxy.addr,
-        "TagResource",
-        &tag_body(&[("team:app", "last")]),
-    )
-    .await;
-    assert_eq!(response.status, 200, "{}", response.body_str());
+    allowed_change(proxy.addr, "last").await;
     proxy.proxy.shutdown();
     proxy.proxy.wait().await;
     let records = events_of(&audit);
@@ -507,8 +495,7 @@ async fn a_reopen_writes_an_outcome_left_for_the_next_write_to_the_old_file() {
     let dir = tempfile::tempdir().unwrap();
     let (audit, proxy) = audited_proxy(&fake, dir.path()).await;
     let old = dir.path().join("audit.log.1");
-    let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "old")])).await;
-    assert_eq!(response.status, 200, "{}", response.body_str());
+    allowed_change(proxy.addr, "old").await;
     // Made, though perhaps not yet written (left for the next write): an outcome made after
     // the reopen would rightly go to the new file.
     assert!(outcome_made(proxy.admin_addr.unwrap(), &audit).await);
@@ -518,8 +505,7 @@ async fn a_reopen_writes_an_outcome_left_for_the_next_write_to_the_old_file() {
         poll_until(Duration::from_secs(5), || audit.exists()).await,
         "the audit file was not opened again"
     );
-    let response = call(proxy.addr, "TagResource", &tag_body(&[("team:app", "new")])).await;
-    assert_eq!(response.status, 200, "{}", response.body_str());
+    allowed_change(proxy.addr, "new").await;
     proxy.proxy.shutdown();
     proxy.proxy.wait().await;
     let names =
