@@ -157,7 +157,8 @@ struct Core {
     held_bytes: AtomicUsize,
     capacity: usize,
     max_bytes: usize,
-    /// When the write in progress began (ms since `epoch`), or 0.
+    /// When the write in progress began (ms since `epoch`), or 0. Only the stall log line reads
+    /// it: relaxed, so that marking every write costs no fence.
     writing_since_ms: AtomicU64,
     epoch: Instant,
     metrics: Arc<Metrics>,
@@ -427,10 +428,14 @@ impl OutcomeSlot {
         let line = encode(record);
         // The place becomes the record: its bytes as they are.
         let len = line.len();
-        self.core.held_bytes.fetch_add(len, Ordering::SeqCst);
-        self.core
-            .held_bytes
-            .fetch_sub(OUTCOME_RESERVE_BYTES, Ordering::SeqCst);
+        // One update of the shared count: the record is never larger than its place.
+        match OUTCOME_RESERVE_BYTES.checked_sub(len) {
+            Some(spare) => self.core.held_bytes.fetch_sub(spare, Ordering::SeqCst),
+            None => self
+                .core
+                .held_bytes
+                .fetch_add(len - OUTCOME_RESERVE_BYTES, Ordering::SeqCst),
+        };
         self.core
             .metrics
             .audit_queue_bytes(len as i64 - OUTCOME_RESERVE_BYTES as i64);
@@ -697,7 +702,7 @@ impl AuditLog {
 
     /// How long the write in progress has been going on, if one is.
     fn writing_for(&self) -> Option<Duration> {
-        match self.core.writing_since_ms.load(Ordering::SeqCst) {
+        match self.core.writing_since_ms.load(Ordering::Relaxed) {
             0 => None,
             since => Some(
                 self.core
@@ -1021,13 +1026,13 @@ impl Writer {
         self.lazy_since = None;
         let started = core.epoch.elapsed();
         let since = started.as_millis().max(1) as u64;
-        core.writing_since_ms.store(since, Ordering::SeqCst);
+        core.writing_since_ms.store(since, Ordering::Relaxed);
         let result = if direct {
             self.write_out_direct(core)
         } else {
             self.write_out()
         };
-        core.writing_since_ms.store(0, Ordering::SeqCst);
+        core.writing_since_ms.store(0, Ordering::Relaxed);
         match result {
             Ok(()) => {
                 if direct && core.direct.load(Ordering::Relaxed) == DIRECT_APPEND {
@@ -1132,11 +1137,12 @@ impl Writer {
         self.written = 0;
         self.uncounted = 0;
         self.retry = RETRY_FIRST;
-        if core.failing.swap(false, Ordering::SeqCst) {
+        // Read first: a swap on every batch would write these shared flags each time.
+        if core.failing.load(Ordering::SeqCst) && core.failing.swap(false, Ordering::SeqCst) {
             info!("the audit log takes writes again: every record held meanwhile is written; tag changes are forwarded again");
             core.metrics.audit_failed(false);
         }
-        if core.stalled.swap(false, Ordering::SeqCst) {
+        if core.stalled.load(Ordering::SeqCst) && core.stalled.swap(false, Ordering::SeqCst) {
             info!("the audit log writes again; tag changes are forwarded again");
             core.metrics.audit_stalled(false);
         }
@@ -1456,19 +1462,7 @@ fn needs_escape(word: u64) -> bool {
 }
 
 /// Appends a number's digits.
-pub fn json_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
+pub use crate::text::push_decimal as json_u64;
 
 /// A JSON value as a line without its `\n`, line separators escaped.
 fn to_line(value: &serde_json::Value) -> Vec<u8> {

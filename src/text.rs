@@ -31,6 +31,21 @@ pub fn bounded_quoted(s: &str, max: usize) -> String {
     }
 }
 
+/// Appends `n`'s decimal digits (a JSON number, an audit line's `seq`), without `core::fmt`.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +60,14 @@ mod tests {
         assert_eq!(bounded("short", 256), "short");
         assert_eq!(bounded_quoted("short", 256), "\"short\"");
         assert_eq!(bounded_quoted(&long, 3), "\"kkk\"…(1000 characters)");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decimals_are_what_display_writes(n in proptest::prelude::any::<u64>()) {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            proptest::prop_assert_eq!(out, format!("x{n}").into_bytes());
+        }
     }
 }

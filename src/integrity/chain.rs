@@ -23,7 +23,6 @@
 //! again (`crate::audit`), so the chain's state is that of the batch, written or not.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -204,7 +203,7 @@ impl Sealer {
     fn seal_line(&mut self, line: &[u8], batch: &mut Vec<u8>) {
         let start = batch.len();
         batch.extend_from_slice(b"{\"seq\":");
-        let _ = write!(batch, "{}", self.next_seq);
+        crate::text::push_decimal(batch, self.next_seq);
         batch.extend_from_slice(b",\"prev\":\"");
         let mut hex = [0u8; 64];
         hex::encode_to_slice(self.prev, &mut hex).expect("64 hex digits for 32 bytes");
