@@ -129,14 +129,21 @@ impl KeyGlob {
 }
 
 /// Iterative `*` matching with one back-tracking point: linear in practice, never exponential.
+/// Key globs compare case-insensitively.
 fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
+    star_match(pattern, text, |p, t| p.eq_ignore_ascii_case(&t))
+}
+
+/// `*` (any run of bytes, the empty one included) matching, the other bytes compared with
+/// `same`, with one back-tracking point: linear in practice, never exponential.
+pub fn star_match(pattern: &[u8], text: &[u8], same: impl Fn(u8, u8) -> bool) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
         if p < pattern.len() && pattern[p] == b'*' {
             star = Some((p, t));
             p += 1;
-        } else if p < pattern.len() && pattern[p].eq_ignore_ascii_case(&text[t]) {
+        } else if p < pattern.len() && same(pattern[p], text[t]) {
             p += 1;
             t += 1;
         } else if let Some((sp, st)) = star {
@@ -237,5 +244,29 @@ mod tests {
         assert!(KeyGlob::new("a*b*c").unwrap().matches("aXXbYYbZc"));
         assert!(!KeyGlob::new("a*b*c").unwrap().matches("aXXbYY"));
         assert!(KeyGlob::new("mrk-*").unwrap().matches("MRK-1234"));
+    }
+
+    /// `*` matching by its definition, recursively (exponential: short inputs only).
+    fn star_match_by_definition(p: &[u8], t: &[u8], same: &dyn Fn(u8, u8) -> bool) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => {
+                (0..=t.len()).any(|n| star_match_by_definition(rest, &t[n..], same))
+            }
+            Some((&c, rest)) => t
+                .split_first()
+                .is_some_and(|(&u, t)| same(c, u) && star_match_by_definition(rest, t, same)),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn star_match_is_its_definition(pattern in "[aB*]{0,7}", text in "[abAB]{0,9}") {
+            let exact = |p: u8, t: u8| p == t;
+            let folded = |p: u8, t: u8| p.eq_ignore_ascii_case(&t);
+            let (p, t) = (pattern.as_bytes(), text.as_bytes());
+            proptest::prop_assert_eq!(star_match(p, t, exact), star_match_by_definition(p, t, &exact));
+            proptest::prop_assert_eq!(star_match(p, t, folded), star_match_by_definition(p, t, &folded));
+        }
     }
 }

@@ -358,7 +358,9 @@ impl CallerPattern {
                 Segment::Rest => return ids.next().map(|_| captured),
                 Segment::Capture(i) => captured[*i] = ids.next()?.clone(),
                 Segment::Glob(glob) => {
-                    if !segment_matches(glob.as_bytes(), ids.next()?.as_bytes()) {
+                    let id = ids.next()?;
+                    // `*` within one segment (it holds no separator), byte for byte.
+                    if !crate::glob::star_match(glob.as_bytes(), id.as_bytes(), |p, t| p == t) {
                         return None;
                     }
                 }
@@ -372,29 +374,6 @@ impl fmt::Display for CallerPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
-}
-
-/// `*` matching within one segment (the identity's segment holds no separator), byte for byte;
-/// one back-tracking point, never exponential.
-fn segment_matches(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&b| b == b'*')
 }
 
 /// One piece of a value template.
