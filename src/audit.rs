@@ -428,7 +428,8 @@ impl OutcomeSlot {
         let line = encode(record);
         // The place becomes the record: its bytes as they are.
         let len = line.len();
-        // One update of the shared count: the record is never larger than its place.
+        // One update of the shared count (`crate::record` bounds an outcome to fit its place;
+        // one that did not would still be counted right).
         match OUTCOME_RESERVE_BYTES.checked_sub(len) {
             Some(spare) => self.core.held_bytes.fetch_sub(spare, Ordering::SeqCst),
             None => self
@@ -1461,9 +1462,6 @@ fn needs_escape(word: u64) -> bool {
     (control | quote | backslash) != 0
 }
 
-/// Appends a number's digits.
-pub use crate::text::push_decimal as json_u64;
-
 /// A JSON value as a line without its `\n`, line separators escaped.
 fn to_line(value: &serde_json::Value) -> Vec<u8> {
     let mut line = Vec::with_capacity(4096);
@@ -1942,7 +1940,7 @@ mod tests {
         let mut out = Vec::new();
         for n in [0, 7, 10, 65_535, u64::MAX] {
             out.clear();
-            json_u64(&mut out, n);
+            crate::text::push_decimal(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
         }
     }

@@ -120,18 +120,15 @@ impl KeyGlob {
     }
 
     pub fn matches(&self, text: &str) -> bool {
-        wildcard_match(self.pattern.as_bytes(), text.as_bytes())
+        // Key ids and ARNs compare case-insensitively.
+        star_match(self.pattern.as_bytes(), text.as_bytes(), |p, t| {
+            p.eq_ignore_ascii_case(&t)
+        })
     }
 
     pub fn as_str(&self) -> &str {
         &self.pattern
     }
-}
-
-/// Iterative `*` matching with one back-tracking point: linear in practice, never exponential.
-/// Key globs compare case-insensitively.
-fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
-    star_match(pattern, text, |p, t| p.eq_ignore_ascii_case(&t))
 }
 
 /// `*` (any run of bytes, the empty one included) matching, the other bytes compared with

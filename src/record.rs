@@ -14,13 +14,13 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::answer::ProxyError;
-use crate::audit::{json_name, json_str, json_u64, timestamp, AuditLog, OutcomeSlot, Record};
+use crate::audit::{json_name, json_str, timestamp, AuditLog, OutcomeSlot, Record};
 use crate::decide::{Judgement, Refusal};
 use crate::kms::answer::KmsAnswer;
 use crate::kms::Tag;
 use crate::metrics::{Class, Metrics, Outcome};
 use crate::policy::Violation;
-use crate::text::bounded;
+use crate::text::{bounded, push_decimal};
 
 /// How many tags (set or removed) a decision record lists; the rest are counted.
 pub const MAX_RECORDED_TAGS: usize = 50;
@@ -571,7 +571,7 @@ impl<'o> Members<'o> {
     }
 
     fn number(&mut self, name: &str, value: impl Into<u64>) {
-        json_u64(self.name(name), value.into());
+        push_decimal(self.name(name), value.into());
     }
 
     fn close(self) {
@@ -651,10 +651,10 @@ impl Record for DecisionRecord<'_> {
                     if i > 0 {
                         out.push(b'.');
                     }
-                    json_u64(out, octet.into());
+                    push_decimal(out, octet.into());
                 }
                 out.push(b':');
-                json_u64(out, v4.port().into());
+                push_decimal(out, v4.port().into());
                 out.push(b'"');
             }
             Some(v6) => m.str("source", &v6.to_string()),
